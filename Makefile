@@ -1,0 +1,31 @@
+# `make test` and `make serve` each install what they need into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.memdec-installed
+# No GPU here: take the CPU torch wheel (a bare `torch` resolves to a multi-GB CUDA build).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+PYTEST_ARGS ?=
+SERVE_ARGS ?=
+
+.PHONY: install test lint serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/memdec serve $(SERVE_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

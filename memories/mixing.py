@@ -1,0 +1,38 @@
+"""The Memory Decoder mixture p = α·p_mem + (1−α)·p_base, in log space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def alpha_logs(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log α, log(1−α)) with exact −inf at the ends, so α=0 and α=1 give one model exactly."""
+    alpha = alpha.to(torch.float32)
+    return torch.log(alpha), torch.log1p(-alpha)
+
+
+def mix_logprobs(base_logp: torch.Tensor, mem_logp: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """logaddexp(log α + mem_logp, log(1−α) + base_logp), broadcast over leading dims.
+
+    base_logp, mem_logp: [..., V] float32 log-probabilities (or gathered [...] values);
+    alpha: scalar or [...] with one value per row; it is broadcast on the last dim.
+    """
+    if not torch.is_tensor(alpha):
+        alpha = torch.tensor(float(alpha), device=base_logp.device)
+    log_a, log_1ma = alpha_logs(alpha)
+    while log_a.dim() < base_logp.dim():
+        log_a, log_1ma = log_a.unsqueeze(-1), log_1ma.unsqueeze(-1)
+    return torch.logaddexp(log_a + mem_logp, log_1ma + base_logp)
+
+
+def mix_scalar(base_lp: float, mem_lp: float, alpha: float) -> float:
+    """Mixed log-probability of one token (plain floats): used by references and reports."""
+    terms = []
+    if alpha > 0:
+        terms.append(math.log(alpha) + mem_lp)
+    if alpha < 1:
+        terms.append(math.log1p(-alpha) + base_lp)
+    m = max(terms)
+    return m + math.log(sum(math.exp(t - m) for t in terms))

@@ -1,0 +1,67 @@
+"""The exceptions the service raises on purpose. The API maps each to an OpenAI-shaped JSON error in
+one place (status, `type`, `param`, `code`); anything else is a bug and becomes a 500."""
+
+from __future__ import annotations
+
+
+class MemdecError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(MemdecError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(MemdecError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(MemdecError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(MemdecError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ConflictError(MemdecError):
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class PayloadTooLargeError(MemdecError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class QueueFullError(MemdecError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(MemdecError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class MemoryLoadError(InvalidRequestError):
+    """A memory could not be loaded: bad directory, manifest, weights format or tokenizer."""
+
+
+class EngineDeadError(ServiceUnavailableError):
+    """The engine loop has stopped; nothing can be served."""

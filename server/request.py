@@ -1,0 +1,109 @@
+"""What flows into and out of the engine: plain frozen dataclasses, no HTTP and no torch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # client went away or the request was cancelled
+    ERROR = "error"  # a failure inside the engine affected this request only
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N of the mixed distribution per generated token (0 = chosen token only)
+    prompt_logprobs: int | None = None  # same for every prompt token (echo); first token gets None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    memory: str | None = None  # a registered memory name, or None for the base alone
+    alpha: float = 0.0  # weight of the memory; ignored without a memory
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first, of the mixed distribution
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta: what one request gained in one engine step."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...] = ()
+    new_text: str = ""
+    new_logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # only in the first output
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+
+
+@dataclass(frozen=True)
+class PerplexityRequest:
+    request_id: str
+    documents: tuple[tuple[int, ...], ...]
+    memory: str | None = None
+    alphas: tuple[float, ...] = ()
+    context_length: int | None = None
+    stride: int | None = None
+
+
+@dataclass(frozen=True)
+class PerplexityScore:
+    nll: float  # summed negative log-likelihood (nats)
+    num_tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.num_tokens if self.num_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class DocumentPerplexity:
+    base: PerplexityScore
+    mixed: tuple[PerplexityScore, ...]  # one per alpha, in request order; empty without a memory
+    memory_alone: PerplexityScore | None = None
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    request_id: str
+    documents: tuple[DocumentPerplexity, ...]
+    context_length: int
+    stride: int
