@@ -1,0 +1,192 @@
+"""The memories a server holds: load, validate, hand out to requests, retire and free.
+
+A memory in use by running requests cannot vanish under them: `acquire` counts users, `unload`
+only marks it retiring (new requests are refused at once), and the weights are dropped when the
+last user releases it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memories.manifest import ManifestError, read_manifest, tokenizer_fingerprint
+from server.errors import ConflictError, MemoryLoadError, NotFoundError
+from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    name: str
+    path: str
+    domain: str
+    alpha: float
+    base_model: str | None
+    num_parameters: int
+    max_model_len: int
+    created: int
+    description: str
+
+
+@dataclass
+class _Entry:
+    info: MemoryInfo
+    loaded: LoadedModel
+    users: int = 0
+    retiring: bool = False
+
+
+class MemoryRegistry:
+    def __init__(self, base: LoadedModel) -> None:
+        self.base = base
+        self.base_fingerprint = tokenizer_fingerprint(base.tokenizer)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._loading: set[str] = set()
+        # Called with (name, num_parameters) / (name,) so metrics can follow; set by the app.
+        self.on_loaded: Callable[[str, int], None] | None = None
+        self.on_freed: Callable[[str], None] | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, name: str, path: str | Path, alpha: float | None = None) -> MemoryInfo:
+        """Validate and load a memory directory. Blocking (disk and device copy): call off the event loop."""
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise MemoryLoadError(f"invalid memory name {name!r}: use letters, digits, '-', '_' or '.'", param="name")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise MemoryLoadError(f"alpha must be in [0, 1], got {alpha}", param="alpha")
+        with self._lock:
+            if name in self._entries or name in self._loading:
+                raise ConflictError(f"a memory named {name!r} is already loaded", param="name")
+            self._loading.add(name)
+        try:
+            entry = self._load_entry(name, str(path), alpha)
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+        with self._lock:
+            self._entries[name] = entry
+        if self.on_loaded:
+            self.on_loaded(name, entry.info.num_parameters)
+        log.info("memory %s loaded from %s (%.1fM params, alpha %.2f)", name, path, entry.info.num_parameters / 1e6, entry.info.alpha)
+        return entry.info
+
+    def _load_entry(self, name: str, path: str, alpha: float | None) -> _Entry:
+        directory = Path(path)
+        if not directory.is_dir():
+            raise MemoryLoadError(f"memory path {path!r} is not a directory", param="path")
+        try:
+            manifest = read_manifest(directory)
+        except ManifestError as exc:
+            raise MemoryLoadError(str(exc), param="path") from exc
+        self._check_tokenizer(directory, manifest.tokenizer_fingerprint)
+        try:
+            loaded = load_causal_lm(path, self.base.device, self.base.dtype, self.base.tokenizer)
+        except ModelLoadError as exc:
+            raise MemoryLoadError(str(exc), param="path") from exc
+        info = MemoryInfo(
+            name=name,
+            path=path,
+            domain=manifest.domain,
+            alpha=float(manifest.alpha if alpha is None else alpha),
+            base_model=manifest.base_model,
+            num_parameters=loaded.num_parameters,
+            max_model_len=loaded.max_model_len,
+            created=int(time.time()),
+            description=manifest.description,
+        )
+        return _Entry(info=info, loaded=loaded)
+
+    def _check_tokenizer(self, directory: Path, manifest_fingerprint: str) -> None:
+        """The manifest's claim, and the tokenizer shipped beside the weights if any, must match the base."""
+        fingerprints = {"manifest": manifest_fingerprint}
+        if any((directory / f).exists() for f in _TOKENIZER_FILES):
+            try:
+                fingerprints["tokenizer"] = tokenizer_fingerprint(load_tokenizer(str(directory)))
+            except ModelLoadError as exc:
+                raise MemoryLoadError(str(exc), param="path") from exc
+        for source, fp in fingerprints.items():
+            if fp != self.base_fingerprint:
+                raise MemoryLoadError(
+                    f"memory at {directory} is incompatible with the base model: its {source} token->id map "
+                    f"({fp[:19]}…) differs from the base tokenizer's ({self.base_fingerprint[:19]}…); "
+                    "a memory must use exactly the base model's tokenizer",
+                    param="path",
+                    code="tokenizer_mismatch",
+                )
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def get(self, name: str) -> MemoryInfo:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.retiring:
+                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
+            return entry.info
+
+    def list(self) -> list[MemoryInfo]:
+        with self._lock:
+            return [e.info for e in self._entries.values() if not e.retiring]
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and not entry.retiring
+
+    # -- use by requests -------------------------------------------------------------------------
+    def acquire(self, name: str) -> LoadedModel:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.retiring:
+                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
+            entry.users += 1
+            return entry.loaded
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries[name]
+            entry.users -= 1
+            free = entry.retiring and entry.users == 0
+            if free:
+                del self._entries[name]
+        if free:
+            self._free(name, entry)
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.retiring:
+                raise NotFoundError(f"memory {name!r} is not loaded", param="name", code="memory_not_found")
+            entry.retiring = True
+            free = entry.users == 0
+            if free:
+                del self._entries[name]
+        if free:
+            self._free(name, entry)
+        else:
+            log.info("memory %s retiring: %d request(s) still use it", name, entry.users)
+
+    def users(self, name: str) -> int:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.users if entry else 0
+
+    def _free(self, name: str, entry: _Entry) -> None:
+        device = entry.loaded.device
+        entry.loaded.model = None  # type: ignore[assignment]
+        del entry
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.on_freed:
+            self.on_freed(name)
+        log.info("memory %s unloaded and freed", name)

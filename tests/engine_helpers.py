@@ -1,0 +1,44 @@
+"""Drive the synchronous engine and compute independent references from full no-cache forwards."""
+
+from __future__ import annotations
+
+import torch
+
+from memories.mixing import mix_logprobs
+from server.engine import Engine
+from server.request import GenerationRequest, RequestOutput
+
+
+def run(engine: Engine, requests: list[GenerationRequest], join: dict[int, list[GenerationRequest]] | None = None):
+    """Step the engine to completion; `join[k]` requests are added before step k. Returns outputs per id."""
+    join = join or {}
+    outputs: dict[str, list[RequestOutput]] = {}
+    for r in requests:
+        engine.add_request(r)
+    step = 0
+    while engine.has_unfinished() or any(k >= step for k in join):
+        for r in join.get(step, []):
+            engine.add_request(r)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        step += 1
+    return outputs
+
+
+def tokens_of(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def logprobs_of(outs: list[RequestOutput]):
+    return [lp for o in outs for lp in (o.new_logprobs or ())]
+
+
+@torch.no_grad()
+def reference_logp(base_model, mem_model, context: list[int], alpha: float, vocab: int) -> torch.Tensor:
+    """Mixed next-token log-probs [V] from one full forward of each model over the whole context."""
+    ids = torch.tensor([context])
+    base = torch.log_softmax(base_model(ids).logits[0, -1, :vocab].float(), -1)
+    if mem_model is None or alpha == 0.0:
+        return base
+    mem = torch.log_softmax(mem_model(ids).logits[0, -1, :vocab].float(), -1)
+    return mix_logprobs(base, mem, alpha)
