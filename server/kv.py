@@ -6,6 +6,10 @@ passes explicit per-row `position_ids`. This is the layout HF's own left-padded 
 uses, so every HF causal LM (GPT-2's absolute positions, Llama/Qwen2 RoPE) runs unmodified. Rows
 are re-packed only when the set changes (a prefill joins, a sequence leaves); a steady decode step
 touches nothing but the model's own append. Padding is trimmed whenever the longest row leaves.
+
+HF's `DynamicLayer` appends with `torch.cat`, re-allocating and copying the whole layer every step
+(O(cached tokens) memory traffic per token). Our layers keep spare columns and write the new token
+in place, growing by doubling: amortised O(1) per step, the same tensors handed to attention.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 
 def cache_kwarg(model: PreTrainedModel) -> str:
@@ -23,13 +28,42 @@ def cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+class GrowableLayer(DynamicLayer):
+    """A cache layer whose keys/values are views of a buffer with spare columns."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.device = keys.device
+        self.is_initialized = True
+        self._reserve(keys, values, spare=max(16, keys.shape[-2] // 4))
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+        b, h, w, _ = keys.shape
+        self._k = keys.new_empty(b, h, w + spare, keys.shape[-1])  # [B, H, capacity, D]
+        self._v = values.new_empty(b, h, w + spare, values.shape[-1])
+        self._k[:, :, :w] = keys
+        self._v[:, :, :w] = values
+        self._len = w
+        self.keys, self.values = self._k[:, :, :w], self._v[:, :, :w]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._len + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._reserve(self.keys, self.values, spare=max(end - self._len, self._len))  # double
+        self._k[:, :, self._len : end] = key_states
+        self._v[:, :, self._len : end] = value_states
+        self._len = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+
 def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _set_layer_tensors(cache: DynamicCache, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for layer, (k, v) in zip(cache.layers, tensors, strict=True):
-        layer.keys, layer.values = k, v
+    assert len(tensors) == len(cache.layers)
+    cache.layers[:] = [GrowableLayer(k, v) for k, v in tensors]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -58,6 +92,7 @@ class BatchCache:
     def add(self, seq_ids: list[int], cache: DynamicCache, lengths: list[int]) -> None:
         """Append the rows of a freshly prefilled, right-aligned cache."""
         if self.cache is None or not self.seq_ids:
+            _set_layer_tensors(cache, _layer_tensors(cache))
             self.cache, self.seq_ids, self.lengths = cache, list(seq_ids), list(lengths)
             return
         width = max(self.width, cache.get_seq_length())

@@ -49,11 +49,12 @@ def test_pure_endpoints_match_hf_generate(setup, memory):
     rows = model.get_output_embeddings().weight.shape[0]
     # Padded rows (the Qwen2 memory) must never win: tell generate so, as the engine does by construction.
     padded = {"suppress_tokens": list(range(base.vocab_size, rows))} if rows > base.vocab_size else {}
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0, **padded)
+    # 40 tokens: past the KV buffers' initial spare columns, so in-place growth is exercised too.
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, min_new_tokens=40, pad_token_id=0, **padded)
     ref = ref[0, len(ids) :].tolist()
     alpha = 0.0 if memory is None else 1.0
     engine = engine_for(setup)
-    out = run(engine, [greedy("r", ids, memory=memory, alpha=alpha), greedy("noise", prompt(base, "x y"), memory="fin", alpha=0.5)])
+    out = run(engine, [greedy("r", ids, n=40, memory=memory, alpha=alpha), greedy("noise", prompt(base, "x y"), memory="fin", alpha=0.5)])
     assert tokens_of(out["r"]) == ref
 
 
