@@ -50,7 +50,8 @@ def test_pure_endpoints_match_hf_generate(setup, memory):
     # Padded rows (the Qwen2 memory) must never win: tell generate so, as the engine does by construction.
     padded = {"suppress_tokens": list(range(base.vocab_size, rows))} if rows > base.vocab_size else {}
     # 40 tokens: past the KV buffers' initial spare columns, so in-place growth is exercised too.
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, min_new_tokens=40, pad_token_id=0, **padded)
+    # ignore_eos on our side = no EOS at all on HF's (min_new_tokens would *suppress* EOS instead).
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0, **padded)
     ref = ref[0, len(ids) :].tolist()
     alpha = 0.0 if memory is None else 1.0
     engine = engine_for(setup)
