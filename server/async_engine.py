@@ -52,6 +52,7 @@ class AsyncEngine:
         observer: EngineObserver | None = None,
     ) -> None:
         self.engine = Engine(base, registry, config, observer)
+        self.observer = observer
         self.base = base
         self.registry = registry
         self.max_queue = max_queue
@@ -159,6 +160,8 @@ class AsyncEngine:
                     self._step()
                 if self._jobs:
                     self._advance_job()
+                if self.observer is not None:
+                    self.observer.on_queue(self.num_running, self.num_waiting)
         except BaseException as exc:  # noqa: BLE001 - anything here means the loop is gone: tell everyone
             self._dead = exc
             log.exception("engine loop died")
