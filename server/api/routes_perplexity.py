@@ -1,0 +1,135 @@
+"""`POST /v1/perplexity`: the paper's sliding-window perplexity under the base, the mixture and the memory."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.auth import check_api_key
+from server.api.schemas import PerplexityRequestBody, PerplexityResponse
+from server.api.state import ServingState
+from server.api.streaming import ClientDisconnected, cancel_on_disconnect
+from server.api.tokens import split_prompts, tokenize
+from server.errors import InvalidRequestError
+from server.request import PerplexityRequest, PerplexityScore
+
+router = APIRouter()
+
+_EXP_MAX = 709.0  # exp() of more overflows a float; such a perplexity is "astronomical" either way
+
+DESCRIPTION = """Perplexity of each input, scored the way the Memory Decoder paper does.
+
+Protocol: each input is tokenized with the base tokenizer (or given as token ids) and scored with
+sliding windows of `context_length` tokens (default min(1024, model context)) advancing by `stride`
+(default half the window); each window scores only tokens no earlier window scored, so every token
+after the first is scored exactly once with as much left context as the window allows.
+
+For every input and overall (token-weighted) the answer gives `num_tokens` scored, the mean negative
+log-likelihood `nll` (nats per token) and `perplexity = exp(nll)` under the mixture
+`alpha * p_memory + (1 - alpha) * p_base`, `base_nll`/`base_perplexity` with the memory off and
+`memory_nll`/`memory_perplexity` for the memory alone. `alpha` may be a list: both models run once and
+every alpha is scored from the same log-probs; `alphas` then lists one entry per value and the top-level
+`nll`/`perplexity` are those of the first. Without a memory only the base is scored.
+
+For an input that fits in one window, `perplexity` equals exp of minus the mean of
+`token_logprobs[1:]` from `/v1/completions` with `echo: true, max_tokens: 0, logprobs: 0`.
+"""
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(min(nll, _EXP_MAX))
+
+
+def _scores(
+    base: PerplexityScore,
+    mixed: list[PerplexityScore],
+    memory_alone: PerplexityScore | None,
+    alphas: list[float],
+    alpha_is_list: bool,
+) -> dict[str, Any]:
+    nll = mixed[0].mean_nll if mixed else base.mean_nll
+    out: dict[str, Any] = {
+        "num_tokens": base.num_tokens,
+        "nll": nll,
+        "perplexity": _ppl(nll),
+        "base_nll": base.mean_nll,
+        "base_perplexity": _ppl(base.mean_nll),
+        "memory_nll": memory_alone.mean_nll if memory_alone else None,
+        "memory_perplexity": _ppl(memory_alone.mean_nll) if memory_alone else None,
+        "alphas": None,
+    }
+    if alpha_is_list:
+        out["alphas"] = [
+            {"alpha": a, "nll": m.mean_nll, "perplexity": _ppl(m.mean_nll)} for a, m in zip(alphas, mixed, strict=True)
+        ]
+    return out
+
+
+def _total(scores: list[PerplexityScore]) -> PerplexityScore:
+    return PerplexityScore(sum(s.nll for s in scores), sum(s.num_tokens for s in scores))
+
+
+@router.post(
+    "/v1/perplexity",
+    response_model=None,
+    dependencies=[Depends(check_api_key)],
+    responses={200: {"model": PerplexityResponse}},
+    summary="Sliding-window perplexity under the base, the mixture (one or several alphas) and the memory",
+    description=DESCRIPTION,
+)
+async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
+    state: ServingState = request.app.state.memdec
+    engine = state.ready_engine()
+    target = state.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    alpha_is_list = isinstance(body.alpha, list)
+    if target.memory is None:
+        if body.alpha is not None:
+            raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
+        alphas: list[float] = []
+    elif body.alpha is None:
+        alphas = [target.memory.alpha]
+    else:
+        alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]
+    assert state.base is not None
+    docs = await tokenize(state.base.tokenizer, split_prompts(body.input, "input"), state.base.vocab_size, "input")
+    job = PerplexityRequest(
+        request_id=f"ppl-{uuid.uuid4().hex}",
+        documents=tuple(d.token_ids for d in docs),
+        memory=target.memory.name if target.memory else None,
+        alphas=tuple(alphas),
+        context_length=body.context_length,
+        stride=body.stride,
+    )
+    try:
+        result = await cancel_on_disconnect(request, engine.perplexity(job))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    data = []
+    for i, doc in enumerate(result.documents):
+        data.append({"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list)})
+    overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(alphas))] if target.memory else []
+    overall_memory = _total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory else None
+    overall = _scores(
+        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list
+    )
+    num_tokens = sum(len(d.token_ids) for d in docs)
+    return JSONResponse(
+        {
+            "id": job.request_id,
+            "object": "perplexity",
+            "created": int(time.time()),
+            "model": target.model,
+            "memory": job.memory,
+            "alpha": (alphas if alpha_is_list else alphas[0]) if target.memory else None,
+            "context_length": result.context_length,
+            "stride": result.stride,
+            "data": data,
+            "overall": overall,
+            "usage": {"prompt_tokens": num_tokens, "completion_tokens": 0, "total_tokens": num_tokens},
+        }
+    )

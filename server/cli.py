@@ -1,0 +1,216 @@
+"""`memdec`: `memdec serve …` runs the server; `memdec memory …` (from memories.cli) builds memories."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.config import DTYPES, EngineConfig, MemorySpec, ModelConfig, ServerConfig
+
+log = logging.getLogger("memdec")
+
+
+def parse_memory_spec(text: str) -> MemorySpec:
+    """NAME=PATH or NAME=PATH:ALPHA (a trailing ':number' is the alpha; other colons stay in the path)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[:ALPHA], got {text!r}")
+    path, alpha = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            alpha = float(tail)
+        except ValueError:
+            alpha = None
+        else:
+            path = head
+    if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1] in {text!r}")
+    return MemorySpec(name=name, path=path, alpha=alpha)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a base model and its memories over an OpenAI-compatible HTTP API",
+        description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
+    )
+    p.add_argument("--model", required=True, help="base model: local HF directory or hub id (safetensors only)")
+    p.add_argument(
+        "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=PATH[:ALPHA]",
+        help="load a memory at start-up (repeatable); ALPHA overrides its manifest's default",
+    )  # fmt: skip
+    p.add_argument("--registry", type=Path, default=None, metavar="FILE",
+                   help='JSON list of {"name", "path", "alpha"?} memories to load at start-up')
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    engine = EngineConfig()
+    p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
+                   help="prompt tokens admitted per prefill step")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="cap below the model's own context")
+    defaults = ServerConfig(model=ModelConfig("-"))
+    p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
+                   help="waiting requests beyond this get 429 with Retry-After")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
+    p.add_argument("--admin-key", default=None,
+                   help="key for loading/unloading memories over HTTP (env MEMDEC_ADMIN_KEY)")
+    p.add_argument("--enable-admin", action="store_true",
+                   help="allow memory load/unload without an admin key (trusted networks only)")
+    p.add_argument("--memory-root", type=Path, default=None,
+                   help="memories loaded over HTTP must lie under this directory")
+    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=defaults.shutdown_timeout,
+                   help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=defaults.max_body_bytes,
+                   help="larger request bodies get 413")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default: prompts are private)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memdec", description="Serve and build Memory Decoder domain memories.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    try:
+        from memories import cli as memories_cli
+    except ImportError:  # the toolkit is optional for serving
+        memories_cli = None
+    if memories_cli is not None and hasattr(memories_cli, "register"):
+        memories_cli.register(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    memory_root = args.memory_root.resolve() if args.memory_root is not None else None
+    return ServerConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
+        engine=EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        ),
+        memories=tuple(args.memory),
+        registry_file=args.registry,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("MEMDEC_API_KEY") or None,
+        admin_key=args.admin_key or os.environ.get("MEMDEC_ADMIN_KEY") or None,
+        enable_admin=args.enable_admin,
+        memory_root=memory_root,
+        shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes,
+        log_prompts=args.log_prompts,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.api.app import create_app
+    from server.api.state import Phase, RegistryFileError, read_registry_file
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if config.registry_file is not None:
+        try:  # fail before loading any weights
+            read_registry_file(config.registry_file)
+        except RegistryFileError as exc:
+            print(f"memdec serve: error: {exc}", file=sys.stderr)
+            return 2
+    if config.memory_root is not None and not config.memory_root.is_dir():
+        print(f"memdec serve: error: --memory-root {config.memory_root} is not a directory", file=sys.stderr)
+        return 2
+    if config.enable_admin and not config.admin_key:
+        log.warning("--enable-admin without --admin-key: anyone who can reach the API can load memories")
+    app = create_app(config)
+    state = app.state.memdec
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=max(1, math.ceil(config.shutdown_timeout)),
+        ),
+        on_signal=state.begin_shutdown,
+    )
+    state.on_failure = lambda _message: setattr(server, "should_exit", True)
+    server.run()
+    if state.phase is Phase.FAILED:
+        print(f"memdec serve: error: {state.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM/SIGINT first stop admission (503 to new requests) and the
+    process exits 0 after its graceful shutdown instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_signal()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
