@@ -1,0 +1,132 @@
+"""The kNN-LM datastore: key = base hidden state at the last MLP input, value = the next token.
+
+Layout of a datastore directory (all `.npy`, memory-mapped on read):
+  tokens.npy   int32  [N]      the corpus token stream (EOS after each document)
+  keys.npy     float16 [N-1, H] keys[i] = last-MLP input at position i, having seen tokens[..i]
+  values.npy   int32  [N-1]    values[i] = tokens[i + 1]
+  datastore.json               metadata; written last, so its presence means the store is complete
+Entry i therefore lines up with input position i of the token stream, which is how training finds the
+kNN target of every position it predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from memories.hooks import capture_mlp_input
+from memories.perplexity import Window, sliding_windows
+
+META_NAME = "datastore.json"
+
+
+class DatastoreError(ValueError):
+    """The datastore directory is missing or incomplete."""
+
+
+@dataclass(frozen=True)
+class Datastore:
+    path: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Datastore:
+        path = Path(path)
+        meta_file = path / META_NAME
+        if not meta_file.is_file():
+            raise DatastoreError(f"{path} is not a complete datastore (no {META_NAME})")
+        return cls(path, json.loads(meta_file.read_text(encoding="utf-8")))
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["num_entries"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def keys(self) -> np.ndarray:
+        return np.load(self.path / "keys.npy", mmap_mode="r")  # [N-1, H] float16
+
+    def values(self) -> np.ndarray:
+        return np.load(self.path / "values.npy", mmap_mode="r")  # [N-1] int32
+
+    def tokens(self) -> np.ndarray:
+        return np.load(self.path / "tokens.npy", mmap_mode="r")  # [N] int32
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length grouped into batches (only the last window is shorter)."""
+    out: list[list[Window]] = []
+    for w in windows:
+        if out and len(out[-1]) < batch_size and (out[-1][0].end - out[-1][0].begin) == (w.end - w.begin):
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
+@torch.inference_mode()
+def build_datastore(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    out_dir: str | Path,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Datastore:
+    """Run `model` over `tokens` in sliding windows and write every position's key and value.
+
+    Windows follow the perplexity protocol: each position gets a key exactly once, computed in the
+    window that gives it the most left context (at least context - stride tokens once past the start).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    device = next(model.parameters()).device
+    n = int(len(tokens))
+    dim = int(model.config.hidden_size)
+    np.save(out_dir / "tokens.npy", np.asarray(tokens, dtype=np.int32))
+    np.save(out_dir / "values.npy", np.asarray(tokens[1:], dtype=np.int32))
+    keys = np.lib.format.open_memmap(out_dir / "keys.npy", mode="w+", dtype=np.float16, shape=(n - 1, dim))
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)  # [N]
+    windows = list(sliding_windows(n, context, stride))
+    started = time.perf_counter()
+    bar = tqdm(total=n - 1, desc="datastore", unit="key", disable=not progress)
+    with capture_mlp_input(model) as capture:
+        for batch in _batches(windows, batch_size):
+            inp = torch.stack([ids[w.begin : w.end] for w in batch])  # [B, T]
+            # Only the hook's output is needed: keep a single position's logits.
+            model(input_ids=inp, logits_to_keep=1)
+            hidden = capture.take()  # [B, T, H]
+            for row, w in zip(hidden, batch, strict=True):
+                # Position p (predicting tokens[p+1]) is scored for targets score_from..end-1.
+                first, last = w.score_from - 1, w.end - 1
+                keys[first:last] = row[first - w.begin : last - w.begin].to(torch.float16).cpu().numpy()
+                bar.update(last - first)
+    bar.close()
+    keys.flush()
+    del keys
+    info = {
+        "num_entries": n - 1,
+        "num_tokens": n,
+        "dim": dim,
+        "context": context,
+        "stride": stride,
+        "seconds": round(time.perf_counter() - started, 2),
+        **(meta or {}),
+    }
+    tmp = out_dir / (META_NAME + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / META_NAME)
+    return Datastore(out_dir, info)

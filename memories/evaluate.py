@@ -1,0 +1,123 @@
+"""Held-out perplexity of the base, the memory alone and their mixture over a grid of α.
+
+Both models score the same tokens in the same sliding windows (the shared perplexity protocol), so
+the mixture of token t is mix(log p_base(t), log p_mem(t), α) and every α costs no extra forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from memories.manifest import read_manifest, write_manifest
+from memories.mixing import mix_logprobs
+from memories.models import max_length
+from memories.perplexity import default_context, sliding_windows, window_logprobs
+
+REPORT_JSON = "evaluation.json"
+REPORT_PNG = "evaluation.png"
+DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    context: int | None = None  # None: 1024, or less where a model accepts less
+    stride: int | None = None  # None: half the context
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    max_tokens: int | None = None  # score only the first tokens of the held-out file
+
+
+def _ppl(logprobs: torch.Tensor) -> float:
+    return math.exp(-logprobs.double().mean().item())
+
+
+def evaluate(
+    base: torch.nn.Module,
+    memory: torch.nn.Module,
+    tokens: np.ndarray,
+    vocab_size: int,
+    config: EvalConfig = EvalConfig(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexities and the best α on `tokens` (a held-out token stream)."""
+    if not config.alphas or not all(0.0 < a < 1.0 for a in config.alphas):
+        raise ValueError("alphas must be a non-empty list of values strictly between 0 and 1")
+    context = default_context(min(max_length(base), max_length(memory)), config.context)
+    stride = config.stride or max(1, context // 2)
+    started = time.perf_counter()
+    base_dev, mem_dev = next(base.parameters()).device, next(memory.parameters()).device
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))  # [N]
+    ids_base, ids_mem = ids.to(base_dev), ids.to(mem_dev)
+    base_lp, mem_lp = [], []
+    windows = list(sliding_windows(len(ids), context, stride))
+    for w in tqdm(windows, desc="evaluate", unit="window", disable=not progress):
+        base_lp.append(window_logprobs(base, ids_base, w, vocab_size).cpu())  # [S]
+        mem_lp.append(window_logprobs(memory, ids_mem, w, vocab_size).cpu())  # [S]
+    b, m = torch.cat(base_lp), torch.cat(mem_lp)  # [num_scored] each
+    curve = [{"alpha": float(a), "ppl": _ppl(mix_logprobs(b, m, float(a)))} for a in config.alphas]
+    best = min(curve, key=lambda r: r["ppl"])
+    base_ppl = _ppl(b)
+    return {
+        "tokens": int(len(ids)),
+        "tokens_scored": int(b.numel()),
+        "context": context,
+        "stride": stride,
+        "base_ppl": base_ppl,
+        "memory_ppl": _ppl(m),
+        "mixture": curve,
+        "best_alpha": best["alpha"],
+        "best_ppl": best["ppl"],
+        "improvement_pct": 100.0 * (base_ppl - best["ppl"]) / base_ppl,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Perplexity vs α, with the base as a horizontal line and the memory alone at α = 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [0.0] + [r["alpha"] for r in report["mixture"]] + [1.0]
+    ppls = [report["base_ppl"]] + [r["ppl"] for r in report["mixture"]] + [report["memory_ppl"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(alphas, ppls, marker="o", markersize=3, label="mixture α·p_mem + (1−α)·p_base")
+    ax.axhline(report["base_ppl"], color="grey", linestyle="--", label=f"base alone ({report['base_ppl']:.2f})")
+    ax.scatter([report["best_alpha"]], [report["best_ppl"]], color="red", zorder=3,
+               label=f"best α = {report['best_alpha']:.2f} ({report['best_ppl']:.2f})")
+    ax.scatter([1.0], [report["memory_ppl"]], color="black", marker="s", zorder=3,
+               label=f"memory alone ({report['memory_ppl']:.2f})")
+    ax.set_xlabel("α (weight of the memory)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title or f"held-out perplexity, {report['tokens_scored']} tokens")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / REPORT_JSON
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return json_path, plot_report(report, out_dir / REPORT_PNG, title)
+
+
+def update_manifest(memory_dir: str | Path, report: dict[str, Any]) -> None:
+    """Recommend the best α and record the numbers in the memory's manifest."""
+    manifest = read_manifest(memory_dir)
+    write_manifest(memory_dir, manifest.replace(alpha=float(report["best_alpha"]), evaluation=report))

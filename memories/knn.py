@@ -1,0 +1,142 @@
+"""faiss indexes over datastore keys, and neighbour search that leaves out the query's own entry.
+
+Distances are faiss L2 distances, i.e. *squared* Euclidean distances ||q - k||^2 (exact for Flat,
+PQ-approximated for IVF-PQ), the quantity kNN-LM and Memory Decoder put through softmax(-d / τ).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+INDEX_NAME = "index.faiss"
+INDEX_META = "index.json"
+FLAT_MAX_ENTRIES = 200_000  # above this an exact search over every key costs too much for `auto`
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "auto"  # auto | flat | ivfpq
+    nlist: int = 0  # IVF cells; 0 = about 4·sqrt(N), a power of two
+    code_size: int = 32  # PQ bytes per vector (sub-quantisers of 8 bits); must divide the key dim
+    nprobe: int = 32  # cells visited per query
+    train_size: int = 0  # keys sampled to train IVF-PQ; 0 = 64 per cell, at most 1M
+    seed: int = 0
+    use_gpu: bool = True  # use faiss GPU when this faiss build has GPUs
+
+    def resolved_kind(self, num_entries: int) -> str:
+        if self.kind == "auto":
+            return "flat" if num_entries <= FLAT_MAX_ENTRIES else "ivfpq"
+        if self.kind not in ("flat", "ivfpq"):
+            raise ValueError(f"unknown index kind {self.kind!r}; choose auto, flat or ivfpq")
+        return self.kind
+
+    def resolved_nlist(self, num_entries: int) -> int:
+        if self.nlist > 0:
+            return self.nlist
+        target = 4 * int(np.sqrt(max(num_entries, 1)))
+        return int(2 ** max(3, round(np.log2(max(target, 8)))))
+
+
+def gpu_count() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _as_f32(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def build_index(
+    keys: np.ndarray, config: IndexConfig, chunk: int = 65_536, progress: bool = True
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """An index over all rows of `keys` ([N, H], float16 memmap), ids = row numbers."""
+    n, dim = keys.shape
+    kind = config.resolved_kind(n)
+    started = time.perf_counter()
+    info: dict[str, Any] = {"kind": kind, "num_entries": int(n), "dim": int(dim)}
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    else:
+        nlist = config.resolved_nlist(n)
+        if dim % config.code_size:
+            raise ValueError(f"code_size {config.code_size} must divide the key dimension {dim}")
+        if n < nlist * 39:
+            raise ValueError(
+                f"IVF-PQ with nlist={nlist} needs at least {nlist * 39} keys to train, the datastore has {n}; "
+                "lower --nlist or use --index flat"
+            )
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, config.code_size, 8)
+        train_n = min(n, config.train_size or min(1_000_000, max(nlist * 64, 256 * 39)))
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(n, size=train_n, replace=False))
+        # IVF-PQ's k-means draws its own samples with faiss' RNG; fixing the seed keeps builds reproducible.
+        index.cp.seed = config.seed
+        index.pq.cp.seed = config.seed
+        index.train(_as_f32(keys[sample]))
+        index.nprobe = min(config.nprobe, nlist)
+        info.update(nlist=nlist, code_size=config.code_size, nprobe=index.nprobe, train_size=int(train_n))
+    for start in tqdm(range(0, n, chunk), desc=f"index ({kind})", disable=not progress):
+        index.add(_as_f32(keys[start : start + chunk]))
+    info["seconds"] = round(time.perf_counter() - started, 2)
+    return index, info
+
+
+def save_index(index: faiss.Index, info: dict[str, Any], out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out_dir / INDEX_NAME))
+    (out_dir / INDEX_META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out_dir / INDEX_NAME
+
+
+def load_index(out_dir: str | Path) -> tuple[faiss.Index, dict[str, Any]]:
+    out_dir = Path(out_dir)
+    index = faiss.read_index(str(out_dir / INDEX_NAME))
+    return index, json.loads((out_dir / INDEX_META).read_text(encoding="utf-8"))
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """nprobe on a CPU or GPU IVF index (no-op for Flat)."""
+    if isinstance(index, faiss.Index) and faiss.try_extract_index_ivf(index) is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    elif hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+
+
+def to_gpu_if_available(index: faiss.Index, use_gpu: bool = True) -> faiss.Index:
+    """A GPU copy of the index when this faiss build sees a GPU; the CPU index otherwise."""
+    if not use_gpu or gpu_count() == 0:
+        return index
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True  # large PQ code sizes need float16 lookup tables on the GPU
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, options)
+
+
+def search_excluding_self(
+    index: Any, queries: np.ndarray, query_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """k neighbours of each query, never the query's own entry: (D [Q, k] float32, I [Q, k] int64).
+
+    The search asks for k + 1 and removes the hit whose id equals the query's id, wherever it ranks
+    (duplicate keys can tie with it at distance 0, so "drop the first hit" would be wrong). When the
+    approximate search did not return the query itself, the (k+1)-th hit is dropped instead. Missing
+    results (fewer than k reachable keys) come back as id -1 with distance +inf.
+    """
+    q = len(queries)
+    dist, ids = index.search(_as_f32(queries), k + 1)  # [Q, k+1] each
+    own = ids == query_ids.astype(np.int64)[:, None]  # [Q, k+1]
+    no_self = ~own.any(axis=1)
+    own[no_self, k] = True  # drop the worst hit where the query itself was not returned
+    keep = ~own
+    dist = dist[keep].reshape(q, k)
+    ids = ids[keep].reshape(q, k)
+    dist[ids < 0] = np.inf
+    return dist, ids

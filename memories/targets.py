@@ -1,0 +1,186 @@
+"""Sparse kNN target distributions, one per datastore entry.
+
+p_kNN(t | position i) = Σ_{j ∈ kNN(i), values[j] = t} softmax_j(−d_ij / τ), with d the squared L2
+distance from faiss and the position's own entry excluded. Only the tokens with non-zero mass are
+stored, CSR-style:
+  offsets.npy    int64   [N+1]  row i spans offsets[i]:offsets[i+1]
+  token_ids.npy  int32   [nnz]  sorted within a row
+  probs.npy      float16 [nnz]  summing to 1 per row (up to float16 rounding)
+  targets.json   metadata; written last
+Rows are streamed to disk batch by batch; no vocabulary-sized array exists at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from memories.knn import search_excluding_self
+
+META_NAME = "targets.json"
+
+
+class TargetsError(ValueError):
+    """The targets directory is missing or incomplete."""
+
+
+def knn_distribution(
+    dists: np.ndarray, neighbour_ids: np.ndarray, values: np.ndarray, temperature: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row sparse p_kNN from neighbour distances: (counts [Q], token_ids [nnz], probs [nnz] float32).
+
+    dists, neighbour_ids: [Q, k]; id −1 marks a missing neighbour (ignored). Within a row the
+    tokens come out sorted ascending and unique; entries whose probability is exactly 0 in float16
+    are left out, as they would be stored as 0 anyway.
+    """
+    q, k = dists.shape
+    valid = neighbour_ids >= 0  # [Q, k]
+    logits = np.where(valid, -dists.astype(np.float64) / temperature, -np.inf)  # [Q, k]
+    top = logits.max(axis=1, keepdims=True)  # [Q, 1]
+    top[~np.isfinite(top)] = 0.0  # rows without any neighbour stay all-zero
+    weights = np.exp(logits - top)  # [Q, k]
+    norm = weights.sum(axis=1, keepdims=True)
+    probs = weights / np.where(norm > 0, norm, 1.0)  # [Q, k]
+    tokens = np.where(valid, values[np.where(valid, neighbour_ids, 0)], -1).astype(np.int64)  # [Q, k]
+    # Sort tokens within each row, then sum the probabilities of each run of equal tokens.
+    order = np.argsort(tokens, axis=1, kind="stable")
+    tokens = np.take_along_axis(tokens, order, axis=1).ravel()  # [Q*k]
+    probs = np.take_along_axis(probs, order, axis=1).ravel()  # [Q*k]
+    starts = np.ones(q * k, dtype=bool)
+    starts[1:] = tokens[1:] != tokens[:-1]
+    starts[::k] = True  # a row never continues the previous row's run
+    run_start = np.flatnonzero(starts)
+    run_token = tokens[run_start]
+    run_prob = np.add.reduceat(probs, run_start)
+    run_row = run_start // k
+    keep = (run_token >= 0) & (run_prob.astype(np.float16) > 0)
+    counts = np.bincount(run_row[keep], minlength=q)
+    return counts, run_token[keep].astype(np.int32), run_prob[keep].astype(np.float32)
+
+
+def build_targets(
+    index: Any,
+    keys: np.ndarray,
+    values: np.ndarray,
+    out_dir: str | Path,
+    *,
+    k: int = 1024,
+    temperature: float = 1.0,
+    batch_size: int = 1024,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SparseTargets:
+    """Search every key's neighbours (itself excluded) and stream sparse p_kNN rows to `out_dir`."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_NAME).unlink(missing_ok=True)
+    n = len(keys)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("the datastore needs at least 2 entries to find neighbours")
+    values = np.asarray(values, dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    started = time.perf_counter()
+    tok_path, prob_path = out_dir / "token_ids.bin", out_dir / "probs.bin"
+    with tok_path.open("wb") as ftok, prob_path.open("wb") as fprob:
+        for start in tqdm(range(0, n, batch_size), desc=f"targets (k={k})", disable=not progress):
+            stop = min(n, start + batch_size)
+            dist, ids = search_excluding_self(index, keys[start:stop], np.arange(start, stop), k)
+            counts, toks, probs = knn_distribution(dist, ids, values, temperature)
+            offsets[start + 1 : stop + 1] = counts
+            ftok.write(toks.tobytes())
+            fprob.write(probs.astype(np.float16).tobytes())
+    np.cumsum(offsets, out=offsets)
+    nnz = int(offsets[-1])
+    # Re-wrap the raw streams as .npy so readers memory-map them with dtype and shape attached.
+    _raw_to_npy(tok_path, out_dir / "token_ids.npy", np.int32, nnz)
+    _raw_to_npy(prob_path, out_dir / "probs.npy", np.float16, nnz)
+    np.save(out_dir / "offsets.npy", offsets)
+    sizes = np.diff(offsets)
+    info = {
+        "num_rows": int(n),
+        "nnz": nnz,
+        "k": int(k),
+        "temperature": float(temperature),
+        "distance": "squared_l2",
+        "mean_support": round(float(sizes.mean()), 2),
+        "max_support": int(sizes.max()),
+        "empty_rows": int((sizes == 0).sum()),
+        "seconds": round(time.perf_counter() - started, 2),
+        **(meta or {}),
+    }
+    tmp = out_dir / (META_NAME + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / META_NAME)
+    return SparseTargets.open(out_dir)
+
+
+def _raw_to_npy(raw: Path, dest: Path, dtype: type, count: int) -> None:
+    """Prefix a raw array file with an .npy header, copying in blocks (the file can be large)."""
+    arr = np.lib.format.open_memmap(dest, mode="w+", dtype=dtype, shape=(count,))
+    src = np.memmap(raw, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+    block = 1 << 24
+    for start in range(0, count, block):
+        arr[start : start + block] = src[start : start + block]
+    arr.flush()
+    del arr, src
+    raw.unlink()
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    path: Path
+    meta: dict[str, Any]
+    offsets: np.ndarray  # [N+1] int64
+    token_ids: np.ndarray  # [nnz] int32 (memmap)
+    probs: np.ndarray  # [nnz] float16 (memmap)
+
+    @classmethod
+    def open(cls, path: str | Path) -> SparseTargets:
+        path = Path(path)
+        meta_file = path / META_NAME
+        if not meta_file.is_file():
+            raise TargetsError(f"{path} holds no complete kNN targets (no {META_NAME})")
+        return cls(
+            path,
+            json.loads(meta_file.read_text(encoding="utf-8")),
+            np.load(path / "offsets.npy"),
+            np.load(path / "token_ids.npy", mmap_mode="r"),
+            np.load(path / "probs.npy", mmap_mode="r"),
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.token_ids[a:b]), np.asarray(self.probs[a:b])
+
+    def padded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows as padded arrays (ids int64 [R, K_max], probs float32 [R, K_max]); padding has prob 0.
+
+        K_max is the largest support among these rows (at most k), never the vocabulary size. Each
+        row is renormalised in float32 so that float16 storage error does not bias the KL.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        sizes = ends - starts  # [R]
+        k_max = max(int(sizes.max(initial=0)), 1)
+        if len(self.token_ids) == 0:
+            return np.zeros((len(rows), k_max), np.int64), np.zeros((len(rows), k_max), np.float32)
+        col = np.arange(k_max)[None, :]  # [1, K]
+        mask = col < sizes[:, None]  # [R, K]
+        flat = np.where(mask, starts[:, None] + col, 0)  # [R, K]
+        ids = np.where(mask, self.token_ids[flat.ravel()].reshape(flat.shape), 0).astype(np.int64)
+        probs = np.where(mask, self.probs[flat.ravel()].reshape(flat.shape), 0).astype(np.float32)
+        total = probs.sum(axis=1, keepdims=True)
+        probs = probs / np.where(total > 0, total, 1.0)
+        return ids, probs
