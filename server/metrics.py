@@ -8,7 +8,7 @@ Labels and cardinality
     `memory` is a registered memory name, `none` for the base model alone, or `other` for anything
     else (a name never registered, or one past `max_memory_labels` distinct names). Names stay valid
     after their memory is unloaded so that requests still in flight keep their label. `none` and
-    `other` are therefore reserved and cannot be memory names. `endpoint`, `status`, `finish_reason`,
+    `other` are therefore reserved: a memory so named is served, but its latencies count as `other`. `endpoint`, `status`, `finish_reason`,
     `result` and `phase` come from the fixed sets below (unknown endpoint or finish reason -> `other`).
 
 Buckets (seconds; a 1-2.5-5 series per decade, so a p99 read off a bucket is within a factor 2-2.5)
@@ -23,12 +23,15 @@ Buckets (seconds; a 1-2.5-5 series per decade, so a p99 read off a bucket is wit
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "memdec"
 NONE = "none"  # the base model alone; also finish_reason where nothing was generated
@@ -187,11 +190,14 @@ class Metrics:
 
     def memory_loaded(self, name: str, parameters: int) -> None:
         """A memory became servable (at start-up or hot-loaded)."""
-        if name in RESERVED_MEMORY_LABELS:
-            raise ValueError(f"{name!r} is reserved as a metrics label and cannot name a memory")
+        reserved = name in RESERVED_MEMORY_LABELS
+        if reserved:  # the registry should refuse such names; here they only must not corrupt a series
+            log.warning("memory name %r is a reserved metrics label: its latencies are counted as %r", name, OTHER)
         with self._lock:
             self._loaded.add(name)
-            new_label = name not in self._memory_labels and len(self._memory_labels) < self._max_memory_labels
+            new_label = (
+                not reserved and name not in self._memory_labels and len(self._memory_labels) < self._max_memory_labels
+            )
             if new_label:
                 self._memory_labels.add(name)
             n_loaded = len(self._loaded)

@@ -147,10 +147,16 @@ def test_memory_labels_are_bounded():
     assert memory_values == {"none", "other", "a", "b", "c"}  # "c" only in memory_parameters
     assert val(m, "memdec_memory_parameters", memory="c") == 1
 
-    with pytest.raises(ValueError, match="reserved"):
-        m.memory_loaded("none", 1)
-    with pytest.raises(ValueError, match="reserved"):
-        m.memory_loaded("other", 1)
+
+def test_reserved_memory_names_do_not_pollute_the_base_series():
+    m = Metrics()
+    m.memory_loaded("none", 5)  # a registry that let this name through: served, counted as "other"
+    assert m.memory_label("none") == "other"
+    m.observe_request_finished("none", queue_s=0.0, e2e_s=0.1, generation_tokens=3)
+    m.observe_request_finished(None, queue_s=0.0, e2e_s=0.1, generation_tokens=1)
+    assert val(m, "memdec_generation_tokens_total", memory="none") == 1
+    assert val(m, "memdec_generation_tokens_total", memory="other") == 3
+    assert val(m, "memdec_memories_loaded") == 1
 
 
 def test_load_and_unload_memories():
