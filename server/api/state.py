@@ -51,7 +51,7 @@ def read_registry_file(path: Path) -> tuple[MemorySpec, ...]:
             raise RegistryFileError(f"registry file {path}, entry {i}: 'alpha' must be a number in [0, 1]")
         mem_path = Path(item["path"])
         if not mem_path.is_absolute():
-            mem_path = Path(path).resolve().parent / mem_path
+            mem_path = (Path(path).resolve().parent / mem_path).resolve()
         specs.append(MemorySpec(item["name"], str(mem_path), None if alpha is None else float(alpha)))
     return tuple(specs)
 
