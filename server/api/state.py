@@ -119,7 +119,8 @@ class ServingState:
 
     def begin_shutdown(self) -> None:
         """Refuse new work at once (503); in-flight requests go on. Safe to call from a signal handler."""
-        self.phase = Phase.STOPPING
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.STOPPING
         if self.engine is not None:
             self.engine.stop_admitting()
 
