@@ -252,6 +252,31 @@ def test_unknown_fields_are_ignored_and_user_accepted(server):
     assert r.status_code == 200
 
 
+def test_lm_eval_harness_loglikelihood_flow(server, ref):
+    """What lm-eval-harness's `local-completions` sends for loglikelihood, and how it reads the answer."""
+    pairs = [("The court held that", " the statute applies"), ("Once upon a time", " there was a house")]
+    prompts, ctxlens = [], []
+    for context, continuation in pairs:
+        ctx, cont = ref.encode(context), ref.encode(continuation)
+        prompts.append(ctx + cont)
+        ctxlens.append(len(ctx))
+    ctx = ref.encode(PROMPT)  # a continuation that is the model's own greedy choice: is_greedy must be True
+    prompts.append(ctx + greedy_reference(ref.base, ref.med, ctx, 0.6, ref.vocab, 4)[0])
+    ctxlens.append(len(ctx))
+    greedy_seen = []
+    out = server.complete(model="med", prompt=prompts, temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
+    for choice, ids, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), prompts, ctxlens, strict=True):
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]  # the last entry is the generated token
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        is_greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops, strict=True))
+        mixed = next_token_logprobs(ref.base, ref.med, ids, 0.6, ref.vocab)  # [T, V]
+        want = sum(float(mixed[t - 1, ids[t]]) for t in range(ctxlen, len(ids)))
+        assert sum(lps) == pytest.approx(want, abs=1e-3)
+        assert is_greedy == all(int(mixed[t - 1].argmax()) == ids[t] for t in range(ctxlen, len(ids)))
+        greedy_seen.append(is_greedy)
+    assert greedy_seen[-1] is True
+
+
 # -- streaming -------------------------------------------------------------------------------------
 
 
