@@ -56,6 +56,8 @@ RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
 
 FROM python-base AS runtime
 ARG MEMDEC_UID=10001
+# Everything the process writes goes under /var/cache/memdec (and /tmp), so the root filesystem can be
+# read-only (Kubernetes readOnlyRootFilesystem; `docker run --read-only --tmpfs /tmp --tmpfs /var/cache/memdec`).
 # The server reads MEMDEC_PORT/MEMDEC_HOST where the CLI supports them; HEALTHCHECK always reads MEMDEC_PORT,
 # so set it (-e MEMDEC_PORT=...) together with --port when changing the port.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -64,7 +66,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     HOME=/home/memdec \
+    XDG_CACHE_HOME=/var/cache/memdec \
     HF_HOME=/var/cache/memdec/huggingface \
+    TRITON_CACHE_DIR=/var/cache/memdec/triton \
     MPLCONFIGDIR=/var/cache/memdec/matplotlib \
     MEMDEC_DEMO_DIR=/opt/memdec/demo \
     MEMDEC_HOST=0.0.0.0 \

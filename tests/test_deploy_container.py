@@ -110,8 +110,8 @@ def stop(running: Running) -> None:
 
 @pytest.fixture(scope="module")
 def mounted(image: str, tmp_path_factory: pytest.TempPathFactory, zoo) -> Iterator[Running]:
-    """Tiny models mounted as a Kubernetes pod mounts its volumes: /models (base), /memories (PVC),
-    /etc/memdec/registry.json (ConfigMap); keys in the environment (Secret)."""
+    """Run as deploy/k8s/deployment.yaml runs it: tiny models mounted as /models and /memories (PVCs), the
+    registry file as /etc/memdec/registry.json (ConfigMap), keys in the environment (Secret)."""
     root = tmp_path_factory.mktemp("container")
     models, memories = root / "models", root / "memories"
     shutil.copytree(zoo.base, models / "base")
@@ -124,6 +124,9 @@ def mounted(image: str, tmp_path_factory: pytest.TempPathFactory, zoo) -> Iterat
     running = start(
         image,
         [
+            # As the Deployment's securityContext: read-only root, writable cache and /tmp, no capabilities.
+            "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/var/cache/memdec", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
             "-v", f"{models}:/models:ro", "-v", f"{memories}:/memories:ro",
             "-v", f"{registry}:/etc/memdec/registry.json:ro",
             "-e", f"MEMDEC_API_KEY={API_KEY}", "-e", f"MEMDEC_ADMIN_KEY={ADMIN_KEY}",

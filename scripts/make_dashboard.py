@@ -1,0 +1,256 @@
+"""Writes deploy/grafana/dashboards/memdec.json, the Grafana dashboard for memdec's Prometheus metrics.
+
+    .venv/bin/python scripts/make_dashboard.py          # rewrite the JSON
+    .venv/bin/python scripts/make_dashboard.py --check  # exit 1 if the committed JSON is stale
+
+Generated rather than hand-edited so that every panel follows one layout and one set of filters; the
+deploy tests check that each expression parses (promtool) and names only metrics server/metrics.py defines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "memdec.json"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'instance=~"$instance"'
+MEM_SEL = f'{SEL}, memory=~"$memory"'
+RATE = "$__rate_interval"
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def quantiles(metric: str) -> list[dict[str, str]]:
+    return [
+        {
+            "expr": f"histogram_quantile({q}, sum by (le, memory) (rate({metric}_bucket{{{MEM_SEL}}}[{RATE}])))",
+            "legendFormat": f"p{round(q * 100)} {{{{memory}}}}",
+        }
+        for q in QUANTILES
+    ]
+
+
+class Layout:
+    """Panels in rows of 24 grid units; ids in order."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self.x = self.y = 0
+        self.row_h = 0
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self.panels.append({
+            "id": len(self.panels) + 1, "type": "row", "title": title, "collapsed": False,
+            "gridPos": {"x": 0, "y": self.y, "w": 24, "h": 1}, "panels": [],
+        })  # fmt: skip
+        self.y += 1
+
+    def _newline(self) -> None:
+        if self.x:
+            self.y += self.row_h
+            self.x = self.row_h = 0
+
+    def panel(
+        self,
+        title: str,
+        targets: list[dict[str, str]],
+        *,
+        unit: str,
+        w: int = 8,
+        h: int = 8,
+        stacked: bool = False,
+        description: str = "",
+        kind: str = "timeseries",
+    ) -> None:
+        if self.x + w > 24:
+            self._newline()
+        custom: dict[str, Any] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 30 if stacked else 10,
+                                  "showPoints": "never", "spanNulls": False}  # fmt: skip
+        if stacked:
+            custom["stacking"] = {"mode": "normal", "group": "A"}
+        panel: dict[str, Any] = {
+            "id": len(self.panels) + 1,
+            "type": kind,
+            "title": title,
+            "description": description,
+            "datasource": DS,
+            "gridPos": {"x": self.x, "y": self.y, "w": w, "h": h},
+            "targets": [
+                {"refId": chr(ord("A") + i), "datasource": DS, "expr": t["expr"], "legendFormat": t["legendFormat"],
+                 "range": True}
+                for i, t in enumerate(targets)
+            ],  # fmt: skip
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "options": {},
+        }
+        if kind == "timeseries":
+            panel["fieldConfig"]["defaults"]["custom"] = custom
+            panel["options"] = {
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "multi", "sort": "desc"},
+            }
+        else:  # stat
+            panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                                "colorMode": "value", "graphMode": "area", "textMode": "auto"}  # fmt: skip
+        self.panels.append(panel)
+        self.x += w
+        self.row_h = max(self.row_h, h)
+
+
+def build() -> dict[str, Any]:
+    lay = Layout()
+    lay.row("Overview")
+    lay.panel("Requests running", [{"expr": f"sum(memdec_requests_running{{{SEL}}})", "legendFormat": "running"}],
+              unit="short", w=4, h=4, kind="stat")  # fmt: skip
+    lay.panel("Requests waiting", [{"expr": f"sum(memdec_requests_waiting{{{SEL}}})", "legendFormat": "waiting"}],
+              unit="short", w=4, h=4, kind="stat")  # fmt: skip
+    lay.panel("Memories loaded", [{"expr": f"max(memdec_memories_loaded{{{SEL}}})", "legendFormat": "loaded"}],
+              unit="short", w=4, h=4, kind="stat")  # fmt: skip
+    lay.panel(
+        "Generated tokens/s",
+        [{"expr": f"sum(rate(memdec_generation_tokens_total{{{MEM_SEL}}}[{RATE}]))", "legendFormat": "tokens/s"}],
+        unit="short", w=4, h=4, kind="stat",
+    )  # fmt: skip
+    lay.panel(
+        "Requests/s",
+        [{"expr": f"sum(rate(memdec_requests_total{{{SEL}}}[{RATE}]))", "legendFormat": "req/s"}],
+        unit="reqps", w=4, h=4, kind="stat",
+    )  # fmt: skip
+    lay.panel(
+        "Error ratio (5xx)",
+        [{"expr": f'sum(rate(memdec_requests_total{{{SEL}, status=~"5.."}}[{RATE}])) / '
+                  f"clamp_min(sum(rate(memdec_requests_total{{{SEL}}}[{RATE}])), 1e-9)",
+          "legendFormat": "5xx"}],
+        unit="percentunit", w=4, h=4, kind="stat",
+    )  # fmt: skip
+
+    lay.row("Latency per memory (memory=none is the base model alone)")
+    lay.panel("Time to first token", quantiles("memdec_time_to_first_token_seconds"), unit="s",
+              description="Arrival to first generated token: queue + prefill.")  # fmt: skip
+    lay.panel("Inter-token latency", quantiles("memdec_inter_token_latency_seconds"), unit="s",
+              description="Gap between consecutive tokens of one request (decode step time as a user sees it).")  # fmt: skip
+    lay.panel("End-to-end request latency", quantiles("memdec_e2e_request_latency_seconds"), unit="s")
+    lay.panel("Queue time", quantiles("memdec_request_queue_time_seconds"), unit="s",
+              description="Arrival to first scheduled: grows when the batch is full (see waiting).")  # fmt: skip
+    lay.panel("Prefill time", quantiles("memdec_request_prefill_time_seconds"), unit="s")
+    lay.panel("Decode time", quantiles("memdec_request_decode_time_seconds"), unit="s")
+
+    lay.row("Throughput and load")
+    lay.panel(
+        "Tokens/s per memory",
+        [
+            {"expr": f"sum by (memory) (rate(memdec_generation_tokens_total{{{MEM_SEL}}}[{RATE}]))",
+             "legendFormat": "generated {{memory}}"},
+            {"expr": f"sum by (memory) (rate(memdec_prompt_tokens_total{{{MEM_SEL}}}[{RATE}]))",
+             "legendFormat": "prompt {{memory}}"},
+        ],
+        unit="short",
+    )  # fmt: skip
+    lay.panel(
+        "Running / waiting requests",
+        [
+            {"expr": f"sum(memdec_requests_running{{{SEL}}})", "legendFormat": "running"},
+            {"expr": f"sum(memdec_requests_waiting{{{SEL}}})", "legendFormat": "waiting"},
+            {"expr": f"avg(memdec_batch_size{{{SEL}}})", "legendFormat": "batch size (last step)"},
+        ],
+        unit="short",
+    )  # fmt: skip
+    lay.panel(
+        "Requests/s by endpoint and status",
+        [{"expr": f"sum by (endpoint, status, finish_reason) (rate(memdec_requests_total{{{SEL}}}[{RATE}]))",
+          "legendFormat": "{{endpoint}} {{status}} {{finish_reason}}"}],
+        unit="reqps",
+    )  # fmt: skip
+
+    lay.row("Engine step: where each millisecond goes")
+    lay.panel(
+        "Mean step time by phase (stacked)",
+        [{"expr": f"sum by (phase) (rate(memdec_step_phase_seconds_sum{{{SEL}}}[{RATE}])) / "
+                  f"sum by (phase) (rate(memdec_step_phase_seconds_count{{{SEL}}}[{RATE}]))",
+          "legendFormat": "{{phase}}"}],
+        unit="s", w=12, h=9, stacked=True,
+        description="Per phase, the mean seconds spent in one engine step; stacked, the whole step. "
+        "CUDA events on GPU, monotonic clocks on CPU.",
+    )  # fmt: skip
+    lay.panel(
+        "Step phase p99",
+        [{"expr": f"histogram_quantile(0.99, sum by (le, phase) (rate(memdec_step_phase_seconds_bucket{{{SEL}}}[{RATE}])))",
+          "legendFormat": "p99 {{phase}}"}],
+        unit="s", w=12, h=9,
+    )  # fmt: skip
+
+    lay.row("Memories and perplexity")
+    lay.panel(
+        "Memory loads",
+        [{"expr": f"sum by (result) (increase(memdec_memory_loads_total{{{SEL}}}[{RATE}]))",
+          "legendFormat": "{{result}}"}],
+        unit="short", stacked=True,
+    )  # fmt: skip
+    lay.panel(
+        "Memory parameters",
+        [{"expr": f'max by (memory) (memdec_memory_parameters{{{SEL}, memory=~"$memory"}})',
+          "legendFormat": "{{memory}}"}],
+        unit="short",
+    )  # fmt: skip
+    lay.panel("Perplexity request latency", quantiles("memdec_perplexity_request_seconds"), unit="s")
+
+    variables = [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+         "current": {}, "hide": 0, "refresh": 1, "options": []},
+        {"name": "instance", "label": "Instance", "type": "query", "datasource": DS,
+         "query": {"query": "label_values(memdec_requests_running, instance)", "refId": "instance"},
+         "definition": "label_values(memdec_requests_running, instance)",
+         "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2, "sort": 1,
+         "hide": 0, "options": []},
+        {"name": "memory", "label": "Memory", "type": "query", "datasource": DS,
+         "query": {"query": "label_values(memdec_e2e_request_latency_seconds_count, memory)", "refId": "memory"},
+         "definition": "label_values(memdec_e2e_request_latency_seconds_count, memory)",
+         "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2, "sort": 1,
+         "hide": 0, "options": []},
+    ]  # fmt: skip
+    return {
+        "uid": "memdec-overview",
+        "title": "memdec",
+        "description": "memdec serving: latency per memory, throughput, queue, engine step phases, memory loads.",
+        "tags": ["memdec", "llm"],
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {"list": variables},
+        "panels": lay.panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text(encoding="utf-8") != text:
+            print(f"{OUT} is stale: run scripts/make_dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT} ({len(build()['panels'])} panels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
