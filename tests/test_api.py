@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
 from tests.test_api_harness import (
     InProcessServer,
+    assert_error,
     greedy_reference,
     ids_of,
     load_hf,
@@ -71,6 +72,9 @@ def test_models_lists_base_and_memories(server, zoo):
     assert (med["alpha"], med["domain"]) == (0.6, "biomedical")
     assert (law["alpha"], law["domain"]) == (0.4, "legal")
     assert med["max_model_len"] == 512
+    assert server.get("/v1/models/tiny-base").json() == base
+    assert server.get("/v1/models/med").json() == med
+    assert_error(server.get("/v1/models/nope"), 404, "model", "model_not_found")
     memories = server.get("/v1/memories").json()
     assert sorted(c["id"] for c in memories["data"]) == ["law", "med"]
 

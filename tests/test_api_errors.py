@@ -12,7 +12,7 @@ import pytest
 
 import server.api.state as state_module
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import InProcessServer, assert_error
+from tests.test_api_harness import InProcessServer, assert_error, sse_events
 
 PROMPT = "The court held that"
 DOC = "The committee expects inflation to remain near two percent."
@@ -308,3 +308,46 @@ def test_bad_startup_memory_fails_start_up(zoo):
             threading.Event().wait(0.05)
         err = assert_error(s.get("/health"), 503, code="startup_failed")
         assert "tokenizer" in err["message"]
+
+
+def test_engine_stopping_mid_request_gives_error_frame_then_done_and_health_503(zoo):
+    import openai
+
+    with InProcessServer(ServerConfig(model=ModelConfig(str(zoo.base)))) as s:
+        body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+        client = openai.AsyncOpenAI(base_url="http://memdec.test/v1", api_key="x", http_client=s.client, max_retries=0)
+
+        async def openai_stream():
+            stream = await client.completions.create(model=str(zoo.base), prompt=PROMPT, max_tokens=400, stream=True,
+                                                     extra_body={"ignore_eos": True})  # fmt: skip
+            return [chunk async for chunk in stream]
+
+        async def scenario():
+            engine = s.state.engine
+            async with s.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                first = await anext(lines)
+                plain = asyncio.ensure_future(s.client.post("/v1/completions", json=body))
+                via_openai = asyncio.ensure_future(openai_stream())
+                while engine.num_running < 3:
+                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(engine.shutdown)  # the engine loop ends under all three requests
+                rest = [line async for line in lines]
+            results = await asyncio.gather(plain, via_openai, return_exceptions=True)
+            return first, rest, *results
+
+        first, rest, plain, via_openai = s.call(scenario)
+        events = sse_events("\n".join([first, *rest]) + "\n")
+        assert events[-1] == "[DONE]"
+        err = events[-2]
+        assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}
+        assert "shut down" in err["error"]["message"]
+        assert all("choices" in e for e in events[:-2])
+        # The engine reports a stop as a per-request ERROR finish, which the API cannot tell from a failed
+        # step (500); 503 once the engine delivers ServiceUnavailableError instead (asked for).
+        assert plain.status_code in (500, 503) and "shut down" in assert_error(plain, plain.status_code)["message"]
+        assert isinstance(via_openai, openai.APIError)  # the official client raises on the error frame
+        assert "shut down" in via_openai.message
+        assert_error(s.get("/health"), 503, code="engine_dead")
+        assert_error(s.get("/ready"), 503, code="engine_dead")

@@ -1,11 +1,12 @@
 """In-process harness for the API tests: the real app (real engine, tiny models) with its lifespan
-running on an event loop in a background thread, driven through httpx's ASGI transport.
+running on an event loop in a background thread, driven by httpx through a streaming ASGI transport.
 
 No tests here; `tests/test_api*.py` import it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -19,6 +20,84 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from server.api.app import create_app
 from server.api.state import ServingState
 from server.config import ServerConfig
+
+
+class StreamingASGITransport(httpx.AsyncBaseTransport):
+    """httpx's ASGITransport buffers the whole response; this one hands body chunks over as the app sends
+    them, and tells the app `http.disconnect` when the client closes the response (or is cancelled)
+    early, so in-process tests see real streaming and real disconnects. ASGI spec 2.3, like uvicorn."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": request.method, "headers": [(k.lower(), v) for k, v in request.headers.raw],
+            "scheme": request.url.scheme, "path": request.url.path,
+            "raw_path": request.url.raw_path.split(b"?")[0], "query_string": request.url.query,
+            "server": (request.url.host, request.url.port or 80), "client": ("127.0.0.1", 123), "root_path": "",
+        }  # fmt: skip
+        chunks = request.stream.__aiter__()
+        body_done = False
+        gone = asyncio.Event()
+        messages: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_done
+            if not body_done:
+                try:
+                    return {"type": "http.request", "body": await chunks.__anext__(), "more_body": True}
+                except StopAsyncIteration:
+                    body_done = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.put_nowait(message)
+
+        async def run() -> None:
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the client
+                messages.put_nowait(exc)
+            finally:
+                messages.put_nowait(None)
+
+        task = asyncio.ensure_future(run())
+
+        async def close() -> None:
+            gone.set()
+            await task
+
+        try:
+            start = await messages.get()
+        except BaseException:
+            await asyncio.shield(close())
+            raise
+        if not isinstance(start, dict):
+            await close()
+            raise start if isinstance(start, Exception) else RuntimeError("the app sent no response")
+
+        class Body(httpx.AsyncByteStream):
+            async def __aiter__(self):
+                while True:
+                    message = await messages.get()
+                    if message is None:
+                        return
+                    if isinstance(message, Exception):
+                        raise message
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body", False):
+                        return
+
+            async def aclose(self) -> None:
+                await close()
+
+        return httpx.Response(start["status"], headers=start.get("headers", []), stream=Body(), request=request)
 
 
 class InProcessServer:
@@ -44,7 +123,7 @@ class InProcessServer:
         self._stack.close()
 
     async def _new_client(self, **headers: str) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=self.app)
+        transport = StreamingASGITransport(self.app)
         return httpx.AsyncClient(transport=transport, base_url="http://memdec.test", timeout=120, headers=headers)
 
     @property

@@ -113,6 +113,7 @@ def test_models(client, zoo):
     assert cards["med"].model_extra["parent"] == "tiny" and cards["med"].model_extra["alpha"] == 0.6
     assert cards["law"].model_extra["alpha"] == 0.3  # NAME=PATH:ALPHA overrides the manifest's 0.4
     assert cards["law"].model_extra["max_model_len"] == 512
+    assert client.models.retrieve("med").model_extra["domain"] == "biomedical"
 
 
 def test_completion_with_memory_matches_reference(client, ref):

@@ -11,7 +11,7 @@ from server.api.auth import check_admin_key, check_api_key
 from server.api.paths import confine
 from server.api.schemas import MemoryDeleted, MemoryLoadBody, ModelCard, ModelList
 from server.api.state import ServingState
-from server.errors import ConflictError
+from server.errors import ConflictError, NotFoundError
 from server.registry import MemoryInfo
 
 router = APIRouter()
@@ -54,6 +54,19 @@ async def list_models(request: Request) -> dict[str, Any]:
     assert state.registry is not None
     cards = [base_card(state)] + [memory_card(state, m) for m in state.registry.list()]
     return {"object": "list", "data": cards}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(check_api_key)])
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model card: the base or a memory (ids may contain '/', as hub ids do)."""
+    state = _state(request)
+    assert state.registry is not None
+    if model_id == state.served_model_name:
+        return base_card(state)
+    try:
+        return memory_card(state, state.registry.get(model_id))
+    except NotFoundError:
+        raise NotFoundError(f"The model `{model_id}` does not exist.", param="model", code="model_not_found") from None
 
 
 @router.get("/v1/memories", response_model=ModelList, dependencies=[Depends(check_api_key)])
