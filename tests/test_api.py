@@ -243,9 +243,9 @@ def test_stop_token_ids_end_generation(server):
 
 def test_top_k_top_p_and_large_top_k(server):
     greedy = server.complete(prompt=PROMPT, max_tokens=6, temperature=0, ignore_eos=True)["choices"][0]["text"]
-    # top_k = 1 and a tiny top_p both leave only the most likely token: sampling becomes greedy.
-    for extra in ({"top_k": 1}, {"top_p": 1e-6}):
-        out = server.complete(prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, ignore_eos=True, **extra)
+    # top_k = 1, a tiny top_p or a vanishing temperature leave only the most likely token: greedy.
+    for extra in ({"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-30}, {"temperature": 5e-324}):
+        out = server.complete(**{"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True, **extra})
         assert out["choices"][0]["text"] == greedy
     assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "top_k": 10**6}).status_code == 200
     assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "top_k": -1}).status_code == 200

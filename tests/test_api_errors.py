@@ -208,7 +208,7 @@ def test_unknown_paths_and_methods(server):
     assert_error(server.delete("/v1/models"), 405)
 
 
-FUZZ_VALUES = [None, True, False, 0, -1, 1, 0.5, 2**70, -(2**70), 1e300, "", "x", [], [1], ["a"], [[1]], {}, {"a": 1}]
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 0.5, 1e-300, 5e-324, 2**70, -(2**70), 1e300, "", "x", [], [1], ["a"], [[1]], {}, {"a": 1}]
 FUZZ_FIELDS = [
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "logprobs",
     "echo", "stop", "stop_token_ids", "seed", "ignore_eos", "user", "memory", "alpha", "presence_penalty",
@@ -239,6 +239,23 @@ def test_fuzzed_completion_fields_never_give_5xx(server):
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
     assert statuses.get(200) and statuses.get(400)  # the fuzz reached both sides
     assert server.state.engine.is_alive
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,base,fields", [
+    ("/v1/perplexity", {"input": DOC}, ["model", "memory", "alpha", "input", "context_length", "stride"]),
+    ("/v1/memories", {"name": "z", "path": "mem_gpt2"}, ["name", "path", "alpha"]),
+])  # fmt: skip
+def test_fuzzed_other_endpoints_never_give_5xx(server, path, base, fields):
+    for field in fields:
+        for value in FUZZ_VALUES:
+            body = {**base, field: value}
+            r = server.post(path, body)
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code != 200:
+                assert_error(r, r.status_code)
+            elif path == "/v1/memories":
+                assert server.delete(f"/v1/memories/{r.json()['id']}").status_code == 200
     assert server.get("/health").status_code == 200
 
 

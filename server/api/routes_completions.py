@@ -97,11 +97,15 @@ def _stop_strings(body: CompletionRequest) -> tuple[str, ...]:
     return stop
 
 
+SAMPLING_EPS = 1e-5  # as in vLLM: a temperature below this is greedy (dividing logits by it overflows)
+
+
 def _params(body: CompletionRequest, stop: tuple[str, ...], seed: int | None, vocab: int) -> SamplingParams:
     top_k = body.top_k or 0
+    temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
         max_tokens=16 if body.max_tokens is None else body.max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=0.0 if temperature < SAMPLING_EPS else temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if top_k < 0 or top_k >= vocab else top_k,  # k >= vocabulary keeps everything: off
         seed=seed,
