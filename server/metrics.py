@@ -277,10 +277,12 @@ class Metrics:
     # -- API ---------------------------------------------------------------------------------------
 
     def request_done(self, endpoint: str, status: int, finish_reason: str | None = None) -> None:
-        """One HTTP request answered. `finish_reason` is None where nothing was generated."""
+        """One HTTP request answered. `endpoint` is a name of ENDPOINTS or its path (`/v1/completions`);
+        `finish_reason` is None where nothing was generated."""
         if not 100 <= int(status) <= 599:
             raise ValueError(f"status must be an HTTP status code, got {status!r}")
-        ep = endpoint if endpoint in ENDPOINTS else OTHER
+        name = endpoint.removeprefix("/v1/").split("/", 1)[0]  # "/v1/memories/x" and "memories" alike
+        ep = name if name in ENDPOINTS else OTHER
         reason = getattr(finish_reason, "value", finish_reason)  # accepts server.request.FinishReason
         fr = NONE if reason is None else (reason if reason in FINISH_REASONS else OTHER)
         self.requests.labels(ep, str(int(status)), fr).inc()
