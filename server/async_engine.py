@@ -244,8 +244,10 @@ class AsyncEngine:
             job.memory_name = None
 
     def _fail_everything(self, error: MemdecError) -> None:
+        """Free every sequence and job, then hand `error` itself to each waiting caller, so the API can
+        answer 503 (shutdown, dead engine) rather than a generation error."""
         try:
-            self._dispatch(self.engine.fail_all(str(error)))
+            self.engine.fail_all(str(error))
         except Exception:  # noqa: BLE001 - best effort while dying
             log.exception("failing requests after engine death")
         with self._lock:

@@ -209,6 +209,10 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Per-load progress bars would flood server logs (hot-loads included); our own CLI work has tqdm.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     return int(args.func(args))
 
 

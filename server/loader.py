@@ -71,7 +71,17 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
     return frozenset(ids)
 
 
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def _check_exists(path: str) -> None:
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"model directory {path!r} does not exist")
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    _check_exists(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a bad directory
@@ -85,6 +95,7 @@ def load_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     max_model_len: int | None = None,
 ) -> LoadedModel:
+    _check_exists(path)
     local = Path(path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no *.safetensors weights; only safetensors are loaded (no pickle)")

@@ -38,7 +38,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing by a temperature this small overflows float32 (NaN probabilities): it means greedy.
+        return self.temperature < 1e-5
 
 
 @dataclass(frozen=True)
