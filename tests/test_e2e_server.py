@@ -4,77 +4,22 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from contextlib import suppress
 
 import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.server_process import serve
 from tests.test_api_harness import greedy_reference, ids_of, load_hf, next_token_logprobs
 
 API_KEY = "e2e-user-key"
 ADMIN_KEY = "e2e-admin-key"
 PROMPT = "The patient was given a dose of"
 DOC = "The court held that the statute applies to the contract signed last year."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _memdec() -> list[str]:
-    script = Path(sys.executable).parent / "memdec"  # the installed console script
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    port = _free_port()
-    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    cmd = [*_memdec(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=Path(__file__).parents[1])
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{server.logs()}"
-            assert time.monotonic() < deadline, f"server not ready in time:\n{server.logs()}"
-            try:
-                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
