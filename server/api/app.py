@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, the one error mapping, the body-size limit, background loading."""
+"""The FastAPI application: routes, the one error mapping, the body-size limit, request counting,
+background loading."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.api import routes_completions, routes_health, routes_models, routes_perplexity
+from server.api import routes_completions, routes_health, routes_metrics, routes_models, routes_perplexity
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
+from server.api.request_metrics import RequestMetrics
 from server.api.schemas import ErrorResponse
 from server.api.state import ServingState
 from server.config import ServerConfig
@@ -62,8 +64,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app.state.memdec = state
     install_error_handlers(app)
-    for module in (routes_health, routes_models, routes_completions, routes_perplexity):
+    for module in (routes_health, routes_metrics, routes_models, routes_completions, routes_perplexity):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)  # added last = outermost: 413s are counted too
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

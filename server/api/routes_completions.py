@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import check_api_key
 from server.api.errors import as_memdec_error, memdec_error_body
+from server.api.request_metrics import CLIENT_CLOSED, set_finish_reason, summarize
 from server.api.schemas import MAX_PROMPTS, MAX_STOP, CompletionRequest, CompletionResponse, describe_extra
 from server.api.state import ServingState, Target
 from server.api.streaming import (
@@ -33,8 +34,6 @@ from server.request import FinishReason, GenerationRequest, RequestOutput, Sampl
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-CLIENT_CLOSED = 499  # nginx's code: nobody reads it, but access logs show what happened
-
 
 @dataclass
 class _Plan:
@@ -50,6 +49,7 @@ class _Plan:
     body: CompletionRequest
     strings: TokenStrings
     prompt_texts: dict[int, str] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> reason, as they finish
 
     def prompt_of(self, choice: int) -> Prompt:
         return self.prompts[choice // self.n]
@@ -198,6 +198,7 @@ async def _collect(plan: _Plan, streams: list[EngineStream]) -> dict[str, Any]:
         if out.new_logprobs:
             c.logprobs.extend(out.new_logprobs)
         if out.finished:
+            plan.finish_reasons[i] = _finish_reason(out) or FinishReason.ERROR.value
             if out.finish_reason is FinishReason.ERROR:
                 raise _engine_failure(out)
             c.last = out
@@ -243,7 +244,7 @@ async def _run(plan: _Plan, state: ServingState) -> dict[str, Any]:
 # -- streaming -------------------------------------------------------------------------------------
 
 
-async def _sse(plan: _Plan, streams: list[EngineStream]) -> AsyncIterator[bytes]:
+async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> AsyncIterator[bytes]:
     body = plan.body
     header = plan.header()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -253,6 +254,8 @@ async def _sse(plan: _Plan, streams: list[EngineStream]) -> AsyncIterator[bytes]
     completion_tokens = [0] * len(streams)
     try:
         async for i, out in merge(streams):
+            if out.finished:
+                plan.finish_reasons[i] = _finish_reason(out) or FinishReason.ERROR.value
             if out.finish_reason is FinishReason.ERROR:
                 raise _engine_failure(out)
             text = out.new_text
@@ -299,8 +302,11 @@ async def _sse(plan: _Plan, streams: list[EngineStream]) -> AsyncIterator[bytes]
                 "total_tokens": plan.prompt_tokens + total,
             }
             yield sse_frame({**header, "choices": [], "usage": usage})
+        reason = summarize(plan.finish_reasons.values())
     except Exception as exc:  # noqa: BLE001 - after the 200 an error can only travel as a frame
+        reason = FinishReason.ERROR.value
         yield sse_frame(memdec_error_body(as_memdec_error(exc)))
+    set_finish_reason(request, reason)  # before the final chunk, when the request is counted
     yield DONE_FRAME
 
 
@@ -325,12 +331,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     plan = await _plan(body, state)
     try:
         if not body.stream:
-            return JSONResponse(await cancel_on_disconnect(request, _run(plan, state)))
+            try:
+                result = await cancel_on_disconnect(request, _run(plan, state))
+            finally:
+                set_finish_reason(request, summarize(plan.finish_reasons.values()))
+            return JSONResponse(result)
         engine = state.ready_engine()
         streams = await cancel_on_disconnect(request, open_streams(engine.generate, plan.requests))
     except ClientDisconnected:
         log.info("%s: client disconnected; request aborted", plan.id)
+        set_finish_reason(request, FinishReason.ABORT.value)
         return Response(status_code=CLIENT_CLOSED)
     return EngineStreamingResponse(
-        _sse(plan, streams), streams, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        _sse(plan, streams, request), streams, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )

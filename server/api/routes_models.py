@@ -83,10 +83,11 @@ async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
     under `name`; it must use exactly the base model's tokenizer. Needs the admin key."""
     state = _state(request)
     assert state.registry is not None
-    path = confine(body.path, state.config.memory_root)
-    if body.name == state.served_model_name:
-        raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
-    info = await asyncio.to_thread(state.registry.load, body.name, path, body.alpha)
+    with state.counting_load():
+        path = confine(body.path, state.config.memory_root)
+        if body.name == state.served_model_name:
+            raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
+        info = await asyncio.to_thread(state.registry.load, body.name, path, body.alpha)
     return memory_card(state, info)
 
 

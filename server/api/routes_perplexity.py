@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import check_api_key
+from server.api.request_metrics import CLIENT_CLOSED, set_finish_reason
 from server.api.schemas import PerplexityRequestBody, PerplexityResponse
 from server.api.state import ServingState
 from server.api.streaming import ClientDisconnected, cancel_on_disconnect
@@ -105,10 +106,14 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         context_length=body.context_length,
         stride=body.stride,
     )
+    started = time.monotonic()
     try:
         result = await cancel_on_disconnect(request, engine.perplexity(job))
     except ClientDisconnected:
-        return Response(status_code=499)
+        set_finish_reason(request, "abort")
+        return Response(status_code=CLIENT_CLOSED)
+    num_tokens = sum(len(d.token_ids) for d in docs)
+    state.metrics.observe_perplexity(job.memory, time.monotonic() - started, num_tokens)
     data = []
     for i, doc in enumerate(result.documents):
         data.append({"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list)})
@@ -117,7 +122,6 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     overall = _scores(
         _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list
     )
-    num_tokens = sum(len(d.token_ids) for d in docs)
     return JSONResponse(
         {
             "id": job.request_id,

@@ -10,7 +10,8 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,16 @@ from typing import Any
 from server.api.tokens import TokenStrings
 from server.async_engine import AsyncEngine
 from server.config import MemorySpec, ServerConfig
-from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from server.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    MemdecError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from server.loader import LoadedModel, load_base
+from server.metrics import Metrics
+from server.observer import MetricsObserver
 from server.registry import MemoryInfo, MemoryRegistry
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,7 @@ class ServingState:
         self.registry: MemoryRegistry | None = None
         self.engine: AsyncEngine | None = None
         self.token_strings: TokenStrings | None = None
+        self.metrics = Metrics()  # exists before loading, so /metrics answers (and counts loads) from the start
         self.on_failure: Callable[[str], None] | None = None  # the CLI stops the server with it
         self._task: asyncio.Task | None = None
 
@@ -97,9 +107,14 @@ class ServingState:
                 specs = specs + read_registry_file(config.registry_file)
             base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
             registry = MemoryRegistry(base)
+            registry.on_loaded = self.metrics.memory_loaded
+            registry.on_freed = self.metrics.memory_unloaded
             for spec in specs:
-                await asyncio.to_thread(registry.load, spec.name, spec.path, spec.alpha)
-            engine = AsyncEngine(base, registry, config.engine, max_queue=config.max_queue)
+                with self.counting_load():
+                    await asyncio.to_thread(registry.load, spec.name, spec.path, spec.alpha)
+            engine = AsyncEngine(
+                base, registry, config.engine, max_queue=config.max_queue, observer=MetricsObserver(self.metrics)
+            )
             engine.start()
         except asyncio.CancelledError:
             raise
@@ -131,6 +146,20 @@ class ServingState:
         if self.engine is not None:
             await self.engine.drain(self.config.shutdown_timeout)
             await asyncio.to_thread(self.engine.shutdown)
+
+    @contextmanager
+    def counting_load(self) -> Iterator[None]:
+        """Count one memory load attempt in `memdec_memory_loads_total{result}`: `success`; `invalid` when
+        the input was refused (a 4xx: bad path, manifest, tokenizer, name taken); `error` otherwise."""
+        try:
+            yield
+        except MemdecError as exc:
+            self.metrics.memory_load_result("invalid" if 400 <= exc.status_code < 500 else "error")
+            raise
+        except Exception:
+            self.metrics.memory_load_result("error")
+            raise
+        self.metrics.memory_load_result("success")
 
     # -- access for requests ----------------------------------------------------------------------
     def ready_engine(self) -> AsyncEngine:
