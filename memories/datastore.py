@@ -112,7 +112,13 @@ def build_datastore(
             for row, w in zip(hidden, batch, strict=True):
                 # Position p (predicting tokens[p+1]) is scored for targets score_from..end-1.
                 first, last = w.score_from - 1, w.end - 1
-                keys[first:last] = row[first - w.begin : last - w.begin].to(torch.float16).cpu().numpy()
+                chunk = row[first - w.begin : last - w.begin].to(torch.float16)  # [S, H]
+                if not torch.isfinite(chunk).all():
+                    raise DatastoreError(
+                        f"keys at positions {first}..{last - 1} overflow float16 (or the model produced NaN); "
+                        "this base model's last-MLP inputs do not fit the float16 datastore"
+                    )
+                keys[first:last] = chunk.cpu().numpy()
                 bar.update(last - first)
     bar.close()
     keys.flush()

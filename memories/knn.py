@@ -117,7 +117,10 @@ def to_gpu_if_available(index: faiss.Index, use_gpu: bool = True) -> faiss.Index
         return index
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True  # large PQ code sizes need float16 lookup tables on the GPU
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, options)
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index, options)
+    gpu_index.referenced_objects = [resources]  # the GPU index must not outlive its resources
+    return gpu_index
 
 
 def search_excluding_self(

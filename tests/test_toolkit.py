@@ -330,3 +330,25 @@ def test_tokenizer_command(tmp_path: Path) -> None:
     assert len(tok) == 300 and tok.eos_token == "<|endoftext|>"
     text = "Patients with kelitosis were treated with zorvamab."
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_stage_commands_one_by_one(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """datastore → targets → train → eval as separate commands, the way a user steps through them."""
+    ds, tg, mem = tmp_path / "ds", tmp_path / "tg", tmp_path / "mem"
+    common = ["--quiet"]
+    assert main(["memory", "datastore", "--base", str(env["base"]), "--corpus", str(env["train"]), "--out", str(ds),
+                 "--max-tokens", "2500", "--context", "64", "--index", "flat", *common]) == 0
+    assert Datastore.open(ds).size == 2499 and (ds / "index.faiss").is_file()
+    assert main(["memory", "targets", "--datastore", str(ds), "--out", str(tg), "--k", "8", *common]) == 0
+    assert len(SparseTargets.open(tg)) == 2499
+    assert main(["memory", "train", "--base", str(env["base"]), "--datastore", str(ds), "--targets", str(tg),
+                 "--out", str(mem), "--name", "steps", "--domain", "synthetic", *SMALL_MODEL, "--arch", "qwen2",
+                 "--seq-len", "32", "--max-steps", "4", *common]) == 0
+    assert not (mem / "checkpoint").exists()  # dropped once training finished
+    assert read_manifest(mem).training["steps"] == 4
+    assert main(["memory", "eval", "--base", str(env["base"]), "--memory", str(mem), "--valid", str(env["valid"]),
+                 "--eval-max-tokens", "600", "--alphas", "0.3,0.6", *common]) == 0
+    report = json.loads((mem / "evaluation.json").read_text())
+    assert report["tokens_scored"] == 599 and [r["alpha"] for r in report["mixture"]] == [0.3, 0.6]
+    assert read_manifest(mem).alpha == report["best_alpha"]
+    assert "best mixture ppl" in capsys.readouterr().out
