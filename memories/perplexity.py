@@ -7,7 +7,7 @@ context as the window allows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,19 +44,47 @@ def default_context(max_model_len: int, requested: int | None = None) -> int:
     return min(requested or 1024, max_model_len)
 
 
-@torch.inference_mode()
-def window_logprobs(
-    model: torch.nn.Module, ids: torch.Tensor, window: Window, vocab_size: int
-) -> torch.Tensor:
-    """log p(ids[t] | ids[begin:t]) for t in [score_from, end): float32 [num_scored].
+def window_batches(windows: Iterable[Window], max_tokens: int, max_logits: int, vocab_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of one shape (length, scored count) stacked into batches of at most
+    `max_tokens` input tokens and `max_logits` materialised logits (scored positions × vocabulary).
 
-    ids: [N] int64 on the model's device. Logits are cut to `vocab_size` (= len(tokenizer)) so that
-    padded embedding rows never receive probability.
+    Interior windows all share a shape, so a long document runs as a few large forwards instead of
+    one small forward per window.
     """
-    inp = ids[window.begin : window.end].unsqueeze(0)  # [1, T]
-    first = window.score_from - window.begin - 1  # logits index predicting ids[score_from]
-    # Only the scored positions' logits are materialised: [1, num_scored, V] instead of [1, T, V].
-    logits = model(input_ids=inp, logits_to_keep=window.end - window.begin - first).logits
-    logits = logits[0, : window.num_scored, :vocab_size].float()  # [S, V]
-    targets = ids[window.score_from : window.end]  # [S]
+    batch: list[Window] = []
+    for w in windows:
+        shape = (w.end - w.begin, w.num_scored)
+        if batch:
+            first = batch[0]
+            same = shape == (first.end - first.begin, first.num_scored)
+            fits = (len(batch) + 1) * shape[0] <= max_tokens and (len(batch) + 1) * shape[1] * vocab_size <= max_logits
+            if not (same and fits):
+                yield batch
+                batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def batch_logprobs(model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int) -> torch.Tensor:
+    """log p(ids[t] | ids[begin:t]) for t in [score_from, end) of each window: float32 [B, S].
+
+    All windows must share (length, num_scored), as `window_batches` groups them. ids: [N] int64 on
+    the model's device. Logits are cut to `vocab_size` (= len(tokenizer)) so that padded embedding rows
+    never receive probability.
+    """
+    w0 = windows[0]
+    length, scored = w0.end - w0.begin, w0.num_scored
+    first = w0.score_from - w0.begin - 1  # logits index predicting ids[score_from]
+    inp = torch.stack([ids[w.begin : w.end] for w in windows])  # [B, T]
+    # Only the scored positions' logits are materialised: [B, S, V] instead of [B, T, V].
+    logits = model(input_ids=inp, logits_to_keep=length - first).logits
+    logits = logits[:, :scored, :vocab_size].float()  # [B, S, V]
+    targets = torch.stack([ids[w.score_from : w.end] for w in windows])  # [B, S]
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, window: Window, vocab_size: int) -> torch.Tensor:
+    """One window's scored log-probs: float32 [num_scored]."""
+    return batch_logprobs(model, ids, [window], vocab_size)[0]

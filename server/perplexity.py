@@ -1,7 +1,7 @@
 """Perplexity jobs: both models' target log-probs computed once per window, mixed per alpha.
 
-A job is a generator that yields after each window, so the engine thread interleaves it with
-decode steps instead of stalling every running request for a long document.
+A job is a generator that yields after each batch of windows, so the engine thread interleaves it
+with decode steps instead of stalling every running request for a long document.
 """
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from collections.abc import Iterator
 import torch
 
 from memories.mixing import mix_logprobs
-from memories.perplexity import sliding_windows, window_logprobs
+from memories.perplexity import batch_logprobs, sliding_windows, window_batches
 from server.errors import InvalidRequestError
 from server.loader import LoadedModel
 from server.request import DocumentPerplexity, PerplexityRequest, PerplexityResult, PerplexityScore
+
+# Per engine-loop turn: bounds both the pause a perplexity job imposes on decoding and its memory.
+MAX_BATCH_TOKENS = 8192
+MAX_BATCH_LOGITS = 2**27  # 512 MiB of float32 logits
 
 
 def resolve_windows(request: PerplexityRequest, max_len: int) -> tuple[int, int]:
@@ -57,15 +61,16 @@ def run_perplexity(
         mem_nll = 0.0
         mixed_nll = torch.zeros(len(request.alphas), dtype=torch.float64, device=base.device)  # [A]
         count = 0
-        for window in sliding_windows(len(doc), context, stride):
-            base_lp = window_logprobs(base.model, ids, window, base.vocab_size)  # [S]
+        windows = sliding_windows(len(doc), context, stride)
+        for batch in window_batches(windows, MAX_BATCH_TOKENS, MAX_BATCH_LOGITS, base.vocab_size):
+            base_lp = batch_logprobs(base.model, ids, batch, base.vocab_size).flatten()  # [B * S]
             base_nll -= base_lp.double().sum().item()
             if memory is not None:
-                mem_lp = window_logprobs(memory.model, ids, window, base.vocab_size)  # [S]
+                mem_lp = batch_logprobs(memory.model, ids, batch, base.vocab_size).flatten()  # [B * S]
                 mem_nll -= mem_lp.double().sum().item()
-                mixed = mix_logprobs(base_lp.unsqueeze(0), mem_lp.unsqueeze(0), alphas)  # [A, S]
+                mixed = mix_logprobs(base_lp.unsqueeze(0), mem_lp.unsqueeze(0), alphas)  # [A, B * S]
                 mixed_nll -= mixed.double().sum(dim=-1)
-            count += window.num_scored
+            count += base_lp.numel()
             yield None
         docs.append(
             DocumentPerplexity(

@@ -1,0 +1,56 @@
+"""Shared bits of the benchmarks: machine description, tiny models, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo"
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    return info
+
+
+def tiny_models(size: str = "tiny") -> dict[str, Path]:
+    """A base and a memory sharing one tokenizer, built from configs into a temp dir (no downloads)."""
+    from tests.tiny_models import build_memory, build_model, build_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix=f"memdec-bench-{size}-"))
+    tok = build_tokenizer(root / "tok")
+    if size == "tiny":  # the test models' scale: per-step time is mostly engine overhead
+        base = build_model(root / "base", tok, "gpt2", seed=1)
+        mem = build_memory(root / "mem", tok, "mem", "llama", hidden=48, seed=3)
+    else:  # "small": enough compute per step that the models, not Python, dominate on a CPU
+        base = build_model(root / "base", tok, "llama", hidden=512, layers=8, max_len=1024, seed=1)
+        mem = build_memory(root / "mem", tok, "mem", "qwen2", hidden=256, layers=4, max_len=1024, seed=3)
+    return {"base": base, "memory": mem}
+
+
+def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
+    return path

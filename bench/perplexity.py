@@ -1,0 +1,118 @@
+"""/v1/perplexity throughput vs the reference two-pass loop, and agreement to 1e-4.
+
+    python -m bench.perplexity [--models tiny,demo] [--tokens 20000] [--context 512]
+
+The reference is what the paper's evaluation scripts do: for every window run the base and the
+memory over it, take full log-softmaxes [T, V], mix them over the whole vocabulary with logaddexp,
+gather the targets. memdec computes each model's target log-probs once per window (logits only at
+scored positions) and mixes gathered values, so an α grid costs one pass; the reference is timed
+once per α.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.common import DEMO, tiny_models, write_result
+from memories.perplexity import sliding_windows
+from tests.server_process import serve
+from tests.tiny_models import sample_text
+
+
+@torch.inference_mode()
+def reference(base, mem, ids: list[int], context: int, stride: int, alpha: float, vocab: int) -> tuple[float, int]:
+    nll, count = 0.0, 0
+    t = torch.tensor(ids)
+    for w in sliding_windows(len(ids), context, stride):
+        window = t[w.begin : w.end].unsqueeze(0)  # [1, T]
+        base_lp = torch.log_softmax(base(window).logits[0, :, :vocab].float(), -1)  # [T, V]
+        mem_lp = torch.log_softmax(mem(window).logits[0, :, :vocab].float(), -1)  # [T, V]
+        mixed = torch.logaddexp(math.log(alpha) + mem_lp, math.log1p(-alpha) + base_lp)  # [T, V]
+        first = w.score_from - w.begin - 1
+        targets = t[w.score_from : w.end]
+        nll -= mixed[first : first + w.num_scored].gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += w.num_scored
+    return nll, count
+
+
+def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, alphas: list[float]) -> dict:
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    text = sample_text("biomedical", tokens * 8)
+    ids = tok(text).input_ids[:tokens]
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    mem = AutoModelForCausalLM.from_pretrained(mem_dir).eval()
+    context = min(context, base.config.max_position_embeddings if hasattr(base.config, "max_position_embeddings") else context)
+    stride = context // 2
+    vocab = len(tok)
+    reference(base, mem, ids[: context * 2], context, stride, alphas[0], vocab)  # warm-up
+    t0 = time.perf_counter()
+    ref_nll, count = reference(base, mem, ids, context, stride, alphas[0], vocab)
+    t_ref = time.perf_counter() - t0
+    logs = Path(tempfile.mkdtemp(prefix="memdec-ppl-"))
+    with serve(["--model", base_dir, "--memory", f"mem={mem_dir}"], logs / "server.log") as server:
+        body = {"memory": "mem", "input": ids, "context_length": context, "stride": stride}
+        httpx.post(server.url + "/v1/perplexity", json={**body, "input": ids[: context * 2], "alpha": alphas[0]}, timeout=600)
+        t0 = time.perf_counter()
+        one = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas[0]}, timeout=600).json()
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grid = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas}, timeout=600).json()
+        t_grid = time.perf_counter() - t0
+    got = one["data"][0]
+    memdec_nll = got["nll"] * got["num_tokens"]
+    row = {
+        "models": label,
+        "tokens": count,
+        "context": context,
+        "stride": stride,
+        "reference_tok_s": count / t_ref,
+        "memdec_tok_s": count / t_one,
+        "speedup": t_ref / t_one,
+        "alpha_grid": alphas,
+        "speedup_alpha_grid": t_ref * len(alphas) / t_grid,
+        "reference_nll": ref_nll,
+        "memdec_nll": memdec_nll,
+        "relative_difference": abs(memdec_nll - ref_nll) / abs(ref_nll),
+        "grid_first_alpha_nll": grid["data"][0]["alphas"][0]["nll"] * grid["data"][0]["num_tokens"],
+    }
+    print(
+        f"{label:>5}: {count} tokens, context {context}, stride {stride}: reference {row['reference_tok_s']:8.1f} tok/s, "
+        f"memdec {row['memdec_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x; α grid of {len(alphas)}: {row['speedup_alpha_grid']:.2f}x); "
+        f"relative NLL difference {row['relative_difference']:.2e}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,demo")
+    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--alphas", default="0.2,0.4,0.6,0.8")
+    args = parser.parse_args()
+    alphas = [float(a) for a in args.alphas.split(",")]
+    rows = []
+    for label in args.models.split(","):
+        if label == "demo":
+            if not (DEMO / "base").is_dir():
+                print("demo models not present: skipped")
+                continue
+            mem = str(sorted((DEMO / "memories").iterdir())[0])
+            rows.append(bench("demo", str(DEMO / "base"), mem, args.tokens, args.context, alphas))
+        else:
+            paths = tiny_models(label)
+            rows.append(bench(label, str(paths["base"]), str(paths["memory"]), args.tokens, args.context, alphas))
+    print(f"wrote {write_result('perplexity', {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
