@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.memdec-installed
 # No GPU here: take the CPU torch wheel (a bare `torch` resolves to a multi-GB CUDA build).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -rs
 SERVE_ARGS ?=
 
 .PHONY: install test lint serve clean

@@ -23,6 +23,7 @@ from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_toke
 
 log = logging.getLogger(__name__)
 
+RESERVED_NAMES = frozenset({"none", "other"})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -63,6 +64,8 @@ class MemoryRegistry:
         """Validate and load a memory directory. Blocking (disk and device copy): call off the event loop."""
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise MemoryLoadError(f"invalid memory name {name!r}: use letters, digits, '-', '_' or '.'", param="name")
+        if name in RESERVED_NAMES:
+            raise MemoryLoadError(f"memory name {name!r} is reserved (metrics label for the base alone / overflow)", param="name")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise MemoryLoadError(f"alpha must be in [0, 1], got {alpha}", param="alpha")
         with self._lock:

@@ -257,3 +257,10 @@ def test_cuda_streams_path_matches_cpu_reference(zoo):
         got[list(ids_)] = torch.tensor(vals)
         assert (got - ref).abs().max().item() < 1e-3
         context.append(lp.token_id)
+
+
+def test_reserved_and_invalid_memory_names_refused(setup, zoo):
+    _, registry = setup
+    for name in ("none", "other", "a b", "", "../x"):
+        with pytest.raises(MemoryLoadError):
+            registry.load(name, str(zoo.mem_gpt2))
