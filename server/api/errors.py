@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.api.schemas import PROMPT_DOC
 from server.errors import InvalidRequestError, MemdecError
@@ -30,6 +31,7 @@ _EXPECTED = {
     "stop": "a string or a list of strings",
     "alpha": "a number in [0, 1] (or, for perplexity, a list of such numbers)",
 }
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -114,23 +116,36 @@ def as_memdec_error(exc: BaseException) -> MemdecError:
     return MemdecError("internal server error", code="internal_error")
 
 
-def _http_exception(exc: StarletteHTTPException) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method the path supports. Starlette's 405 names only the first route that matched the path,
+    but one path may have several routes (GET and POST /v1/memories), and `Allow` must list them all."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    headers = exc.headers
     if exc.status_code == 404:
         message = "no such endpoint"
     elif exc.status_code == 405:
         message = "method not allowed on this endpoint"
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
     type_ = _STATUS_TYPES.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "invalid_request_error")
-    return JSONResponse(error_body(message, type_), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(message, type_), status_code=exc.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_memdec(_: Request, exc: Exception) -> JSONResponse:
         return error_response(as_memdec_error(exc))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return _http_exception(exc)
+        return _http_exception(request, exc)
 
     app.add_exception_handler(MemdecError, on_memdec)
     app.add_exception_handler(RequestValidationError, on_memdec)

@@ -1,10 +1,11 @@
-"""Confine memory paths given over HTTP to --memory-root (no '..', no symlink escapes)."""
+"""Memory paths given over HTTP: confined to --memory-root (no '..', no symlink escapes) and usable."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePath
 
-from server.errors import PermissionDeniedError
+from server.errors import MemoryLoadError, PermissionDeniedError
 
 
 def confine(path: str, root: Path | None) -> str:
@@ -27,3 +28,16 @@ def confine(path: str, root: Path | None) -> str:
             "memory path lies outside the server's --memory-root", param="path", code="path_not_allowed"
         )
     return str(resolved)
+
+
+def check_lookup(path: str) -> None:
+    """Refuse, as the client's mistake, a path the OS cannot even look up (a NUL byte, a name too long, a
+    symlink loop, no permission), so that such an OSError never surfaces as a 500. A path that does not
+    exist passes: the registry explains that it is not a memory directory."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MemoryLoadError(f"memory path cannot be used: {reason}", param="path", code="invalid_path") from None

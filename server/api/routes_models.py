@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import check_admin_key, check_api_key
-from server.api.paths import confine
+from server.api.paths import check_lookup, confine
 from server.api.schemas import MemoryDeleted, MemoryLoadBody, ModelCard, ModelList
 from server.api.state import ServingState
 from server.errors import ConflictError, NotFoundError
@@ -85,6 +85,7 @@ async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
     assert state.registry is not None
     with state.counting_load():
         path = confine(body.path, state.config.memory_root)
+        check_lookup(path)
         if body.name == state.served_model_name:
             raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
         info = await asyncio.to_thread(state.registry.load, body.name, path, body.alpha)
