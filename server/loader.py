@@ -71,13 +71,13 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
     return frozenset(ids)
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
-
-
 def _check_exists(path: str) -> None:
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
-        raise ModelLoadError(f"model directory {path!r} does not exist")
+    try:
+        local = path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+        if local and not Path(path).expanduser().is_dir():
+            raise ModelLoadError(f"model directory {path!r} does not exist")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model path {path[:200]!r} cannot be used: {exc}") from exc
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -86,7 +86,11 @@ class MemoryRegistry:
 
     def _load_entry(self, name: str, path: str, alpha: float | None) -> _Entry:
         directory = Path(path)
-        if not directory.is_dir():
+        try:
+            is_dir = directory.is_dir()
+        except (OSError, ValueError) as exc:  # name too long, NUL byte, …: the client's path is unusable
+            raise MemoryLoadError(f"memory path {path[:200]!r} cannot be used: {exc}", param="path") from exc
+        if not is_dir:
             raise MemoryLoadError(f"memory path {path!r} is not a directory", param="path")
         try:
             manifest = read_manifest(directory)
