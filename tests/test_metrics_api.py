@@ -25,8 +25,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
+from tests.server_process import serve
 from tests.test_api_harness import InProcessServer, assert_error, load_hf, sse_events
-from tests.test_e2e_server import serve
 
 PROMPT = "The patient was given a dose of"
 OTHER = "Once upon a time"

@@ -33,8 +33,8 @@ from server.config import ModelConfig, ServerConfig
 from server.errors import MemoryLoadError
 from server.loader import load_base
 from server.registry import MemoryRegistry
+from tests.server_process import serve
 from tests.test_api_harness import InProcessServer, assert_error
-from tests.test_e2e_server import serve
 
 ADMIN_KEY = "fuzz-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the admin key opens every endpoint
@@ -105,8 +105,6 @@ def test_memory_paths_the_os_cannot_look_up_are_400(zoo, path):
         assert s.get("/v1/memories").json()["data"] == []
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="engine bug, reported: MemoryRegistry.load lets the "
-                   "OSError of Path.is_dir (ENAMETOOLONG) escape instead of a MemoryLoadError")  # fmt: skip
 def test_registry_refuses_an_unusable_path_with_a_load_error(zoo):
     registry = MemoryRegistry(load_base(ModelConfig(str(zoo.base))))
     with pytest.raises(MemoryLoadError):
