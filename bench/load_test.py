@@ -1,7 +1,7 @@
 """Load test: concurrent streaming clients, random disconnects and memory hot-swaps against a real server.
 
     python -m bench.load_test [--clients 32] [--requests 1000] [--max-tokens 64] [--disconnect 0.2]
-                              [--perplexity 0.1] [--max-num-seqs 16] [--max-queue 32] [--swap-pause 0.2]
+                              [--perplexity 0.1] [--max-num-seqs 16] [--max-queue 16] [--swap-pause 0.2]
                               [--models tiny|small] [--seed 0] [--max-rss-growth-mb 32] [--json PATH]
 
 It starts `memdec serve` as a real process on tiny models built from configs (a base and one memory
@@ -53,7 +53,7 @@ from tests.tiny_models import sample_text
 ADMIN_KEY = "load-test-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MEMORIES = (None, "mem", "swap")
-HANG_UP_TOKENS = 400  # max_tokens of the streams a client will leave (the tiny models' context is 512)
+HANG_UP_TOKENS = 300  # max_tokens of the streams a client will leave (+ a prompt of <= ~150 tokens < 512)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LoadConfig:
     disconnect: float = 0.2  # fraction of streams the client hangs up on
     perplexity: float = 0.1  # fraction of requests that are /v1/perplexity
     max_num_seqs: int = 16
-    max_queue: int = 32
+    max_queue: int = 16
     swap_pause: float = 0.2  # seconds `swap` stays loaded, then unloaded, per cycle
     models: str = "tiny"
     seed: int = 0
