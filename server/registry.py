@@ -69,7 +69,17 @@ class MemoryRegistry:
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise MemoryLoadError(f"alpha must be in [0, 1], got {alpha}", param="alpha")
         with self._lock:
-            if name in self._entries or name in self._loading:
+            existing = self._entries.get(name)
+            if existing is not None and existing.retiring:
+                exc = ConflictError(
+                    f"memory {name!r} is being unloaded; {existing.users} request(s) still use it. "
+                    "Retry when they finish.",
+                    param="name",
+                    code="memory_unloading",
+                )
+                exc.retry_after = 1  # type: ignore[attr-defined]
+                raise exc
+            if existing is not None or name in self._loading:
                 raise ConflictError(f"a memory named {name!r} is already loaded", param="name")
             self._loading.add(name)
         try:

@@ -10,7 +10,7 @@ import torch
 
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
-from server.errors import InvalidRequestError, MemoryLoadError, NotFoundError
+from server.errors import ConflictError, InvalidRequestError, MemoryLoadError, NotFoundError
 from server.loader import load_base
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
@@ -264,3 +264,16 @@ def test_reserved_and_invalid_memory_names_refused(setup, zoo):
     for name in ("none", "other", "a b", "", "../x"):
         with pytest.raises(MemoryLoadError):
             registry.load(name, str(zoo.mem_gpt2))
+
+
+def test_reload_while_draining_says_retry(setup, zoo):
+    base, _ = setup
+    registry = MemoryRegistry(base)
+    registry.load("med", str(zoo.mem_llama))
+    registry.acquire("med")
+    registry.unload("med")
+    with pytest.raises(ConflictError, match="being unloaded") as err:
+        registry.load("med", str(zoo.mem_llama))
+    assert err.value.retry_after == 1
+    registry.release("med")
+    assert registry.load("med", str(zoo.mem_llama)).name == "med"
