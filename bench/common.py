@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,6 +47,20 @@ def tiny_models(size: str = "tiny") -> dict[str, Path]:
         base = build_model(root / "base", tok, "llama", hidden=512, layers=8, max_len=1024, seed=1)
         mem = build_memory(root / "mem", tok, "mem", "qwen2", hidden=256, layers=4, max_len=1024, seed=3)
     return {"base": base, "memory": mem}
+
+
+def model_sets(labels: str) -> Iterator[tuple[str, str, str]]:
+    """(label, base dir, memory dir) for each comma-separated label: `tiny`/`small` are built on the
+    spot from configs, `demo` is the shipped demo (its first memory), skipped when absent."""
+    for label in labels.split(","):
+        if label == "demo":
+            if not (DEMO / "base").is_dir():
+                print("demo models not present: skipped")
+                continue
+            yield label, str(DEMO / "base"), str(sorted((DEMO / "memories").iterdir())[0])
+        else:
+            paths = tiny_models(label)
+            yield label, str(paths["base"]), str(paths["memory"])
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:

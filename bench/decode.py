@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import DEMO, tiny_models, write_result
+from bench.common import model_sets, write_result
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -100,16 +100,8 @@ def main() -> None:
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch.split(",")]
     rows = []
-    for label in args.models.split(","):
-        if label == "demo":
-            if not (DEMO / "base").is_dir():
-                print("demo models not present: skipped")
-                continue
-            mem = sorted((DEMO / "memories").iterdir())[0]
-            rows += bench_models("demo", str(DEMO / "base"), str(mem), batches, args.tokens, args.repeats)
-        else:
-            paths = tiny_models(label)
-            rows += bench_models(label, str(paths["base"]), str(paths["memory"]), batches, args.tokens, args.repeats)
+    for label, base, memory in model_sets(args.models):
+        rows += bench_models(label, base, memory, batches, args.tokens, args.repeats)
     path = write_result("decode", {"tokens_per_sequence": args.tokens, "rows": rows})
     print(f"wrote {path}")
 

@@ -21,7 +21,7 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import DEMO, tiny_models, write_result
+from bench.common import model_sets, write_result
 from memories.perplexity import sliding_windows
 from tests.server_process import serve
 from tests.tiny_models import sample_text
@@ -101,16 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     rows = []
-    for label in args.models.split(","):
-        if label == "demo":
-            if not (DEMO / "base").is_dir():
-                print("demo models not present: skipped")
-                continue
-            mem = str(sorted((DEMO / "memories").iterdir())[0])
-            rows.append(bench("demo", str(DEMO / "base"), mem, args.tokens, args.context, alphas))
-        else:
-            paths = tiny_models(label)
-            rows.append(bench(label, str(paths["base"]), str(paths["memory"]), args.tokens, args.context, alphas))
+    for label, base, memory in model_sets(args.models):
+        rows.append(bench(label, base, memory, args.tokens, args.context, alphas))
     print(f"wrote {write_result('perplexity', {'rows': rows})}")
 
 

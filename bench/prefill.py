@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from bench.common import DEMO, tiny_models, write_result
+from bench.common import model_sets, write_result
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -68,16 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     rows = []
-    for label in args.models.split(","):
-        if label == "demo":
-            if not (DEMO / "base").is_dir():
-                print("demo models not present: skipped")
-                continue
-            mem = sorted((DEMO / "memories").iterdir())[0]
-            rows.append(bench("demo", str(DEMO / "base"), str(mem), args.prompt, args.repeats))
-        else:
-            paths = tiny_models(label)
-            rows.append(bench(label, str(paths["base"]), str(paths["memory"]), args.prompt, args.repeats))
+    for label, base, memory in model_sets(args.models):
+        rows.append(bench(label, base, memory, args.prompt, args.repeats))
     print(f"wrote {write_result('prefill', {'rows': rows})}")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import DEMO, tiny_models, write_result
+from bench.common import model_sets, write_result
 from tests.server_process import serve
 from tests.tiny_models import sample_text
 
@@ -156,16 +156,8 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
-    for label in args.models.split(","):
-        if label == "demo":
-            if not (DEMO / "base").is_dir():
-                print("demo models not present: skipped")
-                continue
-            mem = str(sorted((DEMO / "memories").iterdir())[0])
-            rows += run_models("demo", str(DEMO / "base"), mem, levels, args.requests_per_client, args.max_tokens)
-        else:
-            paths = tiny_models(label)
-            rows += run_models(label, str(paths["base"]), str(paths["memory"]), levels, args.requests_per_client, args.max_tokens)
+    for label, base, memory in model_sets(args.models):
+        rows += run_models(label, base, memory, levels, args.requests_per_client, args.max_tokens)
     summary = {}
     for label in {r["models"] for r in rows}:
         for c in levels:

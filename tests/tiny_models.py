@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -21,8 +20,8 @@ from transformers import (
 )
 
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
+from memories.tokenizer import train_tokenizer
 
-EOS = "<|endoftext|>"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 _FALLBACK_TEXT = (
@@ -43,21 +42,11 @@ def sample_text(domain: str = "general", max_chars: int = 60_000) -> str:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384, text: str | None = None) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = text if text is not None else sample_text("general", 40_000)
-    tok.train_from_iterator(text.splitlines(), trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    """The toolkit's byte-level BPE trainer on a small text (the shared corpus slice by default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)
-    return hf
+    corpus = out_dir.parent / f"{out_dir.name}.corpus.txt"
+    corpus.write_text(text if text is not None else sample_text("general", 40_000), encoding="utf-8")
+    return train_tokenizer(corpus, out_dir, vocab_size=vocab_size, progress=False)
 
 
 def _config(arch: str, vocab_size: int, eos_id: int, max_len: int, hidden: int, layers: int):
