@@ -29,3 +29,8 @@ serve: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Rebuild demo/ (tokenizer, base, base-small, memories) from ../shared/data; work files go to ../runs/demo-recipe.
+.PHONY: demo-models
+demo-models: $(STAMP)
+	PY=$(abspath $(PY)) MEMDEC=$(abspath $(VENV))/bin/memdec demo/recipe.sh

@@ -21,6 +21,43 @@ from server.config import DTYPES, EngineConfig, MemorySpec, ModelConfig, ServerC
 
 log = logging.getLogger("memdec")
 
+DEMO_ENV = "MEMDEC_DEMO_DIR"
+
+
+class DemoNotFoundError(ValueError):
+    """`memdec serve` got no --model and there is no demo to fall back on."""
+
+
+def find_demo(environ: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+    """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold base/."""
+    environ = os.environ if environ is None else environ
+    configured = environ.get(DEMO_ENV)
+    root = Path(configured) if configured else (cwd or Path.cwd()) / "demo"
+    if not (root / "base" / "config.json").is_file():
+        where = f"{DEMO_ENV}={configured}" if configured else f"{root} (./demo, no {DEMO_ENV} set)"
+        raise DemoNotFoundError(
+            f"no --model given and no demo model at {where}; pass --model DIR_OR_HUB_ID, or point {DEMO_ENV} "
+            "at a directory holding base/ and memories/<name>/ (`make demo-models` builds one)"
+        )
+    return root.resolve()
+
+
+def demo_memories(root: Path) -> list[MemorySpec]:
+    """Every memory directory (one with a memdec.json) under <demo>/memories, by name; α from its manifest."""
+    mem_dir = root / "memories"
+    if not mem_dir.is_dir():
+        return []
+    return [MemorySpec(name=p.name, path=str(p)) for p in sorted(mem_dir.iterdir()) if (p / "memdec.json").is_file()]
+
+
+def apply_demo_defaults(args: argparse.Namespace) -> None:
+    """Zero-flag `memdec serve`: without --model, serve the demo's base and all its memories (before any --memory)."""
+    if args.model is not None:
+        return
+    root = find_demo()
+    args.model = str(root / "base")
+    args.memory = [*demo_memories(root), *args.memory]
+
 
 def parse_memory_spec(text: str) -> MemorySpec:
     """NAME=PATH or NAME=PATH:ALPHA (a trailing ':number' is the alpha; other colons stay in the path)."""
@@ -68,7 +105,9 @@ def add_serve_parser(subparsers: Any) -> None:
         help="serve a base model and its memories over an OpenAI-compatible HTTP API",
         description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
     )
-    p.add_argument("--model", required=True, help="base model: local HF directory or hub id (safetensors only)")
+    p.add_argument("--model", default=None,
+                   help="base model: local HF directory or hub id (safetensors only); default: the demo, "
+                        f"${DEMO_ENV} or ./demo (its base/ and every memory under memories/)")
     p.add_argument(
         "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=PATH[:ALPHA]",
         help="load a memory at start-up (repeatable); ALPHA overrides its manifest's default",
@@ -118,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    apply_demo_defaults(args)
     memory_root = args.memory_root.resolve() if args.memory_root is not None else None
     return ServerConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
@@ -208,7 +248,13 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            apply_demo_defaults(args)
+        except DemoNotFoundError as exc:
+            parser.error(str(exc))  # exit 2, as a missing required flag would
     # Per-load progress bars would flood server logs (hot-loads included); our own CLI work has tqdm.
     from transformers.utils import logging as hf_logging
 

@@ -63,7 +63,7 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [
-    ["serve"],  # --model is required
+    ["serve"],  # no --model and no demo (MEMDEC_DEMO_DIR points nowhere below)
     ["serve", "--model", "m", "--port", "70000"],
     ["serve", "--model", "m", "--max-num-seqs", "0"],
     ["serve", "--model", "m", "--dtype", "int8"],
@@ -71,7 +71,8 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
     ["serve", "--model", "m", "--shutdown-timeout", "-1"],
     [],
 ])  # fmt: skip
-def test_bad_arguments_exit_2(argv, capsys):
+def test_bad_arguments_exit_2(argv, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMDEC_DEMO_DIR", str(tmp_path / "no-demo"))  # else `serve` alone serves ./demo
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
