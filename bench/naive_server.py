@@ -25,7 +25,9 @@ class Completion(BaseModel):
 
 def create_app(model_dir: str) -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    # float32 as memdec uses on a CPU: the demo ships float16 weights, which CPUs run far slower.
+    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype).eval()
     app = FastAPI()
 
     @app.get("/ready")

@@ -47,8 +47,9 @@ def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, al
     tok = AutoTokenizer.from_pretrained(base_dir)
     text = sample_text("biomedical", tokens * 8)
     ids = tok(text).input_ids[:tokens]
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    mem = AutoModelForCausalLM.from_pretrained(mem_dir).eval()
+    # float32 as memdec uses on a CPU (the demo ships float16 weights, which CPUs run far slower).
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    mem = AutoModelForCausalLM.from_pretrained(mem_dir, dtype=torch.float32).eval()
     context = min(context, base.config.max_position_embeddings if hasattr(base.config, "max_position_embeddings") else context)
     stride = context // 2
     vocab = len(tok)
