@@ -45,8 +45,9 @@ class IncrementalDetokenizer:
         self.read_offset = len(prompt)
 
     def step(self, all_ids: list[int]) -> str:
-        prefix = self.tokenizer.decode(all_ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(all_ids[self.prefix_offset :])
+        # Special tokens (EOS) end a completion; like vLLM's default, they are not part of its text.
+        prefix = self.tokenizer.decode(all_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(all_ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(all_ids)
             return full[len(prefix) :]

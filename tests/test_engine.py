@@ -14,6 +14,7 @@ from server.errors import ConflictError, InvalidRequestError, MemoryLoadError, N
 from server.loader import load_base
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
+from server.sequence import IncrementalDetokenizer
 from tests.engine_helpers import logprobs_of, reference_logp, run, tokens_of
 
 
@@ -277,3 +278,14 @@ def test_reload_while_draining_says_retry(setup, zoo):
     assert err.value.retry_after == 1
     registry.release("med")
     assert registry.load("med", str(zoo.mem_llama)).name == "med"
+
+
+def test_eos_ends_the_text_without_appearing_in_it(setup):
+    base, _ = setup
+    tok = base.tokenizer
+    ids = list(prompt(base, "Once upon a time"))
+    detok = IncrementalDetokenizer(tok, ids)
+    words = list(prompt(base, " there was"))
+    text = "".join(detok.step(ids + words[: i + 1]) for i in range(len(words)))
+    assert text == " there was"
+    assert detok.step(ids + words + [min(base.eos_token_ids)]) == ""  # vLLM's skip_special_tokens default
