@@ -14,7 +14,7 @@ import torch
 
 from memories.mixing import mix_logprobs
 from server.config import EngineConfig
-from server.errors import InvalidRequestError, NotFoundError
+from server.errors import InvalidRequestError
 from server.loader import LoadedModel
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
@@ -228,13 +228,6 @@ class Engine:
             seq.finish(FinishReason.ERROR, error=message)
         self.runner.reset()
         return self._retire(seqs)
-
-    def memory_for(self, name: str | None) -> LoadedModel | None:
-        if name is None:
-            return None
-        if name not in self.registry:
-            raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
-        return self.registry.acquire(name)
 
 
 def _prompt_logprobs(lp: torch.Tensor, prompt: list[int], n: int) -> tuple[TokenLogprob | None, ...]:
