@@ -78,6 +78,7 @@ class BatchCache:
         self.cache: DynamicCache | None = None
         self.seq_ids: list[int] = []
         self.lengths: list[int] = []
+        self._rows: dict[int, int] | None = None  # seq_id -> row, rebuilt after the rows change
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -87,10 +88,14 @@ class BatchCache:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
     def row_of(self, seq_id: int) -> int:
-        return self.seq_ids.index(seq_id)
+        # A dict, not list.index: the decode step asks for every row, O(B) instead of O(B²).
+        if self._rows is None:
+            self._rows = {s: i for i, s in enumerate(self.seq_ids)}
+        return self._rows[seq_id]
 
     def add(self, seq_ids: list[int], cache: DynamicCache, lengths: list[int]) -> None:
         """Append the rows of a freshly prefilled, right-aligned cache."""
+        self._rows = None
         if self.cache is None or not self.seq_ids:
             _set_layer_tensors(cache, _layer_tensors(cache))
             self.cache, self.seq_ids, self.lengths = cache, list(seq_ids), list(lengths)
@@ -108,6 +113,7 @@ class BatchCache:
         keep = [i for i, s in enumerate(self.seq_ids) if s not in seq_ids]
         if len(keep) == len(self.seq_ids):
             return
+        self._rows = None
         if not keep:
             self.cache, self.seq_ids, self.lengths = None, [], []
             return
