@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from memories.models import resolve_device, resolve_dtype
 from server.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,11 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+def _device(device: str) -> torch.device:
+    try:
+        return resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _context_length(config, cap: int | None) -> int:
@@ -128,7 +119,7 @@ def load_causal_lm(
 
 
 def load_base(cfg: ModelConfig, max_model_len: int | None = None) -> LoadedModel:
-    device = resolve_device(cfg.device)
+    device = _device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.model)
     loaded = load_causal_lm(cfg.model, device, dtype, tokenizer, max_model_len)
