@@ -183,6 +183,29 @@ def build() -> dict[str, Any]:
         unit="s", w=12, h=9,
     )  # fmt: skip
 
+    lay.row("KV cache and CUDA graphs")
+    lay.panel(
+        "KV cache usage",
+        [{"expr": f"max(memdec_kv_cache_usage_perc{{{SEL}}})", "legendFormat": "pages in use"}],
+        unit="percentunit",
+        description="Pages of the one KV arena the base and every memory share. Near 1, new requests wait "
+        "and running ones may be preempted.",
+    )  # fmt: skip
+    lay.panel(
+        "Preemptions/s",
+        [{"expr": f"sum(rate(memdec_num_preemptions_total{{{SEL}}}[{RATE}]))", "legendFormat": "preempted"}],
+        unit="short",
+        description="Sequences whose pages were freed to let others decode; they are recomputed later.",
+    )  # fmt: skip
+    lay.panel(
+        "CUDA graph capture time",
+        [{"expr": f'max by (memory) (memdec_cuda_graph_capture_seconds{{{SEL}, memory=~"$memory"}})',
+          "legendFormat": "{{memory}}"}],
+        unit="s",
+        description="Seconds to capture each model's decode graphs (memory=none is the base), at start-up "
+        "or when a memory was loaded; 0 when eager (CPU, --enforce-eager).",
+    )  # fmt: skip
+
     lay.row("Memories and perplexity")
     lay.panel(
         "Memory loads",

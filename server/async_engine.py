@@ -1,7 +1,8 @@
 """The engine on its own thread, with an asyncio face.
 
-Requests, aborts and perplexity jobs enter through a thread-safe inbox; outputs go back to each
-caller's event loop with `call_soon_threadsafe`. The event loop never runs a model.
+Requests, aborts, perplexity jobs and memory preparation enter through a thread-safe inbox; token
+deltas go back to each caller's event loop with `call_soon_threadsafe`, where the request's
+`OutputProcessor` turns them into text. The event loop never runs a model.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from server.config import EngineConfig
-from server.engine import Engine, EngineObserver
+from server.engine import Engine, EngineObserver, StepResult
 from server.errors import EngineDeadError, MemdecError, QueueFullError, ServiceUnavailableError
 from server.loader import LoadedModel
-from server.perplexity import resolve_windows, run_perplexity, validate
-from server.registry import MemoryRegistry
-from server.request import GenerationRequest, PerplexityRequest, PerplexityResult, RequestOutput
+from server.output import OutputProcessor
+from server.perplexity import resolve_windows, validate
+from server.registry import MemoryInfo, MemoryRegistry
+from server.request import (
+    EngineOutput,
+    FinishReason,
+    GenerationRequest,
+    PerplexityRequest,
+    PerplexityResult,
+    RequestOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +40,6 @@ log = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-
-@dataclass
-class _PerplexityJob:
-    request: PerplexityRequest
-    future: concurrent.futures.Future
-    steps: Iterator[PerplexityResult | None] | None = None
-    memory_name: str | None = None
 
 
 class AsyncEngine:
@@ -60,7 +60,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet taken from the inbox
-        self._jobs: deque[_PerplexityJob] = deque()
+        self._jobs: dict[str, concurrent.futures.Future] = {}  # perplexity jobs by request id (engine thread)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._admitting = True
@@ -105,11 +105,30 @@ class AsyncEngine:
         if self.num_waiting >= self.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.max_queue}); retry later", retry_after=1)
 
+    # -- memories ------------------------------------------------------------------------------------
+    async def load_memory(self, name: str, path: str, alpha: float | None = None) -> MemoryInfo:
+        """Load a memory (a worker thread) and ready it for serving (the engine thread) before it is visible."""
+        return await asyncio.to_thread(self.registry.load, name, path, alpha, self._prepare)
+
+    def unload_memory(self, name: str) -> None:
+        self.registry.unload(name)  # frees at once when unused, else when its last request ends
+        self._inbox.put(("sweep", None))
+
+    def _prepare(self, name: str, memory: LoadedModel) -> None:
+        """Capture graphs on the engine thread, between steps (a capture must not race the engine's kernels)."""
+        if not self.is_alive:
+            self.engine.prepare_memory(name, memory)
+            return
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (lambda: self.engine.prepare_memory(name, memory), done)))
+        done.result()
+
     # -- requests ------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output deltas; abort it in the engine if the consumer goes away."""
+        """Yield the request's output deltas (with text); abort it in the engine if the consumer goes away."""
         self._check_accepting()
         self.engine.validate(request)
+        processor = OutputProcessor(request, self.base.tokenizer)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request.request_id in self._streams:
@@ -124,8 +143,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                yield item
-                if item.finished:
+                out = processor.process(item)
+                if out is None:
+                    continue
+                if processor.stopped is not None:  # a stop string: the engine still runs it
+                    self.abort(request.request_id, FinishReason.STOP)
+                    finished = True
+                yield out
+                if out.finished:
                     finished = True
                     return
         finally:
@@ -134,8 +159,8 @@ class AsyncEngine:
             if not finished:
                 self.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        self._inbox.put(("abort", (request_id, reason)))
 
     async def perplexity(self, request: PerplexityRequest) -> PerplexityResult:
         self._check_accepting()
@@ -145,21 +170,20 @@ class AsyncEngine:
             max_len = min(max_len, self.registry.get(request.memory).max_model_len)
         resolve_windows(request, max_len)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("perplexity", _PerplexityJob(request, future)))
+        self._inbox.put(("perplexity", (request, future)))
         try:
             return await asyncio.wrap_future(future)
         finally:
-            future.cancel()  # a client gone mid-job stops the work at the next window
+            future.cancel()  # a client gone mid-job stops the work at its next step
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not (self.engine.has_unfinished() or self._jobs))
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                self._drop_abandoned_jobs()
                 if self.engine.has_unfinished():
                     self._step()
-                if self._jobs:
-                    self._advance_job()
                 if self.observer is not None:
                     self.observer.on_queue(self.num_running, self.num_waiting)
         except BaseException as exc:  # noqa: BLE001 - anything here means the loop is gone: tell everyone
@@ -171,11 +195,11 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            result = self.engine.step()
         except Exception as exc:  # a bug in one step fails that step's requests, not the server
             log.exception("engine step failed")
-            outputs = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-        self._dispatch(outputs)
+            result = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        self._dispatch(result)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -189,11 +213,19 @@ class AsyncEngine:
                     self._queued -= 1
                 self._add(item)
             elif kind == "abort":
-                out = self.engine.abort_request(item)
+                out = self.engine.abort_request(*item)
                 if out is not None:
-                    self._dispatch([out])
+                    self._deliver(out.request_id, out)
             elif kind == "perplexity":
-                self._jobs.append(item)
+                self._add_job(*item)
+            elif kind == "call":
+                fn, done = item
+                try:
+                    done.set_result(fn())
+                except Exception as exc:  # the caller (a memory load) reports it
+                    done.set_exception(exc)
+            elif kind == "sweep":
+                self.engine.sweep_memories()
 
     def _add(self, request: GenerationRequest) -> None:
         try:
@@ -201,7 +233,22 @@ class AsyncEngine:
         except MemdecError as exc:  # e.g. the memory was unloaded after validation
             self._deliver(request.request_id, exc)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _add_job(self, request: PerplexityRequest, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            return
+        try:
+            self.engine.add_perplexity(request)
+        except Exception as exc:  # noqa: BLE001 - the job's own failure goes to its caller
+            future.set_exception(exc)
+            return
+        self._jobs[request.request_id] = future
+
+    def _drop_abandoned_jobs(self) -> None:
+        for rid in [rid for rid, f in self._jobs.items() if f.cancelled()]:
+            self.engine.abort_job(rid)
+            del self._jobs[rid]
+
+    def _deliver(self, request_id: str, item: EngineOutput | BaseException) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is None:
@@ -209,39 +256,17 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    def _dispatch(self, result: StepResult) -> None:
+        for out in result.outputs:
             self._deliver(out.request_id, out)
-
-    def _advance_job(self) -> None:
-        job = self._jobs[0]
-        try:
-            if job.future.cancelled():
-                self._finish_job(job)
-                return
-            if job.steps is None:
-                memory = None
-                if job.request.memory is not None:
-                    memory = self.registry.acquire(job.request.memory)
-                    job.memory_name = job.request.memory
-                max_len = min(self.engine.max_model_len, memory.max_model_len if memory else self.engine.max_model_len)
-                context, stride = resolve_windows(job.request, max_len)
-                job.steps = run_perplexity(job.request, self.base, memory, context, stride)
-            result = next(job.steps)
-            if result is not None:
-                job.future.set_result(result)
-                self._finish_job(job)
-        except Exception as exc:  # the job's own failure: the engine goes on
-            if not job.future.done():
-                job.future.set_exception(exc)
-            self._finish_job(job)
-
-    def _finish_job(self, job: _PerplexityJob) -> None:
-        self._jobs.popleft()
-        job.steps = None
-        if job.memory_name is not None:
-            self.registry.release(job.memory_name)
-            job.memory_name = None
+        for job in result.jobs:
+            future = self._jobs.pop(job.request_id, None)
+            if future is None or future.done():
+                continue
+            if job.error is not None:
+                future.set_exception(job.error)
+            else:
+                future.set_result(job.result)
 
     def _fail_everything(self, error: MemdecError) -> None:
         """Free every sequence and job, then hand `error` itself to each waiting caller, so the API can
@@ -254,8 +279,7 @@ class AsyncEngine:
             streams = list(self._streams)
         for rid in streams:
             self._deliver(rid, error)
-        while self._jobs:
-            job = self._jobs[0]
-            if not job.future.done():
-                job.future.set_exception(error)
-            self._finish_job(job)
+        for future in self._jobs.values():
+            if not future.done():
+                future.set_exception(error)
+        self._jobs.clear()

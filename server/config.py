@@ -25,12 +25,22 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # prompt tokens admitted per prefill step (a longer prompt runs alone)
     max_model_len: int | None = None  # cap below the base model's own context
     use_cuda_streams: bool = True  # base and memory forwards on two streams when on CUDA
+    enforce_eager: bool = False  # no CUDA graphs (vLLM's flag): decode runs the same step eagerly
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory this process may use (vLLM's meaning)
+    num_gpu_blocks_override: int | None = None  # KV pages, instead of measuring (vLLM's flag; any device)
+    block_size: int = 16  # base tokens per KV page; memories fit as many tokens as the page's bytes allow
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError("num_gpu_blocks_override must be >= 2 (one page is scratch)")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,45 @@
-"""The synchronous engine: one `step()` = schedule → run both models → mix/sample → update.
+"""The synchronous engine: one `step()` = schedule → run the models → mix/sample → postprocess.
 
-It owns no thread; `AsyncEngine` drives it from one. Tests drive it directly, step by step.
+It owns no thread; `AsyncEngine` drives it from one. Tests drive it directly, step by step. It works
+on token ids only: text and stop strings are `server.output`'s business, off the engine thread.
+
+A decode step makes one host synchronisation, reading what the host needs (sampled tokens, their
+log-probs) in a single `fetch`. Everything else the device needs is already there: each slot's last
+token (written by the sampler), KV tables and lengths (updated in place), and the batch's per-row
+parameters (uploaded when the batch's membership changes, not every step).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from memories.mixing import mix_logprobs
 from server.config import EngineConfig
 from server.errors import InvalidRequestError
+from server.kv import KVGeometry
 from server.loader import LoadedModel
+from server.perplexity import PerplexityJob, resolve_windows
+from server.perplexity import validate as validate_perplexity
 from server.registry import MemoryRegistry
-from server.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
-from server.runner import ModelRunner, StepLogits
-from server.sampler import make_generator, sample, top_logprobs
-from server.scheduler import Scheduler
+from server.request import (
+    EngineOutput,
+    FinishReason,
+    GenerationRequest,
+    PerplexityRequest,
+    PerplexityResult,
+    TokenLogprob,
+)
+from server.runner import ModelRunner, RowBatch, StepLogits
+from server.sampler import sample, top_logprobs
+from server.scheduler import ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
+from server.transfer import fetch
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +52,46 @@ class StepStats:
     phases: dict[str, float]  # schedule, base_forward, memory_forward, mix_sample (seconds)
 
 
+@dataclass(frozen=True)
+class JobOutput:
+    """A finished perplexity job: its result, or the error that ended it."""
+
+    request_id: str
+    result: PerplexityResult | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    kind: StepKind
+    outputs: list[EngineOutput] = field(default_factory=list)
+    jobs: list[JobOutput] = field(default_factory=list)
+    stats: StepStats | None = None
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    free_pages: int
+    usable_pages: int
+    free_slots: int
+    num_slots: int
+
+
 class EngineObserver(Protocol):
     def on_step(self, stats: StepStats) -> None: ...
     def on_queue(self, running: int, waiting: int) -> None: ...
     def on_request_finished(self, seq: Sequence) -> None: ...
+    def on_kv_cache(self, usage: float, preemptions: int) -> None: ...
+    def on_graph_capture(self, model: str | None, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """What the host read back from one step."""
+
+    tokens: np.ndarray  # [B]
+    logprobs: dict[int, TokenLogprob]  # row -> the chosen token's log-prob and top alternatives
+    prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]]  # echo row -> per prompt token
 
 
 class Engine:
@@ -53,10 +107,41 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer
         self.max_model_len = min(base.max_model_len, self.config.max_model_len or base.max_model_len)
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(base, use_streams=self.config.use_cuda_streams)
+        self.runner = ModelRunner(base, self.config)
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv)
+        self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
+        if observer is not None:
+            observer.on_graph_capture(None, self.runner.models[None].capture_seconds)
+        for info in registry.list():  # memories loaded before the engine: capture their graphs now
+            self.prepare_memory(info.name, registry.loaded(info.name))
+
+    # -- memories --------------------------------------------------------------------------------
+    def prepare_memory(self, name: str, memory: LoadedModel) -> float:
+        """Give a memory its KV view and decode graphs (engine thread). Returns capture seconds."""
+        if self.runner.has_model(name, memory):
+            return 0.0
+        self.runner.remove_model(name)  # an earlier memory of the same name
+        seconds = self.runner.add_model(name, memory)
+        if self.observer is not None:
+            self.observer.on_graph_capture(name, seconds)
+        return seconds
+
+    def sweep_memories(self) -> None:
+        """Drop the runner's state (graphs, views, the model reference) of memories the registry freed."""
+        in_use = {s.memory_name for s in (*self.scheduler.running, *self.scheduler.waiting)}
+        in_use |= {job.memory_name for job in self.scheduler.jobs}
+        for key in [k for k in self.runner.models if k is not None]:
+            if key not in in_use and key not in self.registry:
+                self.runner.remove_model(key)
 
     # -- admission -------------------------------------------------------------------------------
+    def _tokens_per_page(self, memory: LoadedModel | None) -> list[int]:
+        """Tokens one KV page holds in each model a request uses."""
+        sizes = [self.runner.kv(None).block_size]
+        if memory is not None:
+            sizes.append(self.runner.pool.page_bytes // KVGeometry.of(memory.model.config, memory.dtype).token_bytes)
+        return sizes
+
     def validate(self, request: GenerationRequest) -> None:
         """Raise the client's mistake as a 4xx error; nothing is queued or acquired."""
         ids = request.prompt_token_ids
@@ -69,8 +154,11 @@ class Engine:
         if not 0.0 <= request.alpha <= 1.0:
             raise InvalidRequestError(f"alpha must be in [0, 1], got {request.alpha}", param="alpha")
         max_len = self.max_model_len
+        memory = None
         if request.memory is not None:
             max_len = min(max_len, self.registry.get(request.memory).max_model_len)
+            if request.alpha > 0.0:
+                memory = self.registry.loaded(request.memory)
         total = len(ids) + request.params.max_tokens
         if total > max_len:
             raise InvalidRequestError(
@@ -79,6 +167,16 @@ class Engine:
                 "Please reduce the length of the messages or completion.",
                 param="max_tokens",
                 code="context_length_exceeded",
+            )
+        pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memory))
+        if pages > self.runner.pool.num_usable:
+            raise InvalidRequestError(
+                f"This request needs {pages} KV cache pages ({total} tokens in the base"
+                f"{' and the memory' if memory is not None else ''}) but the whole cache has "
+                f"{self.runner.pool.num_usable}. Reduce the prompt or max_tokens, or give the server more "
+                "KV memory (--gpu-memory-utilization, --num-gpu-blocks-override).",
+                param="max_tokens",
+                code="kv_cache_too_small",
             )
         for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
             if n is not None and not 0 <= n <= vocab:
@@ -92,23 +190,60 @@ class Engine:
         memory = None
         if request.memory is not None and request.alpha > 0.0:
             memory = self.registry.acquire(request.memory)  # NotFoundError when unknown or retiring
-        seq = Sequence(
-            request,
-            memory,
-            self.base.tokenizer,
-            self.base.eos_token_ids,
-            self.max_model_len if memory is None else min(self.max_model_len, memory.max_model_len),
-            make_generator(request.params.seed, self.base.device),
-        )
+            try:
+                self.prepare_memory(request.memory, memory)  # normally done when it was loaded
+            except Exception:
+                self.registry.release(request.memory)
+                raise
+        max_len = self.max_model_len if memory is None else min(self.max_model_len, memory.max_model_len)
+        seq = Sequence(request, memory, self.base.eos_token_ids, max_len)
         self.scheduler.add(seq)
         return seq
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def add_perplexity(self, request: PerplexityRequest) -> PerplexityJob:
+        validate_perplexity(request, self.base.vocab_size)
+        memory = self.registry.acquire(request.memory) if request.memory is not None else None
+        try:
+            max_len = min(self.max_model_len, memory.max_model_len if memory else self.max_model_len)
+            context, stride = resolve_windows(request, max_len)
+            if memory is not None:
+                self.prepare_memory(request.memory, memory)  # type: ignore[arg-type]
+            job = PerplexityJob(request, self.base, memory, context, stride)
+        except Exception:
+            if request.memory is not None:
+                self.registry.release(request.memory)
+            raise
+        self.scheduler.add_job(job)
+        return job
+
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> EngineOutput | None:
+        """End a request early: ABORT (the client left) or STOP (a stop string matched downstream)."""
         seq = self.scheduler.find(request_id)
         if seq is None:
             return None
-        seq.finish(FinishReason.ABORT)
+        seq.finish(reason)
         return self._retire([seq])[0]
+
+    def abort_job(self, request_id: str) -> None:
+        for job in list(self.scheduler.jobs):
+            if job.request_id == request_id:
+                self._end_job(job)
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Forget what a running sequence generated after its first `num_tokens` tokens, in every cache.
+
+        O(1) per model (lengths and the pages past the new end); speculative decoding rolls rejected drafts back.
+        """
+        if seq.slot is None or seq.is_finished:
+            raise ValueError("only a running sequence can be rolled back")
+        seq.rollback(num_tokens)
+        for key in seq.model_keys:
+            self.runner.kv(key).truncate(seq.slot, num_tokens - 1)  # the last token is the next input, not cached
+        self.runner.set_last_token(seq.slot, seq.token_ids[-1])
+
+    def cache_usage(self) -> CacheUsage:
+        pool = self.runner.pool
+        return CacheUsage(pool.num_free, pool.num_usable, self.scheduler.num_free_slots, self.config.max_num_seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -122,121 +257,179 @@ class Engine:
         return len(self.scheduler.waiting)
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> StepResult:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        seqs = batch.seqs
-        if not seqs:
-            return []
+        if batch.kind is StepKind.IDLE:
+            return StepResult(batch.kind)
+        if batch.kind is StepKind.SCORE:
+            return self._score(batch)
+        is_prefill = batch.kind is StepKind.PREFILL
+        self.runner.flush()  # the scheduler's KV changes reach the device
+        rows = self._rows(batch)
         now = time.monotonic()
-        for seq in seqs:
+        for seq in rows.seqs:
             if seq.timings.scheduled is None:
                 seq.timings.scheduled = now
         t_sched = time.perf_counter() - t0
         try:
-            logits = self.runner.run(seqs, batch.is_prefill)
-        except Exception as exc:  # the base failed: every sequence of this step fails, the engine lives on
+            logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
+        except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
             log.exception("base forward failed")
-            return self._fail_step(seqs, batch.is_prefill, f"base forward failed: {type(exc).__name__}: {exc}")
+            self.runner.step_done()
+            return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
         t1 = time.perf_counter()
-        tokens, logprobs, prompt_lps = self._mix_and_sample(seqs, logits)  # ends with the host sync
+        sampled = self._mix_and_sample(rows, logits, is_prefill)  # ends with the step's one host sync
+        self.runner.step_done()
+        num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
+        outputs = self._postprocess(rows, logits, sampled, is_prefill)
+        stats = None
+        if self.observer is not None:
+            phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
+            stats = StepStats(is_prefill, len(rows.seqs), num_tokens, phases)
+            self.observer.on_step(stats)
+            self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
+        return StepResult(batch.kind, outputs, stats=stats)
+
+    def _rows(self, batch: ScheduledBatch) -> RowBatch:
+        """The device view of this step's rows; a decode batch is reused until membership changes."""
+        if batch.kind is StepKind.PREFILL:
+            return self.runner.make_batch(batch.seqs)
+        version = self.scheduler.version
+        if self._decode_batch is None or self._decode_batch[0] != version:
+            self._decode_batch = (version, self.runner.make_batch(batch.seqs))
+        return self._decode_batch[1]
+
+    def _mix_and_sample(self, rows: RowBatch, logits: StepLogits, is_prefill: bool) -> _Sampled:
+        logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
+        for g in rows.groups:
+            mem = logits.memories.get(g.name)
+            if mem is not None:
+                mixed = mix_logprobs(logp.index_select(0, g.rows_dev), torch.log_softmax(mem.float(), dim=-1), g.alpha)
+                logp.index_copy_(0, g.rows_dev, mixed)
+        # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
+        counter = self.runner.kv(None).lengths.index_select(0, rows.slots_dev)  # [B]
+        tokens = sample(logp, rows.sampling, counter)  # [B]
+        self.runner.tokens.index_copy_(0, rows.slots_dev, tokens)  # the next decode step's input
+        wanted: list[torch.Tensor] = [tokens]
+        if rows.logprob_rows:
+            lp = logp.index_select(0, rows.logprob_rows_dev)  # [W, V]
+            top_v, top_i = top_logprobs(lp, rows.num_top)  # [W, n]
+            chosen = lp.gather(-1, tokens.index_select(0, rows.logprob_rows_dev).unsqueeze(-1)).squeeze(-1)  # [W]
+            wanted += [chosen, top_v, top_i]
+        echo = self._prompt_logprob_tensors(rows, logits) if is_prefill else {}
+        for parts in echo.values():
+            wanted += parts
+        host = fetch(*wanted)  # the one host sync of the step
+        tok = host[0]
+        logprobs: dict[int, TokenLogprob] = {}
+        if rows.logprob_rows:
+            chosen_h, top_vh, top_ih = host[1:4]
+            for j, i in enumerate(rows.logprob_rows):
+                k = rows.seqs[i].params.logprobs or 0
+                top = tuple(zip(top_ih[j, :k].tolist(), top_vh[j, :k].tolist(), strict=True))
+                logprobs[i] = TokenLogprob(int(tok[i]), float(chosen_h[j]), top)
+        prompt: dict[int, tuple[TokenLogprob | None, ...]] = {}
+        at = 4 if rows.logprob_rows else 1
+        for i in echo:
+            chosen_h, top_vh, top_ih = host[at : at + 3]
+            at += 3
+            ids = rows.seqs[i].token_ids
+            prompt[i] = (None, *(
+                TokenLogprob(ids[t + 1], float(chosen_h[t]), tuple(zip(top_ih[t].tolist(), top_vh[t].tolist(), strict=True)))
+                for t in range(len(ids) - 1)
+            ))
+        return _Sampled(tok, logprobs, prompt)
+
+    def _prompt_logprob_tensors(self, rows: RowBatch, logits: StepLogits) -> dict[int, list[torch.Tensor]]:
+        """Echo rows: the mixed log-prob of each prompt token given the ones before it, and the top-n."""
+        out: dict[int, list[torch.Tensor]] = {}
+        alpha_of = {i: (g, j) for g in rows.groups for j, i in enumerate(g.rows)}
+        for i, by_model in logits.prompt.items():
+            if i in logits.failed:
+                continue
+            seq = rows.seqs[i]
+            lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
+            if i in alpha_of:
+                g, j = alpha_of[i]
+                lp = mix_logprobs(lp, torch.log_softmax(by_model[g.name].float(), dim=-1), g.alpha[j])
+            targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
+            chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]
+            top_v, top_i = top_logprobs(lp[:-1], seq.params.prompt_logprobs or 0)
+            out[i] = [chosen, top_v, top_i]
+        return out
+
+    def _postprocess(self, rows: RowBatch, logits: StepLogits, sampled: _Sampled, is_prefill: bool) -> list[EngineOutput]:
         now = time.monotonic()
-        for i, seq in enumerate(seqs):
+        for i, seq in enumerate(rows.seqs):
             if i in logits.failed:
                 seq.finish(FinishReason.ERROR, error=logits.failed[i])
                 continue
-            if i in prompt_lps:
-                seq.prompt_logprobs = prompt_lps[i]
-            if batch.is_prefill and seq.params.max_tokens == 0:
+            if i in sampled.prompt_logprobs:
+                seq.prompt_logprobs = sampled.prompt_logprobs[i]
+            if is_prefill and seq.params.max_tokens == 0:
                 seq.finish(FinishReason.LENGTH)  # prompt scoring only (echo)
                 continue
-            seq.append(tokens[i], logprobs.get(i), now)
-        outputs = self._collect(seqs)
-        if self.observer is not None:
-            phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
-            num_tokens = sum(len(s.token_ids) for s in seqs) if batch.is_prefill else len(seqs)
-            self.observer.on_step(StepStats(batch.is_prefill, len(seqs), num_tokens, phases))
-        return outputs
+            seq.append(int(sampled.tokens[i]), sampled.logprobs.get(i), now)
+        outputs = [o for s in rows.seqs if not s.is_finished and (o := s.take_output()) is not None]
+        return outputs + self._retire([s for s in rows.seqs if s.is_finished])
 
-    def _mix_and_sample(self, seqs: list[Sequence], logits: StepLogits):
-        logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
-        base_prompt = logits.prompt
-        mixed_prompt: dict[int, torch.Tensor] = {}
-        for group in logits.memories:
-            rows = torch.tensor(group.rows, device=logp.device)
-            alpha = torch.tensor([seqs[i].alpha for i in group.rows], device=logp.device)  # [b]
-            mem_lp = torch.log_softmax(group.logits.float(), dim=-1)  # [b, V]
-            logp[rows] = mix_logprobs(logp[rows], mem_lp, alpha)
-            for i, mem_prompt in group.prompt.items():
-                mixed_prompt[i] = mix_logprobs(
-                    torch.log_softmax(base_prompt[i].float(), -1), torch.log_softmax(mem_prompt.float(), -1), seqs[i].alpha
-                )  # [T, V]
-        tokens_t = sample(logp, [s.params for s in seqs], [s.generator for s in seqs])  # [B]
-        tokens = tokens_t.tolist()  # the step's one host sync
-        logprobs: dict[int, TokenLogprob] = {}
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            n = max(seqs[i].params.logprobs or 0 for i in want)
-            top_v, top_i = top_logprobs(logp[want], n)  # [W, n]
-            chosen = logp[want].gather(-1, tokens_t[want].unsqueeze(-1)).squeeze(-1).tolist()  # [W]
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(want):
-                k = seqs[i].params.logprobs or 0
-                logprobs[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][:k], top_v[j][:k], strict=True)))
-        prompt_lps = {}
-        for i, base_prompt_logits in base_prompt.items():
-            lp = mixed_prompt.get(i)
-            if lp is None:
-                lp = torch.log_softmax(base_prompt_logits.float(), dim=-1)  # [T, V]
-            prompt_lps[i] = _prompt_logprobs(lp, seqs[i].token_ids[: seqs[i].num_prompt_tokens], seqs[i].params.prompt_logprobs or 0)
-        return tokens, logprobs, prompt_lps
+    def _score(self, batch: ScheduledBatch) -> StepResult:
+        job: PerplexityJob = batch.job  # type: ignore[assignment]
+        try:
+            assert job.current is not None
+            _, ids, windows = job.current
+            lps = self.runner.score(job.memory_name, ids, windows)
+            mem = lps.get(job.memory_name) if job.memory_name is not None else None
+            if isinstance(mem, Exception):
+                raise mem
+            base = lps[None]
+            assert isinstance(base, torch.Tensor)
+            job.add(base, mem)
+            if not job.done:
+                return StepResult(batch.kind)
+            out = JobOutput(job.request_id, result=job.result())
+        except Exception as exc:  # the job's own failure: the engine goes on
+            log.exception("perplexity job %s failed", job.request_id)
+            out = JobOutput(job.request_id, error=exc)
+        self._end_job(job)
+        return StepResult(batch.kind, jobs=[out])
 
-    def _fail_step(self, seqs: list[Sequence], is_prefill: bool, message: str) -> list[RequestOutput]:
-        victims = seqs if is_prefill else list(self.scheduler.running)
-        if not is_prefill:
-            self.runner.reset()  # the base cache may be half-appended
-        for seq in victims:
+    def _end_job(self, job: PerplexityJob) -> None:
+        self.scheduler.jobs.remove(job)
+        if job.memory_name is not None:
+            self.registry.release(job.request.memory)  # type: ignore[arg-type]
+            self.sweep_memories()
+
+    def _fail(self, seqs: list[Sequence], message: str) -> list[EngineOutput]:
+        for seq in seqs:
             seq.finish(FinishReason.ERROR, error=message)
-        return self._retire(victims)
+        return self._retire(seqs)
 
-    def _collect(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        outputs = [o for s in seqs if not s.is_finished and (o := s.take_output()) is not None]
-        finished = [s for s in seqs if s.is_finished]
-        return outputs + self._retire(finished)
-
-    def _retire(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Free caches and memories of finished sequences; return their final outputs."""
+    def _retire(self, seqs: list[Sequence]) -> list[EngineOutput]:
+        """Free slots, pages and memories of finished sequences; return their final outputs."""
         if not seqs:
             return []
         self.scheduler.remove(seqs)
-        self.runner.free(seqs)
         outputs = []
+        released = False
         for seq in seqs:
             if seq.memory is not None:
                 seq.memory = None
                 self.registry.release(seq.request.memory)  # type: ignore[arg-type]
+                released = True
             out = seq.take_output()
             if out is not None:
                 outputs.append(out)
             if self.observer is not None:
                 self.observer.on_request_finished(seq)
+        if released:
+            self.sweep_memories()
         return outputs
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        seqs = [*self.scheduler.running, *self.scheduler.waiting]
-        for seq in seqs:
-            seq.finish(FinishReason.ERROR, error=message)
-        self.runner.reset()
-        return self._retire(seqs)
-
-
-def _prompt_logprobs(lp: torch.Tensor, prompt: list[int], n: int) -> tuple[TokenLogprob | None, ...]:
-    """Per prompt token: its log-prob given the tokens before it (None for the first), plus top-n."""
-    targets = torch.tensor(prompt[1:], device=lp.device)  # [T-1]
-    chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()  # [T-1]
-    top_v, top_i = top_logprobs(lp[:-1], n)
-    top_v, top_i = top_v.tolist(), top_i.tolist()
-    out: list[TokenLogprob | None] = [None]
-    for t in range(len(prompt) - 1):
-        out.append(TokenLogprob(prompt[t + 1], chosen[t], tuple(zip(top_i[t], top_v[t], strict=True))))
-    return tuple(out)
+    def fail_all(self, message: str) -> StepResult:
+        jobs = [JobOutput(j.request_id, error=RuntimeError(message)) for j in self.scheduler.jobs]
+        for job in list(self.scheduler.jobs):
+            self._end_job(job)
+        outputs = self._fail([*self.scheduler.running, *self.scheduler.waiting], message)
+        return StepResult(StepKind.IDLE, outputs, jobs)

@@ -1,151 +1,209 @@
-"""One model's KV cache for a changing set of sequences.
+"""Paged KV caches: one arena of pages shared by the base and every memory.
 
-Scheme: a Hugging Face `DynamicCache` whose rows are right-aligned — row b's cached tokens occupy the
-last `lengths[b]` columns, earlier columns are zero padding hidden by the attention mask — and decode
-passes explicit per-row `position_ids`. This is the layout HF's own left-padded batch generation
-uses, so every HF causal LM (GPT-2's absolute positions, Llama/Qwen2 RoPE) runs unmodified. Rows
-are re-packed only when the set changes (a prefill joins, a sequence leaves); a steady decode step
-touches nothing but the model's own append. Padding is trimmed whenever the longest row leaves.
+Why one arena: a request chooses its memory, memories come and go (hot-swap), and most requests use
+one memory or none, so a cache reserved per model would strand memory in caches nobody uses. The
+arena is `num_pages` pages of `page_bytes`; a page belongs to one model at a time, which views it as
+`block_size` tokens of all its layers' keys and values, `[layers, 2, block_size, kv_heads, head_dim]`.
+The base's pages hold `EngineConfig.block_size` tokens; a memory with fewer KV bytes per token fits
+more tokens in the same page.
 
-HF's `DynamicLayer` appends with `torch.cat`, re-allocating and copying the whole layer every step
-(O(cached tokens) memory traffic per token). Our layers keep spare columns and write the new token
-in place, growing by doubling: amortised O(1) per step, the same tensors handed to attention.
+A sequence occupies one *slot* (a row of every table) in each model it uses. Per model and slot the
+host keeps a block table (block j of the sequence -> page) and a length; the device keeps the same
+tables, updated in place only when something changes: a join, a leave, a row crossing into a new
+page. A steady decode step changes nothing here but `advance` (lengths += 1, on the device).
+
+Page 0 is scratch: unused table entries point to it and padding rows of a CUDA-graph bucket write
+into it. New pages are zeroed before use, so positions a row has not written yet hold zeros rather
+than another sequence's (possibly non-finite) values: masked positions still enter attention as
+0·value, and 0·inf would be NaN.
+
+Reuse of a freed page is safe without events because every engine step ends with a host sync: by
+the time the scheduler frees or hands out a page, all kernels of the previous step have finished.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import PretrainedConfig
+
+SCRATCH_PAGE = 0
+PAGE_ALIGN = 256  # bytes; keeps every page's start aligned for vectorised copies
 
 
-def cache_kwarg(model: PreTrainedModel) -> str:
-    """transformers renamed `past_key_values` to `cache` in late 5.x; pass whichever forward takes."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one token costs a model's cache."""
 
-
-class GrowableLayer(DynamicLayer):
-    """A cache layer whose keys/values are views of a buffer with spare columns."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.device = keys.device
-        self.is_initialized = True
-        self._reserve(keys, values, spare=max(16, keys.shape[-2] // 4))
-
-    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
-        b, h, w, _ = keys.shape
-        self._k = keys.new_empty(b, h, w + spare, keys.shape[-1])  # [B, H, capacity, D]
-        self._v = values.new_empty(b, h, w + spare, values.shape[-1])
-        self._k[:, :, :w] = keys
-        self._v[:, :, :w] = values
-        self._len = w
-        self.keys, self.values = self._k[:, :, :w], self._v[:, :, :w]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self._len + key_states.shape[-2]
-        if end > self._k.shape[-2]:
-            self._reserve(self.keys, self.values, spare=max(end - self._len, self._len))  # double
-        self._k[:, :, self._len : end] = key_states
-        self._v[:, :, self._len : end] = value_states
-        self._len = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-        return self.keys, self.values
-
-
-def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _set_layer_tensors(cache: DynamicCache, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    assert len(tensors) == len(cache.layers)
-    cache.layers[:] = [GrowableLayer(k, v) for k, v in tensors]
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    pad = width - t.shape[-2]  # t: [B, H, W, D]
-    return t if pad == 0 else F.pad(t, (0, 0, pad, 0))
-
-
-class BatchCache:
-    """Rows (sequence ids) in a fixed order, their cached lengths, and the padded width."""
-
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self.seq_ids: list[int] = []
-        self.lengths: list[int] = []
-        self._rows: dict[int, int] | None = None  # seq_id -> row, rebuilt after the rows change
-
-    def __len__(self) -> int:
-        return len(self.seq_ids)
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
     @property
-    def width(self) -> int:
-        return self.cache.get_seq_length() if self.cache is not None else 0
+    def token_bytes(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def row_of(self, seq_id: int) -> int:
-        # A dict, not list.index: the decode step asks for every row, O(B) instead of O(B²).
-        if self._rows is None:
-            self._rows = {s: i for i, s in enumerate(self.seq_ids)}
-        return self._rows[seq_id]
+    @classmethod
+    def of(cls, config: PretrainedConfig, dtype: torch.dtype) -> KVGeometry:
+        cfg = config.get_text_config()
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
 
-    def add(self, seq_ids: list[int], cache: DynamicCache, lengths: list[int]) -> None:
-        """Append the rows of a freshly prefilled, right-aligned cache."""
-        self._rows = None
-        if self.cache is None or not self.seq_ids:
-            _set_layer_tensors(cache, _layer_tensors(cache))
-            self.cache, self.seq_ids, self.lengths = cache, list(seq_ids), list(lengths)
+
+class PagePool:
+    """The arena and its free pages (host bookkeeping; the device sees pages only through tables)."""
+
+    def __init__(self, num_pages: int, page_bytes: int, device: torch.device) -> None:
+        if num_pages < 2:
+            raise ValueError(f"the KV cache needs at least 2 pages (one is scratch), got {num_pages}")
+        self.num_pages = num_pages
+        self.page_bytes = page_bytes
+        self.device = device
+        # Zeroed once here; pages are re-zeroed when handed out (see the module docstring).
+        self.arena = torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=device)  # [P, page_bytes]
+        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_usable(self) -> int:
+        return self.num_pages - 1
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV cache: {n} pages asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def give_back(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+def page_bytes_for(base: KVGeometry, block_size: int) -> int:
+    raw = base.token_bytes * block_size
+    return -(-raw // PAGE_ALIGN) * PAGE_ALIGN
+
+
+class ModelKV:
+    """One model's view of the arena: per-layer key/value pages, block tables and lengths per slot.
+
+    `num_slots` real slots plus one dummy slot (index `num_slots`) for padding rows: its table points
+    at the scratch page and its length stays 0.
+    """
+
+    def __init__(self, pool: PagePool, geometry: KVGeometry, num_slots: int, max_model_len: int) -> None:
+        g = geometry
+        if g.token_bytes > pool.page_bytes:
+            raise ValueError(
+                f"a token of this model needs {g.token_bytes} KV bytes, more than a whole page ({pool.page_bytes}); "
+                "raise --block-size"
+            )
+        self.pool = pool
+        self.geometry = g
+        self.block_size = pool.page_bytes // g.token_bytes  # tokens per page for this model
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.num_slots = num_slots
+        self.dummy_slot = num_slots
+        used = self.block_size * g.token_bytes
+        # [P, layers, 2, block, kv_heads, head_dim]: a strided view of the arena (page stride = page_bytes).
+        view = pool.arena[:, :used].view(g.dtype).unflatten(1, (g.num_layers, 2, self.block_size, g.num_kv_heads, g.head_dim))
+        self.keys = [view[:, layer, 0] for layer in range(g.num_layers)]  # each [P, block, kv_heads, head_dim]
+        self.values = [view[:, layer, 1] for layer in range(g.num_layers)]
+        device = pool.device
+        rows = num_slots + 1
+        self.tables = torch.full((rows, self.max_blocks), SCRATCH_PAGE, dtype=torch.long, device=device)  # [S+1, blocks]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # [S+1] tokens cached per slot
+        self.host_tables = np.full((rows, self.max_blocks), SCRATCH_PAGE, dtype=np.int64)
+        self.host_lengths = np.zeros(rows, dtype=np.int64)
+        self.host_blocks = np.zeros(rows, dtype=np.int64)  # pages held per slot
+        # Changes the device has not seen yet; `flush` applies them in one upload.
+        self._table_updates: list[tuple[int, int, int]] = []  # (slot, block, page)
+        self._length_updates: dict[int, int] = {}
+        self._new_pages: list[int] = []
+
+    # -- host bookkeeping (the scheduler's view) ---------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def pages_missing(self, slot: int, num_tokens: int) -> int:
+        """Pages `slot` still needs to hold `num_tokens` tokens."""
+        return max(0, self.blocks_for(num_tokens) - int(self.host_blocks[slot]))
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Give `slot` pages for `num_tokens` tokens (the caller checked that enough are free)."""
+        missing = self.pages_missing(slot, num_tokens)
+        if not missing:
             return
-        width = max(self.width, cache.get_seq_length())
-        merged = [
-            (torch.cat([_left_pad(k1, width), _left_pad(k2, width)]), torch.cat([_left_pad(v1, width), _left_pad(v2, width)]))
-            for (k1, v1), (k2, v2) in zip(_layer_tensors(self.cache), _layer_tensors(cache), strict=True)
-        ]  # each [B1 + B2, H, width, D]
-        _set_layer_tensors(self.cache, merged)
-        self.seq_ids += seq_ids
-        self.lengths += lengths
+        first = int(self.host_blocks[slot])
+        pages = self.pool.take(missing)
+        for j, page in enumerate(pages, start=first):
+            self.host_tables[slot, j] = page
+            self._table_updates.append((slot, j, page))
+        self.host_blocks[slot] = first + missing
+        self._new_pages.extend(pages)
 
-    def remove(self, seq_ids: set[int]) -> None:
-        keep = [i for i, s in enumerate(self.seq_ids) if s not in seq_ids]
-        if len(keep) == len(self.seq_ids):
+    def set_length(self, slot: int, num_tokens: int) -> None:
+        self.host_lengths[slot] = num_tokens
+        self._length_updates[slot] = num_tokens
+
+    def truncate(self, slot: int, num_tokens: int) -> None:
+        """Roll `slot` back to its first `num_tokens` tokens: O(1) plus the pages it gives back."""
+        if num_tokens > self.host_lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} to {num_tokens} tokens: it holds {self.host_lengths[slot]}")
+        keep = self.blocks_for(num_tokens)
+        self._release_blocks(slot, keep)
+        self.set_length(slot, num_tokens)
+
+    def free(self, slot: int) -> None:
+        self._release_blocks(slot, 0)
+        self.set_length(slot, 0)
+
+    def _release_blocks(self, slot: int, keep: int) -> None:
+        held = int(self.host_blocks[slot])
+        if held <= keep:
             return
-        self._rows = None
-        if not keep:
-            self.cache, self.seq_ids, self.lengths = None, [], []
-            return
-        self.seq_ids = [self.seq_ids[i] for i in keep]
-        self.lengths = [self.lengths[i] for i in keep]
-        assert self.cache is not None
-        drop = self.width - max(self.lengths)  # columns that are padding in every remaining row
-        index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        _set_layer_tensors(
-            self.cache,
-            [(k.index_select(0, index)[:, :, drop:], v.index_select(0, index)[:, :, drop:]) for k, v in _layer_tensors(self.cache)],
-        )
+        pages = [int(p) for p in self.host_tables[slot, keep:held]]
+        self.pool.give_back(pages)
+        self.host_tables[slot, keep:held] = SCRATCH_PAGE
+        self._table_updates.extend((slot, j, SCRATCH_PAGE) for j in range(keep, held))
+        self.host_blocks[slot] = keep
 
-    def decode_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """attention_mask [B, W + 1] and position_ids [B, 1] for one new token per row."""
-        width = self.width
-        lengths = torch.tensor(self.lengths, device=device)  # [B]
-        cols = torch.arange(width + 1, device=device)  # [W + 1]
-        mask = (cols.unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()  # [B, W + 1]
-        return mask, lengths.unsqueeze(1)
+    def advance_host(self, slots: list[int]) -> None:
+        self.host_lengths[slots] += 1
 
-    def advance(self) -> None:
-        self.lengths = [n + 1 for n in self.lengths]
+    # -- device ----------------------------------------------------------------------------------
+    def flush(self, upload: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """Apply pending table, length and new-page changes on the device (uploads, no host sync)."""
+        if self._new_pages:
+            pages = upload(np.asarray(self._new_pages, dtype=np.int64))
+            self.pool.arena.index_fill_(0, pages, 0)
+            self._new_pages = []
+        if self._table_updates:
+            t = upload(np.asarray(self._table_updates, dtype=np.int64).T.copy())  # [3, n]
+            self.tables.index_put_((t[0], t[1]), t[2])
+            self._table_updates = []
+        if self._length_updates:
+            items = np.asarray(list(self._length_updates.items()), dtype=np.int64).T.copy()  # [2, n]
+            t = upload(items)
+            self.lengths.index_put_((t[0],), t[1])
+            self._length_updates = {}
+
+    def advance(self, slots: torch.Tensor) -> None:
+        """lengths[slots] += 1 on the device (a decode step appended one token to each row)."""
+        self.lengths.index_add_(0, slots, torch.ones_like(slots))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._new_pages or self._table_updates or self._length_updates)
 
 
-def prefill_inputs(prompts: list[list[int]], pad_id: int, device: torch.device):
-    """Left-padded input_ids / attention_mask / position_ids [B, T] for a batch of prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+def num_pages_for_budget(budget_bytes: int, page_bytes: int) -> int:
+    return max(0, math.floor(budget_bytes / page_bytes))

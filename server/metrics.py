@@ -70,6 +70,7 @@ COUNTERS: tuple[str, ...] = (
     "memdec_generation_tokens_total",
     "memdec_requests_total",
     "memdec_memory_loads_total",
+    "memdec_num_preemptions_total",
 )
 GAUGES: tuple[str, ...] = (
     "memdec_requests_running",
@@ -77,6 +78,8 @@ GAUGES: tuple[str, ...] = (
     "memdec_memories_loaded",
     "memdec_memory_parameters",
     "memdec_batch_size",
+    "memdec_kv_cache_usage_perc",
+    "memdec_cuda_graph_capture_seconds",
 )
 
 
@@ -159,6 +162,15 @@ class Metrics:
         self.memories_loaded = gauge("memories_loaded", "Memories loaded and servable.")
         self.memory_parameters = gauge("memory_parameters", "Parameters of each loaded memory.", mem)
         self.batch_size = gauge("batch_size", "Sequences in the last engine step.")
+        self.kv_cache_usage = gauge(
+            "kv_cache_usage_perc", "Fraction of the KV cache's pages in use (base and memories share them), 0 to 1."
+        )
+        self.num_preemptions = counter(
+            "num_preemptions", "Sequences preempted (pages freed, recomputed later) when the KV cache ran out.", ()
+        )
+        self.graph_capture = gauge(
+            "cuda_graph_capture_seconds", "Time to capture a model's decode CUDA graphs (0 when eager).", mem
+        )
 
         # Series that exist from the start, so dashboards show 0 rather than "no data".
         for phase in PHASES:
@@ -212,6 +224,7 @@ class Metrics:
             self._loaded.discard(name)
             n_loaded = len(self._loaded)
         self.memory_parameters.remove(name)  # no-op when absent
+        self.graph_capture.remove(name)
         self.memories_loaded.set(n_loaded)
 
     def memory_load_result(self, result: str) -> None:
@@ -234,6 +247,22 @@ class Metrics:
         for phase, seconds in phases.items():
             self.step_phase.labels(phase).observe(seconds)
         self.batch_size.set(batch_size)
+
+    def set_kv_cache(self, usage: float, preemptions: int = 0) -> None:
+        """After an engine step: the KV cache's fill and the sequences that step preempted."""
+        self.kv_cache_usage.set(usage)
+        if preemptions:
+            self.num_preemptions.inc(preemptions)
+
+    def graph_captured(self, memory: str | None, seconds: float) -> None:
+        """A model's decode graphs were captured: the base (`none`) or a memory, just before it is served
+        (so its name may not be a label yet: it gets one if `memory_loaded` will give it one)."""
+        label = NONE
+        if memory is not None:
+            with self._lock:
+                fits = memory in self._memory_labels or len(self._memory_labels) < self._max_memory_labels
+            label = memory if fits and memory not in RESERVED_MEMORY_LABELS else OTHER
+        self.graph_capture.labels(label).set(seconds)
 
     def observe_request_finished(
         self,

@@ -17,6 +17,12 @@ class MetricsObserver:
     def on_queue(self, running: int, waiting: int) -> None:
         self.metrics.set_queue(running, waiting)
 
+    def on_kv_cache(self, usage: float, preemptions: int) -> None:
+        self.metrics.set_kv_cache(usage, preemptions)
+
+    def on_graph_capture(self, model: str | None, seconds: float) -> None:
+        self.metrics.graph_captured(model, seconds)
+
     def on_request_finished(self, seq: Sequence) -> None:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival

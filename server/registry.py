@@ -7,7 +7,6 @@ last user releases it.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -15,10 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from memories.manifest import ManifestError, read_manifest, tokenizer_fingerprint
-from server.errors import ConflictError, MemoryLoadError, NotFoundError
+from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,20 +45,32 @@ class _Entry:
     retiring: bool = False
 
 
+# Readies a freshly loaded memory for serving (the engine lays out its KV view and captures its graphs).
+Preparer = Callable[[str, LoadedModel], None]
+
+
 class MemoryRegistry:
-    def __init__(self, base: LoadedModel) -> None:
+    def __init__(
+        self,
+        base: LoadedModel,
+        on_loaded: Callable[[str, int], None] | None = None,
+        on_freed: Callable[[str], None] | None = None,
+    ) -> None:
         self.base = base
         self.base_fingerprint = tokenizer_fingerprint(base.tokenizer)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._loading: set[str] = set()
-        # Called with (name, num_parameters) / (name,) so metrics can follow; set by the app.
-        self.on_loaded: Callable[[str, int], None] | None = None
-        self.on_freed: Callable[[str], None] | None = None
+        # Called with (name, num_parameters) / (name,) so metrics can follow.
+        self.on_loaded = on_loaded
+        self.on_freed = on_freed
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, name: str, path: str | Path, alpha: float | None = None) -> MemoryInfo:
-        """Validate and load a memory directory. Blocking (disk and device copy): call off the event loop."""
+    def load(self, name: str, path: str | Path, alpha: float | None = None, prepare: Preparer | None = None) -> MemoryInfo:
+        """Validate and load a memory directory. Blocking (disk and device copy): call off the event loop.
+
+        `prepare` runs before the memory becomes visible, so no request can use it half-ready.
+        """
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise MemoryLoadError(f"invalid memory name {name!r}: use letters, digits, '-', '_' or '.'", param="name")
         if name in RESERVED_NAMES:
@@ -84,6 +93,13 @@ class MemoryRegistry:
             self._loading.add(name)
         try:
             entry = self._load_entry(name, str(path), alpha)
+            if prepare is not None:
+                try:
+                    prepare(name, entry.loaded)
+                except MemoryError as exc:
+                    raise ServiceUnavailableError(f"memory {name!r} could not be prepared: {exc}", code="memory_prepare_failed") from exc
+                except RuntimeError as exc:  # e.g. CUDA out of memory while capturing its graphs
+                    raise ServiceUnavailableError(f"memory {name!r} could not be prepared: {exc}", code="memory_prepare_failed") from exc
         finally:
             with self._lock:
                 self._loading.discard(name)
@@ -150,6 +166,14 @@ class MemoryRegistry:
                 raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
             return entry.info
 
+    def loaded(self, name: str) -> LoadedModel:
+        """The model of a loaded (not retiring) memory; NotFoundError otherwise."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.retiring:
+                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
+            return entry.loaded
+
     def list(self) -> list[MemoryInfo]:
         with self._lock:
             return [e.info for e in self._entries.values() if not e.retiring]
@@ -198,12 +222,10 @@ class MemoryRegistry:
             return entry.users if entry else 0
 
     def _free(self, name: str, entry: _Entry) -> None:
-        device = entry.loaded.device
+        # Dropped here, not when the engine next sweeps its runner: the weights go now. No gc.collect()
+        # or empty_cache(): this can run on the engine thread between steps, and the allocator reuses the memory.
         entry.loaded.model = None  # type: ignore[assignment]
         del entry
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         if self.on_freed:
             self.on_freed(name)
         log.info("memory %s unloaded and freed", name)

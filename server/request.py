@@ -59,8 +59,24 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class EngineOutput:
+    """What one request gained in one engine step, in token ids (the engine knows no text)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...] = ()
+    new_logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # only in the first output
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop token id that ended it (stop strings: see RequestOutput)
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+
+
+@dataclass(frozen=True)
 class RequestOutput:
-    """A delta: what one request gained in one engine step."""
+    """A delta as the API sees it: an engine delta plus its text (see `server.output`)."""
 
     request_id: str
     new_token_ids: tuple[int, ...] = ()

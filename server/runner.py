@@ -1,23 +1,38 @@
-"""Batched forwards of the base and the memories, each with its own KV cache.
+"""Forwards of the base and the memories over one shared paged KV cache.
 
 On CUDA the base runs on the current stream and the memories on a side stream, so the two overlap;
-the streams are joined (event waits, no host sync) before the logits are mixed. On CPU the forwards
-run one after the other. Failures are contained per model: a memory that raises fails only the
-sequences that use it.
+the side stream starts after everything the step uploaded (`side.wait_stream(main)`) and the main
+stream waits for it before mixing, in a `finally` so an exception cannot leave the streams unjoined.
+Everything a memory touches is persistent (pages, tables, graph buffers) or allocated on the side
+stream itself; its logits are handed to the main stream with `record_stream`.
+
+Failures are contained per model: a memory that raises fails only the rows that use it, and leaves
+the cache consistent (a half-written step is never counted in a row's length).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from transformers import DynamicCache
 
-from server.kv import BatchCache, cache_kwarg, prefill_inputs
+from memories.perplexity import Window, batch_logprobs
+from server.attention import PrefillContext, use_paged_attention
+from server.config import EngineConfig
+from server.graphs import DecodeGraphs
+from server.kv import KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
+from server.sampler import SamplingRows
 from server.sequence import Sequence
+from server.transfer import Uploader
+
+log = logging.getLogger(__name__)
+
+ModelKey = str | None  # None = the base; a memory by its registry name
 
 
 class _Timer:
@@ -50,18 +65,48 @@ class _Timer:
 
 
 @dataclass
-class MemoryLogits:
-    rows: list[int]  # indices into the step's sequence list
-    logits: torch.Tensor  # [len(rows), V] last-position logits, cut to the vocabulary
-    prompt: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [T, V] for echo rows
+class ModelState:
+    lm: LoadedModel
+    kv: ModelKV
+    graphs: DecodeGraphs
+    capture_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryGroup:
+    """The rows of one batch that use one memory."""
+
+    name: str
+    rows: list[int]  # indices into the batch
+    rows_dev: torch.Tensor  # [b]
+    slots: list[int]
+    slots_dev: torch.Tensor  # [b]
+    alpha: torch.Tensor  # [b] float32
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """A batch of sequences as the device sees it: built on the host once, uploaded without a sync.
+
+    A decode batch is rebuilt only when its membership changes; a steady decode step reuses it.
+    """
+
+    seqs: list[Sequence]
+    slots: list[int]
+    slots_dev: torch.Tensor  # [B]
+    groups: list[MemoryGroup]
+    sampling: SamplingRows
+    logprob_rows: list[int]  # rows that asked for log-probs
+    logprob_rows_dev: torch.Tensor  # [W]
+    num_top: int  # top alternatives to return (max over those rows)
 
 
 @dataclass
 class StepLogits:
     base: torch.Tensor  # [B, V] last-position logits, cut to the vocabulary
-    memories: list[MemoryLogits]
-    prompt: dict[int, torch.Tensor]  # row -> [T, V] base logits over the prompt, for echo rows
-    failed: dict[int, str]  # row -> error message
+    memories: dict[str, torch.Tensor]  # memory -> [b, V], rows in its group's order
+    prompt: dict[int, dict[ModelKey, torch.Tensor]]  # echo row -> model -> [T, V] logits over its prompt
+    failed: dict[int, str]  # batch row -> error message
     timers: tuple[_Timer, _Timer]  # base, memories
 
     def forward_seconds(self) -> dict[str, float]:
@@ -69,135 +114,302 @@ class StepLogits:
         return {"base_forward": self.timers[0].seconds(), "memory_forward": self.timers[1].seconds()}
 
 
+def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, block_tokens: int) -> int:
+    """The KV budget in pages: `--num-gpu-blocks-override`, else measured on CUDA, else sized on CPU.
+
+    CUDA (vLLM's meaning of --gpu-memory-utilization): this process may use that fraction of the
+    GPU's memory; what is already used (weights, CUDA context, other processes), the peak activation
+    memory of a prefill at the token budget and the decode graphs' workspace are taken off, the rest
+    is KV. CPU: room for max_num_seqs full-length sequences in the base and as many in memories.
+    """
+    if config.num_gpu_blocks_override is not None:
+        return config.num_gpu_blocks_override
+    per_seq = -(-base.max_model_len // block_tokens)
+    if base.device.type != "cuda":
+        return min(2 * config.max_num_seqs * per_seq + 1, (4 << 30) // page_bytes)
+    device = base.device
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    tokens = min(config.max_num_batched_tokens, base.max_model_len)
+    with torch.inference_mode():
+        base.model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), logits_to_keep=1)
+    torch.cuda.synchronize(device)
+    activation = torch.cuda.max_memory_allocated(device) - before
+    geometry = KVGeometry.of(base.model.config, base.dtype)
+    # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
+    workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
+    workspace += 4 * config.max_num_seqs * base.vocab_size * 4
+    budget = int(total * config.gpu_memory_utilization) - (total - free) - activation - workspace
+    pages = budget // page_bytes
+    log.info(
+        "KV budget: %.2f GiB of %.1f GiB (in use %.2f, prefill activations %.2f, decode workspace %.2f): %d pages of %d tokens",
+        max(budget, 0) / 2**30, total / 2**30, (total - free) / 2**30, activation / 2**30, workspace / 2**30, pages, block_tokens,
+    )
+    if pages < per_seq + 1:
+        raise RuntimeError(
+            f"not enough GPU memory for the KV cache of one {base.max_model_len}-token sequence at "
+            f"--gpu-memory-utilization {config.gpu_memory_utilization}: raise it or lower --max-model-len"
+        )
+    return pages
+
+
 class ModelRunner:
-    def __init__(self, base: LoadedModel, use_streams: bool = True) -> None:
+    def __init__(self, base: LoadedModel, config: EngineConfig) -> None:
         self.base = base
+        self.config = config
         self.device = base.device
-        self.base_cache = BatchCache()
-        self.mem_caches: dict[int, BatchCache] = {}  # id(LoadedModel) -> cache
-        self.side_stream = torch.cuda.Stream(self.device) if use_streams and self.device.type == "cuda" else None
-        self._kw: dict[int, str] = {}
-        self.pad_id = next(iter(sorted(base.eos_token_ids)), 0)
+        self.num_slots = config.max_num_seqs
+        base_geometry = KVGeometry.of(base.model.config, base.dtype)
+        page_bytes = page_bytes_for(base_geometry, config.block_size)
+        num_pages = default_num_pages(base, config, page_bytes, config.block_size)
+        self.pool = PagePool(num_pages, page_bytes, self.device)
+        self.upload = Uploader(self.device)
+        # Each slot's last sampled token: the next decode step's input, written by the sampler on the device.
+        self.tokens = torch.zeros(self.num_slots + 1, dtype=torch.long, device=self.device)  # [S+1]
+        self.use_graphs = not config.enforce_eager and self.device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(self.device) if config.use_cuda_streams and self.device.type == "cuda" else None
+        self._token_updates: dict[int, int] = {}  # slot -> last token, set by the host (rollback)
+        self.models: dict[ModelKey, ModelState] = {}
+        self.add_model(None, base)
 
-    # -- bookkeeping -------------------------------------------------------------------------------
-    def _cache_kw(self, lm: LoadedModel) -> str:
-        key = id(lm)
-        if key not in self._kw:
-            self._kw[key] = cache_kwarg(lm.model)
-        return self._kw[key]
+    # -- models ------------------------------------------------------------------------------------
+    def add_model(self, key: ModelKey, lm: LoadedModel) -> float:
+        """Lay out `lm`'s KV view and capture its decode graphs. Returns the capture time in seconds."""
+        if lm.dtype != self.base.dtype:
+            raise ValueError(f"model dtype {lm.dtype} differs from the base's {self.base.dtype}")
+        use_paged_attention(lm.model)
+        kv = ModelKV(self.pool, KVGeometry.of(lm.model.config, lm.dtype), self.num_slots, min(lm.max_model_len, self.base.max_model_len))
+        graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
+        state = ModelState(lm, kv, graphs)
+        with torch.inference_mode():
+            state.capture_seconds = graphs.capture()
+        self.models[key] = state
+        if state.capture_seconds:
+            log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),
+                     key or "the base", state.capture_seconds)
+        return state.capture_seconds
 
-    def free(self, seqs: list[Sequence]) -> None:
-        ids = {s.seq_id for s in seqs}
-        self.base_cache.remove(ids)
-        for key in list(self.mem_caches):
-            self.mem_caches[key].remove(ids)
-            if not self.mem_caches[key]:
-                del self.mem_caches[key]
-                self._kw.pop(key, None)
+    def has_model(self, key: ModelKey, lm: LoadedModel) -> bool:
+        state = self.models.get(key)
+        return state is not None and state.lm is lm
 
-    def reset(self) -> None:
-        self.base_cache = BatchCache()
-        self.mem_caches.clear()
+    def remove_model(self, key: str) -> None:
+        state = self.models.pop(key, None)
+        if state is not None:
+            state.graphs.release()
+
+    def kv(self, key: ModelKey) -> ModelKV:
+        return self.models[key].kv
+
+    # -- batches -----------------------------------------------------------------------------------
+    def make_batch(self, seqs: list[Sequence]) -> RowBatch:
+        """Upload what the device needs about these rows (no host sync)."""
+        up = self.upload
+        slots = [s.slot for s in seqs]
+        assert all(s is not None for s in slots)
+        by_memory: dict[str, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.memory_name is not None:
+                by_memory.setdefault(s.memory_name, []).append(i)
+        groups = []
+        for name, rows in by_memory.items():
+            group_slots = [slots[i] for i in rows]
+            groups.append(MemoryGroup(
+                name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,  # type: ignore[arg-type]
+                up(np.asarray(group_slots, dtype=np.int64)),
+                up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32)),
+            ))
+        params = [s.params for s in seqs]
+        greedy = np.asarray([p.greedy for p in params], dtype=bool)
+        sampling = SamplingRows(
+            # Capped so float32 never holds inf (−inf/inf would be NaN); past 1e30 the draw is uniform anyway.
+            temperature=up(np.asarray([1.0 if g else min(p.temperature, 1e30) for p, g in zip(params, greedy, strict=True)], dtype=np.float32)),
+            top_k=up(np.asarray([max(p.top_k, 0) for p in params], dtype=np.int64)),
+            top_p=up(np.asarray([p.top_p for p in params], dtype=np.float32)),
+            seed=up(np.asarray([s.seed for s in seqs], dtype=np.int64)),
+            greedy=up(greedy),
+            any_sampled=not bool(greedy.all()),
+            any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy, strict=True) if not g),
+        )
+        want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
+        return RowBatch(
+            seqs=seqs,
+            slots=slots,  # type: ignore[arg-type]
+            slots_dev=up(np.asarray(slots, dtype=np.int64)),
+            groups=groups,
+            sampling=sampling,
+            logprob_rows=want,
+            logprob_rows_dev=up(np.asarray(want, dtype=np.int64)),
+            num_top=max((seqs[i].params.logprobs or 0 for i in want), default=0),
+        )
+
+    def set_last_token(self, slot: int, token: int) -> None:
+        """The next decode input of `slot`, when the host rewrites it (a rollback); applied by `flush`."""
+        self._token_updates[slot] = token
+
+    def flush(self) -> None:
+        """Apply pending KV table changes and last-token rewrites on the device (start of a step)."""
+        for state in self.models.values():
+            if state.kv.pending:
+                state.kv.flush(self.upload)
+        if self._token_updates:
+            t = self.upload(np.asarray(list(self._token_updates.items()), dtype=np.int64).T.copy())  # [2, n]
+            self.tokens.index_put_((t[0],), t[1])
+            self._token_updates = {}
+
+    def step_done(self) -> None:
+        """After the step's host sync: staging buffers are free again."""
+        self.upload.reset()
 
     # -- forwards ----------------------------------------------------------------------------------
-    def _prefill_model(self, lm: LoadedModel, seqs: list[Sequence], full: bool) -> tuple[torch.Tensor, DynamicCache]:
-        """One left-padded forward over whole prompts. Returns logits [B, T or 1, V] and the cache."""
-        ids, mask, pos = prefill_inputs([s.token_ids for s in seqs], self.pad_id, self.device)
-        cache = DynamicCache()
+    def _prefill_model(self, key: ModelKey, seqs: list[Sequence], rows: list[int]):
+        """One packed forward over whole prompts. Returns last-position logits [b, V] and echo rows' [T, V]."""
+        state = self.models[key]
+        kv, lm = state.kv, state.lm
+        lengths = [len(s.token_ids) for s in seqs]
+        starts = np.cumsum([0, *lengths[:-1]])
+        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in seqs])  # [N]
+        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])  # [N]
+        slots = np.repeat(np.asarray([s.slot for s in seqs], dtype=np.int64), lengths)
+        pages = kv.host_tables[slots, pos // kv.block_size]
+        keep: list[int] = []  # packed positions whose logits we need
+        last: list[int] = []  # index into `keep` of each row's last position
+        echo: dict[int, tuple[int, int]] = {}
+        for i, (s, start, n) in enumerate(zip(seqs, starts, lengths, strict=True)):
+            if s.wants_prompt_logprobs:
+                echo[rows[i]] = (len(keep), n)
+                keep.extend(range(start, start + n))
+            else:
+                keep.append(start + n - 1)
+            last.append(len(keep) - 1)
+        up = self.upload
+        ctx = PrefillContext(kv, up(pages), up(pos % kv.block_size), list(zip(starts.tolist(), lengths, strict=True)))
         out = lm.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-            logits_to_keep=0 if full else 1, **{self._cache_kw(lm): cache},
+            input_ids=up(ids).unsqueeze(0),  # [1, N]
+            position_ids=up(pos).unsqueeze(0),
+            attention_mask=ctx.attention_mask,
+            use_cache=False,
+            logits_to_keep=up(np.asarray(keep, dtype=np.int64)),
+            memdec_ctx=ctx,
         )
-        return out.logits[..., : self.base.vocab_size], cache  # [B, T|1, V]
+        logits = out.logits[0, :, : self.base.vocab_size]  # [K, V]
+        prompt = {row: logits[a : a + n] for row, (a, n) in echo.items()}
+        return logits[up(np.asarray(last, dtype=np.int64))], prompt
 
-    def _prefill_group(self, lm: LoadedModel, cache: BatchCache, seqs: list[Sequence], rows: list[int]):
-        """Batched prefill for plain rows; echo rows (needing every position's logits) one by one."""
-        last = torch.empty(len(seqs), self.base.vocab_size, device=self.device, dtype=lm.dtype)
-        prompt: dict[int, torch.Tensor] = {}
-        plain = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is None]
-        echo = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None]
-        pending: list[tuple[list[int], DynamicCache]] = []
-        if plain:
-            logits, kv = self._prefill_model(lm, [seqs[i] for i in plain], full=False)
-            last[plain] = logits[:, -1]
-            pending.append((plain, kv))
-        for i in echo:
-            logits, kv = self._prefill_model(lm, [seqs[i]], full=True)
-            last[i] = logits[0, -1]
-            prompt[rows[i]] = logits[0]
-            pending.append(([i], kv))
-        # Merge only after every forward succeeded, so a failure leaves the running cache intact.
-        for idx, kv in pending:
-            cache.add([seqs[i].seq_id for i in idx], kv, [len(seqs[i].token_ids) for i in idx])
-        return last, prompt
-
-    def _decode_model(self, lm: LoadedModel, cache: BatchCache, by_id: dict[int, Sequence]) -> torch.Tensor:
-        ids = torch.tensor([[by_id[s].last_token] for s in cache.seq_ids], device=self.device)  # [B, 1]
-        mask, pos = cache.decode_inputs(self.device)
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_kw(lm): cache.cache})
-        cache.advance()
-        return out.logits[:, -1, : self.base.vocab_size]  # [B, V]
-
-    def _memory_groups(self, seqs: list[Sequence]) -> dict[int, tuple[LoadedModel, list[int]]]:
-        groups: dict[int, tuple[LoadedModel, list[int]]] = {}
-        for i, s in enumerate(seqs):
-            if s.memory is not None:
-                groups.setdefault(id(s.memory), (s.memory, []))[1].append(i)
-        return groups
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> StepLogits:
-        """schedule is done: run the base over all `seqs` and each memory over its own rows."""
-        groups = self._memory_groups(seqs)
-        by_id = {s.seq_id: s for s in seqs}
+    def prefill(self, batch: RowBatch) -> StepLogits:
+        seqs = batch.seqs
+        base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
         failed: dict[int, str] = {}
-        mem_out: list[MemoryLogits] = []
-        base_timer = _Timer(self.device)
-        mem_timer = _Timer(self.device, self.side_stream)
+        mem_out: dict[str, torch.Tensor] = {}
+        prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
+        base_logits: torch.Tensor | None = None
 
         def run_memories() -> None:
-            for key, (lm, rows) in groups.items():
+            for g in batch.groups:
                 try:
                     with mem_timer:
-                        cache = self.mem_caches.setdefault(key, BatchCache())
-                        if is_prefill:
-                            logits, prompt = self._prefill_group(lm, cache, [seqs[i] for i in rows], rows)
-                            mem_out.append(MemoryLogits(rows, logits, prompt))
-                        else:
-                            logits = self._decode_model(lm, cache, by_id)
-                            order = [cache.row_of(seqs[i].seq_id) for i in rows]
-                            mem_out.append(MemoryLogits(rows, logits[order]))
-                except Exception as exc:  # contained: only this memory's sequences fail
-                    for i in rows:
-                        failed[i] = f"memory forward failed: {type(exc).__name__}: {exc}"
-                    if not is_prefill:
-                        self.mem_caches.pop(key, None)  # possibly half-appended: its rows all fail anyway
-
-        base_logits: torch.Tensor | None = None
-        prompt: dict[int, torch.Tensor] = {}
+                        logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
+                    mem_out[g.name] = self._to_main(logits)
+                    for row, lp in echo.items():
+                        prompt.setdefault(row, {})[g.name] = self._to_main(lp)
+                except Exception as exc:  # contained: only this memory's rows fail
+                    log.exception("memory %s prefill failed", g.name)
+                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
 
         def run_base() -> None:
-            nonlocal base_logits, prompt
+            nonlocal base_logits
             with base_timer:
-                if is_prefill:
-                    base_logits, prompt = self._prefill_group(self.base, self.base_cache, seqs, list(range(len(seqs))))
-                else:
-                    logits = self._decode_model(self.base, self.base_cache, by_id)
-                    order = [self.base_cache.row_of(s.seq_id) for s in seqs]
-                    base_logits = logits[order]
+                base_logits, echo = self._prefill_model(None, seqs, list(range(len(seqs))))
+            for row, lp in echo.items():
+                prompt.setdefault(row, {})[None] = lp
 
         self._parallel(run_base, run_memories)
         assert base_logits is not None
         return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer))
+
+    def decode(self, batch: RowBatch) -> StepLogits:
+        base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
+        failed: dict[int, str] = {}
+        mem_out: dict[str, torch.Tensor] = {}
+        base_logits: torch.Tensor | None = None
+
+        def longest(key: ModelKey, slots: list[int]) -> int:
+            return int(self.models[key].kv.host_lengths[slots].max()) + 1
+
+        def run_memories() -> None:
+            for g in batch.groups:
+                try:
+                    with mem_timer:
+                        logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
+                    mem_out[g.name] = self._to_main(logits)
+                except Exception as exc:  # contained: only this memory's rows fail
+                    log.exception("memory %s decode failed", g.name)
+                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
+
+        def run_base() -> None:
+            nonlocal base_logits
+            with base_timer:
+                base_logits = self.models[None].graphs.run(batch.slots_dev, len(batch.seqs), longest(None, batch.slots))
+
+        self._parallel(run_base, run_memories)
+        assert base_logits is not None
+        # The step's token is now cached in every model that ran it.
+        self._advance(None, batch.slots, batch.slots_dev)
+        for g in batch.groups:
+            if g.name in mem_out:
+                self._advance(g.name, g.slots, g.slots_dev)
+        return StepLogits(base_logits, mem_out, {}, failed, (base_timer, mem_timer))
+
+    def _advance(self, key: ModelKey, slots: list[int], slots_dev: torch.Tensor) -> None:
+        kv = self.models[key].kv
+        kv.advance(slots_dev)
+        kv.advance_host(slots)
+
+    def score(self, key: str | None, ids: torch.Tensor, windows: list[Window]) -> dict[ModelKey, torch.Tensor | Exception]:
+        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key`."""
+        result: dict[ModelKey, torch.Tensor | Exception] = {}
+        vocab = self.base.vocab_size
+
+        def run_memory() -> None:
+            if key is None:
+                return
+            try:
+                result[key] = self._to_main(batch_logprobs(self.models[key].lm.model, ids, windows, vocab))
+            except Exception as exc:  # contained: the job fails, the engine goes on
+                log.exception("memory %s perplexity forward failed", key)
+                result[key] = exc
+
+        def run_base() -> None:
+            result[None] = batch_logprobs(self.base.model, ids, windows, vocab)
+
+        self._parallel(run_base, run_memory)
+        return result
+
+    # -- streams -----------------------------------------------------------------------------------
+    def _to_main(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor made on the side stream, now read on the main one: keep its memory until main is done."""
+        if self.side_stream is not None:
+            t.record_stream(self._main_stream)
+        return t
 
     def _parallel(self, run_base: Callable[[], None], run_memories: Callable[[], None]) -> None:
         if self.side_stream is None:
             run_base()
             run_memories()
             return
-        main = torch.cuda.current_stream(self.device)
-        # The side stream must see this step's inputs (and the previous step's frees) before it starts.
+        main = self._main_stream = torch.cuda.current_stream(self.device)
+        # The side stream must see this step's uploads and the previous step's writes before it starts.
         self.side_stream.wait_stream(main)
-        with torch.cuda.stream(self.side_stream):
-            run_memories()  # enqueues kernels and returns: overlaps with the base below
-        run_base()
-        main.wait_stream(self.side_stream)  # mixing reads the memory logits
+        try:
+            with torch.cuda.stream(self.side_stream):
+                run_memories()  # enqueues kernels and returns: they overlap with the base below
+            run_base()
+        finally:
+            main.wait_stream(self.side_stream)  # mixing reads the memory logits
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_usable
+

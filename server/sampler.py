@@ -1,10 +1,54 @@
-"""Mix, then sample: one batched pass over [B, V] float32 log-probabilities."""
+"""Sampling from the mixed distribution: one batched pass on the device, no host round trip.
+
+Each row draws one uniform number from a counter-based hash of (its seed, the index of the token
+being drawn) and takes the token where the cumulative distribution crosses it (inverse-CDF sampling).
+A row's draw therefore depends only on its own seed and position — never on its batch, its row index
+or how often the engine stepped — so a seeded request gives the same tokens alone or in a crowd, and
+after a preemption. Unseeded requests get a random seed at arrival (`Sequence.seed`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from server.request import SamplingParams
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) without overflowing int64 (c is split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (Wellons' lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """A float64 in (0, 1) per row from 53 hashed bits of (seed, counter). seed: [B] int64 >= 0; counter: [B]."""
+    h = _hash32((seed & _M32) ^ _hash32(((seed >> 32) & _M32) ^ _hash32(counter & _M32)))
+    h2 = _hash32(h ^ 0x5BD1E995)
+    bits = (h << 21) | (h2 >> 11)  # 53 bits
+    return (bits.double() + 0.5) / float(2**53)
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """Per-row sampling parameters on the device ([B] each) and what the host knows about them."""
+
+    temperature: torch.Tensor  # float32; 1.0 on greedy rows (never divided by zero)
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float32, 1.0 = off
+    seed: torch.Tensor  # int64
+    greedy: torch.Tensor  # bool
+    any_sampled: bool
+    any_filtered: bool  # some row uses top-k or top-p
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -26,40 +70,23 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def sample(
-    logp: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """Next token per row. logp: [B, V] mixed log-probs; returns [B] int64 on logp's device.
+def sample(logp: torch.Tensor, rows: SamplingRows, counter: torch.Tensor) -> torch.Tensor:
+    """Next token per row. logp: [B, V] mixed log-probs; counter: [B] index of the token being drawn.
 
-    Rows with temperature 0 take the argmax. Others draw with their own generator when seeded, so a
-    seeded request gives the same tokens whatever else shares its batch.
+    Returns [B] int64 on logp's device. Greedy rows take the argmax.
     """
-    tokens = logp.argmax(dim=-1)  # [B]
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return tokens
-    rows = torch.tensor(sampled, device=logp.device)
-    temps = torch.tensor([params[i].temperature for i in sampled], device=logp.device)  # [S]
-    logits = logp.index_select(0, rows) / temps.unsqueeze(1)  # [S, V]
-    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled):
-        top_k = torch.tensor([max(params[i].top_k, 0) for i in sampled], device=logp.device)
-        top_p = torch.tensor([params[i].top_p for i in sampled], device=logp.device)
-        logits = apply_top_k_top_p(logits, top_k, top_p)
-    probs = logits.softmax(dim=-1)  # [S, V]
-    # Exponential race (argmax p/q, q ~ Exp(1)) equals categorical sampling and lets each row use its own generator.
-    q = torch.empty_like(probs)
-    for j, i in enumerate(sampled):
-        q[j].exponential_(generator=generators[i])
-    tokens[rows] = (probs / q).argmax(dim=-1)
-    return tokens
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    argmax = logp.argmax(dim=-1)  # [B]
+    if not rows.any_sampled:
+        return argmax
+    logits = logp / rows.temperature.unsqueeze(1)  # [B, V]
+    if rows.any_filtered:
+        logits = apply_top_k_top_p(logits, rows.top_k, rows.top_p)
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1:]  # [B, 1] (1 up to rounding)
+    # Strictly below the total, so the crossing is always a token with non-zero probability.
+    x = torch.minimum(uniform(rows.seed, counter).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, x, right=True).squeeze(1)  # first index whose cdf exceeds x
+    return torch.where(rows.greedy, argmax, drawn)
 
 
 def top_logprobs(logp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

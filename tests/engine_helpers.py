@@ -6,21 +6,40 @@ import torch
 
 from memories.mixing import mix_logprobs
 from server.engine import Engine
-from server.request import GenerationRequest, RequestOutput
+from server.output import OutputProcessor
+from server.request import FinishReason, GenerationRequest, RequestOutput
 
 
 def run(engine: Engine, requests: list[GenerationRequest], join: dict[int, list[GenerationRequest]] | None = None):
-    """Step the engine to completion; `join[k]` requests are added before step k. Returns outputs per id."""
+    """Step the engine to completion; `join[k]` requests are added before step k. Returns outputs per id.
+
+    Outputs go through each request's OutputProcessor, as `AsyncEngine.generate` does: they carry text,
+    and a stop string ends the request in the engine.
+    """
     join = join or {}
     outputs: dict[str, list[RequestOutput]] = {}
-    for r in requests:
+    processors: dict[str, OutputProcessor] = {}
+
+    def add(r: GenerationRequest) -> None:
         engine.add_request(r)
+        processors[r.request_id] = OutputProcessor(r, engine.base.tokenizer)
+
+    for r in requests:
+        add(r)
     step = 0
     while engine.has_unfinished() or any(k >= step for k in join):
         for r in join.get(step, []):
-            engine.add_request(r)
-        for out in engine.step():
+            add(r)
+        for eng_out in engine.step().outputs:
+            proc = processors[eng_out.request_id]
+            if proc.stopped is not None:
+                continue
+            out = proc.process(eng_out)
+            if out is None:
+                continue
             outputs.setdefault(out.request_id, []).append(out)
+            if proc.stopped is not None:
+                engine.abort_request(out.request_id, FinishReason.STOP)
         step += 1
     return outputs
 

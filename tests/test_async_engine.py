@@ -44,7 +44,8 @@ def test_concurrent_requests_match_sync_engine(setup):
             return await asyncio.gather(*(collect(engine, r) for r in requests))
 
         results = asyncio.run(main())
-        assert engine.engine.runner.base_cache.seq_ids == []
+        usage = engine.engine.cache_usage()
+        assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots)
     finally:
         engine.shutdown()
     for r, outs in zip(requests, results, strict=True):
@@ -71,7 +72,8 @@ def test_consumer_leaving_aborts_in_engine(setup):
         first = asyncio.run(main())
         assert first.new_token_ids
         assert engine.num_running == 0 and registry.users("med") == 0
-        assert engine.engine.runner.mem_caches == {}
+        usage = engine.engine.cache_usage()
+        assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots)
     finally:
         engine.shutdown()
 

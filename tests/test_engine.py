@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -12,9 +13,10 @@ from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.errors import ConflictError, InvalidRequestError, MemoryLoadError, NotFoundError
 from server.loader import load_base
+from server.output import IncrementalDetokenizer
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
-from server.sequence import IncrementalDetokenizer
+from server.sampler import apply_top_k_top_p
 from tests.engine_helpers import logprobs_of, reference_logp, run, tokens_of
 
 
@@ -41,58 +43,114 @@ def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
     return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
 
 
+def assert_clean(engine: Engine) -> None:
+    """Every page and slot is back in its pool."""
+    usage = engine.cache_usage()
+    assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots), usage
+
+
+def worst_error(out, specs, setup) -> float:
+    """Largest |engine − reference| over every step's full mixed distribution (requests ask logprobs = vocab)."""
+    base, registry = setup
+    vocab = base.vocab_size
+    worst = 0.0
+    for rid, ids, memory, alpha, n in specs:
+        mem_model = registry.loaded(memory).model if memory else None
+        context = list(ids)
+        lps = logprobs_of(out[rid])
+        assert len(lps) == n, rid
+        for lp in lps:
+            engine_logp = torch.full((vocab,), float("-inf"))
+            top_ids, vals = zip(*lp.top, strict=True)
+            engine_logp[list(top_ids)] = torch.tensor(vals)
+            ref = reference_logp(base.model, mem_model, context, alpha, vocab)
+            worst = max(worst, (engine_logp - ref).abs().max().item())
+            context.append(lp.token_id)
+    return worst
+
+
 @pytest.mark.parametrize("memory", [None, "med", "law"])
 def test_pure_endpoints_match_hf_generate(setup, memory):
     """alpha=0 follows the base's greedy generate; alpha=1 follows the memory's."""
     base, registry = setup
     ids = prompt(base, "The committee expects inflation")
-    model = base.model if memory is None else registry._entries[memory].loaded.model
+    model = base.model if memory is None else registry.loaded(memory).model
     rows = model.get_output_embeddings().weight.shape[0]
     # Padded rows (the Qwen2 memory) must never win: tell generate so, as the engine does by construction.
     padded = {"suppress_tokens": list(range(base.vocab_size, rows))} if rows > base.vocab_size else {}
-    # 40 tokens: past the KV buffers' initial spare columns, so in-place growth is exercised too.
     # ignore_eos on our side = no EOS at all on HF's (min_new_tokens would *suppress* EOS instead).
     ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0, **padded)
     ref = ref[0, len(ids) :].tolist()
     alpha = 0.0 if memory is None else 1.0
-    engine = engine_for(setup)
+    # block_size 4: 40 tokens cross many pages of both caches.
+    engine = engine_for(setup, block_size=4)
     out = run(engine, [greedy("r", ids, n=40, memory=memory, alpha=alpha), greedy("noise", prompt(base, "x y"), memory="fin", alpha=0.5)])
     assert tokens_of(out["r"]) == ref
+    assert_clean(engine)
 
 
-def test_mixed_distribution_matches_full_forward_reference(setup):
-    """Every step of every sequence, in a mixed batch with joins mid-way, equals the formula applied
-    to full no-cache forwards of both models (full distribution via logprobs = vocab)."""
-    base, registry = setup
+CHURN = [  # rid, text, memory, alpha, tokens, joins before step
+    ("a", "The patient was given a dose", "med", 0.6, 9, 0),
+    ("b", "The court held", "law", 0.3, 3, 0),  # padded-vocabulary Qwen2 memory; leaves early
+    ("c", "Once upon a time there was a little house", None, 0.0, 7, 0),
+    ("d", "inflation", "fin", 0.9, 5, 2),
+    ("e", "The statute applies to the contract and", "med", 1.0, 4, 3),
+    ("f", "The patient", "med", 0.25, 8, 3),
+    ("g", "The committee", "law", 0.5, 2, 5),
+    ("h", "rates rose", "fin", 0.0, 3, 6),  # a memory at alpha 0 runs the base alone
+    ("i", "x", None, 0.0, 4, 8),
+]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # default pages (16 base tokens)
+        {"block_size": 2},  # rows cross pages every step or two, in every model
+        {"block_size": 2, "num_gpu_blocks_override": 235, "max_num_seqs": 4},  # the long row alone nearly fills it: waits, preemptions
+    ],
+    ids=["default", "small-pages", "tight-cache"],
+)
+def test_mixed_distribution_matches_full_forward_reference_under_churn(setup, config):
+    """Every step of every sequence, in a batch where rows join and leave every few steps with different
+    lengths and memories, equals the formula applied to full no-cache forwards of both models."""
+    base, _ = setup
     vocab = base.vocab_size
-    specs = [
-        ("a", "The patient was given a dose", "med", 0.6, 0),
-        ("b", "The court held", "law", 0.3, 0),  # padded-vocabulary Qwen2 memory
-        ("c", "Once upon a time there was a little house", None, 0.0, 0),
-        ("d", "inflation", "fin", 0.9, 2),  # joins mid-way
-        ("e", "The statute applies to the contract and", "med", 1.0, 3),
-        ("f", "The patient", "med", 0.25, 3),
-    ]
-    reqs = {rid: greedy(rid, prompt(base, text), n=6, memory=m, alpha=a, logprobs=vocab) for rid, text, m, a, _ in specs}
+    long_text = " ".join(["the court held that the patient was given a dose of the statute"] * 11)
+    specs = [*CHURN, ("long", long_text, "med", 0.5, 3, 1)]  # past the first attended-blocks bucket (256 tokens)
+    reqs = {rid: greedy(rid, prompt(base, text), n=n, memory=m, alpha=a, logprobs=vocab) for rid, text, m, a, n, _ in specs}
+    assert 280 < len(reqs["long"].prompt_token_ids) < 500
     join: dict[int, list] = {}
-    for rid, _, _, _, at in specs:
+    for rid, *_, at in specs:
         if at:
             join.setdefault(at, []).append(reqs[rid])
-    out = run(engine_for(setup), [reqs[rid] for rid, *_, at in specs if at == 0], join)
-    worst = 0.0
-    for rid, _, memory, alpha, _ in specs:
-        mem_model = registry._entries[memory].loaded.model if memory else None
-        context = list(reqs[rid].prompt_token_ids)
-        lps = logprobs_of(out[rid])
-        assert len(lps) == 6
-        for lp in lps:
-            engine_logp = torch.full((vocab,), float("-inf"))
-            ids, vals = zip(*lp.top, strict=True)
-            engine_logp[list(ids)] = torch.tensor(vals)
-            ref = reference_logp(base.model, mem_model, context, alpha, vocab)
-            worst = max(worst, (engine_logp - ref).abs().max().item())
-            context.append(lp.token_id)
+    engine = engine_for(setup, **config)
+    out = run(engine, [reqs[rid] for rid, *_, at in specs if at == 0], join)
+    ref_specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in specs]
+    worst = worst_error(out, ref_specs, setup)
     assert 0.0 < worst <= 1e-4, worst  # > 0: the two paths are really different computations
+    assert_clean(engine)
+
+
+def test_preemption_keeps_greedy_outputs(setup):
+    """With pages for barely two sequences, rows are preempted and recomputed; outputs do not change."""
+    base, _ = setup
+    reqs = [greedy(f"p{i}", prompt(base, f"The patient number {i} was"), n=30, memory=m, alpha=0.5)
+            for i, m in enumerate(["med", "law", "fin", None, "med"])]
+    roomy = run(engine_for(setup), reqs)
+    preemptions = []
+
+    class Count:
+        def __getattr__(self, name):
+            return lambda *a: preemptions.append(a[1]) if name == "on_kv_cache" else None
+
+    base_, registry = setup
+    tight = Engine(base_, registry, EngineConfig(block_size=2, num_gpu_blocks_override=70), observer=Count())
+    out = run(tight, reqs)
+    assert sum(preemptions) > 0
+    for r in reqs:
+        assert tokens_of(out[r.request_id]) == tokens_of(roomy[r.request_id])
+    assert_clean(tight)
 
 
 def test_same_result_alone_and_in_busy_batch(setup):
@@ -112,6 +170,39 @@ def test_same_result_alone_and_in_busy_batch(setup):
     assert tokens_of(other_seed["s"]) != tokens_of(alone["s"])
 
 
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.09: significance 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}, {"temperature": 1.3, "top_k": 5}])
+def test_sampled_tokens_follow_the_exact_mixture(setup, params):
+    """4,000 seeded draws of the first token: a chi-square test against the mixture computed from full
+    forwards of both models (with the same temperature / top-k / top-p transform)."""
+    base, registry = setup
+    ids = prompt(base, "The court held that")
+    alpha, n = 0.6, 4000
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=1, seed=i, ignore_eos=True, **params), "law", alpha) for i in range(n)]
+    out = run(engine_for(setup), reqs)
+    counts = torch.zeros(base.vocab_size)
+    for r in reqs:
+        counts[tokens_of(out[r.request_id])[0]] += 1
+    logp = reference_logp(base.model, registry.loaded("law").model, list(ids), alpha, base.vocab_size)
+    logits = (logp / params["temperature"]).unsqueeze(0)
+    logits = apply_top_k_top_p(logits, torch.tensor([params.get("top_k", 0)]), torch.tensor([params.get("top_p", 1.0)]))[0]
+    expected = logits.softmax(-1) * n
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus / top-k
+    big = expected >= 5
+    cells_obs = [*counts[big].tolist(), counts[~big].sum().item()]
+    cells_exp = [*expected[big].tolist(), expected[~big].sum().item()]
+    if cells_exp[-1] < 5:  # fold a tiny remainder into the smallest cell
+        cells_obs, cells_exp = cells_obs[:-1], cells_exp[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp, strict=True))
+    df = len(cells_exp) - 1
+    assert df >= 3, "the test needs several likely tokens"
+    assert stat < _chi_square_critical(df), (stat, df)
+
+
 def test_foreign_tokenizer_refused_and_registry_unchanged(setup, zoo):
     _, registry = setup
     before = [m.name for m in registry.list()]
@@ -122,7 +213,7 @@ def test_foreign_tokenizer_refused_and_registry_unchanged(setup, zoo):
 
 def test_padded_vocabulary_never_gets_probability(setup):
     base, registry = setup
-    lm = registry._entries["law"].loaded
+    lm = registry.loaded("law")
     assert lm.model.get_output_embeddings().weight.shape[0] > base.vocab_size
     out = run(engine_for(setup), [greedy("p", prompt(base, "The court"), n=4, memory="law", alpha=1.0, logprobs=base.vocab_size)])
     for lp in logprobs_of(out["p"]):
@@ -141,9 +232,12 @@ def test_stop_conditions(setup):
     assert out[-1].stop_reason == toks[3]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop.strip():
-        out = run(engine_for(setup), [greedy("s", ids, n=12, stop=(stop,))])["s"]
+        engine = engine_for(setup)
+        out = run(engine, [greedy("s", ids, n=12, stop=(stop,))])["s"]
         assert "".join(o.new_text for o in out) == text[: text.index(stop)]
         assert out[-1].finish_reason is FinishReason.STOP and out[-1].stop_reason == stop
+        assert out[-1].num_output_tokens == len(tokens_of(out)) < 12
+        assert_clean(engine)  # the engine ended the request when the stop string matched
     eos_model = run(engine_for(setup), [GenerationRequest("e", ids, SamplingParams(max_tokens=5, temperature=0))])["e"]
     assert eos_model[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
     assert len(tokens_of(eos_model)) <= 5
@@ -163,7 +257,24 @@ def test_validation_errors(setup):
     assert not engine.has_unfinished()
 
 
-def test_abort_frees_slot_and_cache(setup):
+def test_request_larger_than_the_kv_cache_is_refused_and_a_flood_waits(setup):
+    base, _ = setup
+    # 40 pages of 4 base tokens: one request of 100 tokens with a memory cannot ever fit.
+    engine = engine_for(setup, block_size=4, num_gpu_blocks_override=41, max_num_seqs=8)
+    with pytest.raises(InvalidRequestError, match="KV cache") as err:
+        engine.add_request(greedy("big", tuple(range(5, 85)), n=60, memory="med", alpha=0.5))
+    assert err.value.code == "kv_cache_too_small" and not engine.has_unfinished()
+    flood = [greedy(f"f{i}", prompt(base, f"flood {i} of requests"), n=20, memory=["med", "law", None][i % 3], alpha=0.5)
+             for i in range(12)]
+    waited = run(engine, flood)
+    roomy = run(engine_for(setup), flood)
+    for r in flood:
+        assert waited[r.request_id][-1].finish_reason is FinishReason.LENGTH
+        assert tokens_of(waited[r.request_id]) == tokens_of(roomy[r.request_id])
+    assert_clean(engine)
+
+
+def test_abort_frees_slot_and_pages(setup):
     base, registry = setup
     engine = engine_for(setup)
     engine.add_request(greedy("a", prompt(base, "The patient"), n=50, memory="med", alpha=0.5))
@@ -171,13 +282,46 @@ def test_abort_frees_slot_and_cache(setup):
     engine.step()
     engine.step()
     users = registry.users("med")
+    used = engine.cache_usage()
     out = engine.abort_request("a")
     assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
     assert registry.users("med") == users - 1
-    assert engine.runner.mem_caches == {} and engine.runner.base_cache.seq_ids != []
+    after = engine.cache_usage()
+    assert after.free_slots == used.free_slots + 1 and after.free_pages > used.free_pages
     while engine.has_unfinished():
         engine.step()
-    assert len(engine.runner.base_cache) == 0
+    assert_clean(engine)
+
+
+def test_rollback_truncates_both_caches_exactly(setup):
+    """Decode, roll a row back by several tokens across page boundaries, decode again: the regenerated
+    tokens and their distributions equal the reference for the shortened context."""
+    base, registry = setup
+    vocab = base.vocab_size
+    engine = engine_for(setup, block_size=2)
+    ids = prompt(base, "The patient was given")
+    engine.add_request(greedy("r", ids, n=14, memory="med", alpha=0.7, logprobs=vocab))
+    engine.add_request(greedy("other", prompt(base, "The court held that"), n=14, memory="law", alpha=0.4))
+    for _ in range(10):
+        engine.step()
+    seq = engine.scheduler.find("r")
+    first = list(seq.token_ids)
+    keep = len(ids) + 3
+    engine.rollback(seq, keep)
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step().outputs if o.request_id == "r"]
+    lps = [lp for o in outs for lp in (o.new_logprobs or ())]
+    assert seq.token_ids[: len(first)] == first  # greedy: the same tokens again
+    context = first[:keep]
+    for lp in lps[-(len(seq.token_ids) - keep) :]:
+        got = torch.full((vocab,), float("-inf"))
+        top_ids, vals = zip(*lp.top, strict=True)
+        got[list(top_ids)] = torch.tensor(vals)
+        ref = reference_logp(base.model, registry.loaded("med").model, context, 0.7, vocab)
+        assert (got - ref).abs().max().item() <= 1e-4
+        context.append(lp.token_id)
+    assert_clean(engine)
 
 
 def test_memory_failure_fails_only_its_requests(setup, zoo):
@@ -195,7 +339,7 @@ def test_memory_failure_fails_only_its_requests(setup, zoo):
         if fail_at["n"] == 3:
             raise torch.OutOfMemoryError("simulated OOM")
 
-    handle = registry._entries["med"].loaded.model.register_forward_pre_hook(explode, with_kwargs=True)
+    handle = registry.loaded("med").model.register_forward_pre_hook(explode, with_kwargs=True)
     try:
         out = run(engine, reqs)
     finally:
@@ -203,6 +347,31 @@ def test_memory_failure_fails_only_its_requests(setup, zoo):
     assert out["bad"][-1].finish_reason is FinishReason.ERROR and "simulated OOM" in out["bad"][-1].error
     assert tokens_of(out["ok"]) == tokens_of(alone["ok"]) and out["ok"][-1].finish_reason is FinishReason.LENGTH
     assert registry.users("med") == 0
+    assert_clean(engine)
+
+
+def test_base_failure_in_prefill_fails_only_the_newcomers(setup):
+    base, _ = setup
+    engine = engine_for(setup)
+    engine.add_request(greedy("running", prompt(base, "The patient"), n=8, memory="med", alpha=0.5))
+    engine.step()
+    engine.add_request(greedy("new", prompt(base, "The court"), n=8))
+
+    def explode(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill (decode feeds one token per row)
+            raise torch.OutOfMemoryError("simulated prefill OOM")
+
+    handle = base.model.register_forward_pre_hook(explode, with_kwargs=True)
+    try:
+        outs = engine.step().outputs
+    finally:
+        handle.remove()
+    assert [o.request_id for o in outs] == ["new"] and outs[0].finish_reason is FinishReason.ERROR
+    rest = []
+    while engine.has_unfinished():
+        rest += engine.step().outputs
+    assert rest[-1].request_id == "running" and rest[-1].finish_reason is FinishReason.LENGTH
+    assert_clean(engine)
 
 
 def test_unload_while_in_use_finishes_then_frees(setup, zoo):
@@ -212,17 +381,18 @@ def test_unload_while_in_use_finishes_then_frees(setup, zoo):
     engine = Engine(base, registry, EngineConfig())
     engine.add_request(greedy("a", prompt(base, "The patient"), n=8, memory="med", alpha=0.5))
     engine.step()
-    model_ref = weakref.ref(registry._entries["med"].loaded.model)
+    model_ref = weakref.ref(registry.loaded("med").model)
     registry.unload("med")
     with pytest.raises(NotFoundError):
         engine.add_request(greedy("b", prompt(base, "x"), n=2, memory="med", alpha=0.5))
     assert "med" not in registry and model_ref() is not None
     outs = []
     while engine.has_unfinished():
-        outs += engine.step()
+        outs += engine.step().outputs
     assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].num_output_tokens == 8
     gc.collect()
-    assert model_ref() is None and registry._entries == {}
+    assert model_ref() is None and registry.list() == []
+    assert_clean(engine)
 
 
 def test_echo_prompt_logprobs_are_mixed(setup):
@@ -232,11 +402,89 @@ def test_echo_prompt_logprobs_are_mixed(setup):
     out = run(engine_for(setup), [req])["e"]
     plps = out[0].prompt_logprobs
     assert plps[0] is None and len(plps) == len(ids) and out[-1].num_output_tokens == 0
-    mem = registry._entries["law"].loaded.model
+    mem = registry.loaded("law").model
     for t in range(1, len(ids)):
         ref = reference_logp(base.model, mem, list(ids[:t]), 0.4, base.vocab_size)
         assert abs(plps[t].logprob - ref[ids[t]].item()) < 1e-4
         assert [i for i, _ in plps[t].top] == ref.topk(3).indices.tolist()
+
+
+def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
+    """A probe on every Python-visible way a tensor reaches the host: a steady decode step (page crossings,
+    log-probs, sampling, several memories) reads the device exactly once — the engine's `fetch`."""
+    import server.engine as engine_module
+
+    base, _ = setup
+    engine = engine_for(setup, block_size=2)
+    reqs = [
+        greedy("a", prompt(base, "The patient was"), n=30, memory="med", alpha=0.6, logprobs=3),
+        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), "law", 0.4),
+        greedy("c", prompt(base, "Once upon"), n=30),
+    ]
+    for r in reqs:
+        engine.add_request(r)
+    for _ in range(3):  # the prefill and a first decode step (which builds the decode batch)
+        engine.step()
+    reads: list[str] = []
+    inside_fetch = [False]
+    real_fetch = engine_module.fetch
+
+    def counting_fetch(*tensors):
+        reads.append("fetch")
+        inside_fetch[0] = True
+        try:
+            return real_fetch(*tensors)
+        finally:
+            inside_fetch[0] = False
+
+    def probe(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if not inside_fetch[0]:
+                reads.append(name)
+            return real(self, *a, **k)
+
+        return wrapper
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, probe(name))
+    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
+    steps = 12
+    for _ in range(steps):
+        result = engine.step()
+        assert result.kind.value == "decode" and len(result.outputs) == 3
+    monkeypatch.undo()
+    assert reads == ["fetch"] * steps, reads
+
+
+def test_cache_kv_ops_truncate_and_leak_free(setup):
+    """Slot bookkeeping under aborts, errors and unloads: every page and slot comes back."""
+    base, registry = setup
+    engine = engine_for(setup, block_size=2)
+    for i in range(6):
+        engine.add_request(greedy(f"r{i}", prompt(base, f"request {i} about the patient"), n=20, memory=["med", "law", None][i % 3], alpha=0.5))
+    for _ in range(4):
+        engine.step()
+    engine.abort_request("r0")
+    engine.abort_request("r5")
+    while engine.has_unfinished():
+        engine.step()
+    assert_clean(engine)
+    kv = engine.runner.kv(None)
+    engine.add_request(greedy("t", prompt(base, "a b c d e f g h"), n=20))
+    for _ in range(6):
+        engine.step()
+    seq = engine.scheduler.find("t")
+    held = engine.cache_usage().free_pages
+    cached = int(kv.host_lengths[seq.slot])
+    kv.truncate(seq.slot, 3)
+    assert int(kv.host_lengths[seq.slot]) == 3 and kv.pages_missing(seq.slot, 4) == 0
+    assert engine.cache_usage().free_pages == held + kv.blocks_for(cached) - kv.blocks_for(3)
+    with pytest.raises(ValueError):
+        kv.truncate(seq.slot, 4 + cached)
+    engine.abort_request("t")
+    assert_clean(engine)
 
 
 @pytest.mark.gpu
@@ -249,7 +497,7 @@ def test_cuda_streams_path_matches_cpu_reference(zoo):
     assert engine.runner.side_stream is not None
     ids = prompt(base, "The patient was given")
     out = run(engine, [greedy("a", ids, n=6, memory="med", alpha=0.6, logprobs=base.vocab_size), greedy("b", ids, n=6)])
-    mem = registry._entries["med"].loaded.model
+    mem = registry.loaded("med").model
     context = list(ids)
     for lp in logprobs_of(out["a"]):
         ref = reference_logp(base.model, mem, context, 0.6, base.vocab_size).cpu()
@@ -289,3 +537,4 @@ def test_eos_ends_the_text_without_appearing_in_it(setup):
     text = "".join(detok.step(ids + words[: i + 1]) for i in range(len(words)))
     assert text == " there was"
     assert detok.step(ids + words + [min(base.eos_token_ids)]) == ""  # vLLM's skip_special_tokens default
+

@@ -36,6 +36,10 @@ SPEC = {
     "memdec_memories_loaded": ("gauge", set()),
     "memdec_memory_parameters": ("gauge", {"memory"}),
     "memdec_batch_size": ("gauge", set()),
+    # Issue 12: the paged KV cache and CUDA graphs.
+    "memdec_kv_cache_usage_perc": ("gauge", set()),
+    "memdec_num_preemptions": ("counter", set()),
+    "memdec_cuda_graph_capture_seconds": ("gauge", {"memory"}),
 }
 
 
@@ -71,6 +75,9 @@ def exercise(m: Metrics) -> None:
     m.request_done("completions", 200, FinishReason.STOP)
     m.request_done("perplexity", 200)
     m.request_done("completions", 400)
+    m.set_kv_cache(0.25, preemptions=2)
+    m.graph_captured(None, 1.5)
+    m.graph_captured("med", 0.5)
 
 
 def test_exactly_the_metrics_of_issue_5_with_their_labels():
@@ -229,6 +236,23 @@ def test_steps_queue_and_requests():
     assert val(m, "memdec_perplexity_request_seconds_count", memory="none") == 1
     assert val(m, "memdec_perplexity_request_seconds_bucket", memory="none", le="0.25") == 1
     assert val(m, "memdec_prompt_tokens_total", memory="none") == 40
+
+
+def test_kv_cache_preemptions_and_graph_capture():
+    m = Metrics(max_memory_labels=1)
+    assert val(m, "memdec_kv_cache_usage_perc") == 0 and val(m, "memdec_num_preemptions_total") == 0
+    m.set_kv_cache(0.4)
+    m.set_kv_cache(0.75, preemptions=3)
+    assert val(m, "memdec_kv_cache_usage_perc") == 0.75 and val(m, "memdec_num_preemptions_total") == 3
+    m.graph_captured(None, 2.5)  # the base
+    m.graph_captured("med", 0.5)  # captured just before it is registered, still gets its own series
+    m.memory_loaded("med", 10)
+    m.graph_captured("law", 0.25)  # past max_memory_labels: bounded
+    assert val(m, "memdec_cuda_graph_capture_seconds", memory="none") == 2.5
+    assert val(m, "memdec_cuda_graph_capture_seconds", memory="med") == 0.5
+    assert val(m, "memdec_cuda_graph_capture_seconds", memory="other") == 0.25
+    m.memory_unloaded("med")
+    assert val(m, "memdec_cuda_graph_capture_seconds", memory="med") is None
 
 
 def test_two_instances_in_one_process_are_independent():

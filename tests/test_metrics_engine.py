@@ -50,5 +50,5 @@ def test_requests_move_latency_token_and_step_metrics(zoo):
     assert sample(metrics, "memdec_e2e_request_latency_seconds_count", memory="none") == 2
     assert sample(metrics, "memdec_step_phase_seconds_count", phase="memory_forward") >= 5
     assert sample(metrics, "memdec_step_phase_seconds_sum", phase="base_forward") > 0
-    assert sample(metrics, "memdec_memory_parameters", memory="med") == registry._entries["med"].info.num_parameters
+    assert sample(metrics, "memdec_memory_parameters", memory="med") == registry.get("med").num_parameters
     assert sample(metrics, "memdec_requests_running") == 0 and sample(metrics, "memdec_requests_waiting") == 0

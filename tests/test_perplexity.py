@@ -65,7 +65,7 @@ def test_windows_score_every_token_once():
 
 def test_perplexity_matches_reference_loop_and_alpha_list(engine):
     base = engine.base
-    mem = engine.registry._entries["law"].loaded.model
+    mem = engine.registry.loaded("law").model
     text = sample_text("legal", 6000)
     docs = [tuple(base.tokenizer(text[:1500]).input_ids), tuple(base.tokenizer(text[1500:1800]).input_ids)]
     alphas = (0.0, 0.3, 0.7, 1.0)

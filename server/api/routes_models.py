@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -88,7 +87,8 @@ async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
         check_lookup(path)
         if body.name == state.served_model_name:
             raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
-        info = await asyncio.to_thread(state.registry.load, body.name, path, body.alpha)
+        # The engine captures its graphs before the memory becomes visible.
+        info = await state.ready_engine().load_memory(body.name, path, body.alpha)
     return memory_card(state, info)
 
 
@@ -96,6 +96,5 @@ async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
 async def unload_memory(name: str, request: Request) -> dict[str, Any]:
     """Unload a memory: refused to new requests at once, freed when its running requests finish."""
     state = _state(request)
-    assert state.registry is not None
-    state.registry.unload(name)
+    state.ready_engine().unload_memory(name)
     return {"id": name, "object": "memory", "deleted": True}

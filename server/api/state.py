@@ -106,9 +106,7 @@ class ServingState:
             if config.registry_file is not None:
                 specs = specs + read_registry_file(config.registry_file)
             base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
-            registry = MemoryRegistry(base)
-            registry.on_loaded = self.metrics.memory_loaded
-            registry.on_freed = self.metrics.memory_unloaded
+            registry = MemoryRegistry(base, on_loaded=self.metrics.memory_loaded, on_freed=self.metrics.memory_unloaded)
             for spec in specs:
                 with self.counting_load():
                     await asyncio.to_thread(registry.load, spec.name, spec.path, spec.alpha)

@@ -1,0 +1,148 @@
+"""Attention over paged KV, plugged into Hugging Face models through transformers' AttentionInterface.
+
+A served model is switched once to the "memdec" implementation (`use_paged_attention`); its modeling
+code is unchanged. A forward that carries `memdec_ctx=` (a `PrefillContext` or `DecodeContext`)
+stores its new keys/values into the pages and attends over them. Every other forward (HF `generate`,
+the toolkit, test references, perplexity windows) falls through to transformers' SDPA function with
+the mask HF builds, so the model behaves exactly as with `attn_implementation="sdpa"`.
+
+Engine forwards pass a ready 4-D `attention_mask`, which makes HF return it as is: no mask is built,
+and nothing on the path reads a tensor back to the host.
+
+PyTorch-native (SDPA) so the CPU tests run the same code as the GPU. Decode gathers each row's pages
+into a contiguous [rows, kv_heads, tokens, head_dim] view per layer and attends with a length mask;
+grouped-query heads are folded into the query length so no key/value is repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from server.kv import ModelKV
+
+NAME = "memdec"
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, memdec_ctx=None, **kwargs):
+    if memdec_ctx is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return memdec_ctx.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
+
+
+AttentionInterface.register(NAME, _attention)
+# Plain forwards get the mask SDPA would get; engine forwards skip mask creation (their mask is 4-D).
+AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+# What prefill forwards pass as `attention_mask` (the context carries everything), one per device.
+_NO_MASK: dict[torch.device, torch.Tensor] = {}
+
+
+def use_paged_attention(model: PreTrainedModel) -> None:
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+
+
+def _check(kv: ModelKV, key: torch.Tensor) -> None:
+    g = kv.geometry
+    if key.shape[1] != g.num_kv_heads or key.shape[-1] != g.head_dim:
+        raise RuntimeError(
+            f"attention keys have {key.shape[1]} heads of {key.shape[-1]}, the KV cache was laid out for "
+            f"{g.num_kv_heads} of {g.head_dim}: this architecture is not supported by the paged cache"
+        )
+
+
+@dataclass
+class PrefillContext:
+    """Whole prompts packed into one row of N tokens: [1, N]. Each sequence is a segment."""
+
+    kv: ModelKV
+    page: torch.Tensor  # [N] page receiving each token's keys/values
+    offset: torch.Tensor  # [N] position inside that page
+    segments: list[tuple[int, int]]  # (start, length) in the packed row; host ints
+    _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        device = self.page.device
+        if device not in _NO_MASK:
+            _NO_MASK[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        return _NO_MASK[device]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+        # q: [1, H, N, D]; k, v: [1, Hkv, N, D]
+        _check(self.kv, k)
+        self.kv.keys[layer][self.page, self.offset] = k[0].transpose(0, 1)  # [N, Hkv, D]
+        self.kv.values[layer][self.page, self.offset] = v[0].transpose(0, 1)
+        gqa = q.shape[1] != k.shape[1]
+        lengths = {n for _, n in self.segments}
+        if len(lengths) == 1 and window is None:
+            # Equal segments: one batched call over [S, H, T, D] views of the packed row.
+            n = lengths.pop()
+            s = len(self.segments)
+            qs, ks, vs = (t[0].unflatten(1, (s, n)).transpose(0, 1) for t in (q, k, v))  # [S, H|Hkv, T, D]
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            return out.permute(0, 2, 1, 3).reshape(1, s * n, q.shape[1], q.shape[-1]), None  # [1, N, H, D]
+        out = torch.empty_like(q)
+        for start, n in self.segments:
+            seg = slice(start, start + n)
+            mask = None if window is None else self._window_mask(n, window, q.device)
+            out[:, :, seg] = F.scaled_dot_product_attention(
+                q[:, :, seg], k[:, :, seg], v[:, :, seg], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+            )
+        return out.transpose(1, 2).contiguous(), None  # [1, N, H, D]
+
+    def _window_mask(self, n: int, window: int, device: torch.device) -> torch.Tensor:
+        key = (n, window)
+        if key not in self._windows:
+            i = torch.arange(n, device=device)
+            self._windows[key] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [T, T]
+        return self._windows[key]
+
+
+@dataclass
+class DecodeContext:
+    """One new token per row: [B, 1]. Rows attend over their pages up to their length."""
+
+    kv: ModelKV
+    page: torch.Tensor  # [B] page receiving each row's new token
+    offset: torch.Tensor  # [B]
+    tables: torch.Tensor  # [B, nblk] pages to attend over, in order
+    lengths: torch.Tensor  # [B] tokens per row including the new one
+    attention_mask: torch.Tensor = field(init=False)  # [B, 1, 1, L] True where a row has a token
+    _windows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        span = self.tables.shape[1] * self.kv.block_size
+        cols = torch.arange(span, device=self.tables.device)  # [L]
+        self.attention_mask = (cols[None, :] < self.lengths[:, None])[:, None, None, :]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+        # q: [B, H, 1, D]; k, v: [B, Hkv, 1, D]
+        _check(self.kv, k)
+        keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
+        keys[self.page, self.offset] = k[:, :, 0]
+        values[self.page, self.offset] = v[:, :, 0]
+        b, h, _, d = q.shape
+        hkv = k.shape[1]
+        # [B, nblk, block, Hkv, D] -> [B, Hkv, L, D]: each row's tokens in order.
+        kk = keys[self.tables].flatten(1, 2).transpose(1, 2)
+        vv = values[self.tables].flatten(1, 2).transpose(1, 2)
+        # Grouped-query heads as the query length: query head i uses kv head i // (H / Hkv), as in repeat_kv.
+        qg = q.view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+        mask = self.attention_mask if window is None else self._window_mask(window)
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)  # [B, Hkv, G, D]
+        return out.reshape(b, 1, h, d), None  # [B, 1, H, D]
+
+    def _window_mask(self, window: int) -> torch.Tensor:
+        if window not in self._windows:
+            span = self.attention_mask.shape[-1]
+            cols = torch.arange(span, device=self.lengths.device)
+            inside = cols[None, :] >= (self.lengths - window)[:, None]
+            self._windows[window] = self.attention_mask & inside[:, None, None, :]
+        return self._windows[window]
