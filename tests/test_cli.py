@@ -36,12 +36,15 @@ def test_serve_flags_build_the_config(tmp_path):
         "--dtype", "float32", "--device", "cpu", "--max-num-seqs", "8", "--max-num-batched-tokens", "1024",
         "--max-queue", "3", "--api-key", "k", "--admin-key", "a", "--enable-admin", "--memory-root", str(tmp_path),
         "--served-model-name", "base", "--shutdown-timeout", "5", "--port", "9001", "--max-model-len", "256",
+        "--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "300", "--block-size", "32", "--enforce-eager",
     ])  # fmt: skip
     config = cli.config_from_args(args)
     assert config.model.model == "m" and config.model.dtype == "float32" and config.model.device == "cpu"
     assert config.memories == (MemorySpec("a", "/x"), MemorySpec("b", "/y", 0.2))
     assert config.engine.max_num_seqs == 8 and config.engine.max_num_batched_tokens == 1024
     assert config.engine.max_model_len == 256
+    assert (config.engine.gpu_memory_utilization, config.engine.num_gpu_blocks_override) == (0.5, 300)
+    assert config.engine.block_size == 32 and config.engine.enforce_eager
     assert (config.max_queue, config.api_key, config.admin_key, config.enable_admin) == (3, "k", "a", True)
     assert config.memory_root == tmp_path.resolve() and config.served_model_name == "base"
     assert (config.shutdown_timeout, config.port) == (5.0, 9001)
@@ -69,6 +72,8 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
     ["serve", "--model", "m", "--dtype", "int8"],
     ["serve", "--model", "m", "--memory", "broken"],
     ["serve", "--model", "m", "--shutdown-timeout", "-1"],
+    ["serve", "--model", "m", "--gpu-memory-utilization", "1.5"],
+    ["serve", "--model", "m", "--num-gpu-blocks-override", "0"],
     [],
 ])  # fmt: skip
 def test_bad_arguments_exit_2(argv, capsys, monkeypatch, tmp_path):

@@ -538,3 +538,33 @@ def test_eos_ends_the_text_without_appearing_in_it(setup):
     assert text == " there was"
     assert detok.step(ids + words + [min(base.eos_token_ids)]) == ""  # vLLM's skip_special_tokens default
 
+
+
+def test_sliding_window_layers_match_the_reference(setup, tmp_path):
+    """A Qwen2 memory whose upper layers attend over an 8-token window: prompts and decodes past the window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
+
+    base, _ = setup
+    tok = base.tokenizer
+    torch.manual_seed(9)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1, eos_token_id=tok.eos_token_id, initializer_range=0.3, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    model.save_pretrained(tmp_path / "swa")
+    tok.save_pretrained(tmp_path / "swa")
+    write_manifest(tmp_path / "swa", Manifest(name="swa", alpha=0.5, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
+    registry = MemoryRegistry(base)
+    registry.load("swa", str(tmp_path / "swa"))
+    engine = Engine(base, registry, EngineConfig(block_size=4))
+    vocab = base.vocab_size
+    reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab)
+            for i, (text, a) in enumerate([("The patient was given a dose of the drug and", 0.5), ("The court", 1.0)])]
+    out = run(engine, reqs)
+    specs = [(r.request_id, r.prompt_token_ids, "swa", r.alpha, 12) for r in reqs]
+    assert 0.0 < worst_error(out, specs, (base, registry)) <= 1e-4

@@ -1,0 +1,43 @@
+"""The GPU acceptance checks (a), (b), (d) of bench/gpu_acceptance.py on the demo models: `pytest -m gpu`.
+
+Skipped without CUDA; the full script (real shapes, overlap trace, speed) is `python -m bench.gpu_acceptance`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.gpu_acceptance import (
+    CHURN_CONFIGS,
+    DEMO,
+    DEMO_MEMORIES,
+    bf16_errors,
+    churn_tokens,
+    greedy,
+    part_syncs,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_churn_tokens_identical_with_streams_and_graphs_on_and_off():
+    runs = {name: churn_tokens("cuda", config) for name, config in CHURN_CONFIGS.items()}
+    reference = runs["one stream, eager"]
+    assert sum(map(len, reference.values())) > 100
+    assert all(tokens == reference for tokens in runs.values())
+
+
+def test_steady_decode_makes_no_implicit_sync():
+    result = part_syncs(str(DEMO / "base"), str(DEMO / "memories" / "biomed"), "cuda")
+    assert result["ok"], result
+
+
+def test_bf16_mixed_logprobs_within_tolerance_of_float32():
+    memories = {m: str(DEMO / "memories" / m) for m in DEMO_MEMORIES}
+    reqs = [greedy(f"d{i}", tuple(range(5 + i, 40 + 3 * i)), 8, m, 0.7, logprobs=8192) for i, m in enumerate(DEMO_MEMORIES)]
+    result = bf16_errors(str(DEMO / "base"), memories, "cuda", reqs)
+    assert result["ok"], result
