@@ -66,8 +66,10 @@ class PagePool:
         self.num_pages = num_pages
         self.page_bytes = page_bytes
         self.device = device
-        # Zeroed once here; pages are re-zeroed when handed out (see the module docstring).
-        self.arena = torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=device)  # [P, page_bytes]
+        # Pages are zeroed when handed out (see the module docstring), so only the scratch page is zeroed
+        # here; on a CPU the untouched rest of the arena then costs no resident memory.
+        self.arena = torch.empty(num_pages, page_bytes, dtype=torch.uint8, device=device)  # [P, page_bytes]
+        self.arena[SCRATCH_PAGE].zero_()
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
 
     @property

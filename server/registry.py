@@ -96,10 +96,12 @@ class MemoryRegistry:
             if prepare is not None:
                 try:
                     prepare(name, entry.loaded)
-                except MemoryError as exc:
-                    raise ServiceUnavailableError(f"memory {name!r} could not be prepared: {exc}", code="memory_prepare_failed") from exc
-                except RuntimeError as exc:  # e.g. CUDA out of memory while capturing its graphs
-                    raise ServiceUnavailableError(f"memory {name!r} could not be prepared: {exc}", code="memory_prepare_failed") from exc
+                except ValueError as exc:  # the memory cannot be served beside this base (e.g. its KV layout)
+                    raise MemoryLoadError(f"memory {name!r} cannot be served: {exc}", param="path") from exc
+                except (MemoryError, RuntimeError) as exc:  # e.g. CUDA out of memory while capturing its graphs
+                    raise ServiceUnavailableError(
+                        f"memory {name!r} could not be prepared for serving: {exc}", code="memory_prepare_failed"
+                    ) from exc
         finally:
             with self._lock:
                 self._loading.discard(name)

@@ -568,3 +568,17 @@ def test_sliding_window_layers_match_the_reference(setup, tmp_path):
     out = run(engine, reqs)
     specs = [(r.request_id, r.prompt_token_ids, "swa", r.alpha, 12) for r in reqs]
     assert 0.0 < worst_error(out, specs, (base, registry)) <= 1e-4
+
+
+def test_memory_whose_kv_does_not_fit_a_page_is_refused_at_load(setup, tmp_path):
+    """Prepared on load (as the server does): a memory with more KV bytes per token than a page holds is a
+    clear load error, and the registry is unchanged."""
+    from tests.tiny_models import build_memory
+
+    base, _ = setup
+    registry = MemoryRegistry(base)
+    engine = Engine(base, registry, EngineConfig(block_size=1))  # a page = one base token's KV (1 KiB)
+    big = build_memory(tmp_path / "big", base.tokenizer, "big", "gpt2", hidden=64, layers=4)  # 2 KiB a token
+    with pytest.raises(MemoryLoadError, match="more than a whole page"):
+        registry.load("big", str(big), prepare=engine.prepare_memory)
+    assert registry.list() == [] and "big" not in engine.runner.models
