@@ -24,6 +24,11 @@ def mix_logprobs(base_logp: torch.Tensor, mem_logp: torch.Tensor, alpha: torch.T
     log_a, log_1ma = alpha_logs(alpha)
     while log_a.dim() < base_logp.dim():
         log_a, log_1ma = log_a.unsqueeze(-1), log_1ma.unsqueeze(-1)
+    return mix_with_logs(base_logp, mem_logp, log_a, log_1ma)
+
+
+def mix_with_logs(base_logp: torch.Tensor, mem_logp: torch.Tensor, log_a: torch.Tensor, log_1ma: torch.Tensor) -> torch.Tensor:
+    """The same mixture from α's logs, already shaped to broadcast (the engine computes them once per batch)."""
     return torch.logaddexp(log_a + mem_logp, log_1ma + base_logp)
 
 

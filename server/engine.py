@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from memories.mixing import mix_logprobs
+from memories.mixing import mix_logprobs, mix_with_logs
 from server.config import EngineConfig
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
@@ -243,6 +243,7 @@ class Engine:
         for key in seq.model_keys:
             self.runner.kv(key).truncate(seq.slot, num_tokens - 1)  # the last token is the next input, not cached
         self.runner.set_last_token(seq.slot, seq.token_ids[-1])
+        self.scheduler.kv_changed()
 
     def cache_usage(self) -> CacheUsage:
         pool = self.runner.pool
@@ -308,11 +309,18 @@ class Engine:
         logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
         for g in rows.groups:
             mem = logits.memories.get(g.name)
-            if mem is not None:
-                mixed = mix_logprobs(logp.index_select(0, g.rows_dev), torch.log_softmax(mem.float(), dim=-1), g.alpha)
+            if mem is None:  # the memory failed: its rows are failed below
+                continue
+            mem_lp = torch.log_softmax(mem.float(), dim=-1)  # [b, V]
+            if g.whole_batch:
+                logp = mix_with_logs(logp, mem_lp, g.log_alpha, g.log_1m_alpha)
+            else:
+                mixed = mix_with_logs(logp.index_select(0, g.rows_dev), mem_lp, g.log_alpha, g.log_1m_alpha)
                 logp.index_copy_(0, g.rows_dev, mixed)
-        # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
-        counter = self.runner.kv(None).lengths.index_select(0, rows.slots_dev)  # [B]
+        counter = None
+        if rows.sampling.any_sampled:
+            # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
+            counter = self.runner.kv(None).lengths.index_select(0, rows.slots_dev)  # [B]
         tokens = sample(logp, rows.sampling, counter)  # [B]
         self.runner.tokens.index_copy_(0, rows.slots_dev, tokens)  # the next decode step's input
         wanted: list[torch.Tensor] = [tokens]

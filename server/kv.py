@@ -70,6 +70,9 @@ class PagePool:
         # here; on a CPU the untouched rest of the arena then costs no resident memory.
         self.arena = torch.empty(num_pages, page_bytes, dtype=torch.uint8, device=device)  # [P, page_bytes]
         self.arena[SCRATCH_PAGE].zero_()
+        # The same bytes as 8-byte words: zeroing pages through it is one kernel on a GPU and ~7x faster on
+        # a CPU than byte-wise (pages are multiples of PAGE_ALIGN bytes).
+        self.words = self.arena.view(torch.int64)  # [P, page_bytes / 8]
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
 
     @property
@@ -186,7 +189,7 @@ class ModelKV:
         """Apply pending table, length and new-page changes on the device (uploads, no host sync)."""
         if self._new_pages:
             pages = upload(np.asarray(self._new_pages, dtype=np.int64))
-            self.pool.arena.index_fill_(0, pages, 0)
+            self.pool.words.index_fill_(0, pages, 0)
             self._new_pages = []
         if self._table_updates:
             t = upload(np.asarray(self._table_updates, dtype=np.int64).T.copy())  # [3, n]

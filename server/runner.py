@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memories.mixing import alpha_logs
 from memories.perplexity import Window, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
@@ -82,6 +83,9 @@ class MemoryGroup:
     slots: list[int]
     slots_dev: torch.Tensor  # [b]
     alpha: torch.Tensor  # [b] float32
+    log_alpha: torch.Tensor  # [b, 1] log α, computed once per batch
+    log_1m_alpha: torch.Tensor  # [b, 1] log(1 − α)
+    whole_batch: bool  # every row of the batch, in order: mixing needs no gather or scatter
 
 
 @dataclass(frozen=True)
@@ -216,10 +220,12 @@ class ModelRunner:
         groups = []
         for name, rows in by_memory.items():
             group_slots = [slots[i] for i in rows]
+            alpha = up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32))
+            log_a, log_1ma = alpha_logs(alpha)
             groups.append(MemoryGroup(
                 name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,  # type: ignore[arg-type]
-                up(np.asarray(group_slots, dtype=np.int64)),
-                up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32)),
+                up(np.asarray(group_slots, dtype=np.int64)), alpha, log_a.unsqueeze(1), log_1ma.unsqueeze(1),
+                whole_batch=len(rows) == len(seqs),
             ))
         params = [s.params for s in seqs]
         greedy = np.asarray([p.greedy for p in params], dtype=bool)

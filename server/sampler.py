@@ -70,14 +70,16 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def sample(logp: torch.Tensor, rows: SamplingRows, counter: torch.Tensor) -> torch.Tensor:
-    """Next token per row. logp: [B, V] mixed log-probs; counter: [B] index of the token being drawn.
+def sample(logp: torch.Tensor, rows: SamplingRows, counter: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row. logp: [B, V] mixed log-probs; counter: [B] index of the token being drawn
+    (only read when a row samples).
 
     Returns [B] int64 on logp's device. Greedy rows take the argmax.
     """
     argmax = logp.argmax(dim=-1)  # [B]
     if not rows.any_sampled:
         return argmax
+    assert counter is not None
     logits = logp / rows.temperature.unsqueeze(1)  # [B, V]
     if rows.any_filtered:
         logits = apply_top_k_top_p(logits, rows.top_k, rows.top_p)

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from server.kv import ModelKV, PagePool
 from server.sequence import Sequence, Status
 
@@ -56,6 +58,10 @@ class Scheduler:
         self._watermark = max(1, int(WATERMARK * pool.num_usable))
         self._score_turn = False
         self.version = 0  # bumped whenever `running` changes; a decode batch is rebuilt when it moves
+        # Decode steps every running row can still take before one of them needs a new page: while it
+        # lasts, a decode step skips the per-row check entirely. (-1: unknown, check.)
+        self._room = -1
+        self._room_version = -1
 
     @property
     def num_free_slots(self) -> int:
@@ -134,12 +140,51 @@ class Scheduler:
             self.version += 1
         return admitted
 
+    def _rows_at_page_boundary(self) -> set[int]:
+        """seq_ids of running rows whose next token starts a new page in some model (numpy, per model)."""
+        by_key: dict[str | None, list[Sequence]] = {None: self.running}
+        for seq in self.running:
+            if seq.memory_name is not None:
+                by_key.setdefault(seq.memory_name, []).append(seq)
+        needy: set[int] = set()
+        for key, seqs in by_key.items():
+            kv = self.kv_of(key)
+            slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))  # type: ignore[misc]
+            full = kv.host_lengths[slots] >= kv.host_blocks[slots] * kv.block_size
+            needy.update(seqs[j].seq_id for j in np.flatnonzero(full))
+        return needy
+
+    def kv_changed(self) -> None:
+        """Lengths or pages changed outside the scheduler (a rollback): re-check before the next decode."""
+        self._room = -1
+
+    def _steps_of_room(self) -> int:
+        """Tokens every running row can still append in every model without a new page."""
+        by_key: dict[str | None, list[Sequence]] = {None: self.running}
+        for seq in self.running:
+            if seq.memory_name is not None:
+                by_key.setdefault(seq.memory_name, []).append(seq)
+        room = None
+        for key, seqs in by_key.items():
+            kv = self.kv_of(key)
+            slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))  # type: ignore[misc]
+            free = int((kv.host_blocks[slots] * kv.block_size - kv.host_lengths[slots]).min())
+            room = free if room is None else min(room, free)
+        return room or 0
+
     def _make_room_for_decode(self) -> list[Sequence]:
         """Give every running row a page for its next token; preempt from the back when pages run out."""
+        if self._room_version == self.version and self._room >= 1:
+            self._room -= 1  # every row still has room for this step's token
+            return []
         preempted: list[Sequence] = []
+        needy = self._rows_at_page_boundary()
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if seq.seq_id not in needy:
+                i += 1
+                continue
             need = [(self.kv_of(k), int(self.kv_of(k).host_lengths[seq.slot]) + 1) for k in seq.model_keys]
             missing = sum(kv.pages_missing(seq.slot, n) for kv, n in need)  # type: ignore[arg-type]
             while missing > self.pool.num_free and self.running[-1] is not seq:
@@ -150,6 +195,8 @@ class Scheduler:
             for kv, n in need:
                 kv.reserve(seq.slot, n)  # type: ignore[arg-type]
             i += 1
+        if self.running:
+            self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
         return preempted
 
     def _preempt(self, seq: Sequence) -> Sequence:
