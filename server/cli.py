@@ -17,7 +17,16 @@ from typing import Any
 
 import uvicorn
 
-from server.config import DTYPES, EngineConfig, MemorySpec, ModelConfig, ServerConfig
+from memories.mixing import check_alpha
+from server.config import (
+    DTYPES,
+    EngineConfig,
+    MemorySpec,
+    ModelConfig,
+    RegistryFileError,
+    ServerConfig,
+    read_registry_file,
+)
 
 log = logging.getLogger("memdec")
 
@@ -73,8 +82,10 @@ def parse_memory_spec(text: str) -> MemorySpec:
             alpha = None
         else:
             path = head
-    if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1] in {text!r}")
+    try:
+        alpha = None if alpha is None else check_alpha(alpha)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} in {text!r}") from None
     return MemorySpec(name=name, path=path, alpha=alpha)
 
 
@@ -115,16 +126,16 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--registry", type=Path, default=None, metavar="FILE",
                    help='JSON list of {"name", "path", "alpha"?} memories to load at start-up')
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    engine = EngineConfig()
+    defaults, engine = ServerConfig(model=ModelConfig("-")), EngineConfig()
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=_port, default=defaults.port)
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.model.dtype, help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=defaults.model.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
                    help="prompt tokens admitted per prefill step")
-    p.add_argument("--max-model-len", type=_positive_int, default=None, help="cap below the model's own context")
-    defaults = ServerConfig(model=ModelConfig("-"))
+    p.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len,
+                   help="cap below the model's own context")
     p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
@@ -184,7 +195,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
-    from server.api.state import Phase, RegistryFileError, read_registry_file
+    from server.api.state import Phase
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)

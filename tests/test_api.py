@@ -460,7 +460,7 @@ async def _raw_request(app, body: bytes, disconnect: asyncio.Event, sent: list):
 def test_client_disconnect_aborts_the_request_in_the_engine(server, stream):
     import json
 
-    engine = server.state.engine
+    engine = server.serving.engine
     aborted: list[str] = []
     real_abort = engine.abort
     engine.abort = lambda rid: (aborted.append(rid), real_abort(rid))[1]  # observe, then do the real thing

@@ -74,7 +74,7 @@ def wait_idle(server: InProcessServer) -> None:
     while time.monotonic() < deadline:
         s = scrape(server)
         if get(s, "memdec_requests_running") == 0 and get(s, "memdec_requests_waiting") == 0:
-            engine = server.state.engine
+            engine = server.serving.engine
             if engine is None or engine.num_running + engine.num_waiting == 0:
                 return
         time.sleep(0.05)
@@ -229,7 +229,7 @@ def test_finish_reasons_statuses_and_endpoints(server):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnects_count_as_abort(server, stream):
-    engine = server.state.engine
+    engine = server.serving.engine
     body = {"prompt": PROMPT, "memory": "med", "max_tokens": 400, "ignore_eos": True, "stream": stream}
     before = scrape(server)
 
@@ -322,7 +322,7 @@ def test_queue_full_and_engine_stop_are_counted(zoo):
         assert delta(before, mid, "memdec_generation_tokens_total", memory="none") == 40 * codes[200]
 
         async def stop_under_requests():
-            engine = s.state.engine
+            engine = s.serving.engine
             async with s.client.stream("POST", "/v1/completions", json={**body, "max_tokens": 400, "stream": True}) as r:
                 lines = r.aiter_lines()
                 await anext(lines)
