@@ -311,7 +311,12 @@ def register(subparsers: Any) -> None:
     memory = subparsers.add_parser("memory", help="build, train and evaluate domain memories",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = memory.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
+    _register_data_stages(sub)
+    _register_model_stages(sub)
 
+
+def _register_data_stages(sub: Any) -> None:
+    """tokenizer, datastore, targets: the stages before any memory exists."""
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
@@ -338,6 +343,9 @@ def register(subparsers: Any) -> None:
     _add_targets(p)
     p.set_defaults(func=cmd_targets)
 
+
+def _register_model_stages(sub: Any) -> None:
+    """train, eval, and build (every stage, cached)."""
     p = sub.add_parser("train", help="train a memory (or a plain LM with --beta 0 --corpus)")
     p.add_argument("--base", default=None, help="base model the memory serves (tokenizer + manifest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --base)")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from memories.hooks import capture_mlp_input
 from memories.jsonfile import read_json, write_json
-from memories.perplexity import sliding_windows, window_batches
+from memories.perplexity import Window, sliding_windows, window_batches
 
 META_NAME = "datastore.json"
 
@@ -62,6 +62,20 @@ class Datastore:
         return np.load(self.path / "tokens.npy", mmap_mode="r")  # [N] int32
 
 
+def _write_keys(keys: np.ndarray, hidden: torch.Tensor, w: Window) -> int:
+    """Store the keys window `w` computes ([T, H] hidden states): position p, predicting tokens[p+1], for the
+    targets the window scores (score_from..end-1). Returns how many were written."""
+    first, last = w.score_from - 1, w.end - 1
+    chunk = hidden[first - w.begin : last - w.begin].to(torch.float16)  # [S, H]
+    if not torch.isfinite(chunk).all():
+        raise DatastoreError(
+            f"keys at positions {first}..{last - 1} overflow float16 (or the model produced NaN); "
+            "this base model's last-MLP inputs do not fit the float16 datastore"
+        )
+    keys[first:last] = chunk.cpu().numpy()
+    return last - first
+
+
 @torch.inference_mode()
 def build_datastore(
     model: torch.nn.Module,
@@ -93,26 +107,14 @@ def build_datastore(
     np.save(out_dir / "values.npy", np.asarray(tokens[1:], dtype=np.int32))
     keys = np.lib.format.open_memmap(out_dir / "keys.npy", mode="w+", dtype=np.float16, shape=(n - 1, dim))
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)  # [N]
-    windows = sliding_windows(n, context, stride)
     started = time.perf_counter()
     bar = tqdm(total=n - 1, desc="datastore", unit="key", disable=not progress)
     with capture_mlp_input(model) as capture:
-        for batch in window_batches(windows, max_windows=batch_size):
-            inp = torch.stack([ids[w.begin : w.end] for w in batch])  # [B, T]
-            # Only the hook's output is needed: keep a single position's logits.
-            model(input_ids=inp, logits_to_keep=1)
-            hidden = capture.take()  # [B, T, H]
-            for row, w in zip(hidden, batch, strict=True):
-                # Position p (predicting tokens[p+1]) is scored for targets score_from..end-1.
-                first, last = w.score_from - 1, w.end - 1
-                chunk = row[first - w.begin : last - w.begin].to(torch.float16)  # [S, H]
-                if not torch.isfinite(chunk).all():
-                    raise DatastoreError(
-                        f"keys at positions {first}..{last - 1} overflow float16 (or the model produced NaN); "
-                        "this base model's last-MLP inputs do not fit the float16 datastore"
-                    )
-                keys[first:last] = chunk.cpu().numpy()
-                bar.update(last - first)
+        for batch in window_batches(sliding_windows(n, context, stride), max_windows=batch_size):
+            # Only the hook's capture is needed: keep a single position's logits.
+            model(input_ids=torch.stack([ids[w.begin : w.end] for w in batch]), logits_to_keep=1)  # [B, T]
+            for row, w in zip(capture.take(), batch, strict=True):  # the hook's [B, T, H]
+                bar.update(_write_keys(keys, row, w))
     bar.close()
     keys.flush()
     del keys

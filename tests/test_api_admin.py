@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from server.config import MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import InProcessServer, assert_error, ids_of, load_hf, sse_events
+from tests.api_harness import InProcessServer, assert_error, ids_of, load_hf, sse_events
 
 PROMPT = "The committee expects"
 

@@ -12,7 +12,7 @@ import pytest
 
 import server.api.state as state_module
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import InProcessServer, assert_error, sse_events
+from tests.api_harness import InProcessServer, assert_error, sse_events
 
 PROMPT = "The court held that"
 DOC = "The committee expects inflation to remain near two percent."

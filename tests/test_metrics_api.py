@@ -25,8 +25,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.server_process import serve
-from tests.test_api_harness import InProcessServer, assert_error, load_hf, sse_events
+from tests.api_harness import InProcessServer, assert_error, load_hf, sse_events
 
 PROMPT = "The patient was given a dose of"
 OTHER = "Once upon a time"
@@ -362,11 +361,10 @@ API_KEY = "metrics-user-key"
 
 
 @pytest.fixture(scope="module")
-def live(zoo, tmp_path_factory):
-    log = tmp_path_factory.mktemp("metrics") / "server.log"
+def live(zoo, live_server):
     args = ["--model", str(zoo.base), "--served-model-name", "tiny", "--memory", f"med={zoo.mem_llama}",
             "--api-key", API_KEY]  # fmt: skip
-    with serve(args, log) as s:
+    with live_server("metrics", args) as s:
         auth = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=s.url, headers=auth, timeout=60) as c:
             # traffic on every path that fills a series: memory, base, stream, perplexity, a refusal
@@ -376,7 +374,6 @@ def live(zoo, tmp_path_factory):
                 c.post("/v1/completions", json=body)
             assert c.post("/v1/perplexity", json={"input": DOC, "memory": "med"}).status_code == 200
         yield s
-    assert s.proc.returncode == 0, s.logs()
 
 
 def test_live_metrics_need_no_api_key_and_negotiate_the_format(live):

@@ -24,8 +24,8 @@ from memories.mixing import mix_scalar
 from memories.models import load_causal_lm
 from memories.targets import SparseTargets, build_targets, knn_distribution
 from memories.train import TrainConfig, train
-from tests.tiny_models import build_model, build_tokenizer, sample_text
-from tests.toolkit_corpus import DRUGS, write_corpus
+from testkit.models import build_model, build_tokenizer
+from testkit.text import DRUGS, sample_text, write_corpus
 
 SMALL_MODEL = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--max-len", "256"]
 

@@ -223,12 +223,7 @@ async def _collect(plan: _Plan, streams: list[EngineStream]) -> dict[str, Any]:
                 "stop_reason": c.last.stop_reason,
             }
         )
-    usage = {
-        "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": plan.prompt_tokens + completion_tokens,
-    }
-    return {**plan.header(), "choices": result, "usage": usage}
+    return {**plan.header(), "choices": result, "usage": _usage(plan.prompt_tokens, completion_tokens)}
 
 
 async def _run(plan: _Plan, state: ServingState) -> dict[str, Any]:
@@ -239,13 +234,56 @@ async def _run(plan: _Plan, state: ServingState) -> dict[str, Any]:
 # -- streaming -------------------------------------------------------------------------------------
 
 
-async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> AsyncIterator[bytes]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass
+class _Cursor:
+    """One streamed choice: characters sent so far (its `text_offset` continues from there), and whether
+    its first chunk (which carries the echoed prompt) went out."""
+
+    emitted: int = 0
+    started: bool = False
+
+
+def _stream_choice(plan: _Plan, i: int, out: RequestOutput, cursor: _Cursor) -> dict[str, Any] | None:
+    """The `choices` entry of one output delta; None when it has nothing to say."""
     body = plan.body
+    text = out.new_text
+    builder = None
+    if body.logprobs is not None:
+        builder = LogprobsBuilder(plan.strings, body.logprobs, cursor.emitted, as_ids=body.return_tokens_as_token_ids)
+    if not cursor.started:
+        cursor.started = True
+        if body.echo:
+            if builder is not None:
+                builder.add(plan.prompt_of(i).token_ids, out.prompt_logprobs)
+            text = plan.prompt_text(i) + text
+    if builder is not None:
+        builder.add(out.new_token_ids, out.new_logprobs)
+    if not (text or out.new_token_ids or out.finished):
+        return None
+    cursor.emitted += len(text)
+    return {
+        "index": i,
+        "text": text,
+        "logprobs": builder.take() if builder is not None else None,
+        "finish_reason": _finish_reason(out) if out.finished else None,
+        "stop_reason": out.stop_reason if out.finished else None,
+    }
+
+
+async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> AsyncIterator[bytes]:
+    options = plan.body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
     header = plan.header()
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    emitted = [0] * len(streams)  # characters sent per choice (text_offset continues from there)
-    started = [False] * len(streams)
+    cursors = [_Cursor() for _ in streams]
     completion_tokens = [0] * len(streams)
     try:
         async for i, out in merge(streams):
@@ -253,50 +291,18 @@ async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> As
                 plan.finish_reasons[i] = _finish_reason(out) or FinishReason.ERROR.value
             if out.finish_reason is FinishReason.ERROR:
                 raise _engine_failure(out)
-            text = out.new_text
-            builder = (
-                LogprobsBuilder(plan.strings, body.logprobs, emitted[i], as_ids=body.return_tokens_as_token_ids)
-                if body.logprobs is not None
-                else None
-            )
-            if not started[i]:
-                started[i] = True
-                if body.echo:
-                    if builder is not None:
-                        builder.add(plan.prompt_of(i).token_ids, out.prompt_logprobs)
-                    text = plan.prompt_text(i) + text
-            if builder is not None:
-                builder.add(out.new_token_ids, out.new_logprobs)
             completion_tokens[i] = out.num_output_tokens
-            if not (text or out.new_token_ids or out.finished):
+            choice = _stream_choice(plan, i, out, cursors[i])
+            if choice is None:
                 continue
-            emitted[i] += len(text)
-            choice = {
-                "index": i,
-                "text": text,
-                "logprobs": builder.take() if builder is not None else None,
-                "finish_reason": _finish_reason(out) if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None,
-            }
             chunk: dict[str, Any] = {**header, "choices": [choice]}
             if continuous:
-                prompt_tokens = len(plan.prompt_of(i).token_ids)
-                chunk["usage"] = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": out.num_output_tokens,
-                    "total_tokens": prompt_tokens + out.num_output_tokens,
-                }
+                chunk["usage"] = _usage(len(plan.prompt_of(i).token_ids), out.num_output_tokens)
             elif include_usage:
                 chunk["usage"] = None
             yield sse_frame(chunk)
         if include_usage:
-            total = sum(completion_tokens)
-            usage = {
-                "prompt_tokens": plan.prompt_tokens,
-                "completion_tokens": total,
-                "total_tokens": plan.prompt_tokens + total,
-            }
-            yield sse_frame({**header, "choices": [], "usage": usage})
+            yield sse_frame({**header, "choices": [], "usage": _usage(plan.prompt_tokens, sum(completion_tokens))})
         reason = summarize(plan.finish_reasons.values())
     except Exception as exc:  # noqa: BLE001 - after the 200 an error can only travel as a frame
         reason = FinishReason.ERROR.value

@@ -1,7 +1,7 @@
 """In-process harness for the API tests: the real app (real engine, tiny models) with its lifespan
 running on an event loop in a background thread, driven by httpx through a streaming ASGI transport.
 
-No tests here; `tests/test_api*.py` import it.
+The API tests import it; the fixtures built on it are in conftest.py.
 """
 
 from __future__ import annotations
