@@ -53,6 +53,9 @@ def _handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"memdec memory: error: {exc}", file=sys.stderr)
             return 2
+        except ImportError as exc:  # a server-only install: faiss and matplotlib come with the extra
+            print(f"memdec memory: error: {exc.name} is missing; install memdec[toolkit]", file=sys.stderr)
+            return 2
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from memories.hooks import capture_mlp_input
 from memories.jsonfile import read_json, write_json
@@ -78,7 +79,7 @@ def _write_keys(keys: np.ndarray, hidden: torch.Tensor, w: Window) -> int:
 
 @torch.inference_mode()
 def build_datastore(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokens: np.ndarray,
     out_dir: str | Path,
     *,

@@ -38,6 +38,7 @@ def build_index(
     kind = config.resolved_kind(n)
     started = time.perf_counter()
     info: dict[str, Any] = {"kind": kind, "num_entries": int(n), "dim": int(dim)}
+    index: Any  # faiss' SWIG classes: IndexFlatL2 or IndexIVFPQ
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     else:
@@ -94,7 +95,7 @@ def to_gpu_if_available(index: faiss.Index, use_gpu: bool = True) -> faiss.Index
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True  # large PQ code sizes need float16 lookup tables on the GPU
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index, options)
+    gpu_index: Any = faiss.index_cpu_to_gpu(resources, 0, index, options)
     gpu_index.referenced_objects = [resources]  # the GPU index must not outlive its resources
     return gpu_index
 

@@ -102,12 +102,25 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path!r}: {exc}") from exc
-    return model.to(device).eval()
+    move(model, device)
+    return model.eval()
+
+
+def move(model: torch.nn.Module, device: torch.device | str) -> None:
+    """`model.to(device)`, in place. Called through nn.Module because transformers wraps `to` in a
+    decorator whose signature type checkers misread."""
+    torch.nn.Module.to(model, device)
+
+
+def embedding_rows(module: torch.nn.Module) -> int:
+    """Rows of an embedding or output layer: how many token ids it can take or score."""
+    weight: Any = getattr(module, "weight")  # noqa: B009 - a Module's attributes are typed as Tensor | Module
+    return int(weight.shape[0])
 
 
 def check_vocab(model: PreTrainedModel, vocab_size: int, path: str | Path) -> None:
     """The output layer must score every token of the tokenizer (padding rows beyond it are fine)."""
-    rows = model.get_output_embeddings().weight.shape[0]
+    rows = embedding_rows(model.get_output_embeddings())
     if rows < vocab_size:
         raise ModelLoadError(
             f"{path}: the output layer has {rows} rows but the tokenizer has {vocab_size} tokens; "

@@ -180,5 +180,4 @@ class SparseTargets:
         ids = np.where(mask, self.token_ids[flat.ravel()].reshape(flat.shape), 0).astype(np.int64)
         probs = np.where(mask, self.probs[flat.ravel()].reshape(flat.shape), 0).astype(np.float32)
         total = probs.sum(axis=1, keepdims=True)
-        probs = probs / np.where(total > 0, total, 1.0)
-        return ids, probs
+        return ids, probs / np.where(total > 0, total, np.float32(1.0))

@@ -25,7 +25,14 @@ from memories.config import ModelSpec, TrainConfig
 from memories.jsonfile import read_json, write_json
 from memories.loss import memory_loss
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
-from memories.models import context_length, load_causal_lm, load_tokenizer, resolve_device
+from memories.models import (
+    context_length,
+    embedding_rows,
+    load_causal_lm,
+    load_tokenizer,
+    move,
+    resolve_device,
+)
 from memories.targets import SparseTargets
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -82,11 +89,9 @@ def init_model(init_from: str | Path | None, spec: ModelSpec | None, tokenizer: 
             if theirs != tokenizer_fingerprint(tokenizer):
                 raise TrainError(f"{path} uses a different tokenizer from the base model; cannot be its memory")
         model = load_causal_lm(path)
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            raise TrainError(
-                f"{path} has {model.get_input_embeddings().weight.shape[0]} embedding rows, "
-                f"fewer than the tokenizer's {len(tokenizer)} tokens"
-            )
+        rows = embedding_rows(model.get_input_embeddings())
+        if rows < len(tokenizer):
+            raise TrainError(f"{path} has {rows} embedding rows, fewer than the tokenizer's {len(tokenizer)} tokens")
         return model
     return new_model(spec or ModelSpec(), tokenizer, seed)
 
@@ -150,7 +155,8 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on biases and norm gains
@@ -158,7 +164,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -311,7 +317,8 @@ def _start(run: _Run, found: Path | None) -> None:
         run.model = load_causal_lm(found / "model")
         run.start_step = saved["step"]
         run.history = {"losses": saved["losses"], "kl": saved.get("kl", []), "ce": saved.get("ce", [])}
-    run.model.to(run.device).train()
+    move(run.model, run.device)
+    run.model.train()
     run.optimizer = torch.optim.AdamW(_param_groups(run.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, _lr_lambda(run.total, run.warmup, config.min_lr_ratio)

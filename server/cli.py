@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,10 +37,9 @@ class DemoNotFoundError(ValueError):
     """`memdec serve` got no --model and there is no demo to fall back on."""
 
 
-def find_demo(environ: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+def find_demo(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
     """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold base/."""
-    environ = os.environ if environ is None else environ
-    configured = environ.get(DEMO_ENV)
+    configured = (os.environ if environ is None else environ).get(DEMO_ENV)
     root = Path(configured) if configured else (cwd or Path.cwd()) / "demo"
     if not (root / "base" / "config.json").is_file():
         where = f"{DEMO_ENV}={configured}" if configured else f"{root} (./demo, no {DEMO_ENV} set)"
@@ -161,9 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from memories import cli as memories_cli
     except ImportError:  # the toolkit is optional for serving
-        memories_cli = None
-    if memories_cli is not None and hasattr(memories_cli, "register"):
-        memories_cli.register(sub)
+        return parser
+    memories_cli.register(sub)
     return parser
 
 

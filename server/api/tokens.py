@@ -70,12 +70,13 @@ class TokenStrings:
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
+            text = self._cache[token_id] = self.decode([token_id])
         return text
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        text = self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        assert isinstance(text, str)  # one id list decodes to one string (the list type is for batches)
+        return text
 
 
 def _finite(logprob: float) -> float:
