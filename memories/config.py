@@ -15,6 +15,11 @@ FLAT_MAX_ENTRIES = 200_000  # above this an exact search over every key costs to
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
 
 
+def _fields_except(config: Any, *names: str) -> dict[str, Any]:
+    """A config's fields as a dict, less those that do not change what a stage produces (cache keys)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in names}
+
+
 @dataclass(frozen=True)
 class DatastoreConfig:
     max_tokens: int | None = None  # use only the first N corpus tokens
@@ -50,10 +55,7 @@ class IndexConfig:
 
     def build_settings(self) -> dict[str, Any]:
         """The fields that shape the index itself (nprobe and the device only change how it is searched)."""
-        d = dataclasses.asdict(self)
-        d.pop("nprobe")
-        d.pop("use_gpu")
-        return d
+        return _fields_except(self, "nprobe", "use_gpu")
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,7 @@ class TrainConfig:
 
     def trajectory_dict(self) -> dict[str, Any]:
         """The fields that determine the training trajectory (a checkpoint must match them to resume)."""
-        d = dataclasses.asdict(self)
-        d.pop("save_every")
-        d.pop("device")
-        return d
+        return _fields_except(self, "save_every", "device")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from memories.hooks import capture_mlp_input
-from memories.jsonfile import read_json, write_json
+from memories.jsonfile import read_marker, write_json
 from memories.perplexity import Window, sliding_windows, window_batches
 
 META_NAME = "datastore.json"
@@ -40,10 +40,7 @@ class Datastore:
     @classmethod
     def open(cls, path: str | Path) -> Datastore:
         path = Path(path)
-        meta_file = path / META_NAME
-        if not meta_file.is_file():
-            raise DatastoreError(f"{path} is not a complete datastore (no {META_NAME})")
-        return cls(path, read_json(meta_file))
+        return cls(path, read_marker(path / META_NAME, DatastoreError, "datastore"))
 
     @property
     def size(self) -> int:

@@ -24,3 +24,10 @@ def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_marker(path: Path, error: type[Exception], what: str) -> Any:
+    """The marker a stage writes last (`write_json`): its absence means the directory is incomplete."""
+    if not path.is_file():
+        raise error(f"{path.parent} holds no complete {what} (no {path.name})")
+    return read_json(path)

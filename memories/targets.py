@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from memories.jsonfile import read_json, write_json
+from memories.jsonfile import read_marker, write_json
 from memories.knn import search_excluding_self
 
 META_NAME = "targets.json"
@@ -144,12 +144,9 @@ class SparseTargets:
     @classmethod
     def open(cls, path: str | Path) -> SparseTargets:
         path = Path(path)
-        meta_file = path / META_NAME
-        if not meta_file.is_file():
-            raise TargetsError(f"{path} holds no complete kNN targets (no {META_NAME})")
         return cls(
             path,
-            read_json(meta_file),
+            read_marker(path / META_NAME, TargetsError, "kNN targets"),
             np.load(path / "offsets.npy"),
             np.load(path / "token_ids.npy", mmap_mode="r"),
             np.load(path / "probs.npy", mmap_mode="r"),
