@@ -145,8 +145,8 @@ def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _add_manifest(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("manifest")
     g.add_argument("--name", required=required, help="memory name (what clients ask for)")
-    g.add_argument("--domain", default="general")
-    g.add_argument("--description", default="")
+    g.add_argument("--domain", default=BuildConfig.domain)
+    g.add_argument("--description", default=BuildConfig.description)
 
 
 # ---------------------------------------------------------------- flags -> configs
