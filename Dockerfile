@@ -34,18 +34,21 @@ ARG TORCH_FIND_LINKS=
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# constraints.txt: the versions CI tested (torch included), not whatever is newest on the day of the build.
+COPY constraints.txt /src/constraints.txt
 # Build tools are only as pinned as pyproject.toml's [build-system] needs (setuptools>=68).
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv \
     && pip install --upgrade pip "setuptools>=68" wheel \
-    && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && pip install -c /src/constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
          ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} "$TORCH_SPEC"
 WORKDIR /src
-# Dependencies only: an empty package with the real pyproject.toml, so this layer changes with it alone.
+# Dependencies only (the server's: no toolkit extra): an empty package with the real pyproject.toml, so this
+# layer changes with it alone.
 COPY pyproject.toml ./
 RUN mkdir -p server memories \
     && touch README.md server/__init__.py memories/__init__.py \
-    && pip install --no-build-isolation . \
+    && pip install -c constraints.txt --no-build-isolation . \
     && pip uninstall -y memdec \
     && rm -rf /src/*
 COPY . .

@@ -11,15 +11,17 @@ SERVE_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every package to the version the tests ran against (the image installs the same).
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,toolkit]'
 	touch $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -28,7 +30,7 @@ serve: $(STAMP)
 	$(VENV)/bin/memdec serve $(SERVE_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 # Rebuild demo/ (tokenizer, base, base-small, memories) from ../shared/data; work files go to ../runs/demo-recipe.
 .PHONY: demo-models

@@ -36,7 +36,7 @@ def machine_info() -> dict:
 
 def tiny_models(size: str = "tiny") -> dict[str, Path]:
     """A base and a memory sharing one tokenizer, built from configs into a temp dir (no downloads)."""
-    from tests.tiny_models import build_memory, build_model, build_tokenizer
+    from testkit.models import build_memory, build_model, build_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix=f"memdec-bench-{size}-"))
     tok = build_tokenizer(root / "tok")

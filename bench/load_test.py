@@ -47,8 +47,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import tiny_models, write_result
-from tests.server_process import serve
-from tests.tiny_models import sample_text
+from testkit.server import serve
+from testkit.text import sample_text
 
 ADMIN_KEY = "load-test-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import model_sets, write_result
 from memories.perplexity import sliding_windows
-from tests.server_process import serve
-from tests.tiny_models import sample_text
+from testkit.server import serve
+from testkit.text import sample_text
 
 
 @torch.inference_mode()

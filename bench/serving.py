@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 
 from bench.common import model_sets, write_result
-from tests.server_process import serve
-from tests.tiny_models import sample_text
+from testkit.server import serve
+from testkit.text import sample_text
 
 
 def prompts(n: int) -> list[str]:

@@ -21,11 +21,11 @@ PY=${PY:-$REPO/.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYTHONHASHSEED=0
 
-# Sizes and budgets (the README table comes from these defaults).
+# Sizes and budgets (the table in docs/demo.md comes from these defaults).
 BASE_STEPS=${BASE_STEPS:-250}        # 8 × 256 tokens per step
 SMALL_STEPS=${SMALL_STEPS:-200}
 MEM_TOKENS=${MEM_TOKENS:-150000}     # domain tokens per memory (datastore and training)
-MEM_STEPS=${MEM_STEPS:-70}         # 8 × 256 tokens per step (see the README: a longer-trained memory
+MEM_STEPS=${MEM_STEPS:-70}         # 8 × 256 tokens per step (see docs/demo.md: a longer-trained memory
                                      # makes this weak CPU-trained base useless instead of complementary)
 K=${K:-256}
 TAU=${TAU:-1.0}

@@ -14,56 +14,18 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memories.corpus import corpus_files, corpus_identity, tokenize_corpus
-from memories.datastore import Datastore, build_datastore
-from memories.evaluate import EvalConfig, evaluate, write_report
-from memories.knn import IndexConfig, build_index, load_index, save_index, set_nprobe, to_gpu_if_available
-from memories.manifest import Manifest, read_manifest, tokenizer_fingerprint, write_manifest
-from memories.models import (
-    load_causal_lm,
-    load_tokenizer,
-    max_length,
-    model_id,
-    resolve_device,
-    resolve_dtype,
-)
-from memories.targets import SparseTargets, build_targets
-from memories.train import ModelSpec, TrainConfig, train
+from memories.config import BuildConfig
+from memories.corpus import corpus_identity
+from memories.jsonfile import read_json, write_json
+from memories.manifest import Manifest, read_manifest, write_manifest
+from memories.models import model_id
+from memories.stages import Base, datastore_stage, eval_stage, index_stage, targets_stage, train_stage
 
-
-@dataclass(frozen=True)
-class BuildConfig:
-    base: str
-    corpus: str
-    out: Path
-    name: str
-    valid: str | None = None
-    work: Path | None = None  # None: "<out>.work" beside the memory directory
-    domain: str = "general"
-    description: str = ""
-    max_tokens: int | None = None  # datastore/training corpus cut
-    context: int | None = None  # datastore windows; None: 1024 or the base's maximum
-    stride: int | None = None  # None: half the context
-    batch_size: int = 8  # datastore windows per forward pass
-    dtype: str = "auto"
-    device: str = "auto"
-    index: IndexConfig = field(default_factory=IndexConfig)
-    k: int = 1024
-    temperature: float = 1.0
-    search_batch: int = 1024
-    train: TrainConfig = field(default_factory=TrainConfig)
-    init_from: str | None = None
-    spec: ModelSpec | None = None
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    eval_max_tokens: int | None = None
-
-    @property
-    def work_dir(self) -> Path:
-        return Path(self.work) if self.work is not None else Path(str(self.out) + ".work")
+__all__ = ["BuildConfig", "StageRecord", "build"]
 
 
 def _hash(payload: Any) -> str:
@@ -100,7 +62,7 @@ class StageCache:
         key = _hash(settings)
         marker = self.dir / f"{name}.json"
         if marker.is_file():
-            saved = json.loads(marker.read_text(encoding="utf-8"))
+            saved = read_json(marker)
             if saved.get("key") == key and outputs_exist():
                 rec = StageRecord(name, key, True, 0.0, saved.get("summary", {}))
                 self._say(f"[memdec] {name}: cached ({key}), skipped")
@@ -111,10 +73,7 @@ class StageCache:
         started = time.perf_counter()
         summary = fn()
         seconds = round(time.perf_counter() - started, 2)
-        payload = {"key": key, "settings": settings, "summary": summary, "seconds": seconds}
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(marker)
+        write_json(marker, {"key": key, "settings": settings, "summary": summary, "seconds": seconds})
         rec = StageRecord(name, key, False, seconds, summary)
         self.records.append(rec)
         return rec
@@ -126,139 +85,83 @@ class StageCache:
 def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
     """Run every stage that is not cached; returns one record per stage."""
     work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
     out = Path(config.out)
     cache = StageCache(work)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    tokenizer = load_tokenizer(config.base)
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    base = Base(config.base, config.datastore.device, config.datastore.dtype)
     ds_dir, idx_dir, tg_dir = work / "datastore", work / "index", work / "targets"
-    base_model = None
-
-    def base() -> Any:
-        nonlocal base_model
-        if base_model is None:
-            base_model = load_causal_lm(config.base, device, dtype)
-        return base_model
-
-    # 1. datastore
-    ds_settings = {
-        "base": _model_identity(config.base),
-        "corpus": corpus_identity(config.corpus),
-        "max_tokens": config.max_tokens,
-        "context": config.context,
-        "stride": config.stride,
-        "dtype": str(dtype),
-    }
-
-    def run_datastore() -> dict:
-        model = base()
-        tokens, stats = tokenize_corpus(tokenizer, config.corpus, config.max_tokens, progress=progress)
-        context = min(config.context or 1024, max_length(model))
-        ds = build_datastore(
-            model, tokens, ds_dir, context=context, stride=config.stride or max(1, context // 2),
-            batch_size=config.batch_size, progress=progress,
-            meta={"base_model": model_id(config.base), "tokenizer_fingerprint": fingerprint,
-                  "corpus": [str(p) for p in corpus_files(config.corpus)], "corpus_stats": stats.to_dict()},
-        )
-        return {"entries": ds.size, "dim": ds.dim, "corpus_stats": stats.to_dict(), "seconds": ds.meta["seconds"]}
-
-    ds_rec = cache.run("datastore", ds_settings, lambda: (ds_dir / "datastore.json").is_file(), run_datastore)
-    ds = Datastore.open(ds_dir)
-
-    # 2. index
-    index_settings = {"datastore": ds_rec.key, **dataclasses.asdict(config.index)}
-    index_settings.pop("nprobe")
-    index_settings.pop("use_gpu")
-
-    def run_index() -> dict:
-        index, info = build_index(ds.keys(), config.index, progress=progress)
-        save_index(index, info, idx_dir)
-        return info
-
-    idx_rec = cache.run("index", index_settings, lambda: (idx_dir / "index.json").is_file(), run_index)
-
-    # 3. targets
-    tg_settings = {"index": idx_rec.key, "k": config.k, "temperature": config.temperature,
+    dsc = config.datastore
+    ds_settings = {"base": _model_identity(config.base), "corpus": corpus_identity(config.corpus),
+                   "max_tokens": dsc.max_tokens, "context": dsc.context, "stride": dsc.stride, "dtype": str(base.dtype)}
+    ds_rec = cache.run("datastore", ds_settings, lambda: (ds_dir / "datastore.json").is_file(),
+                       lambda: datastore_stage(base, config.corpus, ds_dir, dsc, progress))
+    idx_rec = cache.run("index", {"datastore": ds_rec.key, **config.index.build_settings()},
+                        lambda: (idx_dir / "index.json").is_file(),
+                        lambda: index_stage(ds_dir, idx_dir, config.index, progress))
+    tg_settings = {"index": idx_rec.key, "k": config.targets.k, "temperature": config.targets.temperature,
                    "nprobe": config.index.nprobe}
+    tg_rec = cache.run("targets", tg_settings, lambda: (tg_dir / "targets.json").is_file(),
+                       lambda: targets_stage(ds_dir, idx_dir, tg_dir, config.targets, config.index, progress))
+    tr_rec = _train(cache, config, base, tg_rec.key, progress)
+    ev_rec = None
+    if config.valid is not None:
+        valid = config.valid
+        ev_settings = {"train": tr_rec.key, "valid": corpus_identity(valid), "max_tokens": config.eval.max_tokens,
+                       **dataclasses.asdict(config.eval)}
+        title = f"{config.name}: held-out perplexity ({config.domain})"
+        ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(),
+                           lambda: eval_stage(base, out, valid, config.eval, out, progress, title))
+    _write_manifest(config, ds_rec, idx_rec, tg_rec, ev_rec)
+    return cache.records  # fmt: skip
 
-    def run_targets() -> dict:
-        index, info = load_index(idx_dir)
-        set_nprobe(index, config.index.nprobe)
-        index = to_gpu_if_available(index, config.index.use_gpu)
-        tg = build_targets(
-            index, ds.keys(), ds.values(), tg_dir, k=config.k, temperature=config.temperature,
-            batch_size=config.search_batch, progress=progress, meta={"index": info},
-        )
-        return {key: tg.meta[key] for key in ("num_rows", "nnz", "k", "temperature", "mean_support", "seconds")}
 
-    tg_rec = cache.run("targets", tg_settings, lambda: (tg_dir / "targets.json").is_file(), run_targets)
-
-    # 4. train
-    tr_settings = {
-        "targets": tg_rec.key,
+def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str, progress: bool) -> StageRecord:
+    """The train stage. Its checkpoints live under a directory named after its key, so an interrupted
+    build resumes its own training and a changed setting never resumes a stale one."""
+    work, out = config.work_dir, Path(config.out)
+    settings = {
+        "targets": targets_key,
         "train": config.train.trajectory_dict(),
         "init_from": _model_identity(config.init_from) if config.init_from else None,
         "spec": dataclasses.asdict(config.spec) if config.spec and not config.init_from else None,
     }
-    tr_key = _hash(tr_settings)
-    ckpt_dir = work / f"checkpoint-{tr_key}"
+    ckpt_dir = work / f"checkpoint-{_hash(settings)}"
     for stale in work.glob("checkpoint-*"):
         if stale.name not in (ckpt_dir.name, ckpt_dir.name + ".old", ckpt_dir.name + ".tmp"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def run_train() -> dict:
-        manifest = Manifest(
-            name=config.name, domain=config.domain, description=config.description,
-            base_model=model_id(config.base), tokenizer_fingerprint=fingerprint,
-        )
-        result = train(
-            dataclasses.replace(config.train, device=config.device), out, tokenizer, ds.tokens(),
-            SparseTargets.open(tg_dir), init_from=config.init_from, spec=config.spec,
-            checkpoint_dir=ckpt_dir, resume=True, keep_checkpoint=False, manifest=manifest, progress=progress,
-        )
+    def run() -> dict:
+        manifest = Manifest(name=config.name, domain=config.domain, description=config.description,
+                            base_model=model_id(config.base), tokenizer_fingerprint=base.fingerprint)
+        result = train_stage(base.tokenizer, out, config.train, datastore=work / "datastore",
+                             targets=work / "targets", init_from=config.init_from, spec=config.spec,
+                             manifest=manifest, checkpoint_dir=ckpt_dir, resume=True, keep_checkpoint=False,
+                             progress=progress)  # fmt: skip
         return read_manifest(out).training | {"seconds": round(result.seconds, 2)}
 
-    def train_outputs() -> bool:
+    def outputs() -> bool:
         return (out / "memdec.json").is_file() and (out / "model.safetensors").is_file()
 
-    tr_rec = cache.run("train", tr_settings, train_outputs, run_train)
+    return cache.run("train", settings, outputs, run)
 
-    # 5. eval
-    ev_rec = None
-    if config.valid is not None:
-        ev_settings = {
-            "train": tr_rec.key, "valid": corpus_identity(config.valid), "max_tokens": config.eval_max_tokens,
-            **dataclasses.asdict(config.eval),
-        }
 
-        def run_eval() -> dict:
-            memory = load_causal_lm(out, device, dtype)
-            tokens, _ = tokenize_corpus(tokenizer, config.valid, config.eval_max_tokens, progress=False)
-            report = evaluate(base(), memory, tokens, len(tokenizer), config.eval, progress=progress)
-            report["file"] = str(Path(config.valid).resolve())
-            write_report(report, out, title=f"{config.name}: held-out perplexity ({config.domain})")
-            return report
-
-        ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(), run_eval)
-
-    # The manifest is rebuilt from the stage records every time: cheap, and always consistent with them.
-    manifest = read_manifest(out)
+def _write_manifest(
+    config: BuildConfig, ds: StageRecord, idx: StageRecord, tg: StageRecord, ev: StageRecord | None
+) -> None:
+    """Rebuilt from the stage records every time: cheap, and always consistent with them."""
+    out = Path(config.out)
     corpus = {
-        **ds_rec.summary.get("corpus_stats", {}),
-        "datastore_entries": ds_rec.summary.get("entries"),
-        "key_dim": ds_rec.summary.get("dim"),
-        "index": {k: v for k, v in idx_rec.summary.items() if k != "seconds"},
-        "k": tg_rec.summary.get("k"),
-        "temperature": tg_rec.summary.get("temperature"),
-        "mean_support": tg_rec.summary.get("mean_support"),
+        **ds.summary.get("corpus_stats", {}),
+        "datastore_entries": ds.summary.get("entries"),
+        "key_dim": ds.summary.get("dim"),
+        "index": {k: v for k, v in idx.summary.items() if k != "seconds"},
+        "k": tg.summary.get("k"),
+        "temperature": tg.summary.get("temperature"),
+        "mean_support": tg.summary.get("mean_support"),
     }
     changes: dict[str, Any] = {
         "name": config.name, "domain": config.domain, "description": config.description,
         "base_model": model_id(config.base), "corpus": corpus,
-    }
-    if ev_rec is not None:
-        changes.update(alpha=float(ev_rec.summary["best_alpha"]), evaluation=ev_rec.summary)
-    write_manifest(out, manifest.replace(**changes))
-    return cache.records
+    }  # fmt: skip
+    if ev is not None:
+        changes.update(alpha=float(ev.summary["best_alpha"]), evaluation=ev.summary)
+    write_manifest(out, read_manifest(out).replace(**changes))

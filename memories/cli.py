@@ -14,6 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from memories.config import (
+    DTYPE_CHOICES,
+    BuildConfig,
+    DatastoreConfig,
+    EvalConfig,
+    IndexConfig,
+    ModelSpec,
+    TargetsConfig,
+    TrainConfig,
+)
+
 DESCRIPTION = """Build a memory decoder for a domain:
   datastore  base-model keys (last-MLP input) and next-token values over a corpus, plus a faiss index
   targets    sparse kNN distributions p_kNN for every datastore position (itself excluded)
@@ -21,7 +32,6 @@ DESCRIPTION = """Build a memory decoder for a domain:
   eval       held-out perplexity of base, memory and mixture over α; writes the best α to memdec.json
   build      all of the above with cached stages
   tokenizer  train a byte-level BPE tokenizer (for base models trained from scratch)"""
-
 
 
 class UsageError(ValueError):
@@ -43,6 +53,9 @@ def _handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"memdec memory: error: {exc}", file=sys.stderr)
             return 2
+        except ImportError as exc:  # a server-only install: faiss and matplotlib come with the extra
+            print(f"memdec memory: error: {exc.name} is missing; install memdec[toolkit]", file=sys.stderr)
+            return 2
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
@@ -50,99 +63,113 @@ def _handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
     return wrapper
 
 
-# ---------------------------------------------------------------- argument groups
+# ---------------------------------------------------------------- argument groups (defaults: memories.config)
+
+DS, IDX, TG, TR, SPEC, EV = DatastoreConfig(), IndexConfig(), TargetsConfig(), TrainConfig(), ModelSpec(), EvalConfig()
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 …")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--device", default=DS.device, help="auto (cuda when available), cpu, cuda, cuda:1 …")
+    p.add_argument("--dtype", default=DS.dtype, choices=DTYPE_CHOICES,
                    help="base model dtype for the datastore and evaluation (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_datastore(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("datastore")
-    g.add_argument("--max-tokens", type=int, default=None, help="use only the first N corpus tokens")
-    g.add_argument("--context", type=int, default=None, help="window length (default 1024 or the base maximum)")
-    g.add_argument("--stride", type=int, default=None, help="window stride (default half the context)")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    g.add_argument("--max-tokens", type=int, default=DS.max_tokens, help="use only the first N corpus tokens")
+    g.add_argument("--context", type=int, default=DS.context, help="window length (default 1024 or the base maximum)")
+    g.add_argument("--stride", type=int, default=DS.stride, help="window stride (default half the context)")
+    g.add_argument("--batch-size", type=int, default=DS.batch_size, help="windows per forward pass")
 
 
 def _add_index(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("faiss index")
-    g.add_argument("--index", default="auto", choices=["auto", "flat", "ivfpq"],
+    g.add_argument("--index", default=IDX.kind, choices=["auto", "flat", "ivfpq"],
                    help="auto: exact Flat up to 200k keys, IVF-PQ above")
-    g.add_argument("--nlist", type=int, default=0, help="IVF cells (0: about 4·sqrt(N))")
-    g.add_argument("--code-size", type=int, default=32, help="PQ bytes per key; must divide the hidden size")
-    g.add_argument("--nprobe", type=int, default=32, help="IVF cells visited per query")
-    g.add_argument("--index-train-size", type=int, default=0, help="keys sampled to train IVF-PQ (0: auto)")
+    g.add_argument("--nlist", type=int, default=IDX.nlist, help="IVF cells (0: about 4·sqrt(N))")
+    g.add_argument("--code-size", type=int, default=IDX.code_size, help="PQ bytes per key; must divide the hidden size")
+    g.add_argument("--index-train-size", type=int, default=IDX.train_size, help="keys sampled to train IVF-PQ (0: auto)")
+    _add_search(g)
+
+
+def _add_search(g: Any) -> None:
+    g.add_argument("--nprobe", type=int, default=IDX.nprobe, help="IVF cells visited per query")
     g.add_argument("--no-gpu-index", action="store_true", help="keep faiss on the CPU even with GPUs")
 
 
 def _add_targets(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kNN targets")
-    g.add_argument("--k", type=int, default=1024, help="neighbours per position")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--k", type=int, default=TG.k, help="neighbours per position")
+    g.add_argument("--temperature", type=float, default=TG.temperature,
                    help="τ in softmax(−d/τ), d = squared L2 distance between keys")
-    g.add_argument("--search-batch", type=int, default=1024, help="queries per faiss search call")
+    g.add_argument("--search-batch", type=int, default=TG.batch_size, help="queries per faiss search call")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--beta", type=float, default=0.5, help="weight of KL(p_kNN ‖ p_mem) against CE")
-    g.add_argument("--seq-len", type=int, default=512)
-    g.add_argument("--train-batch-size", type=int, default=8, help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup", type=float, default=0.05, help="< 1: fraction of steps; >= 1: steps")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a fraction of --lr")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=0, help="> 0 overrides --epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=200, help="optimizer steps between checkpoints")
+    g.add_argument("--beta", type=float, default=TR.beta, help="weight of KL(p_kNN ‖ p_mem) against CE")
+    g.add_argument("--seq-len", type=int, default=TR.seq_len)
+    g.add_argument("--train-batch-size", type=int, default=TR.batch_size, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=TR.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=TR.lr)
+    g.add_argument("--weight-decay", type=float, default=TR.weight_decay)
+    g.add_argument("--warmup", type=float, default=TR.warmup, help="< 1: fraction of steps; >= 1: steps")
+    g.add_argument("--min-lr-ratio", type=float, default=TR.min_lr_ratio, help="cosine decay floor, as a fraction of --lr")
+    g.add_argument("--max-grad-norm", type=float, default=TR.max_grad_norm)
+    g.add_argument("--epochs", type=float, default=TR.epochs)
+    g.add_argument("--max-steps", type=int, default=TR.max_steps, help="> 0 overrides --epochs")
+    g.add_argument("--seed", type=int, default=TR.seed)
+    g.add_argument("--save-every", type=int, default=TR.save_every, help="optimizer steps between checkpoints")
     m = p.add_argument_group("memory model (when not --init-from)")
     m.add_argument("--init-from", default=None, help="start from this HF causal-LM directory")
-    m.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    m.add_argument("--hidden-size", type=int, default=256)
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads")
-    m.add_argument("--intermediate-size", type=int, default=0, help="0: 8/3 of the hidden size")
-    m.add_argument("--max-len", type=int, default=1024, help="position table size of a new model")
+    m.add_argument("--arch", default=SPEC.arch, choices=["llama", "qwen2"])
+    m.add_argument("--hidden-size", type=int, default=SPEC.hidden_size)
+    m.add_argument("--layers", type=int, default=SPEC.layers)
+    m.add_argument("--heads", type=int, default=SPEC.heads)
+    m.add_argument("--kv-heads", type=int, default=SPEC.kv_heads, help="0: same as --heads")
+    m.add_argument("--intermediate-size", type=int, default=SPEC.intermediate_size, help="0: 8/3 of the hidden size")
+    m.add_argument("--max-len", type=int, default=SPEC.max_len, help="position table size of a new model")
     m.add_argument("--untied", action="store_true", help="separate input and output embeddings")
 
 
 def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument(f"--{prefix}context", dest="eval_context", type=int, default=None,
+    g.add_argument(f"--{prefix}context", dest="eval_context", type=int, default=EV.context,
                    help="window length (default 1024 or the models' maximum)")
-    g.add_argument(f"--{prefix}stride", dest="eval_stride", type=int, default=None, help="default: half the context")
+    g.add_argument(f"--{prefix}stride", dest="eval_stride", type=int, default=EV.stride, help="default: half the context")
     g.add_argument("--alphas", default=None, help="comma-separated α grid in (0, 1) (default 0.05 … 0.95)")
-    g.add_argument("--eval-max-tokens", type=int, default=None, help="score only the first N held-out tokens")
+    g.add_argument("--eval-max-tokens", type=int, default=EV.max_tokens, help="score only the first N held-out tokens")
 
 
 def _add_manifest(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("manifest")
     g.add_argument("--name", required=required, help="memory name (what clients ask for)")
-    g.add_argument("--domain", default="general")
-    g.add_argument("--description", default="")
+    g.add_argument("--domain", default=BuildConfig.domain)
+    g.add_argument("--description", default=BuildConfig.description)
 
 
-# ---------------------------------------------------------------- config builders
+# ---------------------------------------------------------------- flags -> configs
 
 
-def _index_config(a: argparse.Namespace):
-    from memories.knn import IndexConfig
-
-    return IndexConfig(kind=a.index, nlist=a.nlist, code_size=a.code_size, nprobe=a.nprobe,
-                       train_size=a.index_train_size, seed=getattr(a, "seed", 0), use_gpu=not a.no_gpu_index)
+def _datastore_config(a: argparse.Namespace) -> DatastoreConfig:
+    return DatastoreConfig(max_tokens=a.max_tokens, context=a.context, stride=a.stride, batch_size=a.batch_size,
+                           dtype=a.dtype, device=a.device)
 
 
-def _train_config(a: argparse.Namespace):
-    from memories.train import TrainConfig
+def _index_config(a: argparse.Namespace) -> IndexConfig:
+    """`memory targets` has only the search flags (nprobe, GPU): the others keep their defaults there."""
+    return IndexConfig(kind=getattr(a, "index", IDX.kind), nlist=getattr(a, "nlist", IDX.nlist),
+                       code_size=getattr(a, "code_size", IDX.code_size), nprobe=a.nprobe,
+                       train_size=getattr(a, "index_train_size", IDX.train_size), seed=getattr(a, "seed", IDX.seed),
+                       use_gpu=not a.no_gpu_index)
 
+
+def _targets_config(a: argparse.Namespace) -> TargetsConfig:
+    return TargetsConfig(k=a.k, temperature=a.temperature, batch_size=a.search_batch)
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         beta=a.beta, seq_len=a.seq_len, batch_size=a.train_batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm,
@@ -150,18 +177,16 @@ def _train_config(a: argparse.Namespace):
     )
 
 
-def _spec(a: argparse.Namespace):
-    from memories.train import ModelSpec
-
+def _spec(a: argparse.Namespace) -> ModelSpec | None:
+    if a.init_from:
+        return None
     return ModelSpec(arch=a.arch, hidden_size=a.hidden_size, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      intermediate_size=a.intermediate_size, max_len=a.max_len, tie_embeddings=not a.untied)
 
 
-def _eval_config(a: argparse.Namespace):
-    from memories.evaluate import DEFAULT_ALPHAS, EvalConfig
-
-    alphas = DEFAULT_ALPHAS if not a.alphas else tuple(float(x) for x in a.alphas.split(",") if x.strip())
-    return EvalConfig(context=a.eval_context, stride=a.eval_stride, alphas=alphas)
+def _eval_config(a: argparse.Namespace) -> EvalConfig:
+    alphas = EV.alphas if not a.alphas else tuple(float(x) for x in a.alphas.split(",") if x.strip())
+    return EvalConfig(context=a.eval_context, stride=a.eval_stride, alphas=alphas, max_tokens=a.eval_max_tokens)
 
 
 def _summary(title: str, rows: dict[str, Any]) -> None:
@@ -170,7 +195,7 @@ def _summary(title: str, rows: dict[str, Any]) -> None:
         print(f"  {key:<22} {value}")
 
 
-# ---------------------------------------------------------------- handlers
+# ---------------------------------------------------------------- handlers (each runs memories.stages)
 
 
 @_handles_errors
@@ -185,89 +210,46 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
 
 @_handles_errors
 def cmd_datastore(a: argparse.Namespace) -> int:
-    from memories.corpus import corpus_files, tokenize_corpus
-    from memories.datastore import build_datastore
-    from memories.knn import build_index, save_index
-    from memories.manifest import tokenizer_fingerprint
-    from memories.models import (
-        load_causal_lm,
-        load_tokenizer,
-        max_length,
-        model_id,
-        resolve_device,
-        resolve_dtype,
-    )
+    from memories.stages import Base, datastore_stage, index_stage
 
-    device = resolve_device(a.device)
-    tokenizer = load_tokenizer(a.base)
-    model = load_causal_lm(a.base, device, resolve_dtype(a.dtype, device))
-    tokens, stats = tokenize_corpus(tokenizer, a.corpus, a.max_tokens, progress=not a.quiet)
-    context = min(a.context or 1024, max_length(model))
-    ds = build_datastore(
-        model, tokens, a.out, context=context, stride=a.stride or max(1, context // 2), batch_size=a.batch_size,
-        progress=not a.quiet,
-        meta={"base_model": model_id(a.base), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-              "corpus": [str(p) for p in corpus_files(a.corpus)], "corpus_stats": stats.to_dict()},
-    )
-    index, info = build_index(ds.keys(), _index_config(a), progress=not a.quiet)
-    save_index(index, info, a.out)
-    _summary("datastore", {"entries": ds.size, "key dim": ds.dim, "documents": stats.documents,
-                           "index": info["kind"], "out": a.out, "seconds": ds.meta["seconds"] + info["seconds"]})
+    out = Path(a.out)
+    ds = datastore_stage(Base(a.base, a.device, a.dtype), a.corpus, out, _datastore_config(a), not a.quiet)
+    info = index_stage(out, out, _index_config(a), not a.quiet)  # the index lives beside the keys
+    _summary("datastore", {"entries": ds["entries"], "key dim": ds["dim"], "documents": ds["corpus_stats"]["documents"],
+                           "index": info["kind"], "out": a.out, "seconds": ds["seconds"] + info["seconds"]})
     return 0
 
 
 @_handles_errors
 def cmd_targets(a: argparse.Namespace) -> int:
-    from memories.datastore import Datastore
-    from memories.knn import load_index, set_nprobe, to_gpu_if_available
-    from memories.targets import build_targets
+    from memories.stages import targets_stage
 
-    ds = Datastore.open(a.datastore)
-    index, info = load_index(a.index_dir or a.datastore)
-    set_nprobe(index, a.nprobe)
-    index = to_gpu_if_available(index, not a.no_gpu_index)
-    tg = build_targets(index, ds.keys(), ds.values(), a.out, k=a.k, temperature=a.temperature,
-                       batch_size=a.search_batch, progress=not a.quiet, meta={"index": info, "datastore": a.datastore})
-    _summary("targets", {k: tg.meta[k] for k in ("num_rows", "k", "temperature", "mean_support", "seconds")})
+    summary = targets_stage(Path(a.datastore), Path(a.index_dir or a.datastore), Path(a.out), _targets_config(a),
+                            _index_config(a), not a.quiet)
+    _summary("targets", {k: summary[k] for k in ("num_rows", "k", "temperature", "mean_support", "seconds")})
     return 0
 
 
 @_handles_errors
 def cmd_train(a: argparse.Namespace) -> int:
-    from memories.corpus import tokenize_corpus
-    from memories.datastore import Datastore
     from memories.manifest import Manifest, tokenizer_fingerprint
     from memories.models import load_tokenizer, model_id
-    from memories.targets import SparseTargets
-    from memories.train import train
+    from memories.stages import train_stage
 
     tok_src = a.tokenizer or a.base
     if tok_src is None:
         raise UsageError("memdec memory train: give --base (the model the memory serves) or --tokenizer")
     tokenizer = load_tokenizer(tok_src)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    targets = None
-    if a.datastore:
-        ds = Datastore.open(a.datastore)
-        if ds.meta.get("tokenizer_fingerprint") not in (None, fingerprint):
-            raise UsageError(f"{a.datastore} was built with a different tokenizer")
-        tokens = ds.tokens()
-        if a.beta > 0:
-            if not a.targets:
-                raise UsageError("memdec memory train: --beta > 0 needs --targets (or use --beta 0)")
-            targets = SparseTargets.open(a.targets)
-    elif a.corpus:
-        tokens, _ = tokenize_corpus(tokenizer, a.corpus, a.max_tokens, progress=not a.quiet)
-    else:
-        raise UsageError("memdec memory train: give --datastore/--targets, or --corpus with --beta 0")
     manifest = None
     if a.name:
         manifest = Manifest(name=a.name, domain=a.domain, description=a.description,
-                            base_model=model_id(a.base) if a.base else None, tokenizer_fingerprint=fingerprint)
-    result = train(
-        _train_config(a), a.out, tokenizer, tokens, targets, init_from=a.init_from,
-        spec=None if a.init_from else _spec(a), checkpoint_dir=a.checkpoint_dir, resume=a.resume,
-        keep_checkpoint=a.keep_checkpoint, stop_after=a.stop_after, manifest=manifest, progress=not a.quiet,
+                            base_model=model_id(a.base) if a.base else None,
+                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    result = train_stage(
+        tokenizer, Path(a.out), _train_config(a), datastore=a.datastore and Path(a.datastore),
+        targets=a.targets and Path(a.targets), corpus=a.corpus, max_tokens=a.max_tokens, init_from=a.init_from,
+        spec=_spec(a), manifest=manifest, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+        keep_checkpoint=a.keep_checkpoint, stop_after=a.stop_after, progress=not a.quiet,
     )
     _summary("train", {
         "steps": f"{result.steps_done}/{result.total_steps}" + ("" if result.finished else " (stopped; --resume)"),
@@ -279,27 +261,16 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 @_handles_errors
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from memories.evaluate import REPORT_JSON, REPORT_PNG, update_manifest
+    from memories.manifest import MANIFEST_NAME
+    from memories.stages import Base, eval_stage
 
-    from memories.corpus import tokenize_corpus
-    from memories.evaluate import evaluate, update_manifest, write_report
-    from memories.manifest import MANIFEST_NAME, tokenizer_fingerprint
-    from memories.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    tokenizer = load_tokenizer(a.base)
-    if tokenizer_fingerprint(load_tokenizer(a.memory)) != tokenizer_fingerprint(tokenizer):
-        raise UsageError(f"{a.memory} uses a different tokenizer from {a.base}")
-    config = replace(_eval_config(a), max_tokens=a.eval_max_tokens)
-    tokens, _ = tokenize_corpus(tokenizer, a.valid, config.max_tokens, progress=False)
-    report = evaluate(load_causal_lm(a.base, device, dtype), load_causal_lm(a.memory, device, dtype), tokens,
-                      len(tokenizer), config, progress=not a.quiet)
-    report["file"] = str(Path(a.valid).resolve())
-    json_path, png_path = write_report(report, a.report_dir or a.memory)
+    report_dir = Path(a.report_dir or a.memory)
+    report = eval_stage(Base(a.base, a.device, a.dtype), Path(a.memory), a.valid, _eval_config(a), report_dir,
+                        not a.quiet)
     if not a.no_update_manifest and (Path(a.memory) / MANIFEST_NAME).is_file():
         update_manifest(a.memory, report)
-    _print_eval(report, json_path, png_path)
+    _print_eval(report, report_dir / REPORT_JSON, report_dir / REPORT_PNG)
     return 0
 
 
@@ -316,17 +287,13 @@ def _print_eval(report: dict[str, Any], json_path: Any, png_path: Any) -> None:
 
 @_handles_errors
 def cmd_build(a: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from memories.build import BuildConfig, build
+    from memories.build import build
 
     config = BuildConfig(
         base=a.base, corpus=a.corpus, out=Path(a.out), name=a.name, valid=a.valid,
         work=Path(a.work) if a.work else None, domain=a.domain, description=a.description,
-        max_tokens=a.max_tokens, context=a.context, stride=a.stride, batch_size=a.batch_size, dtype=a.dtype,
-        device=a.device, index=_index_config(a), k=a.k, temperature=a.temperature, search_batch=a.search_batch,
-        train=_train_config(a), init_from=a.init_from, spec=None if a.init_from else _spec(a),
-        eval=replace(_eval_config(a), max_tokens=a.eval_max_tokens), eval_max_tokens=a.eval_max_tokens,
+        datastore=_datastore_config(a), index=_index_config(a), targets=_targets_config(a),
+        train=_train_config(a), init_from=a.init_from, spec=_spec(a), eval=_eval_config(a),
     )
     started = time.perf_counter()
     records = build(config, progress=not a.quiet)
@@ -347,7 +314,12 @@ def register(subparsers: Any) -> None:
     memory = subparsers.add_parser("memory", help="build, train and evaluate domain memories",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = memory.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
+    _register_data_stages(sub)
+    _register_model_stages(sub)
 
+
+def _register_data_stages(sub: Any) -> None:
+    """tokenizer, datastore, targets: the stages before any memory exists."""
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
@@ -369,12 +341,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--datastore", required=True)
     p.add_argument("--index-dir", default=None, help="where index.faiss lives (default: the datastore)")
     p.add_argument("--out", required=True)
-    p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--no-gpu-index", action="store_true")
+    _add_search(p)
     p.add_argument("--quiet", action="store_true")
     _add_targets(p)
     p.set_defaults(func=cmd_targets)
 
+
+def _register_model_stages(sub: Any) -> None:
+    """train, eval, and build (every stage, cached)."""
     p = sub.add_parser("train", help="train a memory (or a plain LM with --beta 0 --corpus)")
     p.add_argument("--base", default=None, help="base model the memory serves (tokenizer + manifest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --base)")
@@ -387,7 +361,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint when there is one")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint after finishing")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=TR.device)
     p.add_argument("--quiet", action="store_true")
     _add_train(p)
     _add_manifest(p, required=False)

@@ -11,7 +11,6 @@ kNN target of every position it predicts.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from memories.hooks import capture_mlp_input
-from memories.perplexity import Window, sliding_windows
+from memories.jsonfile import read_marker, write_json
+from memories.perplexity import Window, sliding_windows, window_batches
 
 META_NAME = "datastore.json"
 
@@ -39,10 +40,7 @@ class Datastore:
     @classmethod
     def open(cls, path: str | Path) -> Datastore:
         path = Path(path)
-        meta_file = path / META_NAME
-        if not meta_file.is_file():
-            raise DatastoreError(f"{path} is not a complete datastore (no {META_NAME})")
-        return cls(path, json.loads(meta_file.read_text(encoding="utf-8")))
+        return cls(path, read_marker(path / META_NAME, DatastoreError, "datastore"))
 
     @property
     def size(self) -> int:
@@ -62,20 +60,23 @@ class Datastore:
         return np.load(self.path / "tokens.npy", mmap_mode="r")  # [N] int32
 
 
-def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
-    """Consecutive windows of equal length grouped into batches (only the last window is shorter)."""
-    out: list[list[Window]] = []
-    for w in windows:
-        if out and len(out[-1]) < batch_size and (out[-1][0].end - out[-1][0].begin) == (w.end - w.begin):
-            out[-1].append(w)
-        else:
-            out.append([w])
-    return out
+def _write_keys(keys: np.ndarray, hidden: torch.Tensor, w: Window) -> int:
+    """Store the keys window `w` computes ([T, H] hidden states): position p, predicting tokens[p+1], for the
+    targets the window scores (score_from..end-1). Returns how many were written."""
+    first, last = w.score_from - 1, w.end - 1
+    chunk = hidden[first - w.begin : last - w.begin].to(torch.float16)  # [S, H]
+    if not torch.isfinite(chunk).all():
+        raise DatastoreError(
+            f"keys at positions {first}..{last - 1} overflow float16 (or the model produced NaN); "
+            "this base model's last-MLP inputs do not fit the float16 datastore"
+        )
+    keys[first:last] = chunk.cpu().numpy()
+    return last - first
 
 
 @torch.inference_mode()
 def build_datastore(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokens: np.ndarray,
     out_dir: str | Path,
     *,
@@ -90,6 +91,10 @@ def build_datastore(
     Windows follow the perplexity protocol: each position gets a key exactly once, computed in the
     window that gives it the most left context (at least context - stride tokens once past the start).
     """
+    if stride >= context:
+        # The position just before a window's first token would get no key (its hidden state lies outside
+        # every window), leaving a zero row that kNN search would then return.
+        raise DatastoreError(f"stride ({stride}) must be smaller than the window ({context}) for a datastore")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
@@ -100,26 +105,14 @@ def build_datastore(
     np.save(out_dir / "values.npy", np.asarray(tokens[1:], dtype=np.int32))
     keys = np.lib.format.open_memmap(out_dir / "keys.npy", mode="w+", dtype=np.float16, shape=(n - 1, dim))
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)  # [N]
-    windows = list(sliding_windows(n, context, stride))
     started = time.perf_counter()
     bar = tqdm(total=n - 1, desc="datastore", unit="key", disable=not progress)
     with capture_mlp_input(model) as capture:
-        for batch in _batches(windows, batch_size):
-            inp = torch.stack([ids[w.begin : w.end] for w in batch])  # [B, T]
-            # Only the hook's output is needed: keep a single position's logits.
-            model(input_ids=inp, logits_to_keep=1)
-            hidden = capture.take()  # [B, T, H]
-            for row, w in zip(hidden, batch, strict=True):
-                # Position p (predicting tokens[p+1]) is scored for targets score_from..end-1.
-                first, last = w.score_from - 1, w.end - 1
-                chunk = row[first - w.begin : last - w.begin].to(torch.float16)  # [S, H]
-                if not torch.isfinite(chunk).all():
-                    raise DatastoreError(
-                        f"keys at positions {first}..{last - 1} overflow float16 (or the model produced NaN); "
-                        "this base model's last-MLP inputs do not fit the float16 datastore"
-                    )
-                keys[first:last] = chunk.cpu().numpy()
-                bar.update(last - first)
+        for batch in window_batches(sliding_windows(n, context, stride), max_windows=batch_size):
+            # Only the hook's capture is needed: keep a single position's logits.
+            model(input_ids=torch.stack([ids[w.begin : w.end] for w in batch]), logits_to_keep=1)  # [B, T]
+            for row, w in zip(capture.take(), batch, strict=True):  # the hook's [B, T, H]
+                bar.update(_write_keys(keys, row, w))
     bar.close()
     keys.flush()
     del keys
@@ -132,7 +125,5 @@ def build_datastore(
         "seconds": round(time.perf_counter() - started, 2),
         **(meta or {}),
     }
-    tmp = out_dir / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / META_NAME)
+    write_json(out_dir / META_NAME, info)
     return Datastore(out_dir, info)

@@ -6,10 +6,8 @@ the mixture of token t is mix(log p_base(t), log p_mem(t), α) and every α cost
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from memories.config import EvalConfig
+from memories.jsonfile import write_json
 from memories.manifest import read_manifest, write_manifest
 from memories.mixing import mix_logprobs
-from memories.models import max_length
-from memories.perplexity import default_context, sliding_windows, window_logprobs
+from memories.models import context_length
+from memories.perplexity import document_logprobs, window_settings
 
 REPORT_JSON = "evaluation.json"
 REPORT_PNG = "evaluation.png"
-DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    context: int | None = None  # None: 1024, or less where a model accepts less
-    stride: int | None = None  # None: half the context
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    max_tokens: int | None = None  # score only the first tokens of the held-out file
 
 
 def _ppl(logprobs: torch.Tensor) -> float:
@@ -50,17 +41,18 @@ def evaluate(
     """Perplexities and the best α on `tokens` (a held-out token stream)."""
     if not config.alphas or not all(0.0 < a < 1.0 for a in config.alphas):
         raise ValueError("alphas must be a non-empty list of values strictly between 0 and 1")
-    context = default_context(min(max_length(base), max_length(memory)), config.context)
-    stride = config.stride or max(1, context // 2)
+    context, stride = window_settings(
+        min(context_length(base), context_length(memory)), config.context, config.stride, clamp=True
+    )
     started = time.perf_counter()
-    base_dev, mem_dev = next(base.parameters()).device, next(memory.parameters()).device
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))  # [N]
-    ids_base, ids_mem = ids.to(base_dev), ids.to(mem_dev)
     base_lp, mem_lp = [], []
-    windows = list(sliding_windows(len(ids), context, stride))
-    for w in tqdm(windows, desc="evaluate", unit="window", disable=not progress):
-        base_lp.append(window_logprobs(base, ids_base, w, vocab_size).cpu())  # [S]
-        mem_lp.append(window_logprobs(memory, ids_mem, w, vocab_size).cpu())  # [S]
+    bar = tqdm(total=len(ids) - 1, desc="evaluate", unit="tok", disable=not progress)
+    for b_lp, m_lp in document_logprobs([base, memory], ids, context, stride, vocab_size):
+        base_lp.append(b_lp.cpu())  # [B * S]
+        mem_lp.append(m_lp.cpu())
+        bar.update(b_lp.numel())
+    bar.close()
     b, m = torch.cat(base_lp), torch.cat(mem_lp)  # [num_scored] each
     curve = [{"alpha": float(a), "ppl": _ppl(mix_logprobs(b, m, float(a)))} for a in config.alphas]
     best = min(curve, key=lambda r: r["ppl"])
@@ -112,8 +104,7 @@ def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
 def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / REPORT_JSON
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    json_path = write_json(out_dir / REPORT_JSON, report)
     return json_path, plot_report(report, out_dir / REPORT_PNG, title)
 
 

@@ -27,11 +27,12 @@ class HookResolutionError(RuntimeError):
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    found: object = module
     for part in dotted.split("."):
-        module = getattr(module, part, None)
-        if module is None:
+        found = getattr(found, part, None)
+        if found is None:
             return None
-    return module
+    return found if isinstance(found, nn.Module) else None
 
 
 def _block_list(model: nn.Module) -> nn.ModuleList | None:

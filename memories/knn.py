@@ -6,9 +6,7 @@ PQ-approximated for IVF-PQ), the quantity kNN-LM and Memory Decoder put through 
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +14,11 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from memories.config import IndexConfig
+from memories.jsonfile import read_json, write_json
+
 INDEX_NAME = "index.faiss"
 INDEX_META = "index.json"
-FLAT_MAX_ENTRIES = 200_000  # above this an exact search over every key costs too much for `auto`
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    kind: str = "auto"  # auto | flat | ivfpq
-    nlist: int = 0  # IVF cells; 0 = about 4·sqrt(N), a power of two
-    code_size: int = 32  # PQ bytes per vector (sub-quantisers of 8 bits); must divide the key dim
-    nprobe: int = 32  # cells visited per query
-    train_size: int = 0  # keys sampled to train IVF-PQ; 0 = 64 per cell, at most 1M
-    seed: int = 0
-    use_gpu: bool = True  # use faiss GPU when this faiss build has GPUs
-
-    def resolved_kind(self, num_entries: int) -> str:
-        if self.kind == "auto":
-            return "flat" if num_entries <= FLAT_MAX_ENTRIES else "ivfpq"
-        if self.kind not in ("flat", "ivfpq"):
-            raise ValueError(f"unknown index kind {self.kind!r}; choose auto, flat or ivfpq")
-        return self.kind
-
-    def resolved_nlist(self, num_entries: int) -> int:
-        if self.nlist > 0:
-            return self.nlist
-        target = 4 * int(np.sqrt(max(num_entries, 1)))
-        return int(2 ** max(3, round(np.log2(max(target, 8)))))
 
 
 def gpu_count() -> int:
@@ -62,6 +38,7 @@ def build_index(
     kind = config.resolved_kind(n)
     started = time.perf_counter()
     info: dict[str, Any] = {"kind": kind, "num_entries": int(n), "dim": int(dim)}
+    index: Any  # faiss' SWIG classes: IndexFlatL2 or IndexIVFPQ
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     else:
@@ -93,14 +70,14 @@ def save_index(index: faiss.Index, info: dict[str, Any], out_dir: str | Path) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(out_dir / INDEX_NAME))
-    (out_dir / INDEX_META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / INDEX_META, info)
     return out_dir / INDEX_NAME
 
 
 def load_index(out_dir: str | Path) -> tuple[faiss.Index, dict[str, Any]]:
     out_dir = Path(out_dir)
     index = faiss.read_index(str(out_dir / INDEX_NAME))
-    return index, json.loads((out_dir / INDEX_META).read_text(encoding="utf-8"))
+    return index, read_json(out_dir / INDEX_META)
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
@@ -118,7 +95,7 @@ def to_gpu_if_available(index: faiss.Index, use_gpu: bool = True) -> faiss.Index
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True  # large PQ code sizes need float16 lookup tables on the GPU
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index, options)
+    gpu_index: Any = faiss.index_cpu_to_gpu(resources, 0, index, options)
     gpu_index.referenced_objects = [resources]  # the GPU index must not outlive its resources
     return gpu_index
 

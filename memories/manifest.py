@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memories.jsonfile import write_json
+from memories.mixing import check_alpha
+
 MANIFEST_NAME = "memdec.json"
 MANIFEST_VERSION = 1
 DEFAULT_ALPHA = 0.6
@@ -49,8 +52,10 @@ class Manifest:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ManifestError("manifest 'name' must be a non-empty string")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ManifestError(f"manifest 'alpha' must be in [0, 1], got {self.alpha}")
+        try:
+            check_alpha(self.alpha)
+        except ValueError as exc:
+            raise ManifestError(f"manifest 'alpha': {exc}") from None
         if not str(self.tokenizer_fingerprint).startswith("sha256:"):
             raise ManifestError("manifest 'tokenizer_fingerprint' must look like 'sha256:<hex>'")
 
@@ -88,9 +93,4 @@ def read_manifest(memory_dir: str | Path) -> Manifest:
 
 
 def write_manifest(memory_dir: str | Path, manifest: Manifest) -> Path:
-    path = manifest_path(memory_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a reader never sees half a manifest
-    return path
+    return write_json(manifest_path(memory_dir), manifest.to_dict())  # a server never reads half a manifest

@@ -6,6 +6,19 @@ import math
 
 import torch
 
+ALPHA_MIN, ALPHA_MAX = 0.0, 1.0  # α is a mixture weight: the memory's share of the probability mass
+
+
+def check_alpha(alpha: object) -> float:
+    """α as a float, or ValueError when it is not a finite number in [0, 1] (bools are not numbers here).
+
+    The one α rule: the HTTP schema's bounds, the CLI, the registry file, the registry, the engine and
+    the manifest all call this (the server maps the ValueError to its own error class).
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not ALPHA_MIN <= alpha <= ALPHA_MAX:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return float(alpha)
+
 
 def alpha_logs(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log α, log(1−α)) with exact −inf at the ends, so α=0 and α=1 give one model exactly."""

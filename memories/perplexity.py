@@ -7,7 +7,7 @@ context as the window allows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,24 +40,64 @@ def sliding_windows(num_tokens: int, context_length: int, stride: int) -> Iterat
             break
 
 
-def default_context(max_model_len: int, requested: int | None = None) -> int:
-    return min(requested or 1024, max_model_len)
+DEFAULT_CONTEXT = 1024  # the paper's window
+# Per forward: bounds both the pause a server perplexity job imposes on decoding and its memory.
+BATCH_TOKENS = 8192
+BATCH_LOGITS = 2**27  # 512 MiB of float32 logits
 
 
-def window_batches(windows: Iterable[Window], max_tokens: int, max_logits: int, vocab_size: int) -> Iterator[list[Window]]:
+class WindowSettingsError(ValueError):
+    """A window length or stride out of range; `param` names the setting."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def window_settings(
+    max_len: int, context: int | None = None, stride: int | None = None, *, clamp: bool = False
+) -> tuple[int, int]:
+    """(context, stride) of the protocol: the window defaults to min(1024, max_len), the stride to half
+    the window. A window longer than `max_len` is refused, or cut to it with `clamp` (the toolkit's
+    flags, where "as long as the model allows" is the intent)."""
+    context = context or min(DEFAULT_CONTEXT, max_len)
+    if clamp:
+        context = min(context, max_len)
+    if not 2 <= context <= max_len:
+        raise WindowSettingsError(f"context_length must be in [2, {max_len}] for this model", "context_length")
+    stride = stride or max(context // 2, 1)
+    if not 1 <= stride <= context:
+        raise WindowSettingsError(f"stride must be in [1, context_length={context}]", "stride")
+    return context, stride
+
+
+def window_batches(
+    windows: Iterable[Window],
+    max_tokens: int | None = None,
+    max_logits: int | None = None,
+    vocab_size: int = 1,
+    *,
+    max_windows: int | None = None,
+) -> Iterator[list[Window]]:
     """Consecutive windows of one shape (length, scored count) stacked into batches of at most
-    `max_tokens` input tokens and `max_logits` materialised logits (scored positions × vocabulary).
+    `max_tokens` input tokens, `max_logits` materialised logits (scored positions × vocabulary) and
+    `max_windows` windows (None: no such bound).
 
     Interior windows all share a shape, so a long document runs as a few large forwards instead of
-    one small forward per window.
+    one small forward per window. Perplexity (server and toolkit) and the datastore batch with this.
     """
     batch: list[Window] = []
     for w in windows:
         shape = (w.end - w.begin, w.num_scored)
         if batch:
             first = batch[0]
+            n = len(batch) + 1
             same = shape == (first.end - first.begin, first.num_scored)
-            fits = (len(batch) + 1) * shape[0] <= max_tokens and (len(batch) + 1) * shape[1] * vocab_size <= max_logits
+            fits = (
+                (max_tokens is None or n * shape[0] <= max_tokens)
+                and (max_logits is None or n * shape[1] * vocab_size <= max_logits)
+                and (max_windows is None or n <= max_windows)
+            )
             if not (same and fits):
                 yield batch
                 batch = []
@@ -85,6 +125,26 @@ def batch_logprobs(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wind
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, window: Window, vocab_size: int) -> torch.Tensor:
-    """One window's scored log-probs: float32 [num_scored]."""
-    return batch_logprobs(model, ids, [window], vocab_size)[0]
+def document_logprobs(
+    models: Sequence[torch.nn.Module],
+    ids: torch.Tensor,
+    context: int,
+    stride: int,
+    vocab_size: int,
+    max_tokens: int = BATCH_TOKENS,
+    max_logits: int = BATCH_LOGITS,
+) -> Iterator[list[torch.Tensor]]:
+    """Score one document under several models in the same windows: per batch of windows, one float32
+    [B * S] tensor of scored log-probs per model (document order, on that model's device).
+
+    A generator, so a caller can pause between batches (the server interleaves decoding there).
+    """
+    on_device: dict[torch.device, torch.Tensor] = {}
+    devices = [next(m.parameters()).device for m in models]
+    for batch in window_batches(sliding_windows(len(ids), context, stride), max_tokens, max_logits, vocab_size):
+        out = []
+        for model, device in zip(models, devices, strict=True):
+            if device not in on_device:
+                on_device[device] = ids.to(device)
+            out.append(batch_logprobs(model, on_device[device], batch, vocab_size).flatten())
+        yield out

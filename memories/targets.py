@@ -12,7 +12,6 @@ Rows are streamed to disk batch by batch; no vocabulary-sized array exists at an
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from memories.jsonfile import read_marker, write_json
 from memories.knn import search_excluding_self
 
 META_NAME = "targets.json"
@@ -117,9 +117,7 @@ def build_targets(
         "seconds": round(time.perf_counter() - started, 2),
         **(meta or {}),
     }
-    tmp = out_dir / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / META_NAME)
+    write_json(out_dir / META_NAME, info)
     return SparseTargets.open(out_dir)
 
 
@@ -146,12 +144,9 @@ class SparseTargets:
     @classmethod
     def open(cls, path: str | Path) -> SparseTargets:
         path = Path(path)
-        meta_file = path / META_NAME
-        if not meta_file.is_file():
-            raise TargetsError(f"{path} holds no complete kNN targets (no {META_NAME})")
         return cls(
             path,
-            json.loads(meta_file.read_text(encoding="utf-8")),
+            read_marker(path / META_NAME, TargetsError, "kNN targets"),
             np.load(path / "offsets.npy"),
             np.load(path / "token_ids.npy", mmap_mode="r"),
             np.load(path / "probs.npy", mmap_mode="r"),
@@ -182,5 +177,4 @@ class SparseTargets:
         ids = np.where(mask, self.token_ids[flat.ravel()].reshape(flat.shape), 0).astype(np.int64)
         probs = np.where(mask, self.probs[flat.ravel()].reshape(flat.shape), 0).astype(np.float32)
         total = probs.sum(axis=1, keepdims=True)
-        probs = probs / np.where(total > 0, total, 1.0)
-        return ids, probs
+        return ids, probs / np.where(total > 0, total, np.float32(1.0))

@@ -9,11 +9,10 @@ a resumed run finds its place from the step count alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,18 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from memories.config import ModelSpec, TrainConfig
+from memories.jsonfile import read_json, write_json
 from memories.loss import memory_loss
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
-from memories.models import load_causal_lm, load_tokenizer, max_length, resolve_device
+from memories.models import (
+    context_length,
+    embedding_rows,
+    load_causal_lm,
+    load_tokenizer,
+    move,
+    resolve_device,
+)
 from memories.targets import SparseTargets
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -32,45 +40,6 @@ CHECKPOINT_STATE = "trainer_state.json"
 
 class TrainError(ValueError):
     """Training cannot start: inconsistent inputs or a checkpoint from a different configuration."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    beta: float = 0.5
-    seq_len: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # < 1: fraction of the optimizer steps; >= 1: a number of steps
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr·min_lr_ratio
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides epochs
-    seed: int = 0
-    save_every: int = 200  # optimizer steps between checkpoints (0: only at the end / on stop)
-    device: str = "auto"
-
-    def trajectory_dict(self) -> dict[str, Any]:
-        """The fields that determine the training trajectory (a checkpoint must match them to resume)."""
-        d = dataclasses.asdict(self)
-        d.pop("save_every")
-        d.pop("device")
-        return d
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A new memory built from a config, using the base tokenizer."""
-
-    arch: str = "llama"  # llama | qwen2
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 0  # 0: same as heads
-    intermediate_size: int = 0  # 0: 8/3·hidden rounded up to a multiple of 32 (Llama's ratio)
-    max_len: int = 1024
-    tie_embeddings: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,11 +89,9 @@ def init_model(init_from: str | Path | None, spec: ModelSpec | None, tokenizer: 
             if theirs != tokenizer_fingerprint(tokenizer):
                 raise TrainError(f"{path} uses a different tokenizer from the base model; cannot be its memory")
         model = load_causal_lm(path)
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            raise TrainError(
-                f"{path} has {model.get_input_embeddings().weight.shape[0]} embedding rows, "
-                f"fewer than the tokenizer's {len(tokenizer)} tokens"
-            )
+        rows = embedding_rows(model.get_input_embeddings())
+        if rows < len(tokenizer):
+            raise TrainError(f"{path} has {rows} embedding rows, fewer than the tokenizer's {len(tokenizer)} tokens")
         return model
     return new_model(spec or ModelSpec(), tokenizer, seed)
 
@@ -188,7 +155,8 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on biases and norm gains
@@ -196,7 +164,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -220,7 +188,7 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    write_json(tmp / CHECKPOINT_STATE, state)
     if ckpt_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         ckpt_dir.rename(old)
@@ -233,6 +201,33 @@ def _find_checkpoint(ckpt_dir: Path) -> Path | None:
         if (candidate / CHECKPOINT_STATE).is_file():
             return candidate
     return None
+
+
+@dataclass
+class _Run:
+    """A training run's state, carried from one stage of `train` to the next (and into checkpoints)."""
+
+    config: TrainConfig
+    model: PreTrainedModel
+    data: TrainData
+    schedule: Schedule
+    total: int  # optimizer steps of the whole run
+    warmup: int
+    identity: dict[str, Any]  # what a checkpoint must match to be resumed
+    device: torch.device
+    vocab_size: int  # len(tokenizer): logits beyond it are embedding padding
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    start_step: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"losses": [], "kl": [], "ce": []})
+
+    def checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        assert self.optimizer is not None
+        save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler,
+                        {"run": self.identity, "step": step, **self.history})
+
+    def tokens_seen(self, steps: int) -> int:
+        return steps * self.config.grad_accum * self.schedule.batch_size * self.data.seq_len
 
 
 def train(
@@ -256,122 +251,151 @@ def train(
     `stop_after` ends the run after that many optimizer steps in total, leaving a checkpoint to
     `resume` from; the resumed run follows exactly the trajectory of an uninterrupted one.
     """
+    out_dir = Path(out_dir)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
+    run = _plan(config, tokenizer, tokens, targets, init_from, spec)
+    _start(run, _find_checkpoint(ckpt_dir) if resume else None)
+    end_step = run.total if stop_after is None else min(run.total, stop_after)
+    started = time.perf_counter()
+    _run_steps(run, end_step, ckpt_dir, progress)
+    steps_done = max(run.start_step, end_step)
+    seconds = time.perf_counter() - started
+    if steps_done < run.total:
+        run.checkpoint(ckpt_dir, steps_done)
+        return TrainResult(out_dir, steps_done, run.total, False, run.history["losses"], seconds,
+                           run.tokens_seen(steps_done))
+    _save(run, out_dir, tokenizer, manifest)
+    if keep_checkpoint:
+        run.checkpoint(ckpt_dir, steps_done)
+    else:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return TrainResult(out_dir, steps_done, run.total, True, run.history["losses"], seconds,
+                       run.tokens_seen(steps_done))
+
+
+def _plan(
+    config: TrainConfig,
+    tokenizer: Any,
+    tokens: np.ndarray,
+    targets: SparseTargets | None,
+    init_from: str | Path | None,
+    spec: ModelSpec | None,
+) -> _Run:
+    """Check the inputs, build the starting model, the data and the step schedule."""
     if not 0.0 <= config.beta <= 1.0:
         raise TrainError("beta must be in [0, 1]")
     if config.beta > 0 and targets is None:
         raise TrainError("beta > 0 needs kNN targets; use beta 0 to train a plain language model")
-    out_dir = Path(out_dir)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
     device = resolve_device(config.device)
-    vocab = len(tokenizer)
-    if int(np.asarray(tokens).max()) >= vocab:
+    if int(np.asarray(tokens).max()) >= len(tokenizer):
         raise TrainError("the token stream holds ids beyond the tokenizer's vocabulary")
-
     model = init_model(init_from, spec, tokenizer, config.seed)
-    data = TrainData(tokens, targets if config.beta > 0 else None, min(config.seq_len, max_length(model)))
-    sched = Schedule(data.num_sequences, config.batch_size, config.seed)
-    total = config.max_steps or max(1, math.ceil(config.epochs * sched.per_epoch / config.grad_accum))
+    data = TrainData(tokens, targets if config.beta > 0 else None, context_length(model, config.seq_len))
+    schedule = Schedule(data.num_sequences, config.batch_size, config.seed)
+    total = config.max_steps or max(1, math.ceil(config.epochs * schedule.per_epoch / config.grad_accum))
     warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
-    run_state = {
+    identity = {
         "config": config.trajectory_dict(),
         "init": str(init_from) if init_from is not None else dataclasses.asdict(spec or ModelSpec()),
         "tokens": int(len(tokens)),
         "total_steps": total,
     }
+    return _Run(config, model, data, schedule, total, warmup, identity, device, len(tokenizer))
 
-    start_step, losses, kls, ces = 0, [], [], []
-    found = _find_checkpoint(ckpt_dir) if resume else None
+
+def _start(run: _Run, found: Path | None) -> None:
+    """Optimizer and LR schedule, fresh or restored from the checkpoint `found` (with its RNG state, so
+    the resumed trajectory is the uninterrupted one)."""
+    config = run.config
     if found is not None:
-        saved = json.loads((found / CHECKPOINT_STATE).read_text(encoding="utf-8"))
-        if saved["run"] != run_state:
+        saved = read_json(found / CHECKPOINT_STATE)
+        if saved["run"] != run.identity:
             raise TrainError(
                 f"checkpoint {found} was made by a different training run; remove it or pass the same settings\n"
-                f"  checkpoint: {saved['run']}\n  now:        {run_state}"
+                f"  checkpoint: {saved['run']}\n  now:        {run.identity}"
             )
-        model = load_causal_lm(found / "model")
-        start_step, losses = saved["step"], saved["losses"]
-        kls, ces = saved.get("kl", []), saved.get("ce", [])
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup, config.min_lr_ratio))
+        run.model = load_causal_lm(found / "model")
+        run.start_step = saved["step"]
+        run.history = {"losses": saved["losses"], "kl": saved.get("kl", []), "ce": saved.get("ce", [])}
+    move(run.model, run.device)
+    run.model.train()
+    run.optimizer = torch.optim.AdamW(_param_groups(run.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, _lr_lambda(run.total, run.warmup, config.min_lr_ratio)
+    )
     if found is not None:
-        optimizer.load_state_dict(torch.load(found / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(found / "scheduler.pt", weights_only=False))
+        run.optimizer.load_state_dict(torch.load(found / "optimizer.pt", map_location=run.device, weights_only=True))
+        run.scheduler.load_state_dict(torch.load(found / "scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(found / "rng.pt", weights_only=False))
     else:
         torch.manual_seed(config.seed)
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(
-            ckpt_dir, model, optimizer, scheduler,
-            {"run": run_state, "step": step, "losses": losses, "kl": kls, "ce": ces},
+
+def _step(run: _Run, step: int) -> tuple[float, float, float]:
+    """One optimizer step over `grad_accum` micro-batches: (loss, kl, ce) averaged over them."""
+    config, vocab = run.config, run.vocab_size
+    assert run.optimizer is not None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    loss = kl = ce = 0.0
+    for a in range(config.grad_accum):
+        micro = run.data.batch(run.schedule.micro_batch(step * config.grad_accum + a))
+        batch = {k: v.to(run.device) for k, v in micro.items()}
+        with autocast:
+            logits = run.model(input_ids=batch["input_ids"]).logits  # [B, L, V']
+        parts = memory_loss(
+            logits[..., :vocab], batch["labels"], batch.get("knn_ids"), batch.get("knn_probs"), config.beta
         )
+        (parts.loss / config.grad_accum).backward()
+        loss += parts.loss.item() / config.grad_accum
+        kl += parts.kl.item() / config.grad_accum
+        ce += parts.ce.item() / config.grad_accum
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, kl, ce
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    end_step = total if stop_after is None else min(total, stop_after)
-    started = time.perf_counter()
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not progress)
-    running = losses[-1] if losses else None
-    for step in range(start_step, end_step):
-        step_loss = step_kl = step_ce = 0.0
-        for a in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in data.batch(sched.micro_batch(step * config.grad_accum + a)).items()}
-            with autocast:
-                logits = model(input_ids=batch["input_ids"]).logits  # [B, L, V']
-            parts = memory_loss(
-                logits[..., :vocab], batch["labels"], batch.get("knn_ids"), batch.get("knn_probs"), config.beta
-            )
-            (parts.loss / config.grad_accum).backward()
-            step_loss += parts.loss.item() / config.grad_accum
-            step_kl += parts.kl.item() / config.grad_accum
-            step_ce += parts.ce.item() / config.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        kls.append(step_kl)
-        ces.append(step_ce)
-        running = step_loss if running is None else 0.95 * running + 0.05 * step_loss
+
+def _run_steps(run: _Run, end_step: int, ckpt_dir: Path, progress: bool) -> None:
+    """Steps start_step..end_step, with a checkpoint every `save_every` steps."""
+    history = run.history
+    bar = tqdm(total=run.total, initial=run.start_step, desc="train", unit="step", disable=not progress)
+    running = history["losses"][-1] if history["losses"] else None
+    for step in range(run.start_step, end_step):
+        loss, kl, ce = _step(run, step)
+        for key, value in (("losses", loss), ("kl", kl), ("ce", ce)):
+            history[key].append(value)
+        running = loss if running is None else 0.95 * running + 0.05 * loss
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", ce=f"{step_ce:.3f}", kl=f"{step_kl:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{running:.4f}", ce=f"{ce:.3f}", kl=f"{kl:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
-        if config.save_every and done % config.save_every == 0 and done < end_step:
-            checkpoint(done)
+        if run.config.save_every and done % run.config.save_every == 0 and done < end_step:
+            run.checkpoint(ckpt_dir, done)
     bar.close()
-    steps_done = max(start_step, end_step)
-    finished = steps_done >= total
-    seconds = time.perf_counter() - started
-    tokens_seen = steps_done * config.grad_accum * sched.batch_size * data.seq_len
-    if not finished:
-        checkpoint(steps_done)
-        return TrainResult(out_dir, steps_done, total, False, losses, seconds, tokens_seen)
 
-    model.eval()
+
+def _save(run: _Run, out_dir: Path, tokenizer: Any, manifest: Manifest | None) -> None:
+    """The finished model with its tokenizer, training log and (when given) manifest."""
+    config, losses = run.config, run.history["losses"]
+    run.model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    run.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     summary = {
         "beta": config.beta,
-        "steps": total,
-        "tokens_seen": tokens_seen,
-        "seq_len": data.seq_len,
-        "batch_size": sched.batch_size,
+        "steps": run.total,
+        "tokens_seen": run.tokens_seen(run.total),
+        "seq_len": run.data.seq_len,
+        "batch_size": run.schedule.batch_size,
         "grad_accum": config.grad_accum,
         "lr": config.lr,
         "seed": config.seed,
         "loss_first": losses[0] if losses else None,
         "loss_last": float(np.mean(losses[-max(1, len(losses) // 20) :])) if losses else None,
-        "init": run_state["init"],
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "init": run.identity["init"],
+        "parameters": sum(p.numel() for p in run.model.parameters()),
     }
-    (out_dir / "training_log.json").write_text(
-        json.dumps({"summary": summary, "loss": losses, "kl": kls, "ce": ces}) + "\n", encoding="utf-8"
-    )
+    write_json(out_dir / "training_log.json", {"summary": summary, "loss": losses, "kl": run.history["kl"],
+                                               "ce": run.history["ce"]}, indent=None)
     if manifest is not None:
         write_manifest(out_dir, manifest.replace(training={**manifest.training, **summary}))
-    if keep_checkpoint:
-        checkpoint(steps_done)
-    else:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return TrainResult(out_dir, steps_done, total, True, losses, seconds, tokens_seen)

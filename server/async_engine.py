@@ -22,7 +22,6 @@ from server.engine import Engine, EngineObserver, StepResult
 from server.errors import EngineDeadError, MemdecError, QueueFullError, ServiceUnavailableError
 from server.loader import LoadedModel
 from server.output import OutputProcessor
-from server.perplexity import resolve_windows, validate
 from server.registry import MemoryInfo, MemoryRegistry
 from server.request import (
     EngineOutput,
@@ -32,6 +31,7 @@ from server.request import (
     PerplexityResult,
     RequestOutput,
 )
+from server.validation import request_context, validate_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,8 @@ class AsyncEngine:
 
     async def perplexity(self, request: PerplexityRequest) -> PerplexityResult:
         self._check_accepting()
-        validate(request, self.base.vocab_size)
-        max_len = self.engine.max_model_len
-        if request.memory is not None:
-            max_len = min(max_len, self.registry.get(request.memory).max_model_len)
-        resolve_windows(request, max_len)
+        memory_len = self.registry.get(request.memory).max_model_len if request.memory is not None else None
+        validate_perplexity(request, self.base.vocab_size, request_context(self.engine.max_model_len, memory_len))
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("perplexity", (request, future)))
         try:

@@ -10,14 +10,23 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from server.config import DTYPES, EngineConfig, MemorySpec, ModelConfig, ServerConfig
+from memories.mixing import check_alpha
+from server.config import (
+    DTYPES,
+    EngineConfig,
+    MemorySpec,
+    ModelConfig,
+    RegistryFileError,
+    ServerConfig,
+    read_registry_file,
+)
 
 log = logging.getLogger("memdec")
 
@@ -28,10 +37,9 @@ class DemoNotFoundError(ValueError):
     """`memdec serve` got no --model and there is no demo to fall back on."""
 
 
-def find_demo(environ: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+def find_demo(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
     """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold base/."""
-    environ = os.environ if environ is None else environ
-    configured = environ.get(DEMO_ENV)
+    configured = (os.environ if environ is None else environ).get(DEMO_ENV)
     root = Path(configured) if configured else (cwd or Path.cwd()) / "demo"
     if not (root / "base" / "config.json").is_file():
         where = f"{DEMO_ENV}={configured}" if configured else f"{root} (./demo, no {DEMO_ENV} set)"
@@ -73,8 +81,10 @@ def parse_memory_spec(text: str) -> MemorySpec:
             alpha = None
         else:
             path = head
-    if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1] in {text!r}")
+    try:
+        alpha = None if alpha is None else check_alpha(alpha)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} in {text!r}") from None
     return MemorySpec(name=name, path=path, alpha=alpha)
 
 
@@ -122,26 +132,26 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--registry", type=Path, default=None, metavar="FILE",
                    help='JSON list of {"name", "path", "alpha"?} memories to load at start-up')
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    engine = EngineConfig()
+    defaults, engine = ServerConfig(model=ModelConfig("-")), EngineConfig()
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=_port, default=defaults.port)
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.model.dtype, help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=defaults.model.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
                    help="prompt tokens admitted per prefill step")
-    p.add_argument("--max-model-len", type=_positive_int, default=None, help="cap below the model's own context")
+    p.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len,
+                   help="cap below the model's own context")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=engine.gpu_memory_utilization,
                    help="fraction of the GPU's memory this server may use (weights, activations, KV cache); "
                         "the KV cache gets what the rest leaves")
-    p.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--num-gpu-blocks-override", type=_positive_int, default=engine.num_gpu_blocks_override, metavar="N",
                    help="KV cache pages to allocate instead of measuring (any device; on CPU the default is "
                         "room for --max-num-seqs full-length sequences in the base and as many in memories)")
     p.add_argument("--block-size", type=_positive_int, default=engine.block_size,
                    help="base tokens per KV cache page")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)")
-    defaults = ServerConfig(model=ModelConfig("-"))
     p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
@@ -167,9 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from memories import cli as memories_cli
     except ImportError:  # the toolkit is optional for serving
-        memories_cli = None
-    if memories_cli is not None and hasattr(memories_cli, "register"):
-        memories_cli.register(sub)
+        return parser
+    memories_cli.register(sub)
     return parser
 
 
@@ -205,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
-    from server.api.state import Phase, RegistryFileError, read_registry_file
+    from server.api.state import Phase
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)

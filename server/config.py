@@ -1,11 +1,15 @@
-"""Typed, frozen configuration. Pydantic is for the HTTP schema only."""
+"""Typed, frozen configuration, and the registry file that lists start-up memories. Pydantic is for the
+HTTP schema only."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+from memories.config import DTYPE_CHOICES as DTYPES
+from memories.mixing import check_alpha
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,36 @@ class ServerConfig:
     max_logprobs: int = 20
     max_body_bytes: int = 4 * 1024 * 1024
     log_prompts: bool = False
+
+
+class RegistryFileError(ValueError):
+    """The --registry file is missing or malformed."""
+
+
+def read_registry_file(path: Path) -> tuple[MemorySpec, ...]:
+    """A JSON list of {"name", "path", "alpha"?} (or {"memories": [...]}); relative paths are taken
+    relative to the file's directory."""
+    try:
+        data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RegistryFileError(f"cannot read registry file {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise RegistryFileError(f"registry file {path} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("memories"), list):
+        data = data["memories"]
+    if not isinstance(data, list):
+        raise RegistryFileError(f"registry file {path} must hold a JSON list of {{name, path, alpha?}}")
+    specs = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+            raise RegistryFileError(f"registry file {path}, entry {i}: needs string 'name' and 'path'")
+        alpha = item.get("alpha")
+        try:
+            alpha = None if alpha is None else check_alpha(alpha)
+        except ValueError as exc:
+            raise RegistryFileError(f"registry file {path}, entry {i}: 'alpha': {exc}") from None
+        mem_path = Path(item["path"])
+        if not mem_path.is_absolute():
+            mem_path = (Path(path).resolve().parent / mem_path).resolve()
+        specs.append(MemorySpec(item["name"], str(mem_path), alpha))
+    return tuple(specs)

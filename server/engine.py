@@ -24,8 +24,7 @@ from server.config import EngineConfig
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
 from server.loader import LoadedModel
-from server.perplexity import PerplexityJob, resolve_windows
-from server.perplexity import validate as validate_perplexity
+from server.perplexity import PerplexityJob
 from server.registry import MemoryRegistry
 from server.request import (
     EngineOutput,
@@ -40,6 +39,7 @@ from server.sampler import sample, top_logprobs
 from server.scheduler import ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
 from server.transfer import fetch
+from server.validation import request_context, validate_generation, validate_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -147,30 +147,13 @@ class Engine:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise the client's mistake as a 4xx error; nothing is queued or acquired."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
-        vocab = self.base.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is out of vocabulary (valid ids: 0..{vocab - 1})", param="prompt")
-        if not 0.0 <= request.alpha <= 1.0:
-            raise InvalidRequestError(f"alpha must be in [0, 1], got {request.alpha}", param="alpha")
-        max_len = self.max_model_len
-        memory = None
+        memory_len, memory = None, None
         if request.memory is not None:
-            max_len = min(max_len, self.registry.get(request.memory).max_model_len)
+            memory_len = self.registry.get(request.memory).max_model_len  # NotFoundError when unknown
             if request.alpha > 0.0:
                 memory = self.registry.loaded(request.memory)
-        total = len(ids) + request.params.max_tokens
-        if total > max_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{total} tokens ({len(ids)} in the messages, {request.params.max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
+        total = len(request.prompt_token_ids) + request.params.max_tokens
         pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memory))
         if pages > self.runner.pool.num_usable:
             raise InvalidRequestError(
@@ -181,12 +164,6 @@ class Engine:
                 param="max_tokens",
                 code="kv_cache_too_small",
             )
-        for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
-            if n is not None and not 0 <= n <= vocab:
-                raise InvalidRequestError(f"{name} must be in [0, {vocab}]", param="logprobs")
-        bad_stop = next((t for t in request.params.stop_token_ids if not 0 <= t < vocab), None)
-        if bad_stop is not None:
-            raise InvalidRequestError(f"stop token id {bad_stop} is out of vocabulary", param="stop_token_ids")
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         self.validate(request)
@@ -198,17 +175,16 @@ class Engine:
             except Exception:
                 self.registry.release(request.memory)
                 raise
-        max_len = self.max_model_len if memory is None else min(self.max_model_len, memory.max_model_len)
+        max_len = request_context(self.max_model_len, memory.max_model_len if memory is not None else None)
         seq = Sequence(request, memory, self.base.eos_token_ids, max_len)
         self.scheduler.add(seq)
         return seq
 
     def add_perplexity(self, request: PerplexityRequest) -> PerplexityJob:
-        validate_perplexity(request, self.base.vocab_size)
         memory = self.registry.acquire(request.memory) if request.memory is not None else None
         try:
-            max_len = min(self.max_model_len, memory.max_model_len if memory else self.max_model_len)
-            context, stride = resolve_windows(request, max_len)
+            max_len = request_context(self.max_model_len, memory.max_model_len if memory is not None else None)
+            context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
             if memory is not None:
                 self.prepare_memory(request.memory, memory)  # type: ignore[arg-type]
             job = PerplexityJob(request, self.base, memory, context, stride)

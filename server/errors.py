@@ -7,12 +7,22 @@ from __future__ import annotations
 class MemdecError(Exception):
     status_code = 500
     error_type = "internal_error"
+    retry_after: int | None = None  # seconds; the API sends it as `Retry-After` (a class may set a default)
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidRequestError(MemdecError):
@@ -48,10 +58,7 @@ class PayloadTooLargeError(MemdecError):
 class QueueFullError(MemdecError):
     status_code = 429
     error_type = "rate_limit_error"
-
-    def __init__(self, message: str, *, retry_after: int = 1, **kw) -> None:
-        super().__init__(message, **kw)
-        self.retry_after = retry_after
+    retry_after = 1
 
 
 class ServiceUnavailableError(MemdecError):

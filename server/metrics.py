@@ -107,6 +107,7 @@ class Metrics:
     """memdec's metrics on a private CollectorRegistry (several apps or tests in one process never collide)."""
 
     def __init__(self, *, max_memory_labels: int = 64, registry: CollectorRegistry | None = None) -> None:
+        # Long on purpose: every metric's name, help, labels and buckets in one flat list, read as a table.
         if max_memory_labels < 0:
             raise ValueError("max_memory_labels must be >= 0")
         self.registry = registry if registry is not None else CollectorRegistry()

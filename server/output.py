@@ -25,10 +25,15 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(len(prompt) - 5, 0)
         self.read_offset = len(prompt)
 
-    def step(self, all_ids: list[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         # Special tokens (EOS) end a completion; like vLLM's default, they are not part of its text.
-        prefix = self.tokenizer.decode(all_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(all_ids[self.prefix_offset :], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    def step(self, all_ids: list[int]) -> str:
+        prefix = self._decode(all_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(all_ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(all_ids)
             return full[len(prefix) :]

@@ -1,7 +1,7 @@
 """Perplexity jobs: both models' target log-probs computed once per window, mixed per alpha.
 
 A job is scheduled like any other work (`Scheduler.jobs`): each SCORE step runs one batch of windows
-through the model runner (base and memory overlapped on two streams, a failing memory fails the job
+(at most `BATCH_TOKENS` tokens, which bounds the pause it imposes on decoding) through the model runner (base and memory overlapped on two streams, a failing memory fails the job
 only) and accumulates on the device; the host reads the sums once, when the job is done.
 """
 
@@ -12,39 +12,10 @@ from collections.abc import Iterator
 import torch
 
 from memories.mixing import mix_logprobs
-from memories.perplexity import Window, sliding_windows, window_batches
-from server.errors import InvalidRequestError
+from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
 from server.loader import LoadedModel
 from server.request import DocumentPerplexity, PerplexityRequest, PerplexityResult, PerplexityScore
 from server.transfer import fetch
-
-# Per SCORE step: bounds both the pause a perplexity job imposes on decoding and its memory.
-MAX_BATCH_TOKENS = 8192
-MAX_BATCH_LOGITS = 2**27  # 512 MiB of float32 logits
-
-
-def resolve_windows(request: PerplexityRequest, max_len: int) -> tuple[int, int]:
-    context = request.context_length or min(1024, max_len)
-    if not 2 <= context <= max_len:
-        raise InvalidRequestError(f"context_length must be in [2, {max_len}] for this model", param="context_length")
-    stride = request.stride or max(context // 2, 1)
-    if not 1 <= stride <= context:
-        raise InvalidRequestError(f"stride must be in [1, context_length={context}]", param="stride")
-    return context, stride
-
-
-def validate(request: PerplexityRequest, vocab: int) -> None:
-    if not request.documents:
-        raise InvalidRequestError("input must not be empty", param="input")
-    for doc in request.documents:
-        if len(doc) < 2:
-            raise InvalidRequestError("each input needs at least 2 tokens to be scored", param="input")
-        bad = next((t for t in doc if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is out of vocabulary (valid ids: 0..{vocab - 1})", param="input")
-    for a in request.alphas:
-        if not 0.0 <= a <= 1.0:
-            raise InvalidRequestError(f"alpha must be in [0, 1], got {a}", param="alpha")
 
 
 class PerplexityJob:
@@ -77,7 +48,7 @@ class PerplexityJob:
         for d, doc in enumerate(self.request.documents):
             ids = torch.tensor(doc).to(self.device)  # [N]
             windows = sliding_windows(len(doc), self.context, self.stride)
-            for batch in window_batches(windows, MAX_BATCH_TOKENS, MAX_BATCH_LOGITS, vocab):
+            for batch in window_batches(windows, BATCH_TOKENS, BATCH_LOGITS, vocab):
                 yield d, ids, batch
 
     def add(self, base_lp: torch.Tensor, mem_lp: torch.Tensor | None) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from memories.manifest import ManifestError, read_manifest, tokenizer_fingerprint
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
+from server.validation import check_alpha, check_memory_name
 
 log = logging.getLogger(__name__)
 
-RESERVED_NAMES = frozenset({"none", "other"})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -71,23 +71,19 @@ class MemoryRegistry:
 
         `prepare` runs before the memory becomes visible, so no request can use it half-ready.
         """
-        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise MemoryLoadError(f"invalid memory name {name!r}: use letters, digits, '-', '_' or '.'", param="name")
-        if name in RESERVED_NAMES:
-            raise MemoryLoadError(f"memory name {name!r} is reserved (metrics label for the base alone / overflow)", param="name")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise MemoryLoadError(f"alpha must be in [0, 1], got {alpha}", param="alpha")
+        check_memory_name(name)
+        if alpha is not None:
+            check_alpha(alpha, error=MemoryLoadError)
         with self._lock:
             existing = self._entries.get(name)
             if existing is not None and existing.retiring:
-                exc = ConflictError(
+                raise ConflictError(
                     f"memory {name!r} is being unloaded; {existing.users} request(s) still use it. "
                     "Retry when they finish.",
                     param="name",
                     code="memory_unloading",
+                    retry_after=1,
                 )
-                exc.retry_after = 1  # type: ignore[attr-defined]
-                raise exc
             if existing is not None or name in self._loading:
                 raise ConflictError(f"a memory named {name!r} is already loaded", param="name")
             self._loading.add(name)

@@ -27,7 +27,7 @@ from server.config import EngineConfig
 from server.graphs import DecodeGraphs
 from server.kv import KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
-from server.sampler import SamplingRows
+from server.sampler import SamplingRows, sampling_rows
 from server.sequence import Sequence
 from server.transfer import Uploader
 
@@ -227,18 +227,7 @@ class ModelRunner:
                 up(np.asarray(group_slots, dtype=np.int64)), alpha, log_a.unsqueeze(1), log_1ma.unsqueeze(1),
                 whole_batch=len(rows) == len(seqs),
             ))
-        params = [s.params for s in seqs]
-        greedy = np.asarray([p.greedy for p in params], dtype=bool)
-        sampling = SamplingRows(
-            # Capped so float32 never holds inf (−inf/inf would be NaN); past 1e30 the draw is uniform anyway.
-            temperature=up(np.asarray([1.0 if g else min(p.temperature, 1e30) for p, g in zip(params, greedy, strict=True)], dtype=np.float32)),
-            top_k=up(np.asarray([max(p.top_k, 0) for p in params], dtype=np.int64)),
-            top_p=up(np.asarray([p.top_p for p in params], dtype=np.float32)),
-            seed=up(np.asarray([s.seed for s in seqs], dtype=np.int64)),
-            greedy=up(greedy),
-            any_sampled=not bool(greedy.all()),
-            any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy, strict=True) if not g),
-        )
+        sampling = sampling_rows([s.params for s in seqs], [s.seed for s in seqs], up)
         want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
         return RowBatch(
             seqs=seqs,

@@ -9,9 +9,13 @@ after a preemption. Unseeded requests get a random seed at arrival (`Sequence.se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from server.request import SamplingParams
 
 _M32 = 0xFFFFFFFF
 
@@ -49,6 +53,21 @@ class SamplingRows:
     greedy: torch.Tensor  # bool
     any_sampled: bool
     any_filtered: bool  # some row uses top-k or top-p
+
+
+def sampling_rows(params: list[SamplingParams], seeds: list[int], upload: Callable[[np.ndarray], torch.Tensor]) -> SamplingRows:
+    """The device form of a batch's sampling parameters (`upload` puts a host array on the device)."""
+    greedy = np.asarray([p.greedy for p in params], dtype=bool)
+    return SamplingRows(
+        # Capped so float32 never holds inf (−inf/inf would be NaN); past 1e30 the draw is uniform anyway.
+        temperature=upload(np.asarray([1.0 if g else min(p.temperature, 1e30) for p, g in zip(params, greedy, strict=True)], dtype=np.float32)),
+        top_k=upload(np.asarray([max(p.top_k, 0) for p in params], dtype=np.int64)),
+        top_p=upload(np.asarray([p.top_p for p in params], dtype=np.float32)),
+        seed=upload(np.asarray(seeds, dtype=np.int64)),
+        greedy=upload(greedy),
+        any_sampled=not bool(greedy.all()),
+        any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy, strict=True) if not g),
+    )
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

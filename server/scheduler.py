@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,18 +78,15 @@ class Scheduler:
 
     # -- KV accounting -----------------------------------------------------------------------------
     def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        slot = seq.slot
-        return sum(
-            self.kv_of(k).pages_missing(slot, num_tokens) if slot is not None else self.kv_of(k).blocks_for(num_tokens)
-            for k in seq.model_keys
-        )
+        """Pages a waiting sequence needs, over the models it uses, to hold `num_tokens` tokens."""
+        return sum(self.kv_of(k).blocks_for(num_tokens) for k in seq.model_keys)
 
     def _take_slot(self, seq: Sequence) -> None:
-        seq.slot = self._free_slots.pop()
+        slot = seq.slot = self._free_slots.pop()
         for key in seq.model_keys:
             kv = self.kv_of(key)
-            kv.reserve(seq.slot, len(seq.token_ids))
-            kv.set_length(seq.slot, len(seq.token_ids))
+            kv.reserve(slot, len(seq.token_ids))
+            kv.set_length(slot, len(seq.token_ids))
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and slot (it finished, failed or was preempted)."""
@@ -140,16 +137,19 @@ class Scheduler:
             self.version += 1
         return admitted
 
-    def _rows_at_page_boundary(self) -> set[int]:
-        """seq_ids of running rows whose next token starts a new page in some model (numpy, per model)."""
+    def _running_by_model(self) -> Iterator[tuple[ModelKV, list[Sequence], np.ndarray]]:
+        """Per model in use: its KV view, the running rows that use it, and their slots."""
         by_key: dict[str | None, list[Sequence]] = {None: self.running}
         for seq in self.running:
             if seq.memory_name is not None:
                 by_key.setdefault(seq.memory_name, []).append(seq)
-        needy: set[int] = set()
         for key, seqs in by_key.items():
-            kv = self.kv_of(key)
-            slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))  # type: ignore[misc]
+            yield self.kv_of(key), seqs, np.asarray([_slot(s) for s in seqs], dtype=np.int64)
+
+    def _rows_at_page_boundary(self) -> set[int]:
+        """seq_ids of running rows whose next token starts a new page in some model (numpy, per model)."""
+        needy: set[int] = set()
+        for kv, seqs, slots in self._running_by_model():
             full = kv.host_lengths[slots] >= kv.host_blocks[slots] * kv.block_size
             needy.update(seqs[j].seq_id for j in np.flatnonzero(full))
         return needy
@@ -160,17 +160,10 @@ class Scheduler:
 
     def _steps_of_room(self) -> int:
         """Tokens every running row can still append in every model without a new page."""
-        by_key: dict[str | None, list[Sequence]] = {None: self.running}
-        for seq in self.running:
-            if seq.memory_name is not None:
-                by_key.setdefault(seq.memory_name, []).append(seq)
-        room = None
-        for key, seqs in by_key.items():
-            kv = self.kv_of(key)
-            slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))  # type: ignore[misc]
-            free = int((kv.host_blocks[slots] * kv.block_size - kv.host_lengths[slots]).min())
-            room = free if room is None else min(room, free)
-        return room or 0
+        return min(
+            int((kv.host_blocks[slots] * kv.block_size - kv.host_lengths[slots]).min())
+            for kv, _, slots in self._running_by_model()
+        )
 
     def _make_room_for_decode(self) -> list[Sequence]:
         """Give every running row a page for its next token; preempt from the back when pages run out."""
@@ -185,15 +178,16 @@ class Scheduler:
             if seq.seq_id not in needy:
                 i += 1
                 continue
-            need = [(self.kv_of(k), int(self.kv_of(k).host_lengths[seq.slot]) + 1) for k in seq.model_keys]
-            missing = sum(kv.pages_missing(seq.slot, n) for kv, n in need)  # type: ignore[arg-type]
+            slot = _slot(seq)
+            need = [(kv, int(kv.host_lengths[slot]) + 1) for kv in map(self.kv_of, seq.model_keys)]
+            missing = sum(kv.pages_missing(slot, n) for kv, n in need)
             while missing > self.pool.num_free and self.running[-1] is not seq:
                 preempted.append(self._preempt(self.running[-1]))
             if missing > self.pool.num_free:  # it is the last one left that could give pages back
                 preempted.append(self._preempt(seq))
                 continue
             for kv, n in need:
-                kv.reserve(seq.slot, n)  # type: ignore[arg-type]
+                kv.reserve(slot, n)
             i += 1
         if self.running:
             self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
@@ -223,3 +217,8 @@ class Scheduler:
             if seq.request_id == request_id:
                 return seq
         return None
+
+
+def _slot(seq: Sequence) -> int:
+    assert seq.slot is not None, "a running sequence holds a slot"
+    return seq.slot

@@ -1,12 +1,22 @@
+"""Fixtures shared by the test modules: the tiny model zoo, the independent HF reference over it, and
+`memdec serve` as a real process."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tests.tiny_models import build_memory, build_model, build_tokenizer, sample_text
+from testkit.models import build_memory, build_model, build_tokenizer
+from testkit.server import Server, serve
+from testkit.text import sample_text
+from tests.api_harness import load_hf
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -40,3 +50,46 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
         mem_gpt2=build_memory(root / "mem_gpt2", tok, "fin", "gpt2", alpha=0.7, domain="finance", hidden=32, seed=5),
         mem_foreign=build_memory(root / "mem_foreign", foreign_tok, "alien", "llama", hidden=32, seed=6),
     )
+
+
+@dataclass(frozen=True)
+class HFReference:
+    """The zoo's base and memories as plain transformers models (float32, no memdec code): what every
+    served result is checked against."""
+
+    tok: PreTrainedTokenizerBase
+    base: Any
+    med: Any  # zoo.mem_llama
+    law: Any  # zoo.mem_qwen_padded
+
+    @property
+    def vocab(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def ref(zoo: TinyZoo) -> HFReference:
+    return HFReference(
+        AutoTokenizer.from_pretrained(str(zoo.base)), load_hf(zoo.base), load_hf(zoo.mem_llama), load_hf(zoo.mem_qwen_padded)
+    )
+
+
+LiveServer = Callable[..., AbstractContextManager[Server]]
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    """`with live_server(name, args, env=None) as s:` runs `memdec serve ARGS` on a free port until /ready,
+    then stops it with SIGTERM; it must exit 0 (a clean graceful shutdown)."""
+
+    @contextmanager
+    def start(name: str, args: list[str], env: dict[str, str] | None = None) -> Iterator[Server]:
+        log = tmp_path_factory.mktemp(name) / "server.log"
+        with serve(args, log, env=env) as s:
+            yield s
+        assert s.proc.returncode == 0, s.logs()[-5000:]
+
+    return start

@@ -9,15 +9,13 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import (
+from tests.api_harness import (
     InProcessServer,
     assert_error,
     greedy_reference,
     ids_of,
-    load_hf,
     next_token_logprobs,
     sse_events,
 )
@@ -35,21 +33,6 @@ def server(zoo):
     )
     with InProcessServer(config) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def ref(zoo):
-    class Ref:
-        tok = AutoTokenizer.from_pretrained(str(zoo.base))
-        base = load_hf(zoo.base)
-        med = load_hf(zoo.mem_llama)
-        law = load_hf(zoo.mem_qwen_padded)
-        vocab = len(tok)
-
-        def encode(self, text: str) -> list[int]:
-            return self.tok(text)["input_ids"]
-
-    return Ref()
 
 
 # -- model cards ---------------------------------------------------------------------------------
@@ -460,7 +443,7 @@ async def _raw_request(app, body: bytes, disconnect: asyncio.Event, sent: list):
 def test_client_disconnect_aborts_the_request_in_the_engine(server, stream):
     import json
 
-    engine = server.state.engine
+    engine = server.serving.engine
     aborted: list[str] = []
     real_abort = engine.abort
     engine.abort = lambda rid: (aborted.append(rid), real_abort(rid))[1]  # observe, then do the real thing

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from server.config import MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import InProcessServer, assert_error, ids_of, load_hf, sse_events
+from tests.api_harness import InProcessServer, assert_error, ids_of, load_hf, sse_events
 
 PROMPT = "The committee expects"
 
@@ -157,7 +157,7 @@ def test_unload_while_streaming_lets_the_stream_finish(admin, zoo):
             lines = r.aiter_lines()
             first = await anext(lines)
             assert first.startswith("data: ")
-            assert admin.state.registry.users("fin") == 1  # mid-stream: the request holds the memory
+            assert admin.serving.registry.users("fin") == 1  # mid-stream: the request holds the memory
             deleted = await admin.client.delete("/v1/memories/fin")
             refused = await admin.client.post("/v1/completions", json={"prompt": PROMPT, "memory": "fin"})
             rest = [line async for line in lines]
@@ -169,7 +169,7 @@ def test_unload_while_streaming_lets_the_stream_finish(admin, zoo):
     events = sse_events("\n".join([first, *rest]) + "\n")
     assert events[-1] == "[DONE]" and len(events) > 100  # most of the stream came after the unload
     assert events[-2]["choices"][0]["finish_reason"] == "length"
-    assert admin.state.registry.users("fin") == 0
+    assert admin.serving.registry.users("fin") == 0
     assert _memory_ids(admin) == ["med"]
 
 

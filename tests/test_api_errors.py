@@ -12,7 +12,7 @@ import pytest
 
 import server.api.state as state_module
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.test_api_harness import InProcessServer, assert_error, sse_events
+from tests.api_harness import InProcessServer, assert_error, sse_events
 
 PROMPT = "The court held that"
 DOC = "The committee expects inflation to remain near two percent."
@@ -238,7 +238,7 @@ def test_fuzzed_completion_fields_never_give_5xx(server):
             assert_error(r, r.status_code)
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
     assert statuses.get(200) and statuses.get(400)  # the fuzz reached both sides
-    assert server.state.engine.is_alive
+    assert server.serving.engine.is_alive
     assert server.get("/health").status_code == 200
 
 
@@ -280,7 +280,7 @@ def test_queue_full_is_429_with_retry_after(zoo):
                     assert int(r.headers["retry-after"]) >= 1
                 else:
                     assert r.text.endswith("data: [DONE]\n\n") if stream else r.json()["usage"]["completion_tokens"] == 300
-        assert s.state.engine.num_waiting == 0 and s.state.engine.num_running == 0
+        assert s.serving.engine.num_waiting == 0 and s.serving.engine.num_running == 0
 
 
 def test_503_while_loading_then_ready(zoo, monkeypatch):
@@ -340,7 +340,7 @@ def test_engine_stopping_mid_request_gives_error_frame_then_done_and_health_503(
             return [chunk async for chunk in stream]
 
         async def scenario():
-            engine = s.state.engine
+            engine = s.serving.engine
             async with s.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                 assert r.status_code == 200
                 lines = r.aiter_lines()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 
 import pytest
 
@@ -95,19 +95,23 @@ def test_queue_full_and_validation_raise_before_queueing(setup):
         engine.shutdown()
 
 
-def test_dead_engine_fails_requests_and_reports_dead(setup):
-    base, registry = setup
-    engine = AsyncEngine(base, registry, EngineConfig())
-    started = threading.Event()
+class _DyingObserver:
+    """An observer whose queue report raises: the engine loop itself breaks, outside any step or model."""
 
-    def die(*a, **k):
-        started.set()
+    def on_queue(self, running: int, waiting: int) -> None:
         raise SystemExit("simulated loop death")
 
-    engine._drain_inbox = die  # the loop itself breaking, not a model: nothing else can simulate it
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def test_dead_engine_fails_requests_and_reports_dead(setup):
+    base, registry = setup
+    engine = AsyncEngine(base, registry, EngineConfig(), observer=_DyingObserver())
     engine.start()
-    started.wait(5)
-    engine._thread.join(5)
+    deadline = time.monotonic() + 5
+    while engine.is_alive and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not engine.is_alive
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(engine, req("x")))

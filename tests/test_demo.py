@@ -88,7 +88,7 @@ def test_memory_lowers_perplexity_on_its_domain(bases, base, name):
     finally:
         registry.release(name)
     base_ppl, mixed_ppl = _ppl(b), _ppl(mixed)
-    # The README's bar is -30% on the whole valid file; a few hundred tokens are noisier, so ask for -20%.
+    # docs/demo.md's bar is -30% on the whole valid file; a few hundred tokens are noisier, so ask for -20%.
     assert mixed_ppl < 0.8 * base_ppl, f"{base}+{name}: base {base_ppl:.1f}, mixture {mixed_ppl:.1f}"
 
 

@@ -11,10 +11,9 @@ from contextlib import suppress
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
-from tests.server_process import serve
-from tests.test_api_harness import greedy_reference, ids_of, load_hf, next_token_logprobs
+from testkit.server import serve
+from tests.api_harness import greedy_reference, ids_of, next_token_logprobs
 
 API_KEY = "e2e-user-key"
 ADMIN_KEY = "e2e-admin-key"
@@ -23,32 +22,19 @@ DOC = "The court held that the statute applies to the contract signed last year.
 
 
 @pytest.fixture(scope="module")
-def server(zoo, tmp_path_factory):
-    log = tmp_path_factory.mktemp("e2e") / "server.log"
+def server(zoo, live_server):
     args = [
         "--model", str(zoo.base), "--served-model-name", "tiny",
         "--memory", f"med={zoo.mem_llama}", "--memory", f"law={zoo.mem_qwen_padded}:0.3",
         "--admin-key", ADMIN_KEY, "--memory-root", str(zoo.base.parent),
     ]  # fmt: skip
-    with serve(args, log, env={"MEMDEC_API_KEY": API_KEY}) as s:
+    with live_server("e2e", args, env={"MEMDEC_API_KEY": API_KEY}) as s:
         yield s
-    assert s.proc.returncode == 0, s.logs()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def ref(zoo):
-    class Ref:
-        tok = AutoTokenizer.from_pretrained(str(zoo.base))
-        base = load_hf(zoo.base)
-        med = load_hf(zoo.mem_llama)
-        vocab = len(tok)
-
-    return Ref()
 
 
 def test_models(client, zoo):

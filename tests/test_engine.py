@@ -116,10 +116,10 @@ def test_mixed_distribution_matches_full_forward_reference_under_churn(setup, co
     lengths and memories, equals the formula applied to full no-cache forwards of both models."""
     base, _ = setup
     vocab = base.vocab_size
-    long_text = " ".join(["the court held that the patient was given a dose of the statute"] * 11)
+    long_text = " ".join(["the court held that the patient was given a dose of the statute"] * 9)
     specs = [*CHURN, ("long", long_text, "med", 0.5, 3, 1)]  # past the first attended-blocks bucket (256 tokens)
     reqs = {rid: greedy(rid, prompt(base, text), n=n, memory=m, alpha=a, logprobs=vocab) for rid, text, m, a, n, _ in specs}
-    assert 280 < len(reqs["long"].prompt_token_ids) < 500
+    assert 280 < len(reqs["long"].prompt_token_ids) < 300  # the tight cache below is sized for it
     join: dict[int, list] = {}
     for rid, *_, at in specs:
         if at:
@@ -573,7 +573,7 @@ def test_sliding_window_layers_match_the_reference(setup, tmp_path):
 def test_memory_whose_kv_does_not_fit_a_page_is_refused_at_load(setup, tmp_path):
     """Prepared on load (as the server does): a memory with more KV bytes per token than a page holds is a
     clear load error, and the registry is unchanged."""
-    from tests.tiny_models import build_memory
+    from testkit.models import build_memory
 
     base, _ = setup
     registry = MemoryRegistry(base)

@@ -1,7 +1,7 @@
 """The load test of bench/load_test.py at a size that fits CI: a real `memdec serve` (tiny models) under
 concurrent streaming clients on mixed memories and alpha, random disconnects and hot-swaps of a memory.
 
-The bigger setting is the script's own default (`python -m bench.load_test`); README gives the figures.
+The bigger setting is the script's own default (`python -m bench.load_test`); docs/metrics.md gives the figures.
 """
 
 from __future__ import annotations

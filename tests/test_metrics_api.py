@@ -25,8 +25,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
-from tests.server_process import serve
-from tests.test_api_harness import InProcessServer, assert_error, load_hf, sse_events
+from tests.api_harness import InProcessServer, assert_error, load_hf, sse_events
 
 PROMPT = "The patient was given a dose of"
 OTHER = "Once upon a time"
@@ -74,7 +73,7 @@ def wait_idle(server: InProcessServer) -> None:
     while time.monotonic() < deadline:
         s = scrape(server)
         if get(s, "memdec_requests_running") == 0 and get(s, "memdec_requests_waiting") == 0:
-            engine = server.state.engine
+            engine = server.serving.engine
             if engine is None or engine.num_running + engine.num_waiting == 0:
                 return
         time.sleep(0.05)
@@ -229,7 +228,7 @@ def test_finish_reasons_statuses_and_endpoints(server):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnects_count_as_abort(server, stream):
-    engine = server.state.engine
+    engine = server.serving.engine
     body = {"prompt": PROMPT, "memory": "med", "max_tokens": 400, "ignore_eos": True, "stream": stream}
     before = scrape(server)
 
@@ -322,7 +321,7 @@ def test_queue_full_and_engine_stop_are_counted(zoo):
         assert delta(before, mid, "memdec_generation_tokens_total", memory="none") == 40 * codes[200]
 
         async def stop_under_requests():
-            engine = s.state.engine
+            engine = s.serving.engine
             async with s.client.stream("POST", "/v1/completions", json={**body, "max_tokens": 400, "stream": True}) as r:
                 lines = r.aiter_lines()
                 await anext(lines)
@@ -362,11 +361,10 @@ API_KEY = "metrics-user-key"
 
 
 @pytest.fixture(scope="module")
-def live(zoo, tmp_path_factory):
-    log = tmp_path_factory.mktemp("metrics") / "server.log"
+def live(zoo, live_server):
     args = ["--model", str(zoo.base), "--served-model-name", "tiny", "--memory", f"med={zoo.mem_llama}",
             "--api-key", API_KEY]  # fmt: skip
-    with serve(args, log) as s:
+    with live_server("metrics", args) as s:
         auth = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=s.url, headers=auth, timeout=60) as c:
             # traffic on every path that fills a series: memory, base, stream, perplexity, a refusal
@@ -376,7 +374,6 @@ def live(zoo, tmp_path_factory):
                 c.post("/v1/completions", json=body)
             assert c.post("/v1/perplexity", json={"input": DOC, "memory": "med"}).status_code == 200
         yield s
-    assert s.proc.returncode == 0, s.logs()
 
 
 def test_live_metrics_need_no_api_key_and_negotiate_the_format(live):

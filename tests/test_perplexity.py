@@ -16,7 +16,7 @@ from server.errors import InvalidRequestError
 from server.loader import load_base
 from server.registry import MemoryRegistry
 from server.request import PerplexityRequest
-from tests.tiny_models import sample_text
+from testkit.text import sample_text
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from memories.mixing import mix_scalar
 from memories.models import load_causal_lm
 from memories.targets import SparseTargets, build_targets, knn_distribution
 from memories.train import TrainConfig, train
-from tests.tiny_models import build_model, build_tokenizer, sample_text
-from tests.toolkit_corpus import DRUGS, write_corpus
+from testkit.models import build_model, build_tokenizer
+from testkit.text import DRUGS, sample_text, write_corpus
 
 SMALL_MODEL = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--max-len", "256"]
 
@@ -276,6 +276,8 @@ def test_datastore_keys_and_values_line_up(zoo, tmp_path: Path) -> None:
     windowed = build_datastore(model, tokens, tmp_path / "win", context=32, stride=16, batch_size=3, progress=False)
     keys = windowed.keys()
     assert keys.shape == (149, model.config.hidden_size) and (np.abs(keys).sum(1) > 0).all()
+    with pytest.raises(ValueError, match="stride"):  # windows that do not overlap would leave zero rows
+        build_datastore(model, tokens, tmp_path / "gap", context=32, stride=32, progress=False)
     # The first window sees the same prefix as the single long window (kernels may round differently).
     np.testing.assert_allclose(keys[:31].astype(np.float32), ds.keys()[:31].astype(np.float32), rtol=1e-2, atol=1e-2)
 

@@ -54,8 +54,7 @@ def memdec_error_body(exc: MemdecError) -> dict[str, Any]:
 
 
 def _headers(exc: MemdecError) -> dict[str, str] | None:
-    retry_after = getattr(exc, "retry_after", None)
-    headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else {}
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else {}
     if exc.status_code == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return headers or None

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from server.api.auth import check_api_key
 from server.api.errors import as_memdec_error, memdec_error_body
 from server.api.request_metrics import CLIENT_CLOSED, set_finish_reason, summarize
-from server.api.schemas import MAX_PROMPTS, MAX_STOP, CompletionRequest, CompletionResponse, describe_extra
+from server.api.schemas import CompletionRequest, CompletionResponse, describe_extra
 from server.api.state import ServingState, Target
 from server.api.streaming import (
     DONE_FRAME,
@@ -28,8 +28,10 @@ from server.api.streaming import (
     sse_frame,
 )
 from server.api.tokens import LogprobsBuilder, Prompt, TokenStrings, split_prompts, tokenize
+from server.config import ServerConfig
 from server.errors import InvalidRequestError, MemdecError
 from server.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
+from server.validation import MAX_PROMPTS, check_at_most, check_stop_strings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -88,28 +90,18 @@ def _check_unsupported(body: CompletionRequest) -> None:
         raise InvalidRequestError("'best_of' is not supported (leave it unset or equal to n)", param="best_of")
 
 
-def _stop_strings(body: CompletionRequest) -> tuple[str, ...]:
+def _params(body: CompletionRequest, seed: int | None, vocab: int) -> SamplingParams:
+    """The engine's sampling parameters, OpenAI's defaults filled in. A temperature too small to divide by
+    is greedy (`SamplingParams.greedy` decides, in one place)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > MAX_STOP:
-        raise InvalidRequestError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
-    if any(s == "" for s in stop):
-        raise InvalidRequestError("stop strings must not be empty", param="stop")
-    return stop
-
-
-SAMPLING_EPS = 1e-5  # as in vLLM: a temperature below this is greedy (dividing logits by it overflows)
-
-
-def _params(body: CompletionRequest, stop: tuple[str, ...], seed: int | None, vocab: int) -> SamplingParams:
     top_k = body.top_k or 0
-    temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
         max_tokens=16 if body.max_tokens is None else body.max_tokens,
-        temperature=0.0 if temperature < SAMPLING_EPS else temperature,
+        temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if top_k < 0 or top_k >= vocab else top_k,  # k >= vocabulary keeps everything: off
         seed=seed,
-        stop=stop,
+        stop=check_stop_strings(stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
@@ -117,17 +109,21 @@ def _params(body: CompletionRequest, stop: tuple[str, ...], seed: int | None, vo
     )
 
 
-async def _plan(body: CompletionRequest, state: ServingState) -> _Plan:
-    config = state.config
+def _check_body(body: CompletionRequest, config: ServerConfig) -> None:
+    """What the schema cannot say: unsupported fields and the server's configured limits."""
     _check_unsupported(body)
-    if body.n > config.max_n:
-        raise InvalidRequestError(f"n must be at most {config.max_n}", param="n")
-    if body.logprobs is not None and body.logprobs > config.max_logprobs:
-        raise InvalidRequestError(f"logprobs must be at most {config.max_logprobs}", param="logprobs")
+    check_at_most(body.n, config.max_n, "n")
+    check_at_most(body.logprobs, config.max_logprobs, "logprobs")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("'stream_options' needs 'stream': true", param="stream_options")
-    stop = _stop_strings(body)
-    target = state.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+
+
+async def _plan(body: CompletionRequest, state: ServingState) -> _Plan:
+    serving = state.ready()
+    _check_body(body, state.config)
+    vocab = serving.base.vocab_size
+    params = [_params(body, None if body.seed is None else body.seed + j, vocab) for j in range(body.n)]
+    target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     if target.memory is None and body.alpha is not None:
         raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
     alpha = None if target.memory is None else (target.memory.alpha if body.alpha is None else body.alpha)
@@ -136,35 +132,35 @@ async def _plan(body: CompletionRequest, state: ServingState) -> _Plan:
         raise InvalidRequestError(
             f"prompts x n must be at most {MAX_PROMPTS}, got {len(raw)} x {body.n}", param="n"
         )
-    assert state.base is not None
-    prompts = await tokenize(state.base.tokenizer, raw, state.base.vocab_size, "prompt")
+    prompts = await tokenize(serving.base.tokenizer, raw, vocab, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = []
-    for p, prompt in enumerate(prompts):
-        for j in range(body.n):
-            seed = None if body.seed is None else body.seed + j
-            requests.append(
-                GenerationRequest(
-                    request_id=f"{request_id}-{p * body.n + j}",
-                    prompt_token_ids=prompt.token_ids,
-                    params=_params(body, stop, seed, state.base.vocab_size),
-                    memory=target.memory.name if target.memory else None,
-                    alpha=alpha or 0.0,
-                )
-            )
+    requests = [
+        GenerationRequest(
+            request_id=f"{request_id}-{p * body.n + j}",
+            prompt_token_ids=prompt.token_ids,
+            params=params[j],
+            memory=target.memory.name if target.memory else None,
+            alpha=alpha or 0.0,
+        )
+        for p, prompt in enumerate(prompts)
+        for j in range(body.n)
+    ]
+    _log_plan(request_id, body, prompts, requests[0], state.config.log_prompts)
+    return _Plan(request_id, int(time.time()), target, alpha, prompts, requests, body.n, body, serving.token_strings)
+
+
+def _log_plan(request_id: str, body: CompletionRequest, prompts: list[Prompt], first: GenerationRequest,
+              log_prompts: bool) -> None:  # fmt: skip
     extra = describe_extra(body)
     if extra:
         log.warning("%s: ignored unknown fields %s", request_id, extra)
     log.info(
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
-        request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, requests[0].params.max_tokens,
-        requests[0].memory, alpha, body.stream,
+        request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
+        first.memory, first.alpha if first.memory else None, body.stream,
     )  # fmt: skip
-    if config.log_prompts:
+    if log_prompts:
         log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])
-    strings = state.token_strings
-    assert strings is not None
-    return _Plan(request_id, int(time.time()), target, alpha, prompts, requests, body.n, body, strings)
 
 
 def _finish_reason(out: RequestOutput) -> str | None:
@@ -227,30 +223,67 @@ async def _collect(plan: _Plan, streams: list[EngineStream]) -> dict[str, Any]:
                 "stop_reason": c.last.stop_reason,
             }
         )
-    usage = {
-        "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": plan.prompt_tokens + completion_tokens,
-    }
-    return {**plan.header(), "choices": result, "usage": usage}
+    return {**plan.header(), "choices": result, "usage": _usage(plan.prompt_tokens, completion_tokens)}
 
 
 async def _run(plan: _Plan, state: ServingState) -> dict[str, Any]:
-    engine = state.ready_engine()
-    streams = await open_streams(engine.generate, plan.requests)
+    streams = await open_streams(state.ready().engine.generate, plan.requests)
     return await _collect(plan, streams)
 
 
 # -- streaming -------------------------------------------------------------------------------------
 
 
-async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> AsyncIterator[bytes]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass
+class _Cursor:
+    """One streamed choice: characters sent so far (its `text_offset` continues from there), and whether
+    its first chunk (which carries the echoed prompt) went out."""
+
+    emitted: int = 0
+    started: bool = False
+
+
+def _stream_choice(plan: _Plan, i: int, out: RequestOutput, cursor: _Cursor) -> dict[str, Any] | None:
+    """The `choices` entry of one output delta; None when it has nothing to say."""
     body = plan.body
+    text = out.new_text
+    builder = None
+    if body.logprobs is not None:
+        builder = LogprobsBuilder(plan.strings, body.logprobs, cursor.emitted, as_ids=body.return_tokens_as_token_ids)
+    if not cursor.started:
+        cursor.started = True
+        if body.echo:
+            if builder is not None:
+                builder.add(plan.prompt_of(i).token_ids, out.prompt_logprobs)
+            text = plan.prompt_text(i) + text
+    if builder is not None:
+        builder.add(out.new_token_ids, out.new_logprobs)
+    if not (text or out.new_token_ids or out.finished):
+        return None
+    cursor.emitted += len(text)
+    return {
+        "index": i,
+        "text": text,
+        "logprobs": builder.take() if builder is not None else None,
+        "finish_reason": _finish_reason(out) if out.finished else None,
+        "stop_reason": out.stop_reason if out.finished else None,
+    }
+
+
+async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> AsyncIterator[bytes]:
+    options = plan.body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
     header = plan.header()
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    emitted = [0] * len(streams)  # characters sent per choice (text_offset continues from there)
-    started = [False] * len(streams)
+    cursors = [_Cursor() for _ in streams]
     completion_tokens = [0] * len(streams)
     try:
         async for i, out in merge(streams):
@@ -258,50 +291,18 @@ async def _sse(plan: _Plan, streams: list[EngineStream], request: Request) -> As
                 plan.finish_reasons[i] = _finish_reason(out) or FinishReason.ERROR.value
             if out.finish_reason is FinishReason.ERROR:
                 raise _engine_failure(out)
-            text = out.new_text
-            builder = (
-                LogprobsBuilder(plan.strings, body.logprobs, emitted[i], as_ids=body.return_tokens_as_token_ids)
-                if body.logprobs is not None
-                else None
-            )
-            if not started[i]:
-                started[i] = True
-                if body.echo:
-                    if builder is not None:
-                        builder.add(plan.prompt_of(i).token_ids, out.prompt_logprobs)
-                    text = plan.prompt_text(i) + text
-            if builder is not None:
-                builder.add(out.new_token_ids, out.new_logprobs)
             completion_tokens[i] = out.num_output_tokens
-            if not (text or out.new_token_ids or out.finished):
+            choice = _stream_choice(plan, i, out, cursors[i])
+            if choice is None:
                 continue
-            emitted[i] += len(text)
-            choice = {
-                "index": i,
-                "text": text,
-                "logprobs": builder.take() if builder is not None else None,
-                "finish_reason": _finish_reason(out) if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None,
-            }
             chunk: dict[str, Any] = {**header, "choices": [choice]}
             if continuous:
-                prompt_tokens = len(plan.prompt_of(i).token_ids)
-                chunk["usage"] = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": out.num_output_tokens,
-                    "total_tokens": prompt_tokens + out.num_output_tokens,
-                }
+                chunk["usage"] = _usage(len(plan.prompt_of(i).token_ids), out.num_output_tokens)
             elif include_usage:
                 chunk["usage"] = None
             yield sse_frame(chunk)
         if include_usage:
-            total = sum(completion_tokens)
-            usage = {
-                "prompt_tokens": plan.prompt_tokens,
-                "completion_tokens": total,
-                "total_tokens": plan.prompt_tokens + total,
-            }
-            yield sse_frame({**header, "choices": [], "usage": usage})
+            yield sse_frame({**header, "choices": [], "usage": _usage(plan.prompt_tokens, sum(completion_tokens))})
         reason = summarize(plan.finish_reasons.values())
     except Exception as exc:  # noqa: BLE001 - after the 200 an error can only travel as a frame
         reason = FinishReason.ERROR.value
@@ -327,7 +328,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     an error after the stream began arrives as a `data: {"error": {...}}` frame before `[DONE]`.
     """
     state: ServingState = request.app.state.memdec
-    state.ready_engine()
     plan = await _plan(body, state)
     try:
         if not body.stream:
@@ -336,7 +336,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             finally:
                 set_finish_reason(request, summarize(plan.finish_reasons.values()))
             return JSONResponse(result)
-        engine = state.ready_engine()
+        engine = state.ready().engine  # again: shutdown may have begun while the prompts were tokenized
         streams = await cancel_on_disconnect(request, open_streams(engine.generate, plan.requests))
     except ClientDisconnected:
         log.info("%s: client disconnected; request aborted", plan.id)

@@ -19,9 +19,9 @@ async def health(request: Request) -> dict[str, Any]:
     state: ServingState = request.app.state.memdec
     if state.phase is Phase.FAILED:
         raise ServiceUnavailableError(f"the server failed to start: {state.error}", code="startup_failed")
-    engine = state.engine
-    if engine is None:
+    if state.serving is None:
         return {"status": state.phase.value}
+    engine = state.serving.engine
     if not engine.is_alive and state.phase is not Phase.STOPPING:
         raise EngineDeadError("the engine loop has stopped", code="engine_dead")
     return {"status": state.phase.value, "running": engine.num_running, "waiting": engine.num_waiting}
@@ -31,5 +31,5 @@ async def health(request: Request) -> dict[str, Any]:
 async def ready(request: Request) -> dict[str, Any]:
     """200 once the base and the start-up memories are loaded and the engine runs; 503 before and while stopping."""
     state: ServingState = request.app.state.memdec
-    engine = state.ready_engine()
+    engine = state.ready().engine
     return {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}

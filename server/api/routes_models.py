@@ -9,37 +9,34 @@ from fastapi import APIRouter, Depends, Request
 from server.api.auth import check_admin_key, check_api_key
 from server.api.paths import check_lookup, confine
 from server.api.schemas import MemoryDeleted, MemoryLoadBody, ModelCard, ModelList
-from server.api.state import ServingState
-from server.errors import ConflictError, NotFoundError
+from server.api.state import Serving, ServingState
+from server.errors import ConflictError
 from server.registry import MemoryInfo
 
 router = APIRouter()
 
 
-def _state(request: Request) -> ServingState:
+def _serving(request: Request) -> Serving:
     state: ServingState = request.app.state.memdec
-    state.ready_engine()
-    return state
+    return state.ready()
 
 
-def base_card(state: ServingState) -> dict[str, Any]:
-    assert state.base is not None
+def base_card(serving: Serving) -> dict[str, Any]:
     return ModelCard(
-        id=state.served_model_name,
-        created=state.created,
-        root=state.base.name_or_path,
-        max_model_len=state.base.max_model_len,
+        id=serving.model_name,
+        created=serving.created,
+        root=serving.base.name_or_path,
+        max_model_len=serving.context_of(None),
     ).model_dump()
 
 
-def memory_card(state: ServingState, info: MemoryInfo) -> dict[str, Any]:
-    assert state.base is not None
+def memory_card(serving: Serving, info: MemoryInfo) -> dict[str, Any]:
     return ModelCard(
         id=info.name,
         created=info.created,
         root=info.path,
-        parent=state.served_model_name,
-        max_model_len=min(info.max_model_len, state.base.max_model_len),
+        parent=serving.model_name,
+        max_model_len=serving.context_of(info),
         alpha=info.alpha,
         domain=info.domain,
         description=info.description,
@@ -49,52 +46,44 @@ def memory_card(state: ServingState, info: MemoryInfo) -> dict[str, Any]:
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(check_api_key)])
 async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every loaded memory (`parent` = the base) as OpenAI model cards."""
-    state = _state(request)
-    assert state.registry is not None
-    cards = [base_card(state)] + [memory_card(state, m) for m in state.registry.list()]
+    serving = _serving(request)
+    cards = [base_card(serving)] + [memory_card(serving, m) for m in serving.registry.list()]
     return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(check_api_key)])
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     """One model card: the base or a memory (ids may contain '/', as hub ids do)."""
-    state = _state(request)
-    assert state.registry is not None
-    if model_id == state.served_model_name:
-        return base_card(state)
-    try:
-        return memory_card(state, state.registry.get(model_id))
-    except NotFoundError:
-        raise NotFoundError(f"The model `{model_id}` does not exist.", param="model", code="model_not_found") from None
+    serving = _serving(request)
+    memory = serving.model_memory(model_id)
+    return base_card(serving) if memory is None else memory_card(serving, memory)
 
 
 @router.get("/v1/memories", response_model=ModelList, dependencies=[Depends(check_api_key)])
 async def list_memories(request: Request) -> dict[str, Any]:
     """The loaded memories as model cards."""
-    state = _state(request)
-    assert state.registry is not None
-    return {"object": "list", "data": [memory_card(state, m) for m in state.registry.list()]}
+    serving = _serving(request)
+    return {"object": "list", "data": [memory_card(serving, m) for m in serving.registry.list()]}
 
 
 @router.post("/v1/memories", response_model=ModelCard, dependencies=[Depends(check_admin_key)])
 async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
     """Load a memory directory (a HF causal LM with a memdec.json manifest, safetensors weights only)
     under `name`; it must use exactly the base model's tokenizer. Needs the admin key."""
-    state = _state(request)
-    assert state.registry is not None
+    state: ServingState = request.app.state.memdec
+    serving = state.ready()
     with state.counting_load():
         path = confine(body.path, state.config.memory_root)
         check_lookup(path)
-        if body.name == state.served_model_name:
+        if body.name == serving.model_name:
             raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
         # The engine captures its graphs before the memory becomes visible.
-        info = await state.ready_engine().load_memory(body.name, path, body.alpha)
-    return memory_card(state, info)
+        info = await serving.engine.load_memory(body.name, path, body.alpha)
+    return memory_card(serving, info)
 
 
 @router.delete("/v1/memories/{name}", response_model=MemoryDeleted, dependencies=[Depends(check_admin_key)])
 async def unload_memory(name: str, request: Request) -> dict[str, Any]:
     """Unload a memory: refused to new requests at once, freed when its running requests finish."""
-    state = _state(request)
-    state.ready_engine().unload_memory(name)
+    _serving(request).engine.unload_memory(name)
     return {"id": name, "object": "memory", "deleted": True}

@@ -85,8 +85,8 @@ def _total(scores: list[PerplexityScore]) -> PerplexityScore:
 )
 async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     state: ServingState = request.app.state.memdec
-    engine = state.ready_engine()
-    target = state.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    serving = state.ready()
+    target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     alpha_is_list = isinstance(body.alpha, list)
     if target.memory is None:
         if body.alpha is not None:
@@ -96,8 +96,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         alphas = [target.memory.alpha]
     else:
         alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]
-    assert state.base is not None
-    docs = await tokenize(state.base.tokenizer, split_prompts(body.input, "input"), state.base.vocab_size, "input")
+    docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size, "input")
     job = PerplexityRequest(
         request_id=f"ppl-{uuid.uuid4().hex}",
         documents=tuple(d.token_ids for d in docs),
@@ -108,7 +107,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     )
     started = time.monotonic()
     try:
-        result = await cancel_on_disconnect(request, engine.perplexity(job))
+        result = await cancel_on_disconnect(request, serving.engine.perplexity(job))
     except ClientDisconnected:
         set_finish_reason(request, "abort")
         return Response(status_code=CLIENT_CLOSED)

@@ -10,16 +10,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from memories.mixing import ALPHA_MAX, ALPHA_MIN
+from server.validation import MAX_ALPHAS, MAX_MEMORY_NAME
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_PROMPTS = 256  # prompts (or perplexity inputs) in one request
-MAX_STOP = 16  # stop strings per request
-MAX_ALPHAS = 32  # alphas in one perplexity request
 
 # Smart-mode unions pick the exact type match, so member order does not matter;
 # strict types keep `true` or `1.5` from passing as a token id and `1` from passing as text.
 Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
-Alpha = Annotated[float, Field(ge=0, le=1)]
+Alpha = Annotated[float, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
 
 PROMPT_DOC = "a string, a list of strings, a list of token ids, or a list of token-id lists"
@@ -66,7 +66,8 @@ class CompletionRequest(_Body):
         None, description="A loaded memory's name; null = the base model alone. Default: the memory `model` names."
     )
     alpha: float | None = Field(
-        None, ge=0, le=1, description="Weight of the memory in [0, 1]; default: the memory's manifest value."
+        None, ge=ALPHA_MIN, le=ALPHA_MAX,
+        description="Weight of the memory in [0, 1]; default: the memory's manifest value.",
     )
     # Accepted for client compatibility; only their neutral values are allowed.
     presence_penalty: float | None = 0.0
@@ -94,9 +95,11 @@ class PerplexityRequestBody(_Body):
 class MemoryLoadBody(_Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(..., min_length=1, max_length=128)
+    name: str = Field(..., min_length=1, max_length=MAX_MEMORY_NAME)
     path: str = Field(..., min_length=1, max_length=4096, description="Memory directory (under --memory-root).")
-    alpha: float | None = Field(None, ge=0, le=1, description="Default alpha; the manifest's when omitted.")
+    alpha: float | None = Field(
+        None, ge=ALPHA_MIN, le=ALPHA_MAX, description="Default alpha; the manifest's when omitted."
+    )
 
 
 # -- responses (documentation; routes build plain dicts of this shape) ------------------------------

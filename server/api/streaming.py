@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ class EngineStream:
     first: RequestOutput
 
 
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
+async def _aclose(iterator: AsyncIterable[Any]) -> None:
     close = getattr(iterator, "aclose", None)
     if close is not None:
         with contextlib.suppress(Exception):
@@ -75,7 +75,7 @@ async def open_streams(
     return [t.result() for t in tasks]
 
 
-async def _cancel_opened(tasks: list[asyncio.Future[EngineStream]]) -> None:
+async def _cancel_opened(tasks: Sequence[asyncio.Future[EngineStream]]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -9,9 +9,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from server.api.schemas import MAX_PROMPTS
 from server.errors import InvalidRequestError
 from server.request import TokenLogprob
+from server.validation import MAX_PROMPTS, check_token_ids
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI and vLLM send for -inf (JSON has no infinity)
 
@@ -55,11 +55,7 @@ async def tokenize(
         else:
             if not p:
                 raise InvalidRequestError(f"'{param}' contains an empty token list", param=param)
-            bad = next((t for t in p if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise InvalidRequestError(
-                    f"token id {bad} in '{param}' is out of vocabulary (valid ids: 0..{vocab_size - 1})", param=param
-                )
+            check_token_ids(p, vocab_size, param)
             out.append(Prompt(tuple(p), None))
     return out
 
@@ -74,12 +70,13 @@ class TokenStrings:
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
+            text = self._cache[token_id] = self.decode([token_id])
         return text
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        text = self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        assert isinstance(text, str)  # one id list decodes to one string (the list type is for batches)
+        return text
 
 
 def _finite(logprob: float) -> float:

@@ -1,7 +1,7 @@
 """In-process harness for the API tests: the real app (real engine, tiny models) with its lifespan
 running on an event loop in a background thread, driven by httpx through a streaming ASGI transport.
 
-No tests here; `tests/test_api*.py` import it.
+The API tests import it; the fixtures built on it are in conftest.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from server.api.app import create_app
-from server.api.state import ServingState
+from server.api.state import Serving, ServingState
 from server.config import ServerConfig
 
 
@@ -129,6 +129,13 @@ class InProcessServer:
     @property
     def state(self) -> ServingState:
         return self.app.state.memdec
+
+    @property
+    def serving(self) -> Serving:
+        """The loaded server's handle (base, registry, engine); only after start-up succeeded."""
+        serving = self.state.serving
+        assert serving is not None, (self.state.phase, self.state.error)
+        return serving
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

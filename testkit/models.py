@@ -1,4 +1,5 @@
-"""Tiny random-init models and tokenizers for tests and benchmarks: nothing is downloaded.
+"""Tiny random-init models and tokenizers for tests and benchmarks, built from configs: nothing is
+downloaded, and the tokenizers learn from the fixed synthetic text of `testkit.text`.
 
 Weights are drawn with a large init range so that next-token distributions are peaked (greedy
 decoding then has clear winners and mixing has visible effects), unlike a near-uniform default init.
@@ -7,6 +8,7 @@ decoding then has clear winners and mixing has visible effects), unlike a near-u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -21,28 +23,11 @@ from transformers import (
 
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.tokenizer import train_tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-_FALLBACK_TEXT = (
-    "The patient was given a dose of the drug and the blood pressure fell. "
-    "The court held that the statute applies to the contract. "
-    "The committee expects inflation to remain near two percent. "
-    "Once upon a time there was a little house in the big wood. "
-)
-
-
-def sample_text(domain: str = "general", max_chars: int = 60_000) -> str:
-    """A slice of the shared corpus when it is present, else a fixed synthetic text."""
-    path = SHARED_DATA / domain / "valid.txt"
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            return f.read(max_chars)
-    return _FALLBACK_TEXT * (max_chars // len(_FALLBACK_TEXT) + 1)
+from testkit.text import sample_text
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384, text: str | None = None) -> PreTrainedTokenizerFast:
-    """The toolkit's byte-level BPE trainer on a small text (the shared corpus slice by default)."""
+    """The toolkit's byte-level BPE trainer on a small text (synthetic general English by default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir.parent / f"{out_dir.name}.corpus.txt"
     corpus.write_text(text if text is not None else sample_text("general", 40_000), encoding="utf-8")
@@ -99,7 +84,7 @@ def build_memory(
     *,
     alpha: float = 0.6,
     domain: str = "test",
-    **model_kwargs,
+    **model_kwargs: Any,
 ) -> Path:
     build_model(out_dir, tokenizer, arch, **model_kwargs)
     write_manifest(

@@ -1,0 +1,130 @@
+"""The stages of building a memory, each one function: datastore → index → targets → train → eval.
+
+`memdec memory <stage>` runs one of them; `memdec memory build` runs them all through its cache
+(memories/build.py). Either way the same code runs, so a stage behaves the same on its own as in a build.
+Each returns a JSON-able summary of what it made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from memories.config import DatastoreConfig, EvalConfig, IndexConfig, ModelSpec, TargetsConfig, TrainConfig
+from memories.corpus import corpus_files, tokenize_corpus
+from memories.datastore import Datastore, build_datastore
+from memories.evaluate import evaluate, write_report
+from memories.knn import build_index, load_index, save_index, set_nprobe, to_gpu_if_available
+from memories.manifest import Manifest, tokenizer_fingerprint
+from memories.models import (
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    model_id,
+    resolve_device,
+    resolve_dtype,
+)
+from memories.perplexity import window_settings
+from memories.targets import SparseTargets, build_targets
+from memories.train import TrainError, TrainResult, train
+
+
+class Base:
+    """The base model a memory is built for: its tokenizer at once, its weights on first use (a build
+    whose datastore is cached and that has no held-out file never loads them)."""
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto") -> None:
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(path)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self._model: PreTrainedModel | None = None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model = load_causal_lm(self.path, self.device, self.dtype)
+        return self._model
+
+
+def datastore_stage(base: Base, corpus: str, out: Path, config: DatastoreConfig, progress: bool) -> dict[str, Any]:
+    """Keys (the base's last-MLP inputs) and values (next tokens) over the corpus."""
+    tokens, stats = tokenize_corpus(base.tokenizer, corpus, config.max_tokens, progress=progress)
+    context, stride = window_settings(context_length(base.model), config.context, config.stride, clamp=True)
+    meta = {"base_model": model_id(base.path), "tokenizer_fingerprint": base.fingerprint,
+            "corpus": [str(p) for p in corpus_files(corpus)], "corpus_stats": stats.to_dict()}  # fmt: skip
+    ds = build_datastore(base.model, tokens, out, context=context, stride=stride, batch_size=config.batch_size,
+                         meta=meta, progress=progress)  # fmt: skip
+    return {"entries": ds.size, "dim": ds.dim, "corpus_stats": stats.to_dict(), "seconds": ds.meta["seconds"]}
+
+
+def index_stage(datastore: Path, out: Path, config: IndexConfig, progress: bool) -> dict[str, Any]:
+    """A faiss index over the datastore's keys."""
+    index, info = build_index(Datastore.open(datastore).keys(), config, progress=progress)
+    save_index(index, info, out)
+    return info
+
+
+def targets_stage(
+    datastore: Path, index_dir: Path, out: Path, config: TargetsConfig, index: IndexConfig, progress: bool
+) -> dict[str, Any]:
+    """Sparse kNN distributions for every datastore position, searched with `index`'s nprobe and device."""
+    ds = Datastore.open(datastore)
+    faiss_index, info = load_index(index_dir)
+    set_nprobe(faiss_index, index.nprobe)
+    faiss_index = to_gpu_if_available(faiss_index, index.use_gpu)
+    tg = build_targets(faiss_index, ds.keys(), ds.values(), out, k=config.k, temperature=config.temperature,
+                       batch_size=config.batch_size, progress=progress,
+                       meta={"index": info, "datastore": str(datastore)})  # fmt: skip
+    return {key: tg.meta[key] for key in ("num_rows", "nnz", "k", "temperature", "mean_support", "seconds")}
+
+
+def train_stage(
+    tokenizer: Any,
+    out: Path,
+    config: TrainConfig,
+    *,
+    datastore: Path | None = None,
+    targets: Path | None = None,
+    corpus: str | None = None,
+    max_tokens: int | None = None,
+    init_from: str | None = None,
+    spec: ModelSpec | None = None,
+    manifest: Manifest | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train on a datastore's token stream and its kNN targets, or (β = 0) on a corpus alone.
+    `options` go to `train` (checkpoint_dir, resume, keep_checkpoint, stop_after, progress)."""
+    knn = None
+    if datastore is not None:
+        ds = Datastore.open(datastore)
+        if ds.meta.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+            raise TrainError(f"{datastore} was built with a different tokenizer")
+        tokens = ds.tokens()
+        if config.beta > 0:
+            if targets is None:
+                raise TrainError("--beta > 0 needs --targets (or use --beta 0)")
+            knn = SparseTargets.open(targets)
+    elif corpus is not None:
+        tokens, _ = tokenize_corpus(tokenizer, corpus, max_tokens, progress=options.get("progress", True))
+    else:
+        raise TrainError("give --datastore/--targets, or --corpus with --beta 0")
+    return train(config, out, tokenizer, tokens, knn, init_from=init_from, spec=None if init_from else spec,
+                 manifest=manifest, **options)  # fmt: skip
+
+
+def eval_stage(
+    base: Base, memory: Path, valid: str, config: EvalConfig, report_dir: Path, progress: bool, title: str = ""
+) -> dict[str, Any]:
+    """Held-out perplexity of base, memory and mixture over α; the report lands in `report_dir`."""
+    if tokenizer_fingerprint(load_tokenizer(memory)) != base.fingerprint:
+        raise ValueError(f"{memory} uses a different tokenizer from {base.path}")
+    tokens, _ = tokenize_corpus(base.tokenizer, valid, config.max_tokens, progress=False)
+    mem_model = load_causal_lm(memory, base.device, base.dtype)
+    report = evaluate(base.model, mem_model, tokens, len(base.tokenizer), config, progress=progress)
+    report["file"] = str(Path(valid).resolve())
+    write_report(report, report_dir, title)
+    return report

@@ -1,0 +1,125 @@
+"""Request limits and the rules every input is checked against, in one place.
+
+The HTTP routes, the CLI, the registry file, the registry, the engine and perplexity jobs call these
+functions instead of writing a rule again. Each check raises a MemdecError naming the offending
+parameter: InvalidRequestError (400) unless the caller passes another class (the registry refuses with
+MemoryLoadError). The α rule itself lives in `memories.mixing.check_alpha`, so that the toolkit's
+manifest applies exactly the same one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memories.mixing import check_alpha as _alpha_rule
+from memories.perplexity import WindowSettingsError, window_settings
+from server.errors import InvalidRequestError, MemdecError, MemoryLoadError
+from server.metrics import RESERVED_MEMORY_LABELS
+from server.request import GenerationRequest, PerplexityRequest
+
+MAX_PROMPTS = 256  # prompts (or perplexity inputs) in one request, and prompts x n
+MAX_STOP = 16  # stop strings per request
+MAX_ALPHAS = 32  # alphas in one perplexity request
+MAX_MEMORY_NAME = 128  # characters in a memory name
+# The metrics use these as label values (the base alone, overflow), so no memory may be called so.
+RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS
+
+
+def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = InvalidRequestError) -> float:
+    """α in [0, 1] (`memories.mixing.check_alpha`), as the server's error."""
+    try:
+        return _alpha_rule(alpha)
+    except ValueError as exc:
+        raise error(str(exc), param=param) from None
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str, what: str = "token id") -> None:
+    """Every id must index the tokenizer's vocabulary: [0, vocab_size)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"{what} {bad} is out of vocabulary (valid ids: 0..{vocab_size - 1})", param=param
+        )
+
+
+def request_context(base_len: int, memory_len: int | None) -> int:
+    """The context a request may use: the base's, and no more than its memory's (both models see it all)."""
+    return base_len if memory_len is None else min(base_len, memory_len)
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:
+    """Prompt plus completion must fit the request's context (vLLM's wording, so clients recognise it)."""
+    total = num_prompt_tokens + max_tokens
+    if total > max_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{total} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def check_memory_name(name: str) -> None:
+    """Letters, digits, '-', '_' and '.', at most MAX_MEMORY_NAME characters, and not a reserved label."""
+    if not name or len(name) > MAX_MEMORY_NAME or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise MemoryLoadError(
+            f"invalid memory name {name[:MAX_MEMORY_NAME]!r}: use up to {MAX_MEMORY_NAME} letters, digits, "
+            "'-', '_' or '.'",
+            param="name",
+        )
+    if name in RESERVED_MEMORY_NAMES:
+        raise MemoryLoadError(
+            f"memory name {name!r} is reserved (metrics label for the base alone / overflow)", param="name"
+        )
+
+
+def check_stop_strings(stop: tuple[str, ...]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOP:
+        raise InvalidRequestError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
+    if any(s == "" for s in stop):
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    return stop
+
+
+def check_at_most(value: int | None, limit: int, param: str) -> None:
+    """A configured server limit (`n`, `logprobs`): the schema only knows the value is >= 0."""
+    if value is not None and value > limit:
+        raise InvalidRequestError(f"{param} must be at most {limit}", param=param)
+
+
+def validate_generation(request: GenerationRequest, vocab_size: int, max_len: int) -> None:
+    """Everything about a generation request that is the client's mistake; `max_len` is
+    `request_context(...)` for its memory. Raises before anything is queued or acquired."""
+    ids = request.prompt_token_ids
+    if not ids:
+        raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+    check_token_ids(ids, vocab_size, "prompt")
+    check_alpha(request.alpha)
+    check_context(len(ids), request.params.max_tokens, max_len)
+    for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
+        if n is not None and not 0 <= n <= vocab_size:
+            raise InvalidRequestError(f"{name} must be in [0, {vocab_size}]", param="logprobs")
+    check_token_ids(request.params.stop_token_ids, vocab_size, "stop_token_ids", what="stop token id")
+
+
+def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: int) -> tuple[int, int]:
+    """Check a perplexity job against the vocabulary and `max_len` (`request_context(...)`); returns its
+    (context_length, stride) with the protocol's defaults filled in."""
+    if not request.documents:
+        raise InvalidRequestError("input must not be empty", param="input")
+    for doc in request.documents:
+        if len(doc) < 2:
+            raise InvalidRequestError("each input needs at least 2 tokens to be scored", param="input")
+        check_token_ids(doc, vocab_size, "input")
+    for alpha in request.alphas:
+        check_alpha(alpha)
+    return resolve_windows(request.context_length, request.stride, max_len)
+
+
+def resolve_windows(context_length: int | None, stride: int | None, max_len: int) -> tuple[int, int]:
+    """(context, stride) of the sliding-window protocol (`memories.perplexity.window_settings`) as a 400."""
+    try:
+        return window_settings(max_len, context_length, stride)
+    except WindowSettingsError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None

@@ -1,0 +1,390 @@
+"""Unit tests in milliseconds, no model files: the sampler's top-k / top-p boundaries and seeded rows, the
+scheduler's admission rules, the mixture formula and the sliding-window scorer with stub models (in the
+style of nanochat's engine tests), and the validation rules every input goes through.
+
+The sampler and scheduler tests use only their public entry points (`sample`, `sampling_rows`,
+`apply_top_k_top_p`, `Scheduler.add/schedule/remove/find`) and a real page pool."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memories.mixing import check_alpha, mix_logprobs, mix_scalar
+from memories.models import ModelLoadError, context_length
+from memories.perplexity import (
+    Window,
+    WindowSettingsError,
+    document_logprobs,
+    sliding_windows,
+    window_batches,
+    window_settings,
+)
+from server.errors import ConflictError, InvalidRequestError, MemdecError, MemoryLoadError, QueueFullError
+from server.kv import KVGeometry, ModelKV, PagePool
+from server.request import GenerationRequest, PerplexityRequest, SamplingParams
+from server.sampler import SamplingRows, apply_top_k_top_p, sample, sampling_rows, uniform
+from server.scheduler import Scheduler, StepKind
+from server.sequence import Sequence
+from server.validation import (
+    MAX_MEMORY_NAME,
+    check_context,
+    check_memory_name,
+    check_token_ids,
+    request_context,
+    validate_generation,
+    validate_perplexity,
+)
+from server.validation import check_alpha as server_check_alpha
+
+
+def _logits(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs], dtype=torch.float64).log().float()  # [1, V]
+
+
+def _kept(logits: torch.Tensor, top_k: int, top_p: float) -> list[int]:
+    """Token ids that survive the filter of one row."""
+    out = apply_top_k_top_p(logits, torch.tensor([top_k]), torch.tensor([top_p]))
+    return torch.isfinite(out[0]).nonzero().flatten().tolist()
+
+
+# -- sampler: top-k and top-p boundaries ------------------------------------------------------------------
+
+
+def test_top_k_keeps_exactly_the_k_best_and_zero_is_off():
+    logits = _logits([0.1, 0.4, 0.05, 0.3, 0.15])
+    assert _kept(logits, 1, 1.0) == [1]
+    assert _kept(logits, 2, 1.0) == [1, 3]
+    assert _kept(logits, 4, 1.0) == [0, 1, 3, 4]
+    assert _kept(logits, 0, 1.0) == [0, 1, 2, 3, 4]
+    assert _kept(logits, 99, 1.0) == [0, 1, 2, 3, 4]  # k beyond the vocabulary keeps everything
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [
+        (1e-9, [0]),  # the best token always stays
+        (0.4999, [0]),
+        (0.5001, [0, 1]),  # the second token's preceding mass (0.5) no longer reaches top_p
+        (0.7499, [0, 1]),
+        (0.7501, [0, 1, 2]),
+        (0.8749, [0, 1, 2]),
+        (0.8751, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_p(top_p, kept):
+    assert _kept(_logits([0.5, 0.25, 0.125, 0.125]), 0, top_p) == kept
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    logits = _logits([0.4, 0.3, 0.2, 0.1])
+    assert _kept(logits, 0, 0.5) == [0, 1]  # mass before token 1 is 0.4 < 0.5
+    assert _kept(logits, 2, 0.5) == [0]  # within the top 2 it is 4/7 >= 0.5
+
+
+def test_rows_are_filtered_independently():
+    logits = torch.cat([_logits([0.5, 0.25, 0.125, 0.125])] * 3)
+    out = apply_top_k_top_p(logits, torch.tensor([1, 0, 3]), torch.tensor([1.0, 0.6, 0.6]))
+    assert [torch.isfinite(r).nonzero().flatten().tolist() for r in out] == [[0], [0, 1], [0, 1]]
+    kept = torch.isfinite(out)
+    assert torch.equal(out[kept], logits[kept])  # survivors keep their values
+
+
+# -- sampler: greedy and seeded rows ----------------------------------------------------------------------
+
+
+def _rows(params: list[SamplingParams], seeds: list[int]) -> SamplingRows:
+    return sampling_rows(params, seeds, lambda a: torch.from_numpy(a.copy()))
+
+
+def _draw(logp: torch.Tensor, params: list[SamplingParams], seeds: list[int], position: int = 7) -> list[int]:
+    return sample(logp, _rows(params, seeds), torch.full((len(params),), position)).tolist()
+
+
+def test_greedy_rows_take_the_argmax_whatever_the_seed():
+    logp = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), -1)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6, seed=3), SamplingParams(temperature=0.0)]
+    assert _draw(logp, params, [1, 3, 5]) == logp.argmax(-1).tolist()
+
+
+def test_a_seeded_row_draws_the_same_token_alone_or_in_any_batch():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(4, 64), -1)
+    seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=11)
+    alone = [_draw(logp[2:3], [seeded], [11])[0] for _ in range(3)]
+    others = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3), SamplingParams(temperature=0.7)]
+    batch = _draw(logp, [others[0], others[1], seeded, others[2]], [5, 6, 11, 8])
+    assert alone == [alone[0]] * 3 and batch[2] == alone[0]
+    draws = {_draw(logp[2:3], [seeded], [seed])[0] for seed in range(40)}
+    assert len(draws) > 1  # the seed matters: it is not a disguised argmax
+    positions = {_draw(logp[2:3], [seeded], [11], position=p)[0] for p in range(40)}
+    assert len(positions) > 1  # and so does the position: each token of a request gets a fresh draw
+
+
+def test_sampling_follows_the_filtered_distribution():
+    """Frequencies of 20k draws (one seed each) match the top-k / temperature distribution; filtered tokens never appear."""
+    probs = torch.tensor([0.45, 0.3, 0.15, 0.1])
+    n = 20_000
+    logp = probs.log().expand(n, -1)
+    counts = torch.bincount(torch.tensor(_draw(logp, [SamplingParams(temperature=1.0, top_k=3)] * n, list(range(n)))),
+                            minlength=4).double() / n  # fmt: skip
+    expected = torch.tensor([0.45, 0.3, 0.15, 0.0]) / 0.9
+    assert counts[3] == 0
+    assert torch.allclose(counts, expected.double(), atol=0.015), counts
+    hot = torch.tensor(_draw(logp, [SamplingParams(temperature=2.0)] * n, list(range(n, 2 * n))))
+    sharpened = probs.sqrt() / probs.sqrt().sum()  # temperature 2: p^(1/2), renormalised
+    assert torch.allclose(torch.bincount(hot, minlength=4).double() / n, sharpened.double(), atol=0.015)
+
+
+def test_the_uniform_hash_is_uniform():
+    """The counter-based uniform that drives every draw: mean, spread and a 20-bin histogram."""
+    seeds = torch.arange(50_000)
+    u = uniform(seeds * 7919 + 3, torch.full_like(seeds, 5))
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.002
+    hist = torch.histc(u.float(), bins=20, min=0, max=1) / len(u)
+    assert (hist - 0.05).abs().max() < 0.006
+
+
+# -- scheduler --------------------------------------------------------------------------------------------
+
+
+def _scheduler(max_num_seqs: int, budget: int, pages: int = 1000, block: int = 4) -> Scheduler:
+    """A scheduler over a real (tiny, CPU) page pool of `block`-token pages: one layer, one head of 8 floats."""
+    geometry = KVGeometry(1, 1, 8, torch.float32)  # 64 bytes a token
+    pool = PagePool(pages, page_bytes=block * geometry.token_bytes, device=torch.device("cpu"))
+    kv = ModelKV(pool, geometry, max_num_seqs, max_model_len=512)
+    return Scheduler(max_num_seqs, budget, pool, lambda key: kv)
+
+
+def _seq(i: int, n: int) -> Sequence:
+    request = GenerationRequest(f"r{i}", tuple(range(5, 5 + n)), SamplingParams(max_tokens=64, ignore_eos=True))
+    return Sequence(request, None, frozenset(), 512)
+
+
+def _ids(batch) -> list[str]:
+    return [s.request_id for s in batch.seqs]
+
+
+def test_scheduler_prefills_first_within_the_token_budget_then_decodes_all():
+    sched = _scheduler(max_num_seqs=8, budget=12)
+    for i, n in enumerate([5, 5, 5]):
+        sched.add(_seq(i, n))
+    first = sched.schedule()
+    assert first.kind is StepKind.PREFILL and _ids(first) == ["r0", "r1"]  # 5 + 5 <= 12 < 15
+    second = sched.schedule()
+    assert second.kind is StepKind.PREFILL and _ids(second) == ["r2"]  # waiting work starts before anyone decodes again
+    third = sched.schedule()
+    assert third.kind is StepKind.DECODE and _ids(third) == ["r0", "r1", "r2"]
+    assert sched.has_unfinished()
+
+
+def test_scheduler_admits_a_prompt_over_budget_alone_so_it_cannot_starve():
+    sched = _scheduler(max_num_seqs=8, budget=10)
+    sched.add(_seq(0, 3))
+    sched.add(_seq(1, 50))
+    assert _ids(sched.schedule()) == ["r0"]
+    batch = sched.schedule()
+    assert batch.kind is StepKind.PREFILL and _ids(batch) == ["r1"]
+
+
+def test_scheduler_caps_running_sequences_and_frees_slots_on_remove():
+    sched = _scheduler(max_num_seqs=2, budget=100)
+    seqs = [_seq(i, 2) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert _ids(sched.schedule()) == ["r0", "r1"]
+    decode = sched.schedule()
+    assert decode.kind is StepKind.DECODE and _ids(decode) == ["r0", "r1"]  # full: #2 waits
+    assert sched.find("r2") is seqs[2] and sched.find("nope") is None
+    sched.remove([seqs[0]])
+    assert _ids(sched.schedule()) == ["r2"]
+    sched.remove([seqs[1], seqs[2]])
+    assert not sched.has_unfinished() and sched.find("r2") is None
+    assert sched.num_free_slots == 2 and sched.pool.num_free == sched.pool.num_usable
+
+
+def test_scheduler_waits_for_pages_and_preempts_the_newest_row():
+    """7 usable pages of 4 tokens: two 8-token prompts fit (with room for one more token each), a third
+    waits; decoding until the pages run out preempts the most recently admitted row, which then waits
+    first in line with its pages back in the pool."""
+    sched = _scheduler(max_num_seqs=4, budget=100, pages=8)
+    seqs = [_seq(i, 8) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert _ids(sched.schedule()) == ["r0", "r1"]  # r2 would leave no page for the next decode: it waits
+    preempted: list[str] = []
+    for _ in range(20):
+        batch = sched.schedule()
+        assert batch.kind is StepKind.DECODE
+        preempted += [s.request_id for s in batch.preempted]
+        for s in batch.seqs:  # what the engine does after a decode step
+            s.token_ids.append(1)
+            sched.kv_of(None).advance_host([s.slot])
+        if preempted:
+            break
+    assert preempted == ["r1"] and [s.request_id for s in sched.waiting] == ["r1", "r2"]
+    assert seqs[1].slot is None and seqs[1].num_preemptions == 1 and not seqs[1].wants_prompt_logprobs
+    sched.remove(seqs)
+    assert sched.pool.num_free == sched.pool.num_usable and sched.num_free_slots == 4
+
+
+# -- the mixture and the window scorer, with stub models ----------------------------------------------------
+
+
+class _BigramLM(torch.nn.Module):
+    """A stub causal LM whose next-token logits depend on the current token only: exact references."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__()
+        table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+        self.table = torch.nn.Parameter(table, requires_grad=False)  # [V, V]
+
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0) -> SimpleNamespace:
+        logits = self.table[input_ids]  # [B, T, V]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def _bigram_reference(model: _BigramLM, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[t] | ids[t-1]) for t = 1..N-1, float64."""
+    logp = torch.log_softmax(model.table.double(), -1)
+    return logp[ids[:-1], ids[1:]]
+
+
+@pytest.mark.parametrize(("context", "stride", "max_tokens"), [(8, 4, 64), (8, 7, 8), (5, 1, 20), (64, 32, 128)])
+def test_window_scorer_scores_every_token_once_in_order(context, stride, max_tokens):
+    base, mem = _BigramLM(11, 0), _BigramLM(11, 1)
+    ids = torch.randint(0, 11, (37,), generator=torch.Generator().manual_seed(2))
+    batches = list(document_logprobs([base, mem], ids, context, stride, 11, max_tokens=max_tokens))
+    got_base = torch.cat([b for b, _ in batches]).double()
+    got_mem = torch.cat([m for _, m in batches]).double()
+    torch.testing.assert_close(got_base, _bigram_reference(base, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_mem, _bigram_reference(mem, ids), rtol=0, atol=1e-5)
+    assert len(batches) >= math.ceil(len(ids) / max(max_tokens, context))
+
+
+def test_mixture_is_alpha_weighted_probability_with_exact_ends():
+    base, mem = _BigramLM(13, 3), _BigramLM(13, 4)
+    b = torch.log_softmax(base.table[5], -1)  # [V]
+    m = torch.log_softmax(mem.table[5], -1)
+    for alpha in (0.0, 0.3, 0.75, 1.0):
+        mixed = mix_logprobs(b, m, alpha)
+        expected = (alpha * m.double().exp() + (1 - alpha) * b.double().exp()).log()
+        torch.testing.assert_close(mixed.double(), expected, rtol=0, atol=1e-5)
+        assert abs(torch.logsumexp(mixed.double(), -1).item()) < 1e-5  # still a distribution
+        assert mix_scalar(b[2].item(), m[2].item(), alpha) == pytest.approx(mixed[2].item(), abs=1e-5)
+    assert torch.equal(mix_logprobs(b, m, 0.0), b) and torch.equal(mix_logprobs(b, m, 1.0), m)
+    rows = mix_logprobs(torch.stack([b, b]), torch.stack([m, m]), torch.tensor([0.0, 1.0]))  # one α per row
+    assert torch.equal(rows[0], b) and torch.equal(rows[1], m)
+
+
+def test_window_batches_never_mix_shapes_and_respect_every_bound():
+    windows = list(sliding_windows(100, 16, 4))
+    for bounds in ({"max_tokens": 40}, {"max_logits": 40, "vocab_size": 5}, {"max_windows": 3}, {}):
+        batches = list(window_batches(windows, **bounds))
+        assert [w for b in batches for w in b] == windows
+        for b in batches:
+            assert len({(w.end - w.begin, w.num_scored) for w in b}) == 1
+            assert len(b) * (b[0].end - b[0].begin) <= bounds.get("max_tokens", 10**9) or len(b) == 1
+            assert len(b) * b[0].num_scored * bounds.get("vocab_size", 1) <= bounds.get("max_logits", 10**9) or len(b) == 1
+            assert len(b) <= bounds.get("max_windows", 10**9)
+    assert windows[0] == Window(0, 16, 1)
+
+
+def test_window_settings_defaults_and_refusals():
+    assert window_settings(4096) == (1024, 512)
+    assert window_settings(300) == (300, 150)
+    assert window_settings(300, 64, 10) == (64, 10)
+    assert window_settings(300, 5000, clamp=True) == (300, 150)
+    with pytest.raises(WindowSettingsError) as too_long:
+        window_settings(300, 5000)
+    assert too_long.value.param == "context_length"
+    with pytest.raises(WindowSettingsError) as bad_stride:
+        window_settings(300, 64, 65)
+    assert bad_stride.value.param == "stride"
+
+
+# -- validation rules -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [-0.01, 1.01, float("nan"), float("inf"), True, "0.5", None])
+def test_alpha_outside_the_unit_interval_is_refused_everywhere(alpha):
+    with pytest.raises(ValueError, match="alpha must be in"):
+        check_alpha(alpha)
+    with pytest.raises(InvalidRequestError) as exc:
+        server_check_alpha(alpha)
+    assert exc.value.param == "alpha" and exc.value.status_code == 400
+    with pytest.raises(MemoryLoadError):
+        server_check_alpha(alpha, error=MemoryLoadError)
+
+
+def test_alpha_ends_are_valid():
+    assert check_alpha(0) == 0.0 and check_alpha(1) == 1.0 and check_alpha(0.25) == 0.25
+
+
+def test_token_ids_context_and_memory_names():
+    check_token_ids([0, 9], 10, "prompt")
+    with pytest.raises(InvalidRequestError, match="token id 10 is out of vocabulary") as exc:
+        check_token_ids([3, 10], 10, "input")
+    assert exc.value.param == "input"
+    with pytest.raises(InvalidRequestError):
+        check_token_ids([-1], 10, "prompt")
+    assert request_context(512, None) == 512 and request_context(512, 256) == 256 and request_context(128, 256) == 128
+    check_context(10, 6, 16)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 16 tokens") as exc:
+        check_context(10, 7, 16)
+    assert exc.value.code == "context_length_exceeded" and exc.value.param == "max_tokens"
+    check_memory_name("med-v1.2_b")
+    for bad in ("", "a b", "a/b", "x" * (MAX_MEMORY_NAME + 1), "none", "other"):
+        with pytest.raises(MemoryLoadError) as exc:
+            check_memory_name(bad)
+        assert exc.value.param == "name"
+
+
+def test_generation_and_perplexity_requests_are_validated_whole():
+    ok = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=5, stop_token_ids=(4,)), "med", 0.5)
+    validate_generation(ok, vocab_size=10, max_len=8)
+    cases = [
+        (GenerationRequest("r", ()), "prompt"),
+        (GenerationRequest("r", (1, 99), SamplingParams(max_tokens=1)), "prompt"),
+        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1), alpha=1.5), "alpha"),
+        (GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=6)), "max_tokens"),
+        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1, logprobs=11)), "logprobs"),
+        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1, stop_token_ids=(10,))), "stop_token_ids"),
+    ]
+    for request, param in cases:
+        with pytest.raises(InvalidRequestError) as exc:
+            validate_generation(request, vocab_size=10, max_len=8)
+        assert exc.value.param == param, request
+    assert validate_perplexity(PerplexityRequest("p", ((1, 2, 3),), alphas=(0.0, 1.0)), 10, 4096) == (1024, 512)
+    for request, param in [
+        (PerplexityRequest("p", ()), "input"),
+        (PerplexityRequest("p", ((1,),)), "input"),
+        (PerplexityRequest("p", ((1, 12),)), "input"),
+        (PerplexityRequest("p", ((1, 2),), alphas=(2.0,)), "alpha"),
+        (PerplexityRequest("p", ((1, 2),), context_length=9000), "context_length"),
+        (PerplexityRequest("p", ((1, 2),), context_length=64, stride=65), "stride"),
+    ]:
+        with pytest.raises(InvalidRequestError) as exc:
+            validate_perplexity(request, 10, 4096)
+        assert exc.value.param == param, request
+
+
+def test_retry_after_is_a_field_of_every_error():
+    assert MemdecError("x").retry_after is None
+    assert QueueFullError("full").retry_after == 1  # the class default
+    assert ConflictError("draining", retry_after=3).retry_after == 3
+    assert QueueFullError("full", retry_after=7).retry_after == 7
+
+
+def test_context_length_from_any_config_attribute_and_never_guessed():
+    assert context_length(SimpleNamespace(n_positions=512)) == 512
+    assert context_length(SimpleNamespace(max_position_embeddings=4096), cap=1000) == 1000
+    assert context_length(SimpleNamespace(config=SimpleNamespace(max_sequence_length=77))) == 77
+    assert context_length(SimpleNamespace(), cap=300) == 300
+    with pytest.raises(ModelLoadError, match="cannot tell the model's context length"):
+        context_length(SimpleNamespace(hidden_size=8))
