@@ -181,16 +181,17 @@ class Engine:
         return seq
 
     def add_perplexity(self, request: PerplexityRequest) -> PerplexityJob:
-        memory = self.registry.acquire(request.memory) if request.memory is not None else None
+        name = request.memory
+        memory = self.registry.acquire(name) if name is not None else None
         try:
             max_len = request_context(self.max_model_len, memory.max_model_len if memory is not None else None)
             context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
-            if memory is not None:
-                self.prepare_memory(request.memory, memory)  # type: ignore[arg-type]
+            if name is not None and memory is not None:
+                self.prepare_memory(name, memory)
             job = PerplexityJob(request, self.base, memory, context, stride)
         except Exception:
-            if request.memory is not None:
-                self.registry.release(request.memory)
+            if name is not None:
+                self.registry.release(name)
             raise
         self.scheduler.add_job(job)
         return job
@@ -217,8 +218,8 @@ class Engine:
             raise ValueError("only a running sequence can be rolled back")
         seq.rollback(num_tokens)
         for key in seq.model_keys:
-            self.runner.kv(key).truncate(seq.slot, num_tokens - 1)  # the last token is the next input, not cached
-        self.runner.set_last_token(seq.slot, seq.token_ids[-1])
+            self.runner.kv(key).truncate(seq.row, num_tokens - 1)  # the last token is the next input, not cached
+        self.runner.set_last_token(seq.row, seq.token_ids[-1])
         self.scheduler.kv_changed()
 
     def cache_usage(self) -> CacheUsage:
@@ -363,7 +364,8 @@ class Engine:
         return outputs + self._retire([s for s in rows.seqs if s.is_finished])
 
     def _score(self, batch: ScheduledBatch) -> StepResult:
-        job: PerplexityJob = batch.job  # type: ignore[assignment]
+        job = batch.job
+        assert job is not None
         try:
             assert job.current is not None
             _, ids, windows = job.current
@@ -386,7 +388,7 @@ class Engine:
     def _end_job(self, job: PerplexityJob) -> None:
         self.scheduler.jobs.remove(job)
         if job.memory_name is not None:
-            self.registry.release(job.request.memory)  # type: ignore[arg-type]
+            self.registry.release(job.memory_name)
             self.sweep_memories()
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[EngineOutput]:
@@ -402,9 +404,9 @@ class Engine:
         outputs = []
         released = False
         for seq in seqs:
-            if seq.memory is not None:
+            if seq.memory is not None and seq.memory_name is not None:
                 seq.memory = None
-                self.registry.release(seq.request.memory)  # type: ignore[arg-type]
+                self.registry.release(seq.memory_name)
                 released = True
             out = seq.take_output()
             if out is not None:

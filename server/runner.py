@@ -211,8 +211,7 @@ class ModelRunner:
     def make_batch(self, seqs: list[Sequence]) -> RowBatch:
         """Upload what the device needs about these rows (no host sync)."""
         up = self.upload
-        slots = [s.slot for s in seqs]
-        assert all(s is not None for s in slots)
+        slots = [s.row for s in seqs]
         by_memory: dict[str, list[int]] = {}
         for i, s in enumerate(seqs):
             if s.memory_name is not None:
@@ -223,7 +222,7 @@ class ModelRunner:
             alpha = up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32))
             log_a, log_1ma = alpha_logs(alpha)
             groups.append(MemoryGroup(
-                name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,  # type: ignore[arg-type]
+                name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,
                 up(np.asarray(group_slots, dtype=np.int64)), alpha, log_a.unsqueeze(1), log_1ma.unsqueeze(1),
                 whole_batch=len(rows) == len(seqs),
             ))
@@ -231,7 +230,7 @@ class ModelRunner:
         want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
         return RowBatch(
             seqs=seqs,
-            slots=slots,  # type: ignore[arg-type]
+            slots=slots,
             slots_dev=up(np.asarray(slots, dtype=np.int64)),
             groups=groups,
             sampling=sampling,
@@ -267,7 +266,7 @@ class ModelRunner:
         starts = np.cumsum([0, *lengths[:-1]])
         ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in seqs])  # [N]
         pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])  # [N]
-        slots = np.repeat(np.asarray([s.slot for s in seqs], dtype=np.int64), lengths)
+        slots = np.repeat(np.asarray([s.row for s in seqs], dtype=np.int64), lengths)
         pages = kv.host_tables[slots, pos // kv.block_size]
         keep: list[int] = []  # packed positions whose logits we need
         last: list[int] = []  # index into `keep` of each row's last position

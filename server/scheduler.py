@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.kv import ModelKV, PagePool
+from server.perplexity import PerplexityJob
 from server.sequence import Sequence, Status
 
 # Pages kept free when admitting, so a new prefill does not force the next decode step to preempt.
@@ -36,7 +37,7 @@ class ScheduledBatch:
     kind: StepKind
     seqs: list[Sequence]
     preempted: tuple[Sequence, ...] = ()
-    job: object | None = None  # the perplexity job, for SCORE
+    job: PerplexityJob | None = None  # the perplexity job, for SCORE
 
 
 class Scheduler:
@@ -53,7 +54,7 @@ class Scheduler:
         self.kv_of = kv_of
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.jobs: deque = deque()  # perplexity jobs, oldest first
+        self.jobs: deque[PerplexityJob] = deque()  # perplexity jobs, oldest first
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._watermark = max(1, int(WATERMARK * pool.num_usable))
         self._score_turn = False
@@ -70,7 +71,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_job(self, job: object) -> None:
+    def add_job(self, job: PerplexityJob) -> None:
         self.jobs.append(job)
 
     def has_unfinished(self) -> bool:
@@ -144,7 +145,7 @@ class Scheduler:
             if seq.memory_name is not None:
                 by_key.setdefault(seq.memory_name, []).append(seq)
         for key, seqs in by_key.items():
-            yield self.kv_of(key), seqs, np.asarray([_slot(s) for s in seqs], dtype=np.int64)
+            yield self.kv_of(key), seqs, np.asarray([s.row for s in seqs], dtype=np.int64)
 
     def _rows_at_page_boundary(self) -> set[int]:
         """seq_ids of running rows whose next token starts a new page in some model (numpy, per model)."""
@@ -178,7 +179,7 @@ class Scheduler:
             if seq.seq_id not in needy:
                 i += 1
                 continue
-            slot = _slot(seq)
+            slot = seq.row
             need = [(kv, int(kv.host_lengths[slot]) + 1) for kv in map(self.kv_of, seq.model_keys)]
             missing = sum(kv.pages_missing(slot, n) for kv, n in need)
             while missing > self.pool.num_free and self.running[-1] is not seq:
@@ -218,7 +219,3 @@ class Scheduler:
                 return seq
         return None
 
-
-def _slot(seq: Sequence) -> int:
-    assert seq.slot is not None, "a running sequence holds a slot"
-    return seq.slot

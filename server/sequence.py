@@ -72,6 +72,12 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def row(self) -> int:
+        """The slot of a running sequence: its row in every model's KV tables."""
+        assert self.slot is not None, "only a running sequence holds a slot"
+        return self.slot
+
+    @property
     def model_keys(self) -> tuple[str | None, ...]:
         """The runner's models this sequence uses: the base (None) and its memory, if any."""
         return (None,) if self.memory_name is None else (None, self.memory_name)
