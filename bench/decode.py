@@ -24,22 +24,19 @@ from server.registry import MemoryRegistry
 from server.request import GenerationRequest, SamplingParams
 
 
-def decode_step_time(engine: Engine, batch: int, tokens: int, memory: str | None, alpha: float, repeats: int) -> float:
-    """Median seconds per decode step (prefill excluded) over `repeats` runs."""
+def decode_step_time(engine: Engine, batch: int, tokens: int, memory: str | None, alpha: float) -> float:
+    """Seconds per decode step (prefill excluded) of one run."""
     prompt = tuple(range(5, 37))
-    runs = []
-    for r in range(repeats):
-        for b in range(batch):
-            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-            engine.add_request(GenerationRequest(f"{r}-{b}", prompt, params, memory, alpha))
-        engine.step()  # prefill
-        t0 = time.perf_counter()
-        steps = 0
-        while engine.has_unfinished():
-            engine.step()
-            steps += 1
-        runs.append((time.perf_counter() - t0) / max(steps, 1))
-    return statistics.median(runs)
+    for b in range(batch):
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        engine.add_request(GenerationRequest(f"r{b}", prompt, params, memory, alpha))
+    engine.step()  # prefill
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - t0) / max(steps, 1)
 
 
 def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], tokens: int, repeats: int) -> list[dict]:
@@ -56,10 +53,13 @@ def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], 
     rows = []
     for batch in batches:
         for engine in engines.values():  # warm-up
-            decode_step_time(engine, batch, 4, None, 0.0, 1)
-        t_base = decode_step_time(engines["base"], batch, tokens, None, 0.0, repeats)
-        t_mem = decode_step_time(engines["memory_alone"], batch, tokens, None, 0.0, repeats)
-        t_mix = decode_step_time(engines["mixed"], batch, tokens, "mem", 0.6, repeats)
+            decode_step_time(engine, batch, 4, None, 0.0)
+        runs: dict[str, list[float]] = {"base": [], "memory_alone": [], "mixed": []}
+        for _ in range(repeats):  # round-robin, so load on a shared machine hits all three alike
+            runs["base"].append(decode_step_time(engines["base"], batch, tokens, None, 0.0))
+            runs["memory_alone"].append(decode_step_time(engines["memory_alone"], batch, tokens, None, 0.0))
+            runs["mixed"].append(decode_step_time(engines["mixed"], batch, tokens, "mem", 0.6))
+        t_base, t_mem, t_mix = (statistics.median(runs[k]) for k in ("base", "memory_alone", "mixed"))
         floor = (t_base + t_mem) / t_base
         rows.append(
             {

@@ -22,17 +22,14 @@ from server.registry import MemoryRegistry
 from server.request import GenerationRequest, SamplingParams
 
 
-def ttft(engine: Engine, prompt_len: int, memory: str | None, repeats: int) -> float:
-    times = []
-    for r in range(repeats + 1):  # the first run warms up
-        prompt = tuple((7 * i + r) % 300 + 1 for i in range(prompt_len))
-        engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0), memory, 0.6 if memory else 0.0))
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def ttft(engine: Engine, prompt_len: int, memory: str | None, r: int) -> float:
+    """Seconds from adding one prompt to its first token, on an idle engine."""
+    prompt = tuple((7 * i + r) % 300 + 1 for i in range(prompt_len))
+    engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0), memory, 0.6 if memory else 0.0))
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
 
 
 def bench(label: str, base_path: str, mem_path: str, prompt_len: int, repeats: int) -> dict:
@@ -41,9 +38,18 @@ def bench(label: str, base_path: str, mem_path: str, prompt_len: int, repeats: i
     registry.load("mem", mem_path)
     mem_alone = load_base(ModelConfig(mem_path))
     prompt_len = min(prompt_len, base.max_model_len - 1, mem_alone.max_model_len - 1)
-    t_base = ttft(Engine(base, registry), prompt_len, None, repeats)
-    t_mem = ttft(Engine(mem_alone, MemoryRegistry(mem_alone)), prompt_len, None, repeats)
-    t_mix = ttft(Engine(base, registry, EngineConfig()), prompt_len, "mem", repeats)
+    runs: dict[str, list[float]] = {"base": [], "memory": [], "mixed": []}
+    configs = {
+        "base": (Engine(base, registry), None),
+        "memory": (Engine(mem_alone, MemoryRegistry(mem_alone)), None),
+        "mixed": (Engine(base, registry, EngineConfig()), "mem"),
+    }
+    for r in range(repeats + 1):  # round-robin, so load on a shared machine hits all three alike; run 0 warms up
+        for name, (engine, memory) in configs.items():
+            t = ttft(engine, prompt_len, memory, r)
+            if r:
+                runs[name].append(t)
+    t_base, t_mem, t_mix = (statistics.median(runs[k]) for k in ("base", "memory", "mixed"))
     row = {
         "models": label,
         "prompt_tokens": prompt_len,
