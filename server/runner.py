@@ -25,7 +25,7 @@ from memories.perplexity import Window, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs
-from server.kv import KVGeometry, ModelKV, PagePool, page_bytes_for
+from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
 from server.sampler import SamplingRows, sampling_rows
 from server.sequence import Sequence
@@ -185,10 +185,17 @@ class ModelRunner:
         if lm.dtype != self.base.dtype:
             raise ValueError(f"model dtype {lm.dtype} differs from the base's {self.base.dtype}")
         use_paged_attention(lm.model)
-        kv = ModelKV(self.pool, KVGeometry.of(lm.model.config, lm.dtype), self.num_slots, min(lm.max_model_len, self.base.max_model_len))
-        graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
-        state = ModelState(lm, kv, graphs)
-        state.capture_seconds = graphs.capture()
+        geometry = KVGeometry.of(lm.model.config, lm.dtype)
+        scratch = SCRATCH_PAGE if key is None else self.pool.take_scratch()  # one per model: see server/kv.py
+        try:
+            kv = ModelKV(self.pool, geometry, self.num_slots, min(lm.max_model_len, self.base.max_model_len), scratch)
+            graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
+            state = ModelState(lm, kv, graphs)
+            state.capture_seconds = graphs.capture()
+        except BaseException:
+            if key is not None:
+                self.pool.give_back_scratch(scratch)
+            raise
         self.models[key] = state
         if state.capture_seconds:
             log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),
@@ -203,6 +210,7 @@ class ModelRunner:
         state = self.models.pop(key, None)
         if state is not None:
             state.graphs.release()
+            self.pool.give_back_scratch(state.kv.scratch_page)
 
     def kv(self, key: ModelKey) -> ModelKV:
         return self.models[key].kv
