@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,16 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
             f"--gpu-memory-utilization {config.gpu_memory_utilization}: raise it or lower --max-model-len"
         )
     return pages
+
+
+@contextmanager
+def _contained(group: MemoryGroup, failed: dict[int, str], phase: str) -> Iterator[None]:
+    """A memory that raises fails only the rows that use it: record them in `failed` and go on."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("memory %s %s failed", group.name, phase)
+        failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in group.rows})
 
 
 class ModelRunner:
@@ -310,15 +321,11 @@ class ModelRunner:
 
         def run_memories() -> None:
             for g in batch.groups:
-                try:
-                    with mem_timer:
-                        logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
+                with _contained(g, failed, "prefill"), mem_timer:
+                    logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
                     mem_out[g.name] = self._to_main(logits)
                     for row, lp in echo.items():
                         prompt.setdefault(row, {})[g.name] = self._to_main(lp)
-                except Exception as exc:  # contained: only this memory's rows fail
-                    log.exception("memory %s prefill failed", g.name)
-                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
 
         def run_base() -> None:
             nonlocal base_logits
@@ -342,13 +349,9 @@ class ModelRunner:
 
         def run_memories() -> None:
             for g in batch.groups:
-                try:
-                    with mem_timer:
-                        logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
+                with _contained(g, failed, "decode"), mem_timer:
+                    logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
                     mem_out[g.name] = self._to_main(logits)
-                except Exception as exc:  # contained: only this memory's rows fail
-                    log.exception("memory %s decode failed", g.name)
-                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
 
         def run_base() -> None:
             nonlocal base_logits
