@@ -149,6 +149,8 @@ def test_page_loads_and_lists_the_memories(tab, server):
     assert tab.text_content("#served") == "tiny with 2 memories"
     assert tab.eval_on_selector_all("#score-memory option", "os => os.map(o => o.value)") == ["med", "law"]
     assert tab.is_hidden("#key-form")
+    tab.click("#score-run")  # nothing to score yet: the page says so, the server is not asked
+    assert tab.text_content("#score-error") == "Paste a text (or open a file) first."
     home = httpx.get(server.url + "/").text
     assert 'href="lens"' in home
 

@@ -1,15 +1,9 @@
 // The panel that explains one token: its probability under the base, the memory and the mixture at the
 // current α, and what each would have put there instead.
 
+import { el } from "./dom.js";
 import * as fmt from "./format.js";
 import { mix } from "./mix.js";
-
-function el(tag, text, className) {
-  const node = document.createElement(tag);
-  if (text !== undefined) node.textContent = text;
-  if (className) node.className = className;
-  return node;
-}
 
 function values(b, m, mixed) {
   const grid = el("div", undefined, "values");

@@ -2,18 +2,15 @@
 // /v1/completions: the base alone (memory: null) and the base with a memory.
 
 import { stream } from "./api.js";
-
-const $ = (id) => document.getElementById(id);
+import { $, el } from "./dom.js";
+import { Task } from "./task.js";
 
 function side(outputId, statusId) {
   const out = $(outputId);
   const status = $(statusId);
   return {
     start(prompt) {
-      const shown = document.createElement("span");
-      shown.className = "prompt";
-      shown.textContent = prompt;
-      out.replaceChildren(shown);
+      out.replaceChildren(el("span", prompt, "prompt"));
       out.dataset.chunks = "0";
       status.textContent = "streaming…";
     },
@@ -32,14 +29,8 @@ function side(outputId, statusId) {
 
 export class GenerateView {
   constructor(onError) {
-    this.onError = onError;
     this.memories = [];
-    this.controller = null;
-    $("generate-form").addEventListener("submit", (e) => {
-      e.preventDefault();
-      this.run();
-    });
-    $("generate-stop").addEventListener("click", () => this.controller?.abort());
+    this.task = new Task("generate", (signal) => this.run(signal), onError);
     $("gen-memory").addEventListener("change", () => this.syncAlpha());
     $("gen-seed").value = String(Math.floor(Math.random() * 10000));
   }
@@ -47,7 +38,7 @@ export class GenerateView {
   setMemories(memories) {
     this.memories = memories;
     $("gen-memory").replaceChildren(...memories.map((m) => new Option(m.id, m.id)));
-    $("generate-run").disabled = memories.length === 0;
+    this.task.enabled = memories.length > 0;
     this.syncAlpha();
   }
 
@@ -57,13 +48,9 @@ export class GenerateView {
     $("gen-memory-name").textContent = memory ? memory.id : "memory";
   }
 
-  async run() {
+  async run(signal) {
     const prompt = $("prompt").value;
-    if (!prompt) {
-      $("generate-error").textContent = "Write a prompt first.";
-      return;
-    }
-    $("generate-error").textContent = "";
+    if (!prompt) throw new Error("Write a prompt first.");
     const common = {
       prompt,
       max_tokens: Number($("gen-max").value),
@@ -75,27 +62,17 @@ export class GenerateView {
       [side("gen-base", "gen-base-status"), { ...common, memory: null }],
       [side("gen-mem", "gen-mem-status"), { ...common, memory, alpha: Number($("gen-alpha").value) }],
     ];
-    this.controller = new AbortController();
-    $("generate-run").disabled = true;
-    $("generate-stop").hidden = false;
-    const signal = this.controller.signal;
-    try {
-      await Promise.all(
-        runs.map(async ([out, body]) => {
-          out.start(prompt);
-          try {
-            await stream("v1/completions", body, (chunk) => out.add(chunk), signal);
-          } catch (err) {
-            out.fail(err.name === "AbortError" ? "stopped" : "failed");
-            throw err;
-          }
-        }),
-      );
-    } catch (err) {
-      if (err.name !== "AbortError") this.onError(err, $("generate-error"));
-    } finally {
-      $("generate-run").disabled = false;
-      $("generate-stop").hidden = true;
-    }
+    await Promise.all(
+      runs.map(async ([out, body]) => {
+        out.start(prompt);
+        try {
+          await stream("v1/completions", body, (chunk) => out.add(chunk), signal);
+        } catch (err) {
+          out.fail(err.name === "AbortError" ? "stopped" : "failed");
+          throw err;
+        }
+      }),
+    );
+    return "";
   }
 }

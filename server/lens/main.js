@@ -2,10 +2,10 @@
 
 import { call, storedKey, storeKey } from "./api.js";
 import { CompareView } from "./compare_view.js";
+import { $ } from "./dom.js";
 import { GenerateView } from "./generate_view.js";
 import { ScoreView } from "./score_view.js";
 
-const $ = (id) => document.getElementById(id);
 const text = () => $("text").value;
 
 /** Show an API error where it happened; a 401 also brings the key form back with the server's message. */
