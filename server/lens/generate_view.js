@@ -62,7 +62,8 @@ export class GenerateView {
       [side("gen-base", "gen-base-status"), { ...common, memory: null }],
       [side("gen-mem", "gen-mem-status"), { ...common, memory, alpha: Number($("gen-alpha").value) }],
     ];
-    await Promise.all(
+    // Both sides run to their end (or Stop) before the mode is free again; the first failure is reported.
+    const results = await Promise.allSettled(
       runs.map(async ([out, body]) => {
         out.start(prompt);
         try {
@@ -73,6 +74,8 @@ export class GenerateView {
         }
       }),
     );
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) throw failed.reason;
     return "";
   }
 }
