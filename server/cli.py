@@ -236,28 +236,31 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _file_error(config: ServerConfig) -> str | None:
+    """What is wrong with a file or folder the flags name, found before any weights load; None when nothing is."""
+    from server.api.chat_template import ChatTemplateFileError, read_chat_template
+
+    try:
+        if config.registry_file is not None:
+            read_registry_file(config.registry_file)
+        if config.chat_template is not None:
+            read_chat_template(config.chat_template)
+    except (RegistryFileError, ChatTemplateFileError) as exc:
+        return str(exc)
+    if config.memory_root is not None and not config.memory_root.is_dir():
+        return f"--memory-root {config.memory_root} is not a directory"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
     from server.api.state import Phase
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    if config.registry_file is not None:
-        try:  # fail before loading any weights
-            read_registry_file(config.registry_file)
-        except RegistryFileError as exc:
-            print(f"memdec serve: error: {exc}", file=sys.stderr)
-            return 2
-    if config.chat_template is not None:
-        from server.api.chat_template import ChatTemplateFileError, read_chat_template
-
-        try:  # fail before loading any weights
-            read_chat_template(config.chat_template)
-        except ChatTemplateFileError as exc:
-            print(f"memdec serve: error: {exc}", file=sys.stderr)
-            return 2
-    if config.memory_root is not None and not config.memory_root.is_dir():
-        print(f"memdec serve: error: --memory-root {config.memory_root} is not a directory", file=sys.stderr)
+    error = _file_error(config)
+    if error is not None:
+        print(f"memdec serve: error: {error}", file=sys.stderr)
         return 2
     if config.enable_admin and not config.admin_key:
         log.warning("--enable-admin without --admin-key: anyone who can reach the API can load memories")

@@ -37,7 +37,7 @@ from server.request import FinishReason, RequestOutput, TokenLogprob
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChoiceResult:
     """One choice's whole output, gathered for a non-streamed answer."""
 
@@ -50,8 +50,8 @@ class ChoiceResult:
 
 @dataclass
 class Cursor:
-    """One streamed choice so far: characters sent (completions' `text_offset` continues from there), and
-    whether its first chunk (which carries the echoed prompt, or chat's role) went out."""
+    """One streamed choice so far: characters sent (completions' `text_offset` continues from there; chat has
+    no use for it), and whether its first chunk (which carries the echoed prompt, or chat's role) went out."""
 
     emitted: int = 0
     started: bool = False

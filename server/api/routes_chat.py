@@ -7,6 +7,7 @@ sampling, limits, errors and metrics. This module gives the shape of a chat choi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +20,7 @@ from server.api.responses import ChoiceResult, Cursor, finish_reason, respond
 from server.api.schemas import ChatCompletionRequest, ChatCompletionResponse
 from server.api.state import ServingState
 from server.api.tokens import ChatLogprobsBuilder
-from server.request import RequestOutput
+from server.request import RequestOutput, TokenLogprob
 from server.validation import check_chat_logprobs, check_neutral
 
 router = APIRouter()
@@ -36,7 +37,9 @@ class ChatFormat:
         self.top_logprobs = top_logprobs  # None: no log-probs
         self.as_ids = as_ids
 
-    def _logprobs(self, plan: Plan, token_ids: Any, entries: Any) -> dict[str, Any] | None:
+    def _logprobs(
+        self, plan: Plan, token_ids: Sequence[int], entries: Sequence[TokenLogprob] | None
+    ) -> dict[str, Any] | None:
         if self.top_logprobs is None:
             return None
         builder = ChatLogprobsBuilder(plan.strings, self.top_logprobs, as_ids=self.as_ids)
@@ -61,7 +64,6 @@ class ChatFormat:
             delta["content"] = out.new_text
         if not (delta or out.new_token_ids or out.finished):
             return None
-        cursor.emitted += len(out.new_text)
         return {
             "index": i,
             "delta": delta,
