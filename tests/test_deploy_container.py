@@ -153,14 +153,14 @@ def test_completions_from_the_container(mounted: Running):
 
     client = OpenAI(base_url=mounted.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
     ids = {m.id for m in client.models.list().data}
-    assert {"/models/base", "med"} <= ids, ids
+    assert {"base", "med"} <= ids, ids  # a directory is served by its name, never its path
     out = client.completions.create(
-        model="/models/base", prompt="The patient was given", max_tokens=6, temperature=0,
+        model="base", prompt="The patient was given", max_tokens=6, temperature=0,
         extra_body={"memory": "med", "alpha": 0.6, "ignore_eos": True},
     )  # fmt: skip
     assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
     assert isinstance(out.choices[0].text, str) and out.choices[0].text
-    base_only = client.completions.create(model="/models/base", prompt="The patient was given", max_tokens=6,
+    base_only = client.completions.create(model="base", prompt="The patient was given", max_tokens=6,
                                           temperature=0, extra_body={"memory": None})  # fmt: skip
     assert base_only.usage.prompt_tokens == out.usage.prompt_tokens
     with pytest.raises(AuthenticationError):  # MEMDEC_API_KEY from the environment is enforced
