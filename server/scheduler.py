@@ -194,6 +194,19 @@ class Scheduler:
             self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
         return preempted
 
+    def reserve_lookahead(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for `num_tokens` more tokens of a running row in every model it uses (a speculative round
+        caches its drafts), only from free pages above the watermark: speculation never preempts anyone.
+        Returns whether the row has them. They stay with the row until it finishes (later rounds use them)."""
+        slot = seq.row
+        need = [(kv, int(kv.host_lengths[slot]) + 1 + num_tokens) for kv in map(self.kv_of, seq.model_keys)]
+        missing = sum(kv.pages_missing(slot, n) for kv, n in need)
+        if missing and missing + self._watermark > self.pool.num_free:
+            return False
+        for kv, n in need:
+            kv.reserve(slot, n)
+        return True
+
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
         self.release(seq)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from memories.mixing import mix_logprobs
 from server.engine import Engine
 from server.output import OutputProcessor
-from server.request import FinishReason, GenerationRequest, RequestOutput
+from server.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
 
 
 def run(engine: Engine, requests: list[GenerationRequest], join: dict[int, list[GenerationRequest]] | None = None):
@@ -61,3 +63,57 @@ def reference_logp(base_model, mem_model, context: list[int], alpha: float, voca
         return base
     mem = torch.log_softmax(mem_model(ids).logits[0, -1, :vocab].float(), -1)
     return mix_logprobs(base, mem, alpha)
+
+
+def prompt(base, text: str) -> tuple[int, ...]:
+    return tuple(base.tokenizer(text).input_ids)
+
+
+def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
+    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
+
+
+def assert_clean(engine: Engine) -> None:
+    """Every page and slot is back in its pool."""
+    usage = engine.cache_usage()
+    assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots), usage
+
+
+def worst_error(out, specs, setup) -> float:
+    """Largest |engine − reference| over every step's full mixed distribution (requests ask logprobs = vocab)."""
+    base, registry = setup
+    vocab = base.vocab_size
+    worst = 0.0
+    for rid, ids, memory, alpha, n in specs:
+        mem_model = registry.loaded(memory).model if memory else None
+        context = list(ids)
+        lps = logprobs_of(out[rid])
+        assert len(lps) == n, rid
+        for lp in lps:
+            engine_logp = torch.full((vocab,), float("-inf"))
+            top_ids, vals = zip(*lp.top, strict=True)
+            engine_logp[list(top_ids)] = torch.tensor(vals)
+            ref = reference_logp(base.model, mem_model, context, alpha, vocab)
+            worst = max(worst, (engine_logp - ref).abs().max().item())
+            context.append(lp.token_id)
+    return worst
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.09: significance 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """(statistic, degrees of freedom) of observed token counts [V] against probabilities [V]. Tokens
+    expected fewer than 5 times share one cell; nothing may be observed where the probability is 0."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    assert counts[expected == 0].sum() == 0, "a token with probability 0 was drawn"
+    big = expected >= 5
+    cells_obs = [*counts[big].tolist(), counts[~big].sum().item()]
+    cells_exp = [*expected[big].tolist(), expected[~big].sum().item()]
+    if cells_exp[-1] < 5:  # fold a tiny remainder away
+        cells_obs, cells_exp = cells_obs[:-1], cells_exp[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp, strict=True))
+    return stat, len(cells_exp) - 1
