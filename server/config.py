@@ -24,6 +24,9 @@ class ModelConfig:
 
 
 MAX_SPECULATIVE_TOKENS = 16  # past this a round's verify costs more than any acceptance rate repays
+# `memdec serve`'s default K (the engine's own default is off, so library users and tests opt in).
+# Chosen from bench/speculative.py on the demo models: see docs/performance.md.
+DEFAULT_SPECULATIVE_TOKENS = 4
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ from server.request import (
     TokenLogprob,
 )
 from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
-from server.sampler import Drafts, accept, propose, sample, top_logprobs
+from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
 from server.scheduler import ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
-from server.speculative import SpeculationController
+from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
 from server.validation import request_context, validate_generation, validate_perplexity
 
@@ -111,13 +111,16 @@ class _SpecCounts:
     tests: int = 0
     passed: int = 0
 
-    def add(self, drafted: int, emitted: int, last_passed: bool) -> None:
+    def add(self, seq: Sequence, drafted: int, emitted: int, last_passed: bool) -> None:
         """A row that drafted `drafted` tokens and emitted `emitted`: every emitted position had a test
-        (the last one's may have failed), every one before it kept its draft."""
+        (the last one's may have failed), every one before it kept its draft. The row keeps its own tally."""
+        passed = emitted - 1 + int(last_passed)
         self.drafted += drafted
         self.accepted += emitted - 1
         self.tests += emitted
-        self.passed += emitted - 1 + int(last_passed)
+        self.passed += passed
+        seq.spec_passed = ROW_DECAY * seq.spec_passed + passed
+        seq.spec_tests = ROW_DECAY * seq.spec_tests + emitted
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ class Engine:
         num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
         outputs = self._postprocess(rows, logits, sampled, is_prefill)
         if self.speculation is not None and rows.spec_rows and not is_prefill:
-            self.speculation.observe_plain(len(rows.seqs), time.perf_counter() - t0)
+            self.speculation.observe(len(rows.seqs), 0, time.perf_counter() - t0)
         return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
 
     def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
@@ -328,10 +331,12 @@ class Engine:
         A row drafts at most one token fewer than it may still emit (the round adds one of its own), and
         none when the free pages (above the watermark) cannot hold its drafts: speculation never preempts.
         """
-        memories = [m for s in batch.seqs if s.speculative and (m := s.memory_name) is not None]
-        if self.speculation is None or not memories:
+        spec = self.speculation
+        betas = [spec.row_acceptance(m, s.spec_passed, s.spec_tests)
+                 for s in batch.seqs if s.speculative and (m := s.memory_name) is not None] if spec else []  # fmt: skip
+        if spec is None or not betas:
             return None
-        k = self.speculation.choose(len(batch.seqs), memories)
+        k = spec.choose(len(batch.seqs), betas)
         if not k:
             return None
         k_rows = []
@@ -356,7 +361,7 @@ class Engine:
         self.runner.step_done()
         outputs = self._postprocess_round(rows, plan, logits, result)
         assert self.speculation is not None
-        self.speculation.observe_round(len(rows.seqs), plan.k, time.perf_counter() - t0, logits.timers[1].seconds())
+        self.speculation.observe(len(rows.seqs), plan.k, time.perf_counter() - t0)
         stats = self._observe(batch, rows, len(rows.seqs) * (plan.k + 1), t_sched, logits, t1)
         return StepResult(batch.kind, outputs, stats=stats)
 
@@ -378,11 +383,13 @@ class Engine:
             if q is not None and buf.probs is not None:
                 q.index_copy_(0, g.rows_dev, buf.probs)
         pos = torch.arange(t, device=logp.device)  # [T]
-        drafted = rows.spec_mask[:, None] & (pos[None, :] <= plan.k_dev[:, None])  # [B, T]
-        counter = logits.start[:, None] + 1 + pos[None, :]  # [B, T] index of the token at each position
+        drafted = None  # [B, T] a draft at every position of every row: the common round, no mask needed
+        if len(rows.spec_rows) < b or min(plan.k_rows) < plan.k:
+            drafted = (rows.spec_mask[:, None] & (pos[None, :] <= plan.k_dev[:, None])).flatten()
+        u = logits.uniforms.flatten(1) if logits.uniforms is not None else None  # [3, B * T]
         tokens, ok = accept(
             logp.flatten(0, 1), Drafts(drafts.flatten(), q.flatten(0, 1) if q is not None else None),
-            drafted.flatten(), rows.sampling.repeat(t), counter.flatten(),
+            drafted, rows.sampling.repeat(t), u,
         )  # fmt: skip
         tokens, ok = tokens.view(b, t), ok.view(b, t)
         # A row keeps its drafts up to the first rejected one, and the token drawn there (or at its last draft).
@@ -419,7 +426,7 @@ class Engine:
                 continue
             n = int(r.emitted[i])
             if seq.speculative and seq.memory_name is not None:
-                counts.setdefault(seq.memory_name, _SpecCounts()).add(plan.k_rows[i], n, bool(r.last_accepted[i]))
+                counts.setdefault(seq.memory_name, _SpecCounts()).add(seq, plan.k_rows[i], n, bool(r.last_accepted[i]))
             for j in range(n):
                 seq.append(int(r.tokens[i, j]), r.logprobs.get((i, j)), now)
                 if seq.is_finished:
@@ -461,12 +468,11 @@ class Engine:
                 mixed = mix_with_logs(logp.index_select(0, g.rows_dev), mem_lp, g.log_alpha, g.log_1m_alpha)
                 logp.index_copy_(0, g.rows_dev, mixed)
         counter = None
-        if rows.sampling.any_sampled or rows.spec_rows:
+        if rows.sampling.any_sampled:
             # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
             counter = self.runner.kv(None).lengths.index_select(0, rows.slots_dev)  # [B]
         accepted = None
         if rows.spec_rows:
-            assert counter is not None
             tokens, accepted = self._virtual_draft(rows, mem_lps, logp, counter)
         else:
             tokens = sample(logp, rows.sampling, counter)  # [B]
@@ -504,7 +510,7 @@ class Engine:
         return _Sampled(tok, logprobs, prompt, host[-1] if accepted is not None else None)
 
     def _virtual_draft(
-        self, rows: RowBatch, mem_lps: dict[str, torch.Tensor], logp: torch.Tensor, counter: torch.Tensor
+        self, rows: RowBatch, mem_lps: dict[str, torch.Tensor], logp: torch.Tensor, counter: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [B] of a step that is not a round, and the speculative rows' acceptance tests [B].
 
@@ -516,8 +522,9 @@ class Engine:
         for g in rows.groups:
             if g.name in mem_lps:
                 q.index_copy_(0, g.rows_dev, mem_lps[g.name])
-        drafts = propose(q, rows.sampling, counter)
-        return accept(logp, drafts, rows.spec_mask, rows.sampling, counter)
+        u = speculative_uniforms(rows.sampling.seed, counter) if counter is not None else None  # [3, B]
+        drafts = propose(q, rows.sampling, u[DRAFT] if u is not None else None)
+        return accept(logp, drafts, rows.spec_mask, rows.sampling, u)
 
     def _prompt_logprob_tensors(self, rows: RowBatch, logits: StepLogits) -> dict[int, list[torch.Tensor]]:
         """Echo rows: the mixed log-prob of each prompt token given the ones before it, and the top-n."""
@@ -554,7 +561,7 @@ class Engine:
             for i in rows.spec_rows:
                 name = rows.seqs[i].memory_name
                 if i not in logits.failed and name is not None:
-                    counts.setdefault(name, _SpecCounts()).add(0, 1, bool(sampled.accepted[i]))
+                    counts.setdefault(name, _SpecCounts()).add(rows.seqs[i], 0, 1, bool(sampled.accepted[i]))
             self._count_speculation(counts)
         outputs = [o for s in rows.seqs if not s.is_finished and (o := s.take_output()) is not None]
         return outputs + self._retire([s for s in rows.seqs if s.is_finished])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
 from server.kv import KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
-from server.sampler import SamplingRows, propose, sampling_rows
+from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.sequence import Sequence
 from server.transfer import Uploader
 
@@ -148,12 +148,24 @@ class DraftBuffers:
 
 
 @dataclass
+class _Drafting:
+    """A round's drafting state: what each memory group drafted so far, and which groups failed."""
+
+    batch: RowBatch
+    plan: SpecPlan
+    uniforms: torch.Tensor | None  # [3, B, T]
+    drafts: dict[str, DraftBuffers]
+    failed: dict[int, str] = field(default_factory=dict)  # batch row -> error
+    failed_groups: set[str] = field(default_factory=set)
+
+
+@dataclass
 class SpecLogits:
     """A speculative round's forwards: the base's verify logits and each memory's drafts."""
 
     base: torch.Tensor  # [B, T, V] verify logits, T = k + 1
     drafts: dict[str, DraftBuffers]  # memory -> its group's drafts, rows in the group's order
-    start: torch.Tensor  # [B] base tokens cached before the round (device)
+    uniforms: torch.Tensor | None  # [3, B, T] the round's random numbers (`speculative_uniforms`); None if all greedy
     failed: dict[int, str]
     timers: tuple[_Timer, _Timer, _Timer]  # verify, serial drafts (steps 1..k), the last draft step
 
@@ -202,6 +214,12 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
     # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4
+    if config.speculative_tokens:
+        # The verify graphs' own pool (the same gather), and a round's [B, K+1, V] float32 tensors: log-probs, the
+        # memories' log-probs and q̃, q̃ gathered, p̃, the residual, and its float64 cumulative sum (two).
+        t = config.speculative_tokens + 1
+        workspace += 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
+        workspace += 8 * config.max_num_seqs * t * base.vocab_size * 4
     budget = int(total * config.gpu_memory_utilization) - (total - free) - activation - workspace
     pages = budget // page_bytes
     log.info(
@@ -457,54 +475,25 @@ class ModelRunner:
         Lengths: each memory's advance step by step (its forward reads them); the base's do not move here,
         the engine sets every cache's length once it knows what was accepted.
         """
-        seqs, t = batch.seqs, plan.k + 1
+        t = plan.k + 1
         verify_timer, draft_timer, last_timer = _Timer(self.device), _Timer(self.device), _Timer(self.device, self.side_stream)
         base = self.models[None]
-        start = base.kv.lengths.index_select(0, batch.slots_dev)  # [B] tokens the base has cached
-        ids = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)  # [B, T] verify input
+        uniforms = None  # [3, B, T] every random number of the round, drawn at once
+        if batch.sampling.any_sampled:
+            start = base.kv.lengths.index_select(0, batch.slots_dev)  # [B] tokens the base has cached
+            counter = start[:, None] + 1 + torch.arange(t, device=self.device)  # [B, T] index of each position's token
+            uniforms = speculative_uniforms(batch.sampling.seed.repeat_interleave(t), counter.flatten()).view(3, -1, t)
+        ids = torch.zeros(len(batch.seqs), t, dtype=torch.long, device=self.device)  # [B, T] verify input
         ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)  # each row's last token (drafts overwrite it below)
-        failed: dict[int, str] = {}
-        vocab = self.base.vocab_size
-        sampled = batch.sampling.any_sampled
-        drafts = {
-            g.name: DraftBuffers(
-                torch.zeros(len(g.rows), t, vocab, device=self.device),
-                torch.zeros(len(g.rows), t, vocab, device=self.device) if sampled else None,
-                torch.zeros(len(g.rows), t, dtype=torch.long, device=self.device),
-            )
-            for g in batch.groups
-        }
+        rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups})
         live = [g for g in batch.groups if plan.steps[g.name]]
-
-        def draft(g: MemoryGroup, i: int) -> None:
-            """Memory step i (1-based) of group g: the distribution at position i − 1 and a draft from it."""
-            if g.name in failed_groups or i > len(plan.steps[g.name]):
-                return
-            step = plan.steps[g.name][i - 1]
-            try:
-                state = self.models[g.name]
-                logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
-                self._advance(g.name, step.slots, step.slots_dev)
-                logp = torch.log_softmax(logits.float(), dim=-1)  # [b_i, V]
-                counter = start.index_select(0, step.batch_rows) + i  # index of the token drafted
-                proposed = propose(logp, batch.sampling.select(step.batch_rows), counter)
-                drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
-                if i < t:  # the next step's input
-                    self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
-            except Exception as exc:  # contained: only this memory's rows fail
-                log.exception("memory %s draft step failed", g.name)
-                failed_groups.add(g.name)
-                failed.update({r: f"memory forward failed: {type(exc).__name__}: {exc}" for r in g.rows})
-
-        failed_groups: set[str] = set()
         with draft_timer:
             for i in range(1, t):
                 for g in live:
-                    draft(g, i)
+                    self._draft(rnd, g, i)
         for g in live:
-            if g.name not in failed_groups:
-                buf = drafts[g.name]
-                ids.index_copy_(0, g.rows_dev, torch.cat([ids.index_select(0, g.rows_dev)[:, :1], buf.tokens[:, : t - 1]], dim=1))
+            if g.name not in rnd.failed_groups:
+                ids[:, 1:].index_copy_(0, g.rows_dev, rnd.drafts[g.name].tokens[:, : t - 1])
         base_logits: torch.Tensor | None = None
 
         def run_memories() -> None:
@@ -512,7 +501,7 @@ class ModelRunner:
             # freeing them; what this stream allocates it also frees, so no tensor crosses unguarded.
             with last_timer:
                 for g in live:
-                    draft(g, t)
+                    self._draft(rnd, g, t)
 
         def run_base() -> None:
             nonlocal base_logits
@@ -523,7 +512,37 @@ class ModelRunner:
 
         self._parallel(run_base, run_memories)
         assert base_logits is not None
-        return SpecLogits(base_logits, drafts, start, failed, (verify_timer, draft_timer, last_timer))
+        return SpecLogits(base_logits, rnd.drafts, uniforms, rnd.failed, (verify_timer, draft_timer, last_timer))
+
+    def _draft_buffers(self, rows: int, t: int, batch: RowBatch) -> DraftBuffers:
+        vocab = self.base.vocab_size
+        return DraftBuffers(
+            torch.zeros(rows, t, vocab, device=self.device),
+            torch.zeros(rows, t, vocab, device=self.device) if batch.sampling.any_sampled else None,
+            torch.zeros(rows, t, dtype=torch.long, device=self.device),
+        )
+
+    def _draft(self, rnd: _Drafting, g: MemoryGroup, i: int) -> None:
+        """Memory step i (1-based) of group g: its distribution at position i − 1 and a draft from it, which is
+        the next step's input. A failure is contained: only this memory's rows fail."""
+        steps = rnd.plan.steps[g.name]
+        if g.name in rnd.failed_groups or i > len(steps):
+            return
+        step = steps[i - 1]
+        try:
+            state = self.models[g.name]
+            logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
+            self._advance(g.name, step.slots, step.slots_dev)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [b_i, V]
+            u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
+            proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
+            rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
+            if i <= rnd.plan.k:
+                self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
+        except Exception as exc:
+            log.exception("memory %s draft step failed", g.name)
+            rnd.failed_groups.add(g.name)
+            rnd.failed.update({r: f"memory forward failed: {type(exc).__name__}: {exc}" for r in g.rows})
 
     def set_cached(self, seq: Sequence, num_tokens: int) -> None:
         """After a speculative round: every cache of `seq` holds its first `num_tokens` tokens (pages it holds

@@ -45,16 +45,29 @@ TOKEN, DRAFT, ACCEPT = 0, 1, 2
 _STREAM_KEYS = (0, 0x9E3779B9, 0x85EBCA6B)
 
 
+def _unit(seed: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """A float64 in (0, 1) from 53 hashed bits of a seed and a hashed counter (both [N])."""
+    h = _hash32((seed & _M32) ^ _hash32(((seed >> 32) & _M32) ^ c))
+    h2 = _hash32(h ^ 0x5BD1E995)
+    bits = (h << 21) | (h2 >> 11)  # 53 bits
+    return (bits.double() + 0.5) / float(2**53)
+
+
 def uniform(seed: torch.Tensor, counter: torch.Tensor, stream: int = TOKEN) -> torch.Tensor:
     """A float64 in (0, 1) per row from 53 hashed bits of (seed, counter, stream). seed: [B] int64 >= 0;
     counter: [B]. Stream TOKEN hashes exactly as before streams existed (seeded outputs do not move)."""
     c = _hash32(counter & _M32)
     if stream != TOKEN:
         c = _hash32(c ^ _STREAM_KEYS[stream])
-    h = _hash32((seed & _M32) ^ _hash32(((seed >> 32) & _M32) ^ c))
-    h2 = _hash32(h ^ 0x5BD1E995)
-    bits = (h << 21) | (h2 >> 11)  # 53 bits
-    return (bits.double() + 0.5) / float(2**53)
+    return _unit(seed, c)
+
+
+def speculative_uniforms(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """`uniform` on the three streams at once: [3, N] indexed by TOKEN, DRAFT, ACCEPT (one pass of small
+    integer ops instead of three; on a CPU each op's overhead, not its arithmetic, is the cost)."""
+    c = _hash32(counter & _M32)  # [N]
+    streamed = _hash32(torch.cat([c ^ _STREAM_KEYS[DRAFT], c ^ _STREAM_KEYS[ACCEPT]]))  # [2N]
+    return _unit(seed.repeat(3), torch.cat([c, streamed])).view(3, -1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class SamplingRows:
     greedy: torch.Tensor  # bool
     any_sampled: bool
     any_filtered: bool  # some row uses top-k or top-p
+    any_greedy: bool = True
 
     def select(self, index: torch.Tensor) -> SamplingRows:
         """The rows `index` ([b] on the device), in that order; the host flags stay the batch's (a superset is safe)."""
@@ -92,6 +106,7 @@ def sampling_rows(params: list[SamplingParams], seeds: list[int], upload: Callab
         seed=upload(np.asarray(seeds, dtype=np.int64)),
         greedy=upload(greedy),
         any_sampled=not bool(greedy.all()),
+        any_greedy=bool(greedy.any()),
         any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy, strict=True) if not g),
     )
 
@@ -157,45 +172,54 @@ class Drafts:
     probs: torch.Tensor | None  # [N, V] transformed memory distribution q̃; None when every row is greedy
 
 
-def propose(q_logp: torch.Tensor, rows: SamplingRows, counter: torch.Tensor) -> Drafts:
+def propose(q_logp: torch.Tensor, rows: SamplingRows, u: torch.Tensor | None) -> Drafts:
     """Draft tokens from the memory: argmax q for greedy rows, else a draw from q̃ (q under the row's
-    temperature / top-k / top-p) with the DRAFT stream. q_logp: [N, V]; counter: [N] token index drawn."""
-    argmax = q_logp.argmax(dim=-1)  # [N]
+    temperature / top-k / top-p). q_logp: [N, V]; u: [N] the DRAFT stream's numbers (None if all greedy)."""
     if not rows.any_sampled:
-        return Drafts(argmax, None)
+        return Drafts(q_logp.argmax(dim=-1), None)
+    assert u is not None
     probs = filtered_probs(q_logp, rows)  # [N, V]
-    drawn = draw(probs, uniform(rows.seed, counter, DRAFT))
-    return Drafts(torch.where(rows.greedy, argmax, drawn), probs)
+    drawn = draw(probs, u)  # [N]
+    return Drafts(torch.where(rows.greedy, q_logp.argmax(dim=-1), drawn) if rows.any_greedy else drawn, probs)
 
 
 def accept(
-    p_logp: torch.Tensor, drafts: Drafts, drafted: torch.Tensor, rows: SamplingRows, counter: torch.Tensor
+    p_logp: torch.Tensor, drafts: Drafts, drafted: torch.Tensor | None, rows: SamplingRows, u: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) of the target p̃ from draft q̃, per position.
 
     p_logp: [N, V] mixed log-probs; drafts: at the same N positions; drafted: [N] bool, False where a
-    position has no draft (then the token is exactly what `sample` draws); counter: [N].
+    position has no draft (then the token is exactly what `sample` draws), None when every position has
+    one; u: [3, N] the positions'
+    `speculative_uniforms` (None if all greedy).
     The draft x stays with probability min(1, p̃(x)/q̃(x)) (ACCEPT stream), else the token is drawn from
     max(0, p̃ − q̃) (TOKEN stream): either way it is distributed as p̃. Greedy rows: the token is argmax p,
     and the draft counts as accepted when it is that token.
     Returns (tokens [N], accepted [N] bool).
     """
-    argmax = p_logp.argmax(dim=-1)  # [N]
-    greedy_ok = (drafts.tokens == argmax) & drafted
     if not rows.any_sampled:
-        return argmax, greedy_ok
-    assert drafts.probs is not None
+        argmax = p_logp.argmax(dim=-1)  # [N]
+        return argmax, _where(drafted, drafts.tokens == argmax)
+    assert drafts.probs is not None and u is not None
     p = filtered_probs(p_logp, rows)  # [N, V]
-    q = drafts.probs * drafted.unsqueeze(1)  # no draft: q̃ = 0, so the residual below is p̃ itself
+    q = drafts.probs if drafted is None else drafts.probs * drafted.unsqueeze(1)  # no draft: q̃ = 0, so the residual is p̃
     x = drafts.tokens.unsqueeze(1)  # [N, 1]
     p_x, q_x = p.gather(1, x).squeeze(1), q.gather(1, x).squeeze(1)  # [N]
-    ok = (uniform(rows.seed, counter, ACCEPT) * q_x < p_x) & drafted  # u < p̃(x)/q̃(x), without dividing
+    ok = _where(drafted, u[ACCEPT] * q_x < p_x)  # u < p̃(x)/q̃(x), without dividing
     residual = (p - q).clamp_min_(0.0)  # [N, V]
     # All zero only when p̃ = q̃ up to rounding (then the draft is accepted but for rounding): use p̃.
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
-    drawn = draw(residual, uniform(rows.seed, counter))
-    tokens = torch.where(rows.greedy, argmax, torch.where(ok, drafts.tokens, drawn))
-    return tokens, torch.where(rows.greedy, greedy_ok, ok)
+    tokens = torch.where(ok, drafts.tokens, draw(residual, u[TOKEN]))
+    if rows.any_greedy:
+        argmax = p_logp.argmax(dim=-1)
+        tokens = torch.where(rows.greedy, argmax, tokens)
+        ok = torch.where(rows.greedy, _where(drafted, drafts.tokens == argmax), ok)
+    return tokens, ok
+
+
+def _where(mask: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """value & mask, where a mask of None is all True."""
+    return value if mask is None else value & mask
 
 
 def top_logprobs(logp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

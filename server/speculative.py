@@ -1,21 +1,24 @@
 """When speculative mixing pays, and how many tokens the memory drafts per round.
 
-A round costs the memory's serial draft steps plus one verify forward of the base over k + 1 tokens per
-row; it emits, per drafting row, E(β, k) = (1 − β^(k+1)) / (1 − β) tokens in expectation, where β is the
-memory's per-token acceptance (≥ α for the untransformed mixture). A plain step emits one token per row.
-Whether and how far to draft therefore depends on β (per memory) and on what a draft step, the rest of
-a round and a plain step cost at this batch size — all measured by the engine as it runs:
+A round of k drafts costs k + 1 steps of the memory and one verify forward of the base over k + 1
+tokens per row; it emits, per drafting row, E(β, k) = (1 − β^(k+1)) / (1 − β) tokens in expectation,
+where β is the memory's per-token acceptance (≥ α for the untransformed mixture). A plain step emits one
+token per row. What a round costs depends on the device, the models, the batch size and k in ways no
+formula captures well (a CPU pays per token verified, a GPU barely, until the batch makes the verify
+compute-bound), so the engine measures it as it runs:
 
-    k* = argmax over k in 1..K of   (n_spec · E(β, k) + n_plain) / (rest + k · draft)
-    speculate with k*  if that beats  (n_spec + n_plain) / plain
+    seconds[b][k]   moving average (weight EMA) of a whole step's seconds at batch-size bucket b
+                    (powers of two) drafting k tokens (k = 0: a plain step)
+    β[row]          per row, acceptance tests passed / run (counts decaying by ROW_DECAY per step), with
+                    PRIOR_WEIGHT tests' worth of its memory's β (the same, decaying by ACCEPT_DECAY)
 
-with `draft` the seconds of one draft step, `rest` a round's seconds outside its serial drafts (verify,
-the overlapped last memory step, accept, host work) and `plain` a plain step's seconds, each an
-exponential moving average per batch-size bucket (powers of two). Costs are re-measured all the time:
-every PROBE_EVERY-th step of a bucket takes the other choice. Acceptance is measured on every step,
-plain ones included (a plain step draws a speculative row's token by the same accept/residual rule,
-so its acceptance test happens anyway). Large batches turn speculation off by themselves: there the
-base's verify of k + 1 tokens per row is compute-bound and `rest` grows past what E(β, k) repays.
+    k* = argmax over k in 0..K of  (Σ_rows E(β[row], k) + n_plain) / seconds[b][k]     (E(β, 0) = 1)
+
+Each bucket first measures every k once (K first); afterwards every PROBE_EVERY-th step takes the next
+other k in turn, so estimates follow the text (β) and the load (seconds). Large batches turn speculation
+off by themselves: there the verify of k + 1 tokens per row is compute-bound and seconds[b][k] grows
+faster than E(β, k). Acceptance is measured on every step, plain ones included: a plain step draws a
+speculative row's token by the same accept/residual rule, so the test happens anyway.
 
 Choices only change speed, never tokens: a speculative row's token at each position is a function of
 that position's random numbers and distributions (see `server.sampler`), whatever k produced it.
@@ -23,30 +26,21 @@ that position's random numbers and distributions (see `server.sampler`), whateve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EMA = 0.2  # weight of a new timing in its moving average
-PROBE_EVERY = 16  # a bucket tries the other choice (speculate or not) every this many steps
-ACCEPT_DECAY = 0.95  # per observation: acceptance counts forget old text within ~20 steps
-PRIOR_ACCEPTANCE = 0.7  # until a memory has been measured (weight: 2 tests)
+PROBE_EVERY = 16  # a bucket re-measures another k every this many steps
+ACCEPT_DECAY = 0.95  # a memory's acceptance counts, per step: they forget old text within ~20 steps
+ROW_DECAY = 0.8  # a row's own counts, per step (a round tests several positions)
+PRIOR_ACCEPTANCE = 0.7  # a memory's acceptance until it has been measured (weight: 2 tests)
+PRIOR_WEIGHT = 2.0  # tests' worth of its memory's acceptance in a row's estimate
 
 
 def expected_tokens(beta: float, k: int) -> float:
-    """Tokens a round of k drafts emits when each draft is accepted with probability beta."""
+    """Tokens a round of k drafts emits per row when each draft is accepted with probability beta."""
     if beta >= 1.0:
         return k + 1.0
     return (1.0 - beta ** (k + 1)) / (1.0 - beta)
-
-
-def best_k(betas: list[float], num_plain: int, max_k: int, rest: float, draft: float) -> tuple[int, float]:
-    """(k, tokens per second) maximising the round's throughput over k in 1..max_k, for drafting rows with
-    acceptances `betas` and `num_plain` rows that get one token either way."""
-    best = (1, 0.0)
-    for k in range(1, max_k + 1):
-        rate = (sum(expected_tokens(b, k) for b in betas) + num_plain) / (rest + k * draft)
-        if rate > best[1]:
-            best = (k, rate)
-    return best
 
 
 def bucket(batch_size: int) -> int:
@@ -54,18 +48,13 @@ def bucket(batch_size: int) -> int:
     return 1 << (batch_size - 1).bit_length()
 
 
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else old + EMA * (new - old)
-
-
 @dataclass
 class _Costs:
-    """Seconds measured at one batch-size bucket."""
+    """What steps cost at one batch-size bucket."""
 
-    plain: float | None = None  # a plain decode step of a batch with speculative rows
-    rest: float | None = None  # a round outside its serial draft steps
-    draft: float | None = None  # one serial draft step (every memory of the batch)
+    seconds: dict[int, float] = field(default_factory=dict)  # k -> moving average of a step's seconds
     steps: int = 0
+    probes: int = 0
 
 
 class SpeculationController:
@@ -75,42 +64,52 @@ class SpeculationController:
         self.max_k = max_k
         self.adaptive = adaptive
         self._costs: dict[int, _Costs] = {}
-        self._accept: dict[str, tuple[float, float]] = {}  # memory -> decayed (accepted, tests)
+        self._accept: dict[str, tuple[float, float]] = {}  # memory -> decayed (passed, tests)
 
     def acceptance(self, memory: str) -> float:
         ok, n = self._accept.get(memory, (0.0, 0.0))
         return (ok + 2 * PRIOR_ACCEPTANCE) / (n + 2)
 
-    def choose(self, batch_size: int, memories: list[str]) -> int:
-        """Drafts for this step's speculative rows (one memory name per such row)."""
+    def row_acceptance(self, memory: str, passed: float, tests: float) -> float:
+        """A row's acceptance from its own (decayed) tests, starting from its memory's."""
+        return (passed + PRIOR_WEIGHT * self.acceptance(memory)) / (tests + PRIOR_WEIGHT)
+
+    def throughput(self, batch_size: int, betas: list[float], k: int) -> float | None:
+        """Expected tokens per second of a step drafting k for rows with these acceptances (None: not measured)."""
+        seconds = self._costs.get(bucket(batch_size), _Costs()).seconds.get(k)
+        if seconds is None:
+            return None
+        tokens = sum(expected_tokens(b, k) for b in betas) + batch_size - len(betas)
+        return tokens / seconds
+
+    def choose(self, batch_size: int, betas: list[float]) -> int:
+        """Drafts for this step's speculative rows (their acceptances, `row_acceptance`)."""
         if not self.adaptive:
             return self.max_k
         c = self._costs.setdefault(bucket(batch_size), _Costs())
         c.steps += 1
-        if c.rest is None or c.draft is None:
-            return self.max_k  # measure a round first
-        if c.plain is None:
-            return 0  # then a plain step
-        k, rate = best_k([self.acceptance(m) for m in memories], batch_size - len(memories), self.max_k, c.rest, c.draft)
-        speculate = rate > batch_size / c.plain
-        if c.steps % PROBE_EVERY == 0:  # keep the estimate of the choice not taken fresh
-            speculate = not speculate
-        return k if speculate else 0
+        choices = range(self.max_k, -1, -1)
+        unmeasured = [k for k in choices if k not in c.seconds]
+        if unmeasured:
+            return unmeasured[0]
+        rates = {k: self.throughput(batch_size, betas, k) or 0.0 for k in choices}
+        best = max(rates, key=lambda k: rates[k])
+        if c.steps % PROBE_EVERY == 0:  # re-measure the others, one at a time
+            others = [k for k in choices if k != best]
+            c.probes += 1
+            return others[c.probes % len(others)]
+        return best
 
-    def observe_plain(self, batch_size: int, seconds: float) -> None:
+    def observe(self, batch_size: int, k: int, seconds: float) -> None:
+        """A decode step with speculative rows drafted k tokens (0: plain) and took `seconds`."""
         c = self._costs.setdefault(bucket(batch_size), _Costs())
-        c.plain = _ema(c.plain, seconds)
+        old = c.seconds.get(k)
+        c.seconds[k] = seconds if old is None else old + EMA * (seconds - old)
 
-    def observe_round(self, batch_size: int, k: int, seconds: float, draft_seconds: float) -> None:
-        c = self._costs.setdefault(bucket(batch_size), _Costs())
-        c.draft = _ema(c.draft, draft_seconds / k)
-        c.rest = _ema(c.rest, max(seconds - draft_seconds, 0.0))
-
-    def observe_acceptance(self, memory: str, tests: int, accepted: int) -> None:
+    def observe_acceptance(self, memory: str, tests: int, passed: int) -> None:
         ok, n = self._accept.get(memory, (0.0, 0.0))
-        self._accept[memory] = (ACCEPT_DECAY * ok + accepted, ACCEPT_DECAY * n + tests)
+        self._accept[memory] = (ACCEPT_DECAY * ok + passed, ACCEPT_DECAY * n + tests)
 
-    def costs(self, batch_size: int) -> dict[str, float | None]:
-        """The current estimates at this batch size (for benchmarks and logs)."""
-        c = self._costs.get(bucket(batch_size), _Costs())
-        return {"plain": c.plain, "rest": c.rest, "draft": c.draft}
+    def costs(self, batch_size: int) -> dict[int, float]:
+        """Current estimates at this batch size, seconds per step by k (for benchmarks and logs)."""
+        return dict(self._costs.get(bucket(batch_size), _Costs()).seconds)

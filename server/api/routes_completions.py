@@ -141,6 +141,7 @@ async def _plan(body: CompletionRequest, state: ServingState) -> _Plan:
             params=params[j],
             memory=target.memory.name if target.memory else None,
             alpha=alpha or 0.0,
+            speculative=body.speculative,
         )
         for p, prompt in enumerate(prompts)
         for j in range(body.n)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from memories.mixing import ALPHA_MAX, ALPHA_MIN
 from server.validation import MAX_ALPHAS, MAX_MEMORY_NAME
@@ -68,6 +68,11 @@ class CompletionRequest(_Body):
     alpha: float | None = Field(
         None, ge=ALPHA_MIN, le=ALPHA_MAX,
         description="Weight of the memory in [0, 1]; default: the memory's manifest value.",
+    )
+    speculative: StrictBool = Field(
+        True,
+        description="Let the memory draft tokens for the base to verify when the server speculates "
+        "(`--speculative-tokens`): the same distribution, usually faster; false decodes one token per step.",
     )
     # Accepted for client compatibility; only their neutral values are allowed.
     presence_penalty: float | None = 0.0
