@@ -282,7 +282,7 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self._step_clock()
         batch = self.scheduler.schedule()
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
@@ -298,7 +298,7 @@ class Engine:
                 seq.timings.scheduled = now
         t_sched = time.perf_counter() - t0
         if k_rows is not None:
-            return self._speculative_step(batch, rows, k_rows, t0, t_sched)
+            return self._speculative_step(batch, rows, k_rows, c0, t_sched)
         try:
             logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
         except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
@@ -311,7 +311,7 @@ class Engine:
         num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
         outputs = self._postprocess(rows, logits, sampled, is_prefill)
         if self.speculation is not None and rows.spec_rows and not is_prefill:
-            self.speculation.observe(len(rows.seqs), 0, time.perf_counter() - t0)
+            self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
         return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
 
     def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
@@ -325,6 +325,12 @@ class Engine:
         return stats
 
     # -- speculative mixing ---------------------------------------------------------------------------
+    def _step_clock(self) -> float:
+        """What adaptive K times steps with: on a CPU the engine thread's CPU time (the steps' own cost, not
+        the load other processes or the server's other threads put on the cores), on a GPU wall time
+        (a step ends with its host sync, so the wall clock covers the device's work)."""
+        return time.thread_time() if self.runner.device.type == "cpu" else time.perf_counter()
+
     def _lookahead(self, batch: ScheduledBatch) -> list[int] | None:
         """Drafts per row for a speculative round (their pages reserved), or None for a plain step.
 
@@ -345,7 +351,7 @@ class Engine:
             k_rows.append(n if n and self.scheduler.reserve_lookahead(seq, n) else 0)
         return k_rows if any(k_rows) else None
 
-    def _speculative_step(self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], t0: float, t_sched: float) -> StepResult:
+    def _speculative_step(self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float) -> StepResult:
         key = (self.scheduler.version, tuple(k_rows))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, self.runner.make_plan(rows, k_rows))
@@ -361,7 +367,7 @@ class Engine:
         self.runner.step_done()
         outputs = self._postprocess_round(rows, plan, logits, result)
         assert self.speculation is not None
-        self.speculation.observe(len(rows.seqs), plan.k, time.perf_counter() - t0)
+        self.speculation.observe(len(rows.seqs), plan.k, self._step_clock() - c0)
         stats = self._observe(batch, rows, len(rows.seqs) * (plan.k + 1), t_sched, logits, t1)
         return StepResult(batch.kind, outputs, stats=stats)
 

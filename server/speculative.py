@@ -104,6 +104,10 @@ class SpeculationController:
         """A decode step with speculative rows drafted k tokens (0: plain) and took `seconds`."""
         c = self._costs.setdefault(bucket(batch_size), _Costs())
         old = c.seconds.get(k)
+        if old is not None:
+            # A step slowed by something else (another process, a collection) must not condemn its k until its
+            # next probe: one observation moves the average by at most EMA × the average itself.
+            seconds = min(seconds, 2.0 * old)
         c.seconds[k] = seconds if old is None else old + EMA * (seconds - old)
 
     def observe_acceptance(self, memory: str, tests: int, passed: int) -> None:
