@@ -73,7 +73,9 @@ async def client_loop(client: httpx.AsyncClient, url: str, body: dict, texts: li
 
 async def load(url: str, body: dict, concurrency: int, per_client: int, stream: bool, texts: list[str]) -> dict:
     stats = {"ttft": [], "itl": [], "latency": [], "tokens": 0}
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # No keep-alive: on a loaded machine a client could reuse a connection just as the server's 5 s
+    # keep-alive timer closes it (a ReadError that is neither side's fault); a fresh local connection costs ~0.1 ms.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(

@@ -24,7 +24,7 @@ import time
 import torch
 
 from server.attention import DecodeContext, VerifyContext
-from server.kv import SCRATCH_PAGE, ModelKV
+from server.kv import ModelKV
 from server.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ def verify_forward(
     steps = torch.arange(t, device=ids.device)  # [T]
     pos = start[:, None] + steps  # [Bb, T]
     real = steps[None, :] < valid[:, None]  # [Bb, T]
-    # Invalid tokens may lie past the row's pages (or its table): point them at block 0 of the scratch page.
+    # Invalid tokens may lie past the row's pages (or its table): point them at this model's scratch page.
     block = torch.where(real, torch.div(pos, kv.block_size, rounding_mode="floor"), 0)  # [Bb, T]
-    page = torch.where(real, kv.tables[slots[:, None], block], SCRATCH_PAGE)  # [Bb, T]
+    page = torch.where(real, kv.tables[slots[:, None], block], kv.scratch_page)  # [Bb, T]
     ctx = VerifyContext(
         kv,
         page=page,

@@ -12,10 +12,12 @@ host keeps a block table (block j of the sequence -> page) and a length; the dev
 tables, updated in place only when something changes: a join, a leave, a row crossing into a new
 page. A steady decode step changes nothing here but `advance` (lengths += 1, on the device).
 
-Page 0 is scratch: unused table entries point to it and padding rows of a CUDA-graph bucket write
-into it. New pages are zeroed before use, so positions a row has not written yet hold zeros rather
-than another sequence's (possibly non-finite) values: masked positions still enter attention as
-0·value, and 0·inf would be NaN.
+Each model has a scratch page (the base page 0, each memory one taken from the pool): its unused
+table entries point to it and the padding rows of a CUDA-graph bucket write into it — its own, so the
+base's and a memory's padding rows, running on two streams at once, never write the same bytes. New
+pages are zeroed before use, so positions a row has not written yet hold zeros rather than another
+sequence's (possibly non-finite) values: masked positions still enter attention as 0·value, and
+0·inf would be NaN. At any time a page belongs to at most one model and one slot.
 
 Reuse of a freed page is safe without events because every engine step ends with a host sync: by
 the time the scheduler frees or hands out a page, all kernels of the previous step have finished.
@@ -69,11 +71,12 @@ class PagePool:
         # Pages are zeroed when handed out (see the module docstring), so only the scratch page is zeroed
         # here; on a CPU the untouched rest of the arena then costs no resident memory.
         self.arena = torch.empty(num_pages, page_bytes, dtype=torch.uint8, device=device)  # [P, page_bytes]
-        self.arena[SCRATCH_PAGE].zero_()
+        self.arena[SCRATCH_PAGE].zero_()  # the base's scratch page; memories take theirs with `take`
         # The same bytes as 8-byte words: zeroing pages through it is one kernel on a GPU and ~7x faster on
         # a CPU than byte-wise (pages are multiples of PAGE_ALIGN bytes).
         self.words = self.arena.view(torch.int64)  # [P, page_bytes / 8]
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
+        self._scratch = 0  # memories' scratch pages taken from the pool
 
     @property
     def num_free(self) -> int:
@@ -81,7 +84,19 @@ class PagePool:
 
     @property
     def num_usable(self) -> int:
-        return self.num_pages - 1
+        """Pages sequences can hold: all but the scratch pages."""
+        return self.num_pages - 1 - self._scratch
+
+    def take_scratch(self) -> int:
+        """A memory's scratch page (see the module docstring), zeroed; it no longer counts as usable."""
+        page = self.take(1)[0]
+        self.words[page].zero_()
+        self._scratch += 1
+        return page
+
+    def give_back_scratch(self, page: int) -> None:
+        self.give_back([page])
+        self._scratch -= 1
 
     def take(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -104,7 +119,7 @@ class ModelKV:
     at the scratch page and its length stays 0.
     """
 
-    def __init__(self, pool: PagePool, geometry: KVGeometry, num_slots: int, max_model_len: int) -> None:
+    def __init__(self, pool: PagePool, geometry: KVGeometry, num_slots: int, max_model_len: int, scratch_page: int) -> None:
         g = geometry
         if g.token_bytes > pool.page_bytes:
             raise ValueError(
@@ -117,6 +132,7 @@ class ModelKV:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.num_slots = num_slots
         self.dummy_slot = num_slots
+        self.scratch_page = scratch_page
         used = self.block_size * g.token_bytes
         # [P, layers, 2, block, kv_heads, head_dim]: a strided view of the arena (page stride = page_bytes).
         view = pool.arena[:, :used].view(g.dtype).unflatten(1, (g.num_layers, 2, self.block_size, g.num_kv_heads, g.head_dim))
@@ -124,9 +140,9 @@ class ModelKV:
         self.values = [view[:, layer, 1] for layer in range(g.num_layers)]
         device = pool.device
         rows = num_slots + 1
-        self.tables = torch.full((rows, self.max_blocks), SCRATCH_PAGE, dtype=torch.long, device=device)  # [S+1, blocks]
+        self.tables = torch.full((rows, self.max_blocks), scratch_page, dtype=torch.long, device=device)  # [S+1, blocks]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # [S+1] tokens cached per slot
-        self.host_tables = np.full((rows, self.max_blocks), SCRATCH_PAGE, dtype=np.int64)
+        self.host_tables = np.full((rows, self.max_blocks), scratch_page, dtype=np.int64)
         self.host_lengths = np.zeros(rows, dtype=np.int64)
         self.host_blocks = np.zeros(rows, dtype=np.int64)  # pages held per slot
         # Changes the device has not seen yet; `flush` applies them in one upload.
@@ -177,8 +193,8 @@ class ModelKV:
             return
         pages = [int(p) for p in self.host_tables[slot, keep:held]]
         self.pool.give_back(pages)
-        self.host_tables[slot, keep:held] = SCRATCH_PAGE
-        self._table_updates.extend((slot, j, SCRATCH_PAGE) for j in range(keep, held))
+        self.host_tables[slot, keep:held] = self.scratch_page
+        self._table_updates.extend((slot, j, self.scratch_page) for j in range(keep, held))
         self.host_blocks[slot] = keep
 
     def advance_host(self, slots: list[int]) -> None:
@@ -204,6 +220,10 @@ class ModelKV:
     def advance(self, slots: torch.Tensor) -> None:
         """lengths[slots] += 1 on the device (a decode step appended one token to each row)."""
         self.lengths.index_add_(0, slots, torch.ones_like(slots))
+
+    def pages_held(self) -> list[int]:
+        """Every page this model's slots hold (host view), for bookkeeping checks."""
+        return [int(p) for slot in range(self.num_slots) for p in self.host_tables[slot, : self.host_blocks[slot]]]
 
     @property
     def pending(self) -> bool:

@@ -157,20 +157,21 @@ class MemoryRegistry:
                 )
 
     # -- lookup ----------------------------------------------------------------------------------
+    def _live(self, name: str) -> _Entry:
+        """A loaded, not retiring memory's entry (call with the lock held); NotFoundError otherwise."""
+        entry = self._entries.get(name)
+        if entry is None or entry.retiring:
+            raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
+        return entry
+
     def get(self, name: str) -> MemoryInfo:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.retiring:
-                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
-            return entry.info
+            return self._live(name).info
 
     def loaded(self, name: str) -> LoadedModel:
         """The model of a loaded (not retiring) memory; NotFoundError otherwise."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.retiring:
-                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
-            return entry.loaded
+            return self._live(name).loaded
 
     def list(self) -> list[MemoryInfo]:
         with self._lock:
@@ -184,9 +185,7 @@ class MemoryRegistry:
     # -- use by requests -------------------------------------------------------------------------
     def acquire(self, name: str) -> LoadedModel:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.retiring:
-                raise NotFoundError(f"memory {name!r} is not loaded", param="memory", code="memory_not_found")
+            entry = self._live(name)
             entry.users += 1
             return entry.loaded
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from memories.perplexity import Window, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
-from server.kv import KVGeometry, ModelKV, PagePool, page_bytes_for
+from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
 from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.sequence import Sequence
@@ -234,6 +235,16 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
     return pages
 
 
+@contextmanager
+def _contained(group: MemoryGroup, failed: dict[int, str], phase: str) -> Iterator[None]:
+    """A memory that raises fails only the rows that use it: record them in `failed` and go on."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("memory %s %s failed", group.name, phase)
+        failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in group.rows})
+
+
 class ModelRunner:
     def __init__(self, base: LoadedModel, config: EngineConfig) -> None:
         self.base = base
@@ -267,10 +278,17 @@ class ModelRunner:
         if lm.dtype != self.base.dtype:
             raise ValueError(f"model dtype {lm.dtype} differs from the base's {self.base.dtype}")
         use_paged_attention(lm.model)
-        kv = ModelKV(self.pool, KVGeometry.of(lm.model.config, lm.dtype), self.num_slots, min(lm.max_model_len, self.base.max_model_len))
-        graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
-        state = ModelState(lm, kv, graphs)
-        state.capture_seconds = graphs.capture()
+        geometry = KVGeometry.of(lm.model.config, lm.dtype)
+        scratch = SCRATCH_PAGE if key is None else self.pool.take_scratch()  # one per model: see server/kv.py
+        try:
+            kv = ModelKV(self.pool, geometry, self.num_slots, min(lm.max_model_len, self.base.max_model_len), scratch)
+            graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
+            state = ModelState(lm, kv, graphs)
+            state.capture_seconds = graphs.capture()
+        except BaseException:
+            if key is not None:
+                self.pool.give_back_scratch(scratch)
+            raise
         self.models[key] = state
         if state.capture_seconds:
             log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),
@@ -285,6 +303,7 @@ class ModelRunner:
         state = self.models.pop(key, None)
         if state is not None:
             state.graphs.release()
+            self.pool.give_back_scratch(state.kv.scratch_page)
 
     def kv(self, key: ModelKey) -> ModelKV:
         return self.models[key].kv
@@ -413,15 +432,11 @@ class ModelRunner:
 
         def run_memories() -> None:
             for g in batch.groups:
-                try:
-                    with mem_timer:
-                        logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
+                with _contained(g, failed, "prefill"), mem_timer:
+                    logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
                     mem_out[g.name] = self._to_main(logits)
                     for row, lp in echo.items():
                         prompt.setdefault(row, {})[g.name] = self._to_main(lp)
-                except Exception as exc:  # contained: only this memory's rows fail
-                    log.exception("memory %s prefill failed", g.name)
-                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
 
         def run_base() -> None:
             nonlocal base_logits
@@ -445,13 +460,9 @@ class ModelRunner:
 
         def run_memories() -> None:
             for g in batch.groups:
-                try:
-                    with mem_timer:
-                        logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
+                with _contained(g, failed, "decode"), mem_timer:
+                    logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
                     mem_out[g.name] = self._to_main(logits)
-                except Exception as exc:  # contained: only this memory's rows fail
-                    log.exception("memory %s decode failed", g.name)
-                    failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in g.rows})
 
         def run_base() -> None:
             nonlocal base_logits
@@ -529,7 +540,7 @@ class ModelRunner:
         if g.name in rnd.failed_groups or i > len(steps):
             return
         step = steps[i - 1]
-        try:
+        with _contained(g, rnd.failed, "draft step"):
             state = self.models[g.name]
             logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
             self._advance(g.name, step.slots, step.slots_dev)
@@ -539,10 +550,8 @@ class ModelRunner:
             rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
             if i <= rnd.plan.k:
                 self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
-        except Exception as exc:
-            log.exception("memory %s draft step failed", g.name)
+        if g.rows[0] in rnd.failed:
             rnd.failed_groups.add(g.name)
-            rnd.failed.update({r: f"memory forward failed: {type(exc).__name__}: {exc}" for r in g.rows})
 
     def set_cached(self, seq: Sequence, num_tokens: int) -> None:
         """After a speculative round: every cache of `seq` holds its first `num_tokens` tokens (pages it holds

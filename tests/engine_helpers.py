@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -12,11 +13,16 @@ from server.output import OutputProcessor
 from server.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
 
 
-def run(engine: Engine, requests: list[GenerationRequest], join: dict[int, list[GenerationRequest]] | None = None):
+def run(
+    engine: Engine,
+    requests: list[GenerationRequest],
+    join: dict[int, list[GenerationRequest]] | None = None,
+    after_step: Callable[[Engine], None] | None = None,
+):
     """Step the engine to completion; `join[k]` requests are added before step k. Returns outputs per id.
 
     Outputs go through each request's OutputProcessor, as `AsyncEngine.generate` does: they carry text,
-    and a stop string ends the request in the engine.
+    and a stop string ends the request in the engine. `after_step` (a check) runs after every step.
     """
     join = join or {}
     outputs: dict[str, list[RequestOutput]] = {}
@@ -42,8 +48,20 @@ def run(engine: Engine, requests: list[GenerationRequest], join: dict[int, list[
             outputs.setdefault(out.request_id, []).append(out)
             if proc.stopped is not None:
                 engine.abort_request(out.request_id, FinishReason.STOP)
+        if after_step is not None:
+            after_step(engine)
         step += 1
     return outputs
+
+
+def assert_pages_owned_once(engine: Engine) -> None:
+    """Every page of the KV arena is free, a model's scratch page, or held by exactly one (model, slot)."""
+    pool = engine.runner.pool
+    held: list[int] = []
+    for state in engine.runner.models.values():
+        held += [state.kv.scratch_page, *state.kv.pages_held()]
+    assert len(held) == len(set(held)), "a page is held twice"
+    assert len(held) + pool.num_free == pool.num_pages, "a page leaked or was freed twice"
 
 
 def tokens_of(outs: list[RequestOutput]) -> list[int]:

@@ -302,7 +302,9 @@ def test_stream_equals_non_stream_for_the_same_seed(server):
         i = choice["index"]
         assert texts[i] == choice["text"]
         assert tokens[i] == choice["logprobs"]["tokens"]
-        assert lps[i] == choice["logprobs"]["token_logprobs"]
+        # The same tokens; their log-probs to float rounding: the two requests' rows may share a step with
+        # different batch sizes, and a CPU GEMM's last bits depend on the batch's shape.
+        assert lps[i] == pytest.approx(choice["logprobs"]["token_logprobs"], rel=1e-5, abs=1e-6)
         assert finish[i] == choice["finish_reason"]
 
 

@@ -18,6 +18,7 @@ from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
 from tests.engine_helpers import (
     assert_clean,
+    assert_pages_owned_once,
     chi_square,
     chi_square_critical,
     greedy,
@@ -101,7 +102,7 @@ def test_mixed_distribution_matches_full_forward_reference_under_churn(setup, co
         if at:
             join.setdefault(at, []).append(reqs[rid])
     engine = engine_for(setup, **config)
-    out = run(engine, [reqs[rid] for rid, *_, at in specs if at == 0], join)
+    out = run(engine, [reqs[rid] for rid, *_, at in specs if at == 0], join, after_step=assert_pages_owned_once)
     ref_specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in specs]
     worst = worst_error(out, ref_specs, setup)
     assert 0.0 < worst <= 1e-4, worst  # > 0: the two paths are really different computations

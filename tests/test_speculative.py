@@ -18,6 +18,7 @@ from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
 from tests.engine_helpers import (
     assert_clean,
+    assert_pages_owned_once,
     chi_square,
     chi_square_critical,
     greedy,
@@ -99,7 +100,7 @@ def test_greedy_tokens_equal_plain_decoding_and_logprobs_equal_the_reference(set
     first, later = [reqs[r] for r in "abcde"], {3: [reqs["f"], reqs["g"]], 5: [reqs["h"]]}
     counts = Counts()
     engine = spec_engine(setup, k, counts, block_size=2)
-    spec = run(engine, first, later)
+    spec = run(engine, first, later, after_step=assert_pages_owned_once)  # draft pages too: one owner each
     plain = run(plain_engine(setup, block_size=2), first, later)
     for rid in reqs:
         assert tokens_of(spec[rid]) == tokens_of(plain[rid]), rid
@@ -264,6 +265,7 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
         while engine.has_unfinished():
             for o in engine.step().outputs:
                 outs.setdefault(o.request_id, []).append(o)
+            assert_pages_owned_once(engine)
     finally:
         handle.remove()
     for rid in ("r1", "r5"):

@@ -24,7 +24,7 @@ from memories.perplexity import (
     window_settings,
 )
 from server.errors import ConflictError, InvalidRequestError, MemdecError, MemoryLoadError, QueueFullError
-from server.kv import KVGeometry, ModelKV, PagePool
+from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
 from server.sampler import (
     ACCEPT,
@@ -251,7 +251,7 @@ def _scheduler(max_num_seqs: int, budget: int, pages: int = 1000, block: int = 4
     """A scheduler over a real (tiny, CPU) page pool of `block`-token pages: one layer, one head of 8 floats."""
     geometry = KVGeometry(1, 1, 8, torch.float32)  # 64 bytes a token
     pool = PagePool(pages, page_bytes=block * geometry.token_bytes, device=torch.device("cpu"))
-    kv = ModelKV(pool, geometry, max_num_seqs, max_model_len=512)
+    kv = ModelKV(pool, geometry, max_num_seqs, max_model_len=512, scratch_page=SCRATCH_PAGE)
     return Scheduler(max_num_seqs, budget, pool, lambda key: kv)
 
 
