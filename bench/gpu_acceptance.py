@@ -19,8 +19,8 @@ random weights, a base and a memory at real shapes (Qwen2.5-1.5B and Qwen2.5-0.5
   (e) speed    decode tokens/s at batch 1/8/64 for the base alone, base + memory (α 0.6), and HF
                `generate` (base alone); eager vs graphs at batch 1; step time vs the roofline (weights +
                KV bytes read per step ÷ measured copy bandwidth).
-  (f) spec     speculative mixing (issue 13). Acceptance β of the demo pair at α 0.6 (greedy and
-               sampled), measured by the engine on the GPU; the cost of a round drafting k = 1, 2, 4, 6
+  (f) spec     speculative mixing (issue 13). Per-token acceptance β of the demo pair at α 0.6 (greedy
+               and sampled, one draft per round), measured by the engine on the GPU; the cost of a round drafting k = 1, 2, 4, 6
                tokens at real shapes (graphs, streams) at batch 1 and 8, against a plain mixed step and the
                base alone; per-token latency = round(k) / E(β, k), E = (1 − β^(k+1)) / (1 − β), at the best
                k. Also: greedy tokens identical with and without speculation on the demo churn workload
@@ -526,7 +526,8 @@ class _SpecCounts:
 
 
 def demo_acceptance(device: str) -> dict:
-    """β of the demo pair (biomed) at α 0.6 on this device: kept drafts / drafts, K = 4, 64 tokens x 8 rows."""
+    """Per-token acceptance β of the demo pair (biomed) at α 0.6 on this device, 64 tokens x 8 rows: with one
+    draft per round (K = 1) kept drafts / drafts is β itself (with more, drafts after a rejection count too)."""
     base = load_base(ModelConfig(str(DEMO / "base"), dtype="float32", device=device))
     registry = MemoryRegistry(base)
     registry.load("biomed", str(DEMO / "memories" / "biomed"))
@@ -534,7 +535,7 @@ def demo_acceptance(device: str) -> dict:
     out = {}
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         counts = _SpecCounts()
-        engine = Engine(base, registry, EngineConfig(max_num_seqs=8, speculative_tokens=4, speculative_adaptive=False,
+        engine = Engine(base, registry, EngineConfig(max_num_seqs=8, speculative_tokens=1, speculative_adaptive=False,
                                                      num_gpu_blocks_override=1025), observer=counts)  # fmt: skip
         reqs = [GenerationRequest(f"a{i}", p, SamplingParams(max_tokens=64, temperature=temperature, seed=i, ignore_eos=True),
                                   "biomed", 0.6) for i, p in enumerate(prompts)]  # fmt: skip

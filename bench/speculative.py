@@ -10,7 +10,8 @@ in one run so load on a shared machine hits every configuration alike; the media
 in tokens per CPU-second of the benchmark's process (wall-clock rates are in the JSON too).
 Prompts are 32-token openings of held-out lines of the memory's domain (`../shared/data/<domain>/valid.txt`;
 the synthetic `testkit` text when that is absent). Acceptance = drafted tokens kept / drafted (the
-`memdec_spec_*` metrics' ratio). Writes bench/results/speculative.json.
+`memdec_spec_*` metrics' ratio; at K = 1 it is the per-token acceptance β). Writes
+bench/results/speculative.json (`--name`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -60,6 +62,22 @@ def domain_prompts(tokenizer, domain: str, n: int) -> list[tuple[int, ...]]:
     return out
 
 
+def watch_choices(engine: Engine) -> list[int]:
+    """Record every k the engine's adaptive controller picks (the list grows as it runs)."""
+    controller = engine.speculation
+    assert controller is not None
+    chosen: list[int] = []
+    pick = controller.choose
+
+    def recording(batch_size: int, betas: list[float]) -> int:
+        k = pick(batch_size, betas)
+        chosen.append(k)
+        return k
+
+    setattr(controller, "choose", recording)  # noqa: B010 - an instance attribute shadows the method
+    return chosen
+
+
 def decode_seconds(engine: Engine, prompts: list[tuple[int, ...]], tokens: int, memory: str | None, alpha: float,
                    temperature: float) -> tuple[float, float]:  # fmt: skip
     """(wall, CPU) seconds to decode `tokens` − 1 tokens per sequence after the prefill (which makes the first)."""
@@ -73,13 +91,15 @@ def decode_seconds(engine: Engine, prompts: list[tuple[int, ...]], tokens: int, 
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_cell(engines: dict[str, Engine], counts: dict[str, SpecCounts], prompts: list[tuple[int, ...]], memory: str,
-               alpha: float, temperature: float, tokens: int, repeats: int) -> dict:  # fmt: skip
+def bench_cell(engines: dict[str, Engine], counts: dict[str, SpecCounts], chosen: list[int], prompts: list[tuple[int, ...]],
+               memory: str, alpha: float, temperature: float, tokens: int, repeats: int) -> dict:  # fmt: skip
     """One (memory, α, mode, batch) cell: every configuration `repeats` times, round-robin."""
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    chosen.clear()
     kept: dict[str, list[tuple[int, int]]] = {name: [] for name in engines}
     for name, engine in engines.items():  # warm-up at this batch size; adaptive K learns this workload's costs
         decode_seconds(engine, prompts, tokens if name == "adaptive" else 4, None if name == "base" else memory, alpha, temperature)
+    warmup = len(chosen)
     for _ in range(repeats):
         for name, engine in engines.items():
             c = counts[name]
@@ -94,9 +114,13 @@ def bench_cell(engines: dict[str, Engine], counts: dict[str, SpecCounts], prompt
     acceptance = {name: sum(a for _, a in v) / max(1, sum(d for d, _ in v)) for name, v in kept.items() if name.startswith("K")}
     fixed = {name: rate for name, rate in tok_s.items() if name.startswith("K=")}
     best = max(fixed, key=lambda n: fixed[n])
+    controller = engines["adaptive"].speculation
+    assert controller is not None
     return {
         "tok_s": tok_s,
         "wall_tok_s": wall_tok_s,
+        "adaptive_k_chosen": dict(sorted(Counter(chosen[warmup:]).items())),  # measured runs only
+        "adaptive_step_ms": {k: round(s * 1e3, 2) for k, s in sorted(controller.costs(len(prompts)).items())},
         "acceptance": acceptance,
         "best_k": int(best.removeprefix("K=")),
         "spec_tok_s": fixed[best],
@@ -114,6 +138,7 @@ def main() -> None:
     parser.add_argument("--k", default="1,2,3,4,6", help="fixed K values to compare (adaptive uses the largest)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memories", default="biomed,legal,finance")
+    parser.add_argument("--name", default="speculative", help="result file bench/results/NAME.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch.split(",")]
@@ -131,6 +156,7 @@ def main() -> None:
 
     engines = {"base": engine("base", 0), "plain": engine("plain", 0), **{f"K={k}": engine(f"K={k}", k) for k in ks},
                "adaptive": engine("adaptive", max(ks), adaptive=True)}  # fmt: skip
+    chosen = watch_choices(engines["adaptive"])  # what adaptive K picks, per cell
     rows = []
     for name in names:
         info = registry.get(name)
@@ -138,10 +164,10 @@ def main() -> None:
         for alpha in dict.fromkeys([info.alpha, 0.6]):
             for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
                 for batch in batches:
-                    cell = bench_cell(engines, counts, prompts[:batch], name, alpha, temperature, args.tokens, args.repeats)
+                    cell = bench_cell(engines, counts, chosen, prompts[:batch], name, alpha, temperature, args.tokens, args.repeats)
                     rows.append({"memory": name, "alpha": alpha, "mode": mode, "batch": batch, **cell})
                     print_row(rows[-1])
-    path = write_result("speculative", {"tokens_per_sequence": args.tokens, "k": ks, "rows": rows})
+    path = write_result(args.name, {"tokens_per_sequence": args.tokens, "k": ks, "rows": rows})
     print(f"wrote {path}")
 
 

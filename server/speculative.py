@@ -14,8 +14,10 @@ compute-bound), so the engine measures it as it runs:
 
     k* = argmax over k in 0..K of  (Σ_rows E(β[row], k) + n_plain) / seconds[b][k]     (E(β, 0) = 1)
 
-Each bucket first measures every k once (K first); afterwards every PROBE_EVERY-th step takes the next
-other k in turn, so estimates follow the text (β) and the load (seconds). Large batches turn speculation
+Each bucket first measures every k once (K first). Afterwards it keeps its k unless another promises
+SWITCH_GAIN more, and every PROBE_EVERY-th step re-measures a neighbour (k ± 1) or a plain step, in turn,
+so estimates follow the text (β) and the load (seconds) without paying for far-off probes (at a large
+batch, a round of K drafts costs several plain steps). Large batches turn speculation
 off by themselves: there the verify of k + 1 tokens per row is compute-bound and seconds[b][k] grows
 faster than E(β, k). Acceptance is measured on every step, plain ones included: a plain step draws a
 speculative row's token by the same accept/residual rule, so the test happens anyway.
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 EMA = 0.2  # weight of a new timing in its moving average
 PROBE_EVERY = 16  # a bucket re-measures another k every this many steps
+SWITCH_GAIN = 1.05  # a new k must promise 5% more tokens/s than the current one to replace it
 ACCEPT_DECAY = 0.95  # a memory's acceptance counts, per step: they forget old text within ~20 steps
 ROW_DECAY = 0.8  # a row's own counts, per step (a round tests several positions)
 PRIOR_ACCEPTANCE = 0.7  # a memory's acceptance until it has been measured (weight: 2 tests)
@@ -55,6 +58,7 @@ class _Costs:
     seconds: dict[int, float] = field(default_factory=dict)  # k -> moving average of a step's seconds
     steps: int = 0
     probes: int = 0
+    current: int = 0  # the k chosen last
 
 
 class SpeculationController:
@@ -94,8 +98,11 @@ class SpeculationController:
             return unmeasured[0]
         rates = {k: self.throughput(batch_size, betas, k) or 0.0 for k in choices}
         best = max(rates, key=lambda k: rates[k])
-        if c.steps % PROBE_EVERY == 0:  # re-measure the others, one at a time
-            others = [k for k in choices if k != best]
+        if rates[best] < SWITCH_GAIN * rates[c.current]:  # hysteresis: noise alone does not flip the choice
+            best = c.current
+        c.current = best
+        if c.steps % PROBE_EVERY == 0:  # re-measure a neighbour of the choice, or a plain step, in turn
+            others = sorted({best - 1, best + 1, 0} & set(choices) - {best})
             c.probes += 1
             return others[c.probes % len(others)]
         return best
