@@ -51,7 +51,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from bench.speculative import domain_prompts
+from bench.speculative import SpecCounts, domain_prompts
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.mixing import mix_logprobs
 from server.config import EngineConfig, ModelConfig
@@ -260,6 +260,28 @@ def mixed_batch(vocab: int, batch: int, n: int, prompt_len: int = 100) -> list[G
     return reqs
 
 
+def steps_without_sync(engine: Engine, steps: int) -> dict:
+    """Steady decode steps of a mixed batch under set_sync_debug_mode("error"): any implicit sync raises."""
+    for r in mixed_batch(engine.base.vocab_size, 6, 64):
+        engine.add_request(r)
+    for _ in range(3):  # prefill, then a decode step that builds the batch
+        engine.step()
+    done, error = 0, None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            engine.step()
+            done += 1
+    except RuntimeError as exc:
+        error = f"{exc}\n{traceback.format_exc()[-2000:]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished():
+        engine.step()
+    return {"steps": done, "ok": error is None, "error": error}
+
+
 def part_syncs(base_dir: str, mem_dir: str, device: str) -> dict:
     result = {}
     for mode, eager in (("graphs", False), ("eager", True)):
@@ -267,22 +289,7 @@ def part_syncs(base_dir: str, mem_dir: str, device: str) -> dict:
         engine, _ = engine_with(base_dir, {"memory": mem_dir}, device, "bfloat16", max_num_seqs=8, max_model_len=2048,
                                 enforce_eager=eager, gpu_memory_utilization=0.5)  # fmt: skip
         result[f"{mode}_kv_pages"] = engine.cache_usage().usable_pages
-        for r in mixed_batch(engine.base.vocab_size, 6, 64):
-            engine.add_request(r)
-        for _ in range(3):  # prefill, then a decode step that builds the batch
-            engine.step()
-        steps, error = 0, None
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(40):  # crosses KV pages (16 tokens) twice: uploads must stay asynchronous
-                engine.step()
-                steps += 1
-        except RuntimeError as exc:
-            error = f"{exc}\n{traceback.format_exc()[-2000:]}"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        result[mode] = {"steps": steps, "ok": error is None, "error": error}
+        result[mode] = steps_without_sync(engine, 40)  # crosses KV pages (16 tokens) twice: uploads stay asynchronous
         del engine
         gc.collect()
     result["ok"] = all(v["ok"] for v in result.values() if isinstance(v, dict))
@@ -511,20 +518,6 @@ def part_speed(base_dir: str, mem_dir: str, device: str, batches: list[int], n: 
 SPEC_KS = (1, 2, 4, 6)
 
 
-class _SpecCounts:
-    """Engine observer summing drafted / accepted tokens (the other hooks do nothing)."""
-
-    def __init__(self) -> None:
-        self.drafted = self.accepted = 0
-
-    def on_speculation(self, memory: str, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
-        self.accepted += accepted
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
 def demo_acceptance(device: str) -> dict:
     """Per-token acceptance β of the demo pair (biomed) at α 0.6 on this device, 64 tokens x 8 rows: with one
     draft per round (K = 1) kept drafts / drafts is β itself (with more, drafts after a rejection count too)."""
@@ -534,7 +527,7 @@ def demo_acceptance(device: str) -> dict:
     prompts = domain_prompts(base.tokenizer, "biomedical", 8)  # held-out text, or the synthetic kind
     out = {}
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-        counts = _SpecCounts()
+        counts = SpecCounts()
         engine = Engine(base, registry, EngineConfig(max_num_seqs=8, speculative_tokens=1, speculative_adaptive=False,
                                                      num_gpu_blocks_override=1025), observer=counts)  # fmt: skip
         reqs = [GenerationRequest(f"a{i}", p, SamplingParams(max_tokens=64, temperature=temperature, seed=i, ignore_eos=True),
@@ -553,27 +546,6 @@ def spec_tokens_identical(device: str) -> bool:
     first, join = churn_workload(engine.base.vocab_size)
     tokens, _ = drive(engine, first, join)
     return tokens == churn_tokens(device, CHURN_CONFIGS["streams+graphs"])
-
-
-def spec_round_syncs(engine: Engine) -> dict:
-    for r in mixed_batch(engine.base.vocab_size, 6, 64):
-        engine.add_request(r)
-    for _ in range(3):
-        engine.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    steps, error = 0, None
-    try:
-        for _ in range(10):
-            engine.step()
-            steps += 1
-    except RuntimeError as exc:
-        error = f"{exc}\n{traceback.format_exc()[-2000:]}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    while engine.has_unfinished():
-        engine.step()
-    return {"steps": steps, "ok": error is None, "error": error}
 
 
 def part_spec(base_dir: str, mem_dir: str, device: str, batches: list[int], n: int) -> dict:
@@ -610,7 +582,7 @@ def part_spec(base_dir: str, mem_dir: str, device: str, batches: list[int], n: i
         rows.append(row)
     result: dict = {"acceptance_demo_alpha_0.6": beta, "rows": rows}
     if device == "cuda":
-        result["syncs"] = spec_round_syncs(engine(4))
+        result["syncs"] = steps_without_sync(engine(4), 10)  # rounds: drafts, verify, acceptance
     result["greedy_tokens_identical"] = spec_tokens_identical(device)
     b1 = rows[0]
     result["targets"] = {

@@ -302,9 +302,7 @@ class Engine:
         try:
             logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
         except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
-            log.exception("base forward failed")
-            self.runner.step_done()
-            return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+            return self._base_failed(batch, rows, exc)
         t1 = time.perf_counter()
         sampled = self._mix_and_sample(rows, logits, is_prefill)  # ends with the step's one host sync
         self.runner.step_done()
@@ -313,6 +311,12 @@ class Engine:
         if self.speculation is not None and rows.spec_rows and not is_prefill:
             self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
         return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
+
+    def _base_failed(self, batch: ScheduledBatch, rows: RowBatch, exc: Exception) -> StepResult:
+        """The base's forward raised: this step's sequences fail, the engine lives on."""
+        log.exception("base forward failed")
+        self.runner.step_done()
+        return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
 
     def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
                  logits: StepLogits | SpecLogits, t1: float) -> StepStats | None:  # fmt: skip
@@ -358,10 +362,8 @@ class Engine:
         plan = self._plan[1]
         try:
             logits = self.runner.speculate(rows, plan)
-        except Exception as exc:  # the base's verify failed: this step's sequences fail, the engine lives on
-            log.exception("base verify forward failed")
-            self.runner.step_done()
-            return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # the base's verify failed (a memory's failure is contained in `speculate`)
+            return self._base_failed(batch, rows, exc)
         t1 = time.perf_counter()
         result = self._accept_round(rows, plan, logits)  # ends with the step's one host sync
         self.runner.step_done()

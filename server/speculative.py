@@ -34,9 +34,12 @@ EMA = 0.2  # weight of a new timing in its moving average
 PROBE_EVERY = 16  # a bucket re-measures another k every this many steps
 SWITCH_GAIN = 1.05  # a new k must promise 5% more tokens/s than the current one to replace it
 ACCEPT_DECAY = 0.95  # a memory's acceptance counts, per step: they forget old text within ~20 steps
-ROW_DECAY = 0.8  # a row's own counts, per step (a round tests several positions)
+ROW_DECAY = 0.9  # a row's own counts, per step (a round tests several positions)
 PRIOR_ACCEPTANCE = 0.7  # a memory's acceptance until it has been measured (weight: 2 tests)
-PRIOR_WEIGHT = 2.0  # tests' worth of its memory's acceptance in a row's estimate
+# Tests' worth of its memory's acceptance in a row's estimate. E(β, k) is convex in β, so noise in a row's
+# few tests would inflate the expected tokens of a round: a row's estimate leans on its memory's until it
+# has a dozen tests of its own.
+PRIOR_WEIGHT = 8.0
 
 
 def expected_tokens(beta: float, k: int) -> float:

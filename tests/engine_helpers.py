@@ -135,3 +135,42 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
         cells_obs, cells_exp = cells_obs[:-1], cells_exp[:-1]
     stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp, strict=True))
     return stat, len(cells_exp) - 1
+
+
+def host_reads(engine: Engine, steps: int, monkeypatch) -> list[str]:
+    """Run `steps` engine steps with a probe on every Python-visible way a tensor reaches the host; returns
+    what read it, in order ("fetch" for the engine's one read per step, which the probe does not see into)."""
+    import server.engine as engine_module
+
+    reads: list[str] = []
+    inside_fetch = [False]
+    real_fetch = engine_module.fetch
+
+    def counting_fetch(*tensors):
+        reads.append("fetch")
+        inside_fetch[0] = True
+        try:
+            return real_fetch(*tensors)
+        finally:
+            inside_fetch[0] = False
+
+    def probe(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if not inside_fetch[0]:
+                reads.append(name)
+            return real(self, *a, **k)
+
+        return wrapper
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, probe(name))
+    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
+    try:
+        for _ in range(steps):
+            result = engine.step()
+            assert result.kind.value == "decode", result.kind
+    finally:
+        monkeypatch.undo()
+    return reads

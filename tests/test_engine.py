@@ -22,6 +22,7 @@ from tests.engine_helpers import (
     chi_square,
     chi_square_critical,
     greedy,
+    host_reads,
     logprobs_of,
     prompt,
     reference_logp,
@@ -29,16 +30,6 @@ from tests.engine_helpers import (
     tokens_of,
     worst_error,
 )
-
-
-@pytest.fixture(scope="module")
-def setup(zoo):
-    base = load_base(ModelConfig(str(zoo.base)))
-    registry = MemoryRegistry(base)
-    registry.load("med", str(zoo.mem_llama))
-    registry.load("law", str(zoo.mem_qwen_padded))
-    registry.load("fin", str(zoo.mem_gpt2))
-    return base, registry
 
 
 def engine_for(setup, **kw) -> Engine:
@@ -376,8 +367,6 @@ def test_echo_prompt_logprobs_are_mixed(setup):
 def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
     """A probe on every Python-visible way a tensor reaches the host: a steady decode step (page crossings,
     log-probs, sampling, several memories) reads the device exactly once — the engine's `fetch`."""
-    import server.engine as engine_module
-
     base, _ = setup
     engine = engine_for(setup, block_size=2)
     reqs = [
@@ -389,37 +378,9 @@ def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
         engine.add_request(r)
     for _ in range(3):  # the prefill and a first decode step (which builds the decode batch)
         engine.step()
-    reads: list[str] = []
-    inside_fetch = [False]
-    real_fetch = engine_module.fetch
-
-    def counting_fetch(*tensors):
-        reads.append("fetch")
-        inside_fetch[0] = True
-        try:
-            return real_fetch(*tensors)
-        finally:
-            inside_fetch[0] = False
-
-    def probe(name):
-        real = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            if not inside_fetch[0]:
-                reads.append(name)
-            return real(self, *a, **k)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
-        monkeypatch.setattr(torch.Tensor, name, probe(name))
-    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
     steps = 12
-    for _ in range(steps):
-        result = engine.step()
-        assert result.kind.value == "decode" and len(result.outputs) == 3
-    monkeypatch.undo()
-    assert reads == ["fetch"] * steps, reads
+    assert host_reads(engine, steps, monkeypatch) == ["fetch"] * steps
+    assert all(engine.scheduler.find(r.request_id).num_output_tokens == 3 + steps for r in reqs)
 
 
 def test_cache_kv_ops_truncate_and_leak_free(setup):

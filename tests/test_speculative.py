@@ -10,10 +10,8 @@ import math
 import pytest
 import torch
 
-from server.config import EngineConfig, ModelConfig
+from server.config import EngineConfig
 from server.engine import Engine
-from server.loader import load_base
-from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
 from tests.engine_helpers import (
@@ -22,22 +20,13 @@ from tests.engine_helpers import (
     chi_square,
     chi_square_critical,
     greedy,
+    host_reads,
     logprobs_of,
     prompt,
     run,
     tokens_of,
     worst_error,
 )
-
-
-@pytest.fixture(scope="module")
-def setup(zoo):
-    base = load_base(ModelConfig(str(zoo.base)))
-    registry = MemoryRegistry(base)
-    registry.load("med", str(zoo.mem_llama))
-    registry.load("law", str(zoo.mem_qwen_padded))
-    registry.load("fin", str(zoo.mem_gpt2))
-    return base, registry
 
 
 class Counts:
@@ -297,8 +286,6 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
 def test_one_host_read_per_speculative_round(setup, monkeypatch):
     """Drafting k tokens never reads the device: a round (drafts sampled on the device, verify, acceptance,
     several memories, log-probs, page crossings) reads it exactly once, in the engine's `fetch`."""
-    import server.engine as engine_module
-
     base, _ = setup
     engine = spec_engine(setup, 3, block_size=2)
     reqs = [
@@ -310,35 +297,6 @@ def test_one_host_read_per_speculative_round(setup, monkeypatch):
         engine.add_request(r)
     for _ in range(3):
         engine.step()
-    reads: list[str] = []
-    inside = [False]
-    real_fetch = engine_module.fetch
-
-    def counting_fetch(*tensors):
-        reads.append("fetch")
-        inside[0] = True
-        try:
-            return real_fetch(*tensors)
-        finally:
-            inside[0] = False
-
-    def probe(name):
-        real = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            if not inside[0]:
-                reads.append(name)
-            return real(self, *a, **k)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
-        monkeypatch.setattr(torch.Tensor, name, probe(name))
-    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
     steps = 8
-    for _ in range(steps):
-        result = engine.step()
-        assert result.kind.value == "decode" and result.stats is None and len(result.outputs) == 3
-    monkeypatch.undo()
-    assert reads == ["fetch"] * steps, reads
+    assert host_reads(engine, steps, monkeypatch) == ["fetch"] * steps
     assert engine.scheduler.find("a").num_output_tokens > 3 + steps  # rounds emitted several tokens

@@ -41,7 +41,7 @@ from server.sampler import (
 )
 from server.scheduler import Scheduler, StepKind
 from server.sequence import Sequence
-from server.speculative import PRIOR_ACCEPTANCE, SpeculationController, bucket, expected_tokens
+from server.speculative import PRIOR_ACCEPTANCE, PRIOR_WEIGHT, SpeculationController, bucket, expected_tokens
 from server.validation import (
     MAX_MEMORY_NAME,
     check_context,
@@ -243,7 +243,9 @@ def test_acceptance_estimates_start_from_the_prior_and_follow_the_tests():
     for _ in range(50):
         ctl.observe_acceptance("m", tests=10, passed=3)
     assert ctl.acceptance("m") == pytest.approx(0.3, abs=0.01)
-    assert ctl.row_acceptance("m", passed=9.0, tests=10.0) > 0.75  # a row's own tests outweigh its memory's
+    assert ctl.row_acceptance("m", passed=0.0, tests=0.0) == pytest.approx(ctl.acceptance("m"))
+    assert ctl.row_acceptance("m", passed=9.0, tests=10.0) == pytest.approx((9 + PRIOR_WEIGHT * 0.3) / (10 + PRIOR_WEIGHT), abs=0.01)
+    assert ctl.row_acceptance("m", passed=30.0, tests=30.0) > 0.8  # enough of its own tests outweigh its memory's
 
 
 # -- scheduler --------------------------------------------------------------------------------------------
