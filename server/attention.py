@@ -2,10 +2,9 @@
 
 A served model is switched once to the "memdec" implementation (`use_paged_attention`); its modeling
 code is unchanged. A forward that carries `memdec_ctx=` (a `PrefillContext`, `DecodeContext` or
-`VerifyContext`)
-stores its new keys/values into the pages and attends over them. Every other forward (HF `generate`,
-the toolkit, test references, perplexity windows) falls through to transformers' SDPA function with
-the mask HF builds, so the model behaves exactly as with `attn_implementation="sdpa"`.
+`VerifyContext`) stores its new keys/values into the pages and attends over them. Every other forward
+(HF `generate`, the toolkit, test references, perplexity windows) falls through to transformers' SDPA
+function with the mask HF builds, so the model behaves exactly as with `attn_implementation="sdpa"`.
 
 Engine forwards pass a ready 4-D `attention_mask`, which makes HF return it as is: no mask is built,
 and nothing on the path reads a tensor back to the host.
@@ -158,9 +157,9 @@ class VerifyContext:
     """T new tokens per row on top of its cached prefix: [B, T] (speculative mixing's verify forward).
 
     Row b's token t sits at position start[b] + t and attends to every cached position and to its own
-    block up to itself. Only the first `valid[b]` tokens of a row are real; the others (rows drafting
-    fewer tokens, padding rows) write their keys/values into the scratch page and their outputs are
-    ignored, so they never touch a page they do not own.
+    block up to itself. Tokens past a row's real ones (rows drafting fewer tokens, padding rows; see
+    `graphs.verify_forward`) have the model's scratch page in `page` and their outputs are ignored, so
+    they never write a page they do not own.
     """
 
     kv: ModelKV

@@ -190,8 +190,7 @@ def accept(
 
     p_logp: [N, V] mixed log-probs; drafts: at the same N positions; drafted: [N] bool, False where a
     position has no draft (then the token is exactly what `sample` draws), None when every position has
-    one; u: [3, N] the positions'
-    `speculative_uniforms` (None if all greedy).
+    one; u: [3, N] the positions' `speculative_uniforms` (None if all greedy).
     The draft x stays with probability min(1, p̃(x)/q̃(x)) (ACCEPT stream), else the token is drawn from
     max(0, p̃ − q̃) (TOKEN stream): either way it is distributed as p̃. Greedy rows: the token is argmax p,
     and the draft counts as accepted when it is that token.
@@ -199,13 +198,13 @@ def accept(
     """
     if not rows.any_sampled:
         argmax = p_logp.argmax(dim=-1)  # [N]
-        return argmax, _where(drafted, drafts.tokens == argmax)
+        return argmax, _and_mask(drafted, drafts.tokens == argmax)
     assert drafts.probs is not None and u is not None
     p = filtered_probs(p_logp, rows)  # [N, V]
     q = drafts.probs if drafted is None else drafts.probs * drafted.unsqueeze(1)  # no draft: q̃ = 0, so the residual is p̃
     x = drafts.tokens.unsqueeze(1)  # [N, 1]
     p_x, q_x = p.gather(1, x).squeeze(1), q.gather(1, x).squeeze(1)  # [N]
-    ok = _where(drafted, u[ACCEPT] * q_x < p_x)  # u < p̃(x)/q̃(x), without dividing
+    ok = _and_mask(drafted, u[ACCEPT] * q_x < p_x)  # u < p̃(x)/q̃(x), without dividing
     residual = (p - q).clamp_min_(0.0)  # [N, V]
     # All zero only when p̃ = q̃ up to rounding (then the draft is accepted but for rounding): use p̃.
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
@@ -213,12 +212,12 @@ def accept(
     if rows.any_greedy:
         argmax = p_logp.argmax(dim=-1)
         tokens = torch.where(rows.greedy, argmax, tokens)
-        ok = torch.where(rows.greedy, _where(drafted, drafts.tokens == argmax), ok)
+        ok = torch.where(rows.greedy, _and_mask(drafted, drafts.tokens == argmax), ok)
     return tokens, ok
 
 
-def _where(mask: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """value & mask, where a mask of None is all True."""
+def _and_mask(mask: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """value & mask; a mask of None is all True."""
     return value if mask is None else value & mask
 
 

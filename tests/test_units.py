@@ -331,6 +331,29 @@ def test_scheduler_waits_for_pages_and_preempts_the_newest_row():
     assert sched.pool.num_free == sched.pool.num_usable and sched.num_free_slots == 4
 
 
+def test_spare_draft_pages_go_back_before_anyone_is_preempted():
+    """A speculative row's draft pages come only from free pages above the watermark, and when another row
+    needs a page and none is free they are given back first: speculation never preempts anyone."""
+    sched = _scheduler(max_num_seqs=4, budget=100, pages=10)  # 9 usable pages of 4 tokens, watermark 1
+    a, b = _seq(0, 8), _seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    assert _ids(sched.schedule()) == ["r0", "r1"]
+    kv = sched.kv_of(None)
+    assert sched.schedule().kind is StepKind.DECODE  # each row's 9th token: a third page each, 3 left
+    assert sched.reserve_lookahead(a, 8) and int(kv.host_blocks[a.slot]) == 5  # 8 cached + 1 + 8 drafts
+    assert not sched.reserve_lookahead(b, 8)  # would dip under the watermark: refused, nothing taken
+    assert int(kv.host_blocks[b.slot]) == 3 and sched.pool.num_free == 1
+    for _ in range(8):  # only b decodes: it takes the free page at 12 tokens, then a's spare ones at 16
+        b.token_ids.append(1)
+        kv.advance_host([b.slot])
+        batch = sched.schedule()
+        assert batch.kind is StepKind.DECODE and not batch.preempted
+    assert int(kv.host_blocks[b.slot]) == 5 and int(kv.host_blocks[a.slot]) == 3  # a kept its next token's page
+    sched.remove([a, b])
+    assert sched.pool.num_free == sched.pool.num_usable
+
+
 # -- the mixture and the window scorer, with stub models ----------------------------------------------------
 
 
