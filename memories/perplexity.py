@@ -106,6 +106,20 @@ def window_batches(
         yield batch
 
 
+def _scored_logits(
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 [B, S, V] at the scored positions, their targets [B, S]) of one batch of windows."""
+    w0 = windows[0]
+    length, scored = w0.end - w0.begin, w0.num_scored
+    first = w0.score_from - w0.begin - 1  # logits index predicting ids[score_from]
+    inp = torch.stack([ids[w.begin : w.end] for w in windows])  # [B, T]
+    # Only the scored positions' logits are materialised: [B, S, V] instead of [B, T, V].
+    logits = model(input_ids=inp, logits_to_keep=length - first).logits
+    targets = torch.stack([ids[w.score_from : w.end] for w in windows])  # [B, S]
+    return logits[:, :scored, :vocab_size].float(), targets
+
+
 @torch.inference_mode()
 def batch_logprobs(model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int) -> torch.Tensor:
     """log p(ids[t] | ids[begin:t]) for t in [score_from, end) of each window: float32 [B, S].
@@ -114,15 +128,17 @@ def batch_logprobs(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wind
     the model's device. Logits are cut to `vocab_size` (= len(tokenizer)) so that padded embedding rows
     never receive probability.
     """
-    w0 = windows[0]
-    length, scored = w0.end - w0.begin, w0.num_scored
-    first = w0.score_from - w0.begin - 1  # logits index predicting ids[score_from]
-    inp = torch.stack([ids[w.begin : w.end] for w in windows])  # [B, T]
-    # Only the scored positions' logits are materialised: [B, S, V] instead of [B, T, V].
-    logits = model(input_ids=inp, logits_to_keep=length - first).logits
-    logits = logits[:, :scored, :vocab_size].float()  # [B, S, V]
-    targets = torch.stack([ids[w.score_from : w.end] for w in windows])  # [B, S]
+    logits, targets = _scored_logits(model, ids, windows, vocab_size)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.inference_mode()
+def batch_distributions(
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int
+) -> torch.Tensor:
+    """The whole next-token log-distribution at the same positions as `batch_logprobs`: float32 [B, S, V]
+    (for per-token top alternatives; `batch_logprobs` is its gather at the targets)."""
+    return torch.log_softmax(_scored_logits(model, ids, windows, vocab_size)[0], dim=-1)
 
 
 def document_logprobs(

@@ -580,7 +580,7 @@ class Engine:
         try:
             assert job.current is not None
             _, ids, windows = job.current
-            lps = self.runner.score(job.memory_name, ids, windows)
+            lps = self.runner.score(job.memory_name, ids, windows, job.wants_distributions)
             mem = lps.get(job.memory_name) if job.memory_name is not None else None
             if isinstance(mem, Exception):
                 raise mem

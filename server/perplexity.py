@@ -3,6 +3,11 @@
 A job is scheduled like any other work (`Scheduler.jobs`): each SCORE step runs one batch of windows
 (at most `BATCH_TOKENS` tokens, which bounds the pause it imposes on decoding) through the model runner (base and memory overlapped on two streams, a failing memory fails the job
 only) and accumulates on the device; the host reads the sums once, when the job is done.
+
+A job may score a range of each document's windows (`first_window`, `max_windows`) and keep per-token
+log-probs (`token_logprobs`); with top alternatives the runner returns whole next-token distributions,
+so those batches are a quarter of the size, which keeps both models' distributions within the usual
+memory bound.
 """
 
 from __future__ import annotations
@@ -14,8 +19,35 @@ import torch
 from memories.mixing import mix_logprobs
 from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
 from server.loader import LoadedModel
-from server.request import DocumentPerplexity, PerplexityRequest, PerplexityResult, PerplexityScore
+from server.request import (
+    DocumentPerplexity,
+    PerplexityRequest,
+    PerplexityResult,
+    PerplexityScore,
+    TokenCandidates,
+    TokenScores,
+)
 from server.transfer import fetch
+
+
+def document_windows(num_tokens: int, context: int, stride: int, first: int = 0, count: int | None = None) -> tuple[list[Window], int]:
+    """(windows [first, first + count) of a document's sliding windows, how many it has in all)."""
+    windows = list(sliding_windows(num_tokens, context, stride))
+    return windows[first : None if count is None else first + count], len(windows)
+
+
+class _TokenLog:
+    """One document's per-token log-probs (and top candidates), gathered on the device batch by batch."""
+
+    # base/memory/mixed: [n] per batch; top_*: [n, K] per batch (ids, then each model's log-prob of them).
+    FIELDS = ("base", "memory", "mixed", "top_ids", "top_base", "top_memory", "top_mixed")
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field that was kept, concatenated over the batches (a field never kept is left out)."""
+        return {name: torch.cat(p) for name, p in self.parts.items() if p}
 
 
 class PerplexityJob:
@@ -27,12 +59,17 @@ class PerplexityJob:
         self.memory_name = request.memory if memory is not None else None
         self.context, self.stride = context, stride
         self.device = base.device
+        self.top_k = request.token_logprobs or 0
+        self.wants_distributions = request.wants_distributions
         self._alphas = torch.tensor(request.alphas, dtype=torch.float32).to(self.device)  # [A]
         zeros = torch.zeros(len(request.documents), dtype=torch.float64)
         self._base_nll = zeros.clone().to(self.device)  # [D]
         self._mem_nll = zeros.clone().to(self.device)  # [D]
         self._mixed_nll = torch.zeros(len(request.documents), len(request.alphas), dtype=torch.float64).to(self.device)  # [D, A]
         self._counts = [0] * len(request.documents)
+        self._num_windows = [0] * len(request.documents)
+        self._offsets = [0] * len(request.documents)  # first scored position of each document's range
+        self._tokens = [_TokenLog() for _ in request.documents] if request.token_logprobs is not None else None
         self._batches = self._all_batches(base.vocab_size)
         self.current: tuple[int, torch.Tensor, list[Window]] | None = next(self._batches, None)
 
@@ -45,34 +82,95 @@ class PerplexityJob:
         return self.current is None
 
     def _all_batches(self, vocab: int) -> Iterator[tuple[int, torch.Tensor, list[Window]]]:
+        max_logits = BATCH_LOGITS // 4 if self.wants_distributions else BATCH_LOGITS
         for d, doc in enumerate(self.request.documents):
             ids = torch.tensor(doc).to(self.device)  # [N]
-            windows = sliding_windows(len(doc), self.context, self.stride)
-            for batch in window_batches(windows, BATCH_TOKENS, BATCH_LOGITS, vocab):
+            windows, self._num_windows[d] = document_windows(
+                len(doc), self.context, self.stride, self.request.first_window, self.request.max_windows
+            )
+            self._offsets[d] = windows[0].score_from if windows else len(doc)
+            for batch in window_batches(windows, BATCH_TOKENS, max_logits, vocab):
                 yield d, ids, batch
 
     def add(self, base_lp: torch.Tensor, mem_lp: torch.Tensor | None) -> None:
-        """Account the current batch's target log-probs ([B, S] each) and move to the next batch."""
+        """Account the current batch's target log-probs ([B, S] each; whole distributions [B, S, V] when
+        `wants_distributions`) and move to the next batch."""
         assert self.current is not None
-        d = self.current[0]
+        d, ids, windows = self.current
+        if self.wants_distributions:
+            self._keep_top(d, base_lp, mem_lp)
+            targets = torch.stack([ids[w.score_from : w.end] for w in windows]).unsqueeze(-1)  # [B, S, 1]
+            base_lp = base_lp.gather(-1, targets).squeeze(-1)
+            mem_lp = mem_lp.gather(-1, targets).squeeze(-1) if mem_lp is not None else None
         self._base_nll[d] -= base_lp.double().sum()
+        mixed = None
         if mem_lp is not None:
             self._mem_nll[d] -= mem_lp.double().sum()
             mixed = mix_logprobs(base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas)  # [A, B*S]
             self._mixed_nll[d] -= mixed.double().sum(dim=-1)
+        if self._tokens is not None:
+            parts = self._tokens[d].parts
+            parts["base"].append(base_lp.flatten())
+            if mem_lp is not None and mixed is not None:
+                parts["memory"].append(mem_lp.flatten())
+                if len(mixed):  # the first alpha's (a request with a memory but no alpha mixes nothing)
+                    parts["mixed"].append(mixed[0])
         self._counts[d] += base_lp.numel()
         self.current = next(self._batches, None)
 
+    def _keep_top(self, d: int, base: torch.Tensor, mem: torch.Tensor | None) -> None:
+        """Each model's top k of this batch ([B, S, V] log-probs), with both models' log-probs of every one."""
+        assert self._tokens is not None
+        k = min(self.top_k, base.shape[-1])
+        ids = base.topk(k, dim=-1).indices
+        if mem is not None:
+            ids = torch.cat([ids, mem.topk(k, dim=-1).indices], dim=-1)  # [B, S, 2k]
+        parts = self._tokens[d].parts
+        parts["top_ids"].append(ids.flatten(0, 1))
+        parts["top_base"].append(base.gather(-1, ids).flatten(0, 1))
+        if mem is not None:
+            parts["top_memory"].append(mem.gather(-1, ids).flatten(0, 1))
+            if len(self._alphas):
+                parts["top_mixed"].append(mix_logprobs(parts["top_base"][-1], parts["top_memory"][-1], self._alphas[0]))
+
     def result(self) -> PerplexityResult:
-        base, mem, mixed = (a.tolist() for a in fetch(self._base_nll, self._mem_nll, self._mixed_nll))
+        kept = [log.tensors() for log in self._tokens or []]
+        host = fetch(self._base_nll, self._mem_nll, self._mixed_nll, *(t for k in kept for t in k.values()))
+        base, mem, mixed = (a.tolist() for a in host[:3])
+        per_token = iter(host[3:])
         docs = []
         for d, count in enumerate(self._counts):
             with_memory = self.memory is not None
+            tokens = None
+            if kept:
+                tokens = self._token_scores(d, {name: next(per_token).tolist() for name in kept[d]})
             docs.append(
                 DocumentPerplexity(
                     base=PerplexityScore(base[d], count),
                     mixed=tuple(PerplexityScore(v, count) for v in mixed[d]) if with_memory else (),
                     memory_alone=PerplexityScore(mem[d], count) if with_memory else None,
+                    num_windows=self._num_windows[d],
+                    tokens=tokens,
                 )
             )
         return PerplexityResult(self.request_id, tuple(docs), self.context, self.stride)
+
+    def _token_scores(self, d: int, kept: dict[str, list]) -> TokenScores:
+        """Document d's kept per-token lists as the result's tuples (a field never kept is None)."""
+
+        def field(name: str) -> tuple | None:
+            return tuple(kept[name]) if name in kept else None
+
+        top = None
+        if "top_ids" in kept:
+            memory, mixed = kept.get("top_memory"), kept.get("top_mixed")
+            top = tuple(
+                TokenCandidates(
+                    tuple(ids), tuple(kept["top_base"][i]),
+                    tuple(memory[i]) if memory is not None else None, tuple(mixed[i]) if mixed is not None else None,
+                )
+                for i, ids in enumerate(kept["top_ids"])
+            )  # fmt: skip
+        base = field("base")
+        assert base is not None  # every scored token's base log-prob is kept
+        return TokenScores(self._offsets[d], base, field("memory"), field("mixed"), top)

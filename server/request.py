@@ -100,6 +100,17 @@ class PerplexityRequest:
     alphas: tuple[float, ...] = ()
     context_length: int | None = None
     stride: int | None = None
+    # Score only windows [first_window, first_window + max_windows) of each document (None: to its end),
+    # so that a client can score a long text in parts, with progress, and get exactly the whole-text numbers.
+    first_window: int = 0
+    max_windows: int | None = None
+    # Keep each scored token's log-probs (None: only the sums); k > 0 also keeps each model's top k.
+    token_logprobs: int | None = None
+
+    @property
+    def wants_distributions(self) -> bool:
+        """Top alternatives need both models' whole next-token distributions, not only the targets'."""
+        return bool(self.token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -113,10 +124,34 @@ class PerplexityScore:
 
 
 @dataclass(frozen=True)
+class TokenCandidates:
+    """One scored position's alternatives: each model's top k (base's first, then the memory's; an id may
+    appear twice), with both models' log-probs of every candidate, so that a client can mix them at any α."""
+
+    token_ids: tuple[int, ...]
+    base: tuple[float, ...]
+    memory: tuple[float, ...] | None  # None without a memory
+    mixed: tuple[float, ...] | None  # at the first alpha
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-token log-probs of one document's scored tokens, positions `offset`, `offset + 1`, ..."""
+
+    offset: int
+    base: tuple[float, ...]
+    memory: tuple[float, ...] | None  # None without a memory
+    mixed: tuple[float, ...] | None  # at the first alpha; None without a memory
+    top: tuple[TokenCandidates, ...] | None  # None unless top alternatives were asked for
+
+
+@dataclass(frozen=True)
 class DocumentPerplexity:
     base: PerplexityScore
     mixed: tuple[PerplexityScore, ...]  # one per alpha, in request order; empty without a memory
     memory_alone: PerplexityScore | None = None
+    num_windows: int = 0  # the document's windows in all (the request may have scored a range of them)
+    tokens: TokenScores | None = None  # when the request asked for token_logprobs
 
 
 @dataclass(frozen=True)

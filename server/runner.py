@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from memories.mixing import alpha_logs
-from memories.perplexity import Window, batch_logprobs
+from memories.perplexity import Window, batch_distributions, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
@@ -564,22 +564,26 @@ class ModelRunner:
         kv.advance(slots_dev)
         kv.advance_host(slots)
 
-    def score(self, key: str | None, ids: torch.Tensor, windows: list[Window]) -> dict[ModelKey, torch.Tensor | Exception]:
-        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key`."""
+    def score(
+        self, key: str | None, ids: torch.Tensor, windows: list[Window], distributions: bool = False
+    ) -> dict[ModelKey, torch.Tensor | Exception]:
+        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key`; with
+        `distributions`, whole next-token log-distributions [B, S, V] instead (per-token top alternatives)."""
         result: dict[ModelKey, torch.Tensor | Exception] = {}
         vocab = self.base.vocab_size
+        scorer = batch_distributions if distributions else batch_logprobs
 
         def run_memory() -> None:
             if key is None:
                 return
             try:
-                result[key] = self._to_main(batch_logprobs(self.models[key].lm.model, ids, windows, vocab))
+                result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab))
             except Exception as exc:  # contained: the job fails, the engine goes on
                 log.exception("memory %s perplexity forward failed", key)
                 result[key] = exc
 
         def run_base() -> None:
-            result[None] = batch_logprobs(self.base.model, ids, windows, vocab)
+            result[None] = scorer(self.base.model, ids, windows, vocab)
 
         self._parallel(run_base, run_memory)
         return result

@@ -15,12 +15,16 @@ from memories.mixing import check_alpha as _alpha_rule
 from memories.perplexity import WindowSettingsError, window_settings
 from server.errors import InvalidRequestError, MemdecError, MemoryLoadError
 from server.metrics import RESERVED_MEMORY_LABELS
+from server.perplexity import document_windows
 from server.request import GenerationRequest, PerplexityRequest
 
 MAX_PROMPTS = 256  # prompts (or perplexity inputs) in one request, and prompts x n
 MAX_STOP = 16  # stop strings per request
 MAX_ALPHAS = 32  # alphas in one perplexity request
 MAX_MEMORY_NAME = 128  # characters in a memory name
+# Scored tokens whose per-token log-probs one perplexity request may return: bounds the answer's size (with
+# 20 alternatives per model, a few MB of JSON); longer texts are scored in parts (first_window, max_windows).
+MAX_TOKEN_LOGPROBS = 16384
 # The metrics use these as label values (the base alone, overflow), so no memory may be called so.
 RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS
 
@@ -114,7 +118,35 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
         check_token_ids(doc, vocab_size, "input")
     for alpha in request.alphas:
         check_alpha(alpha)
-    return resolve_windows(request.context_length, request.stride, max_len)
+    if request.token_logprobs is not None and not 0 <= request.token_logprobs <= vocab_size:
+        raise InvalidRequestError(f"logprobs must be in [0, {vocab_size}]", param="logprobs")
+    if request.first_window < 0:
+        raise InvalidRequestError("first_window must be >= 0", param="first_window")
+    if request.max_windows is not None and request.max_windows < 1:
+        raise InvalidRequestError("max_windows must be >= 1", param="max_windows")
+    context, stride = resolve_windows(request.context_length, request.stride, max_len)
+    _check_window_range(request, context, stride)
+    return context, stride
+
+
+def _check_window_range(request: PerplexityRequest, context: int, stride: int) -> None:
+    """Every document has a window at `first_window`, and per-token answers stay within MAX_TOKEN_LOGPROBS."""
+    scored = 0
+    for i, doc in enumerate(request.documents):
+        windows, total = document_windows(len(doc), context, stride, request.first_window, request.max_windows)
+        if not windows:
+            raise InvalidRequestError(
+                f"first_window {request.first_window} is past the end of input {i}: it has {total} windows "
+                f"(context_length {context}, stride {stride}), numbered from 0",
+                param="first_window",
+            )
+        scored += sum(w.num_scored for w in windows)
+    if request.token_logprobs is not None and scored > MAX_TOKEN_LOGPROBS:
+        raise InvalidRequestError(
+            f"per-token log-probs are limited to {MAX_TOKEN_LOGPROBS} scored tokens per request, this one scores "
+            f"{scored}: score the text in parts with first_window and max_windows",
+            param="logprobs",
+        )
 
 
 def resolve_windows(context_length: int | None, stride: int | None, max_len: int) -> tuple[int, int]:

@@ -10,7 +10,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.api import routes_completions, routes_health, routes_metrics, routes_models, routes_perplexity
+from server.api import (
+    routes_completions,
+    routes_health,
+    routes_lens,
+    routes_metrics,
+    routes_models,
+    routes_perplexity,
+)
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.request_metrics import RequestMetrics
@@ -64,7 +71,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app.state.memdec = state
     install_error_handlers(app)
-    for module in (routes_health, routes_metrics, routes_models, routes_completions, routes_perplexity):
+    for module in (routes_health, routes_metrics, routes_models, routes_completions, routes_perplexity, routes_lens):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # added last = outermost: 413s are counted too

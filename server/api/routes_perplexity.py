@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -15,9 +16,11 @@ from server.api.request_metrics import CLIENT_CLOSED, set_finish_reason
 from server.api.schemas import PerplexityRequestBody, PerplexityResponse
 from server.api.state import ServingState
 from server.api.streaming import ClientDisconnected, cancel_on_disconnect
-from server.api.tokens import split_prompts, tokenize
+from server.api.token_logprobs import logprobs_object
+from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
-from server.request import PerplexityRequest, PerplexityScore
+from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
+from server.validation import check_at_most
 
 router = APIRouter()
 
@@ -39,6 +42,15 @@ every alpha is scored from the same log-probs; `alphas` then lists one entry per
 
 For an input that fits in one window, `perplexity` equals exp of minus the mean of
 `token_logprobs[1:]` from `/v1/completions` with `echo: true, max_tokens: 0, logprobs: 0`.
+
+Per token (`logprobs`): each document's `logprobs` object lists every scored token's log-prob under the
+base, the memory alone and the mixture, and with `logprobs: k > 0` each model's top k alternatives with
+both models' log-probs, so a client can mix them at any alpha without asking again.
+
+In parts (`first_window`, `max_windows`): only those windows of each input are scored; `num_windows`
+says how many it has. Scoring windows 0..k-1, then k..2k-1 and so on gives exactly the whole input's
+token log-probs (summing `nll * num_tokens` over the parts gives its totals): a client shows progress on
+a long text, and each answer stays small.
 """
 
 
@@ -71,6 +83,24 @@ def _scores(
     return out
 
 
+def _documents(
+    strings: TokenStrings,
+    docs: list[Prompt],
+    result: PerplexityResult,
+    alphas: list[float],
+    alpha_is_list: bool,
+    from_start: bool,
+) -> list[dict[str, Any]]:
+    """The `data` entries (with per-token log-probs, real work for long inputs: run off the event loop)."""
+    data = []
+    for i, (prompt, doc) in enumerate(zip(docs, result.documents, strict=True)):
+        entry = {"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list)}
+        entry["num_windows"] = doc.num_windows
+        entry["logprobs"] = logprobs_object(strings, prompt.token_ids, doc.tokens, from_start) if doc.tokens else None
+        data.append(entry)
+    return data
+
+
 def _total(scores: list[PerplexityScore]) -> PerplexityScore:
     return PerplexityScore(sum(s.nll for s in scores), sum(s.num_tokens for s in scores))
 
@@ -96,6 +126,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         alphas = [target.memory.alpha]
     else:
         alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]
+    check_at_most(body.logprobs, state.config.max_logprobs, "logprobs")
     docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size, "input")
     job = PerplexityRequest(
         request_id=f"ppl-{uuid.uuid4().hex}",
@@ -104,6 +135,9 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         alphas=tuple(alphas),
         context_length=body.context_length,
         stride=body.stride,
+        first_window=body.first_window,
+        max_windows=body.max_windows,
+        token_logprobs=body.logprobs,
     )
     started = time.monotonic()
     try:
@@ -113,9 +147,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     num_tokens = sum(len(d.token_ids) for d in docs)
     state.metrics.observe_perplexity(job.memory, time.monotonic() - started, num_tokens)
-    data = []
-    for i, doc in enumerate(result.documents):
-        data.append({"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list)})
+    data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list, body.first_window == 0)
     overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(alphas))] if target.memory else []
     overall_memory = _total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory else None
     overall = _scores(

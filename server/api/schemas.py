@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from memories.mixing import ALPHA_MAX, ALPHA_MIN
-from server.validation import MAX_ALPHAS, MAX_MEMORY_NAME
+from server.validation import MAX_ALPHAS, MAX_MEMORY_NAME, MAX_TOKEN_LOGPROBS
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -95,6 +95,18 @@ class PerplexityRequestBody(_Body):
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
     context_length: int | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
     stride: int | None = Field(None, ge=1, description="Window step (default half the window).")
+    logprobs: int | None = Field(
+        None, ge=0,
+        description="Per-token log-probs of every scored token under the base, the memory and the mixture (first "
+        "alpha) in `data[i].logprobs`, with each model's top `logprobs` alternatives (0 = none). At most "
+        f"{MAX_TOKEN_LOGPROBS} scored tokens per request: score longer texts in parts.",
+    )  # fmt: skip
+    first_window: int = Field(
+        0, ge=0, description="Score windows from this one (numbered from 0; `num_windows` says how many there are)."
+    )
+    max_windows: int | None = Field(
+        None, ge=1, description="Score at most this many windows (default: to the end of each input)."
+    )
 
 
 class MemoryLoadBody(_Body):
@@ -170,8 +182,34 @@ class PerplexityScores(BaseModel):
     alphas: list[AlphaScore] | None = Field(None, description="One entry per alpha when `alpha` is a list.")
 
 
+class TokenAlternative(BaseModel):
+    token: str = Field(..., description="The token's text, decoded alone.")
+    token_id: int
+    base: float
+    memory: float | None = None
+    mixed: float | None = Field(None, description="At the first alpha.")
+
+
+class PerplexityLogprobs(BaseModel):
+    offset: int = Field(..., description="Position in the input of the first entry (0 when the first window was scored).")
+    tokens: list[str] = Field(
+        ..., description="The text each token adds to the decoded input (pieces of any split concatenate to it)."
+    )
+    token_ids: list[int]
+    base: list[float | None] = Field(..., description="log p_base of each token; null for token 0 (no left context).")
+    memory: list[float | None] | None = Field(None, description="The memory alone; null without a memory.")
+    mixed: list[float | None] | None = Field(None, description="The mixture at the first alpha; null without a memory.")
+    top_logprobs: list[list[TokenAlternative] | None] | None = Field(
+        None,
+        description="Per token: the base's and the memory's top `logprobs` tokens (distinct, best first under the "
+        "mixture), each with both models' log-probs; null when `logprobs` is 0.",
+    )
+
+
 class PerplexityDocument(PerplexityScores):
     index: int
+    num_windows: int = Field(..., description="The input's windows in all (the request may have scored a range).")
+    logprobs: PerplexityLogprobs | None = Field(None, description="When the request set `logprobs`.")
 
 
 class PerplexityResponse(BaseModel):

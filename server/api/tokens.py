@@ -79,7 +79,7 @@ class TokenStrings:
         return text
 
 
-def _finite(logprob: float) -> float:
+def finite_logprob(logprob: float) -> float:
     return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
 
 
@@ -112,14 +112,14 @@ class LogprobsBuilder:
                 self.token_logprobs.append(None)
                 self.top_logprobs.append(None)
                 continue
-            chosen = _finite(entry.logprob)
+            chosen = finite_logprob(entry.logprob)
             self.token_logprobs.append(chosen)
             top: dict[str, float] = {}
             for tid, lp in (*entry.top[: self.num_top], (token_id, chosen)):
                 key = self.strings(tid)
                 # Distinct ids can share a text (e.g. byte tokens of split characters): keep the best, so
                 # `max(top.values())` is still the best log-prob, which harnesses use to test greediness.
-                top[key] = max(top.get(key, LOGPROB_FLOOR), _finite(lp))
+                top[key] = max(top.get(key, LOGPROB_FLOOR), finite_logprob(lp))
             self.top_logprobs.append(top)
 
     def take(self) -> dict[str, Any]:
