@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from server.config import (
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPES,
     MAX_SPECULATIVE_TOKENS,
+    PLAIN_CHAT_TEMPLATE,
     EngineConfig,
     MemorySpec,
     ModelConfig,
@@ -33,6 +35,7 @@ from server.config import (
 log = logging.getLogger("memdec")
 
 DEMO_ENV = "MEMDEC_DEMO_DIR"
+DEMO_MODEL_NAME = "memdec-demo"  # the zero-flag demo's base in the API (never the server's path to it)
 
 
 class DemoNotFoundError(ValueError):
@@ -60,13 +63,28 @@ def demo_memories(root: Path) -> list[MemorySpec]:
     return [MemorySpec(name=p.name, path=str(p)) for p in sorted(mem_dir.iterdir()) if (p / "memdec.json").is_file()]
 
 
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a local model directory's tokenizer brings its own chat template."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
 def apply_demo_defaults(args: argparse.Namespace) -> None:
-    """Zero-flag `memdec serve`: without --model, serve the demo's base and all its memories (before any --memory)."""
+    """Zero-flag `memdec serve`: without --model, serve the demo's base and all its memories (before any
+    --memory) as `memdec-demo`, with memdec's plain chat template unless the demo base has its own."""
     if args.model is not None:
         return
     root = find_demo()
     args.model = str(root / "base")
     args.memory = [*demo_memories(root), *args.memory]
+    args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
+    if args.chat_template is None and not has_chat_template(root / "base"):
+        args.chat_template = PLAIN_CHAT_TEMPLATE
 
 
 def parse_memory_spec(text: str) -> MemorySpec:
@@ -140,7 +158,12 @@ def add_serve_parser(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--registry", type=Path, default=None, metavar="FILE",
                    help='JSON list of {"name", "path", "alpha"?} memories to load at start-up')
-    p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in the API (default: a hub id as given, a local directory's own name; "
+                        f"the demo: {DEMO_MODEL_NAME})")
+    p.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's; without one, chat "
+                        "requests get 400)")
     defaults, engine = ServerConfig(model=ModelConfig("-")), EngineConfig()
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=_port, default=defaults.port)
@@ -216,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         memories=tuple(args.memory),
         registry_file=args.registry,
         served_model_name=args.served_model_name,
+        chat_template=args.chat_template,
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
@@ -229,20 +253,31 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _file_error(config: ServerConfig) -> str | None:
+    """What is wrong with a file or folder the flags name, found before any weights load; None when nothing is."""
+    from server.api.chat_template import ChatTemplateFileError, read_chat_template
+
+    try:
+        if config.registry_file is not None:
+            read_registry_file(config.registry_file)
+        if config.chat_template is not None:
+            read_chat_template(config.chat_template)
+    except (RegistryFileError, ChatTemplateFileError) as exc:
+        return str(exc)
+    if config.memory_root is not None and not config.memory_root.is_dir():
+        return f"--memory-root {config.memory_root} is not a directory"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
     from server.api.state import Phase
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    if config.registry_file is not None:
-        try:  # fail before loading any weights
-            read_registry_file(config.registry_file)
-        except RegistryFileError as exc:
-            print(f"memdec serve: error: {exc}", file=sys.stderr)
-            return 2
-    if config.memory_root is not None and not config.memory_root.is_dir():
-        print(f"memdec serve: error: --memory-root {config.memory_root} is not a directory", file=sys.stderr)
+    error = _file_error(config)
+    if error is not None:
+        print(f"memdec serve: error: {error}", file=sys.stderr)
         return 2
     if config.enable_admin and not config.admin_key:
         log.warning("--enable-admin without --admin-key: anyone who can reach the API can load memories")

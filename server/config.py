@@ -11,6 +11,9 @@ from typing import Any
 from memories.config import DTYPE_CHOICES as DTYPES
 from memories.mixing import check_alpha
 
+# Shipped with the package: the zero-flag demo's chat template (its base has none of its own).
+PLAIN_CHAT_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "plain.jinja"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -70,7 +73,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     memories: tuple[MemorySpec, ...] = ()
     registry_file: Path | None = None
-    served_model_name: str | None = None  # defaults to the --model string
+    served_model_name: str | None = None  # default: `default_served_name(model.model)`
+    chat_template: Path | None = None  # a Jinja file replacing the tokenizer's chat template
     host: str = "0.0.0.0"
     port: int = 8000
     max_queue: int = 256  # waiting requests beyond this get 429
@@ -83,6 +87,13 @@ class ServerConfig:
     max_logprobs: int = 20
     max_body_bytes: int = 4 * 1024 * 1024
     log_prompts: bool = False
+
+
+def default_served_name(model: str) -> str:
+    """The base model's name in the API when --served-model-name is absent: a hub id as given, a local
+    directory by its own name, so that no client ever needs (or sees) a path on the server."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
 
 
 class RegistryFileError(ValueError):

@@ -48,7 +48,7 @@ REQUEST_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 PHASES: tuple[str, ...] = ("schedule", "base_forward", "memory_forward", "mix_sample")
-ENDPOINTS: tuple[str, ...] = ("completions", "perplexity", "models", "memories")
+ENDPOINTS: tuple[str, ...] = ("completions", "chat", "perplexity", "models", "memories")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")  # server.request.FinishReason values
 LOAD_RESULTS: tuple[str, ...] = ("success", "invalid", "error")  # invalid = refused input, error = failure
 

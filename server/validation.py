@@ -9,7 +9,9 @@ manifest applies exactly the same one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from memories.mixing import check_alpha as _alpha_rule
 from memories.perplexity import WindowSettingsError, window_settings
@@ -25,6 +27,22 @@ MAX_MEMORY_NAME = 128  # characters in a memory name
 # Scored tokens whose per-token log-probs one perplexity request may return: bounds the answer's size (with
 # 20 alternatives per model, a few MB of JSON); longer texts are scored in parts (first_window, max_windows).
 MAX_TOKEN_LOGPROBS = 16384
+# Fields that clients send (`vllm bench serve` sends repetition_penalty 1.0; OpenAI's clients send tool
+# fields) but that memdec's sampler or chat does not implement: each is accepted at its neutral values only,
+# so a request never silently gets something other than what it asked for. null is always neutral.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "repetition_penalty": (1.0,),
+    "min_p": (0.0,),
+    "min_tokens": (0,),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # "auto" with no tools is no tool call
+    "response_format": ({"type": "text"},),
+    "chat_template": (),  # a request's own template would run client code in the server: never
+}
 # The metrics use these as label values (the base alone, overflow), so no memory may be called so.
 RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS
 
@@ -90,6 +108,86 @@ def check_at_most(value: int | None, limit: int, param: str) -> None:
     """A configured server limit (`n`, `logprobs`): the schema only knows the value is >= 0."""
     if value is not None and value > limit:
         raise InvalidRequestError(f"{param} must be at most {limit}", param=param)
+
+
+def check_neutral(fields: Mapping[str, Any]) -> None:
+    """Each field (a name of NEUTRAL) is null or one of its neutral values."""
+    for name, value in fields.items():
+        accepted = NEUTRAL[name]
+        if value is not None and value not in accepted:
+            allowed = " or ".join(json.dumps(v) for v in (*accepted, None))
+            raise InvalidRequestError(
+                f"'{name}' is not supported by memdec: only {allowed} is accepted", param=name, code="unsupported_parameter"
+            )
+
+
+def check_best_of(best_of: int | None, n: int) -> None:
+    if best_of is not None and best_of != n:
+        raise InvalidRequestError("'best_of' is not supported (leave it unset or equal to n)", param="best_of")
+
+
+def check_stream_options(given: bool, stream: bool) -> None:
+    if given and not stream:
+        raise InvalidRequestError("'stream_options' needs 'stream': true", param="stream_options")
+
+
+def check_chat_logprobs(logprobs: bool, top_logprobs: int | None, limit: int) -> int | None:
+    """The engine's top-N for a chat request (None: no log-probs), as OpenAI's rule: top_logprobs needs logprobs."""
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    check_at_most(top_logprobs, limit, "top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
+
+
+def check_message_extras(extra: Mapping[str, Any], index: int) -> None:
+    """OpenAI message fields memdec has no use for (tool_calls, tool_call_id, refusal, audio ...): only empty."""
+    for key, value in extra.items():
+        if value not in (None, "", [], {}):
+            raise InvalidRequestError(
+                f"messages[{index}].{key} is not supported by memdec (only null or empty)",
+                param="messages", code="unsupported_parameter",
+            )  # fmt: skip
+
+
+def check_content_part(kind: str, text: str | None, index: int) -> str:
+    """One part of a message's content list: text only (memdec serves text models)."""
+    if kind != "text":
+        raise InvalidRequestError(
+            f"messages[{index}].content: only text parts are supported, got a part of type {kind!r}",
+            param="messages", code="unsupported_parameter",
+        )  # fmt: skip
+    if text is None:
+        raise InvalidRequestError(f"messages[{index}].content: a text part needs 'text'", param="messages")
+    return text
+
+
+def check_chat_ending(add_generation_prompt: bool, continue_final_message: bool, last_role: str) -> None:
+    """vLLM's rule: open the assistant's turn or continue the final (assistant) message, not both."""
+    if add_generation_prompt and continue_final_message:
+        raise InvalidRequestError(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true", param="continue_final_message"
+        )
+    if continue_final_message and last_role != "assistant":
+        raise InvalidRequestError(
+            "'continue_final_message' needs an assistant message last", param="continue_final_message"
+        )
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any], reserved: Iterable[str]) -> None:
+    """Extra template variables may not replace the ones the renderer sets (messages, add_generation_prompt ...)."""
+    taken = sorted(set(kwargs) & set(reserved))
+    if taken:
+        raise InvalidRequestError(
+            f"chat_template_kwargs may not set {', '.join(taken)}: use the request's own fields", param="chat_template_kwargs"
+        )
+
+
+def completion_budget(requested: int | None, prompt_tokens: int, max_len: int) -> int:
+    """max_tokens of a chat request: as asked, or (OpenAI's and vLLM's default) up to the end of the context."""
+    if requested is not None:
+        return requested
+    check_context(prompt_tokens, 1, max_len)  # no room for even one token
+    return max_len - prompt_tokens
 
 
 def validate_generation(request: GenerationRequest, vocab_size: int, max_len: int) -> None:

@@ -76,6 +76,29 @@ def build_model(
     return out_dir
 
 
+# A chat template in the style of real ones (role headers, EOS ending each turn, a refusal for a malformed
+# conversation), written with text markers so that it needs no tokens beyond the tiny tokenizer's.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'assistant' -%}"
+    "{{ raise_exception('the conversation must not start with an assistant message') }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>\n{% endif -%}"
+)
+
+
+def build_chat_model(out_dir: Path, tokenizer: PreTrainedTokenizerFast, arch: str = "gpt2", **model_kwargs: Any) -> Path:
+    """`build_model`, with CHAT_TEMPLATE as its tokenizer's chat template (the same seed gives the same
+    weights as `build_model`, so one reference model serves both)."""
+    build_model(out_dir, tokenizer, arch, **model_kwargs)
+    chat_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
+    chat_tokenizer.chat_template = CHAT_TEMPLATE
+    chat_tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_memory(
     out_dir: Path,
     tokenizer: PreTrainedTokenizerFast,

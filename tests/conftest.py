@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from server.config import ModelConfig
 from server.loader import LoadedModel, load_base
 from server.registry import MemoryRegistry
-from testkit.models import build_memory, build_model, build_tokenizer
+from testkit.models import build_chat_model, build_memory, build_model, build_tokenizer
 from testkit.server import Server, serve
 from testkit.text import sample_text
 from tests.api_harness import load_hf
@@ -30,6 +30,7 @@ class TinyZoo:
 
     tokenizer: Path
     base: Path  # GPT-2 shape
+    chat_base: Path  # the same model as `base`, its tokenizer with a chat template (testkit.models.CHAT_TEMPLATE)
     llama_base: Path  # Llama shape
     mem_llama: Path  # memory "med", Llama shape
     mem_qwen_padded: Path  # memory "law", Qwen2 shape, embedding padded beyond len(tokenizer)
@@ -45,6 +46,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
     return TinyZoo(
         tokenizer=root / "tokenizer",
         base=build_model(root / "base", tok, "gpt2", seed=1),
+        chat_base=build_chat_model(root / "chat_base", tok, "gpt2", seed=1),
         llama_base=build_model(root / "llama_base", tok, "llama", seed=2),
         mem_llama=build_memory(root / "mem_llama", tok, "med", "llama", alpha=0.6, domain="biomedical", hidden=48, seed=3),
         mem_qwen_padded=build_memory(

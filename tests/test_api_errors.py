@@ -335,7 +335,7 @@ def test_engine_stopping_mid_request_gives_error_frame_then_done_and_health_503(
         client = openai.AsyncOpenAI(base_url="http://memdec.test/v1", api_key="x", http_client=s.client, max_retries=0)
 
         async def openai_stream():
-            stream = await client.completions.create(model=str(zoo.base), prompt=PROMPT, max_tokens=400, stream=True,
+            stream = await client.completions.create(model="base", prompt=PROMPT, max_tokens=400, stream=True,
                                                      extra_body={"ignore_eos": True})  # fmt: skip
             return [chunk async for chunk in stream]
 

@@ -111,6 +111,15 @@ def test_bad_registry_file_fails_before_loading(tmp_path, capsys):
     assert cli.main(["serve", "--model", "unused", "--memory-root", str(tmp_path / "nope")]) == 2
 
 
+def test_bad_chat_template_file_fails_before_loading(tmp_path, capsys):
+    assert cli.main(["serve", "--model", "unused", "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    assert "cannot read chat template" in capsys.readouterr().err
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
+    assert cli.main(["serve", "--model", "unused", "--chat-template", str(broken)]) == 2
+    assert "not a valid Jinja template" in capsys.readouterr().err
+
+
 def test_unloadable_model_exits_1_with_the_reason(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

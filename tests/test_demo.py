@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from server import cli
-from server.config import ModelConfig
+from server.config import PLAIN_CHAT_TEMPLATE, ModelConfig, default_served_name
 from server.loader import LoadedModel, load_base
 from server.registry import MemoryRegistry
 
@@ -100,6 +100,11 @@ def test_zero_flag_serve_resolves_to_the_demo(monkeypatch, tmp_path):
     assert {m.name: Path(m.path) for m in config.memories} == {n: DEMO / "memories" / n for n in MEMORIES}
     assert all(m.alpha is None for m in config.memories)  # each memory's manifest α applies
     assert config.port == 8000
+    # A name a client can type, not the server's path; chat through memdec's plain template (the demo has none).
+    assert config.served_model_name == cli.DEMO_MODEL_NAME == "memdec-demo"
+    assert config.chat_template == PLAIN_CHAT_TEMPLATE and PLAIN_CHAT_TEMPLATE.is_file()
+    named = cli.config_from_args(cli.build_parser().parse_args(["serve", "--served-model-name", "x"]))
+    assert named.served_model_name == "x"  # still overrides
 
     monkeypatch.chdir(tmp_path)  # no ./demo here: the environment variable finds it (as in the image)
     monkeypatch.setenv(cli.DEMO_ENV, str(DEMO))
@@ -109,6 +114,10 @@ def test_zero_flag_serve_resolves_to_the_demo(monkeypatch, tmp_path):
 
     config = cli.config_from_args(cli.build_parser().parse_args(["serve", "--model", "other"]))
     assert config.model.model == "other" and config.memories == ()  # --model given: no demo
+    assert config.served_model_name is None and config.chat_template is None
+    # Without --served-model-name: a hub id as given, a local directory by its own name.
+    assert default_served_name("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
+    assert default_served_name(str(DEMO / "base")) == "base"
 
 
 def test_zero_flag_serve_without_a_demo_is_a_clear_error(monkeypatch, tmp_path, capsys):

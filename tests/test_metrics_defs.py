@@ -223,6 +223,7 @@ def test_steps_queue_and_requests():
 
     m.request_done("completions", 200, FinishReason.LENGTH)
     m.request_done("/v1/completions", 200, "length")  # a path counts as its endpoint
+    m.request_done("/v1/chat/completions", 200, "stop")  # chat is its own endpoint, not "other"
     m.request_done("/v1/memories/med", 200)
     m.request_done("completions", 429)
     m.request_done("/v1/../../etc/passwd", 404)  # unknown endpoints collapse into one series
@@ -230,6 +231,7 @@ def test_steps_queue_and_requests():
     m.request_done("completions", 200, "made-up")
     assert val(m, "memdec_requests_total", endpoint="completions", status="200", finish_reason="length") == 2
     assert val(m, "memdec_requests_total", endpoint="completions", status="429", finish_reason="none") == 1
+    assert val(m, "memdec_requests_total", endpoint="chat", status="200", finish_reason="stop") == 1
     assert val(m, "memdec_requests_total", endpoint="memories", status="200", finish_reason="none") == 1
     assert val(m, "memdec_requests_total", endpoint="other", status="404", finish_reason="none") == 2
     assert val(m, "memdec_requests_total", endpoint="completions", status="200", finish_reason="other") == 1

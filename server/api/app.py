@@ -10,13 +10,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server import __version__
 from server.api import (
+    routes_chat,
     routes_completions,
     routes_health,
     routes_lens,
     routes_metrics,
     routes_models,
     routes_perplexity,
+    routes_tokenizer,
 )
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
@@ -63,7 +66,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(
         title="memdec",
-        version="0.1.0",
+        version=__version__,
         description="A Hugging Face causal LM served with plug-and-play domain memories (Memory Decoder), "
         "behind an OpenAI-compatible API.",
         lifespan=lifespan,
@@ -71,7 +74,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app.state.memdec = state
     install_error_handlers(app)
-    for module in (routes_health, routes_metrics, routes_models, routes_completions, routes_perplexity, routes_lens):
+    routers = (routes_health, routes_metrics, routes_models, routes_completions, routes_chat, routes_perplexity,
+               routes_tokenizer, routes_lens)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # added last = outermost: 413s are counted too

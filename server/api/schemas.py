@@ -1,7 +1,7 @@
 """The HTTP wire format: pydantic models for request bodies and (for the OpenAPI document) responses.
 
-Requests follow OpenAI's legacy completions API as vLLM implements it, plus memdec's `memory` and
-`alpha`. Limits that depend on the server's configuration (n, logprobs) are checked by the routes.
+Requests follow OpenAI's completions and chat completions APIs as vLLM implements them, plus memdec's `memory`
+and `alpha`. Limits that depend on the server's configuration (n, logprobs) are checked by the routes.
 """
 
 from __future__ import annotations
@@ -36,24 +36,21 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = Field(False, description="vLLM extension: `usage` in every chunk.")
 
 
-class CompletionRequest(_Body):
-    """`POST /v1/completions`. Unknown fields are ignored (as vLLM does) and named in the server log."""
+class SamplingRequest(_Body):
+    """What `/v1/completions` and `/v1/chat/completions` share: the target (model, memory, alpha), sampling,
+    stopping and streaming. Unknown fields are ignored (as vLLM does) and named in the server log."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = Field(
         None, description="The served base model name, or a memory name (that memory at its default alpha)."
     )
-    prompt: Prompt = Field(..., description=f"The prompt(s): {PROMPT_DOC}.")
-    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only.")
     temperature: float | None = Field(1.0, ge=0, description="0 = greedy.")
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = off.")
     n: int = Field(1, ge=1, description="Independent samples per prompt.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, description="Top log-probs per token (of the mixed distribution).")
-    echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs).")
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
@@ -74,12 +71,102 @@ class CompletionRequest(_Body):
         description="Let the memory draft tokens for the base to verify when the server speculates "
         "(`--speculative-tokens`): the same distribution, usually faster; false decodes one token per step.",
     )
+    # Sent by clients (vllm bench serve sends repetition_penalty: 1.0); the sampler does not implement them,
+    # so only their neutral values are accepted (`server.validation.NEUTRAL`).
+    presence_penalty: float | None = Field(0.0, description="Only 0.")
+    frequency_penalty: float | None = Field(0.0, description="Only 0.")
+    repetition_penalty: float | None = Field(1.0, description="Only 1.")
+    min_p: float | None = Field(0.0, description="Only 0.")
+    min_tokens: int | None = Field(0, description="Only 0.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions`."""
+
+    prompt: Prompt = Field(..., description=f"The prompt(s): {PROMPT_DOC}.")
+    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only.")
+    logprobs: int | None = Field(None, ge=0, description="Top log-probs per token (of the mixed distribution).")
+    echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs).")
     # Accepted for client compatibility; only their neutral values are allowed.
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+
+class ChatContentPart(_Body):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    type: str = Field(..., description='Only "text".')
+    text: str | None = None
+
+
+ChatRole = Literal["system", "developer", "user", "assistant"]
+
+
+class ChatMessage(_Body):
+    """One message. Other OpenAI message fields (tool_calls, ...) are accepted only when null or empty."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    role: ChatRole
+    content: StrictStr | list[ChatContentPart] | None = Field(
+        None, description="A string or a list of text parts (joined with newlines, as vLLM does)."
+    )
+    name: StrictStr | None = None
+
+
+class ChatTemplateOptions(_Body):
+    """How messages become a prompt (shared by chat completions and `/tokenize`; vLLM's names and defaults)."""
+
+    add_generation_prompt: StrictBool = Field(True, description="End the prompt with the template's assistant header.")
+    continue_final_message: StrictBool = Field(
+        False, description="Leave the last (assistant) message open so the model continues it."
+    )
+    chat_template: str | None = Field(None, description="Not supported: the server's template is used (--chat-template).")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template.")
+
+
+ADD_SPECIAL_TOKENS_DOC = "Add the tokenizer's special tokens (e.g. BOS) on top of the template's."
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
+    """`POST /v1/chat/completions`: OpenAI chat completions (as vLLM serves them) with memdec's memory and alpha."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default: to the end of the context).")
+    max_tokens: int | None = Field(None, ge=1, description="Older name of max_completion_tokens (which wins).")
+    logprobs: StrictBool = Field(False, description="Return each generated token's log-prob (of the mixed distribution).")
+    top_logprobs: int | None = Field(None, ge=0, description="With logprobs: the top N alternatives per token.")
+    # Accepted for client compatibility; only their neutral values are allowed.
+    tools: list[dict[str, Any]] | None = Field(None, description="Only empty: memdec does not call tools.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" without tools.')
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    add_special_tokens: StrictBool = Field(False, description=ADD_SPECIAL_TOKENS_DOC)
+
+
+class TokenizeRequest(ChatTemplateOptions):
+    """`POST /tokenize` (vLLM's shape): a `prompt` as completions tokenizes it, or `messages` as chat does."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="The base or a memory (sets `max_model_len`).")
+    prompt: StrictStr | None = Field(None, description="Text to tokenize (give this or `messages`).")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="A conversation, rendered by the chat template.")
+    add_special_tokens: StrictBool | None = Field(
+        None, description=f"{ADD_SPECIAL_TOKENS_DOC} Default: true for a prompt, false for messages (as vLLM)."
+    )
+    return_token_strs: StrictBool = Field(False, description="Also return each token's string (the tokenizer's own form).")
+
+
+class DetokenizeRequest(_Body):
+    """`POST /detokenize` (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = None
+    tokens: list[StrictInt] = Field(..., description="Token ids; special tokens are kept in the text.")
 
 
 class PerplexityRequestBody(_Body):
@@ -163,6 +250,72 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
     memory: str | None = None
     alpha: float | None = None
+
+
+class ChatLogprobAlternative(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobEntry(ChatLogprobAlternative):
+    top_logprobs: list[ChatLogprobAlternative]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    memory: str | None = None
+    alpha: float | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(..., description="The context a request on this model may use.")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """The tokenizer's configuration (as vLLM's `/tokenizer_info`): its init arguments, special tokens as
+    strings, and the chat template in use."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+
+
+class VersionInfo(BaseModel):
+    version: str
 
 
 class AlphaScore(BaseModel):

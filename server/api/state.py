@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from server.api.chat_template import model_chat_template, read_chat_template
 from server.api.tokens import TokenStrings
 from server.async_engine import AsyncEngine
-from server.config import ServerConfig, read_registry_file
+from server.config import ServerConfig, default_served_name, read_registry_file
 from server.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -57,6 +58,7 @@ class Serving:
     registry: MemoryRegistry
     engine: AsyncEngine
     token_strings: TokenStrings
+    chat_template: str | None  # --chat-template's text, else the tokenizer's; None: chat is refused (400)
 
     def context_of(self, memory: MemoryInfo | None) -> int:
         """The context a request on `memory` (None: the base alone) may use."""
@@ -90,7 +92,7 @@ class ServingState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.served_model_name = config.served_model_name or config.model.model
+        self.served_model_name = config.served_model_name or default_served_name(config.model.model)
         self.created = int(time.time())
         self.phase = Phase.LOADING
         self.error: str | None = None
@@ -135,7 +137,10 @@ class ServingState:
             base, registry, config.engine, max_queue=config.max_queue, observer=MetricsObserver(self.metrics)
         )
         engine.start()
-        return Serving(self.served_model_name, self.created, base, registry, engine, TokenStrings(base.tokenizer))
+        template = read_chat_template(config.chat_template) if config.chat_template else model_chat_template(base.tokenizer)
+        return Serving(
+            self.served_model_name, self.created, base, registry, engine, TokenStrings(base.tokenizer), template
+        )
 
     def begin_shutdown(self) -> None:
         """Refuse new work at once (503); in-flight requests go on. Safe to call from a signal handler."""

@@ -132,3 +132,32 @@ class LogprobsBuilder:
         }
         self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
         return out
+
+
+class ChatLogprobsBuilder:
+    """Accumulates one chat choice's `logprobs.content`: per token its text, log-prob, UTF-8 bytes and exactly
+    its top N alternatives (OpenAI's chat shape: unlike the legacy object, the chosen token is not added to
+    them, and alternatives are a list, so tokens that share a text all appear)."""
+
+    def __init__(self, strings: TokenStrings, num_top: int, as_ids: bool = False) -> None:
+        self.strings: Callable[[int], str] = (lambda t: f"token_id:{t}") if as_ids else strings
+        self.num_top = num_top
+        self.content: list[dict[str, Any]] = []
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self.strings(token_id)
+        return {"token": token, "logprob": finite_logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+    def add(self, token_ids: Sequence[int], entries: Sequence[TokenLogprob] | None) -> None:
+        for i, token_id in enumerate(token_ids):
+            # The engine gives every generated token its entry when log-probs were asked for.
+            assert entries is not None and i < len(entries), "a generated token without its log-prob"
+            entry = entries[i]
+            top = [self._entry(tid, lp) for tid, lp in entry.top[: self.num_top]]
+            self.content.append({**self._entry(token_id, entry.logprob), "top_logprobs": top})
+
+    def take(self) -> dict[str, Any]:
+        """The object so far; a streaming caller starts the next chunk's object empty."""
+        out = {"content": self.content}
+        self.content = []
+        return out

@@ -1,0 +1,171 @@
+"""A generation request (completions or chat), resolved: the engine requests to run and what was asked.
+
+Both endpoints come through here once they have their prompts (completions tokenizes `prompt`, chat renders
+`messages`), so that the target (model, memory, alpha), the sampling parameters, the limits and their errors
+are the same whichever shape the prompt came in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.api.schemas import SamplingRequest, describe_extra
+from server.api.state import Serving, Target
+from server.api.tokens import Prompt, TokenStrings
+from server.config import ServerConfig
+from server.errors import InvalidRequestError
+from server.request import GenerationRequest, SamplingParams
+from server.validation import (
+    MAX_PROMPTS,
+    check_at_most,
+    check_neutral,
+    check_stop_strings,
+    check_stream_options,
+    completion_budget,
+)
+
+log = logging.getLogger(__name__)
+
+# SamplingRequest's fields that only take neutral values (`server.validation.NEUTRAL`).
+_NEUTRAL_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "logit_bias")
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What an endpoint's own fields ask of the engine, beyond the shared ones."""
+
+    max_tokens: int | None  # None: up to the end of the context (chat's default)
+    logprobs: int | None  # top-N per generated token; None: no log-probs
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+
+
+@dataclass
+class Plan:
+    """One HTTP generation request, resolved: what to run and what the answer needs to know."""
+
+    id: str
+    created: int
+    target: Target
+    alpha: float | None
+    prompts: list[Prompt]
+    requests: list[GenerationRequest]  # choice index i = prompt (i // n), sample (i % n)
+    n: int
+    strings: TokenStrings
+    prompt_texts: dict[int, str] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> reason, as they finish
+
+    def prompt_of(self, choice: int) -> Prompt:
+        return self.prompts[choice // self.n]
+
+    def prompt_text(self, choice: int) -> str:
+        p = choice // self.n
+        if p not in self.prompt_texts:
+            prompt = self.prompts[p]
+            self.prompt_texts[p] = prompt.text if prompt.text is not None else self.strings.decode(prompt.token_ids)
+        return self.prompt_texts[p]
+
+    def header(self, object_name: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.target.model,
+            "memory": self.target.memory.name if self.target.memory else None,
+            "alpha": self.alpha,
+        }
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+
+def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
+    """What the schema cannot say about the shared fields: neutral-only fields and configured limits."""
+    check_neutral({name: getattr(body, name) for name in _NEUTRAL_FIELDS})
+    check_at_most(body.n, config.max_n, "n")
+    check_stream_options(body.stream_options is not None, body.stream)
+
+
+def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | None]:
+    """The model and memory a request runs on, and its alpha (None without a memory)."""
+    target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    if target.memory is None and body.alpha is not None:
+        raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
+    alpha = None if target.memory is None else (target.memory.alpha if body.alpha is None else body.alpha)
+    return target, alpha
+
+
+def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, max_tokens: int) -> SamplingParams:
+    """The engine's sampling parameters, OpenAI's defaults filled in. A temperature too small to divide by
+    is greedy (`SamplingParams.greedy` decides, in one place)."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    top_k = body.top_k or 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if top_k < 0 or top_k >= vocab else top_k,  # k >= vocabulary keeps everything: off
+        seed=seed,
+        stop=check_stop_strings(stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=asked.logprobs,
+        prompt_logprobs=asked.prompt_logprobs,
+    )
+
+
+def check_prompt_count(prompts: int, n: int) -> None:
+    if prompts * n > MAX_PROMPTS:
+        raise InvalidRequestError(f"prompts x n must be at most {MAX_PROMPTS}, got {prompts} x {n}", param="n")
+
+
+def build_plan(
+    body: SamplingRequest,
+    serving: Serving,
+    config: ServerConfig,
+    resolved: tuple[Target, float | None],
+    prompts: list[Prompt],
+    asked: Asked,
+    id_prefix: str,
+) -> Plan:
+    """Engine requests for every prompt x sample (`resolved`: `resolve_target`'s answer, found before the
+    prompts were tokenized); sample j of every prompt uses seed + j."""
+    check_prompt_count(len(prompts), body.n)
+    target, alpha = resolved
+    context = serving.context_of(target.memory)
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    requests = []
+    for p, prompt in enumerate(prompts):
+        max_tokens = completion_budget(asked.max_tokens, len(prompt.token_ids), context)
+        for j in range(body.n):
+            seed = None if body.seed is None else body.seed + j
+            requests.append(
+                GenerationRequest(
+                    request_id=f"{request_id}-{p * body.n + j}",
+                    prompt_token_ids=prompt.token_ids,
+                    params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
+                    memory=target.memory.name if target.memory else None,
+                    alpha=alpha or 0.0,
+                    speculative=body.speculative,
+                )
+            )
+    _log_plan(request_id, body, prompts, requests[0], config.log_prompts)
+    return Plan(request_id, int(time.time()), target, alpha, prompts, requests, body.n, serving.token_strings)
+
+
+def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], first: GenerationRequest,
+              log_prompts: bool) -> None:  # fmt: skip
+    extra = describe_extra(body)
+    if extra:
+        log.warning("%s: ignored unknown fields %s", request_id, extra)
+    log.info(
+        "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
+        request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
+        first.memory, first.alpha if first.memory else None, body.stream,
+    )  # fmt: skip
+    if log_prompts:
+        log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])
