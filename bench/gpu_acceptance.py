@@ -19,10 +19,17 @@ random weights, a base and a memory at real shapes (Qwen2.5-1.5B and Qwen2.5-0.5
   (e) speed    decode tokens/s at batch 1/8/64 for the base alone, base + memory (α 0.6), and HF
                `generate` (base alone); eager vs graphs at batch 1; step time vs the roofline (weights +
                KV bytes read per step ÷ measured copy bandwidth).
+  (f) spec     speculative mixing (issue 13). Per-token acceptance β of the demo pair at α 0.6 (greedy
+               and sampled, one draft per round), measured by the engine on the GPU; the cost of a round drafting k = 1, 2, 4, 6
+               tokens at real shapes (graphs, streams) at batch 1 and 8, against a plain mixed step and the
+               base alone; per-token latency = round(k) / E(β, k), E = (1 − β^(k+1)) / (1 − β), at the best
+               k. Also: greedy tokens identical with and without speculation on the demo churn workload
+               (graphs + streams), and no implicit sync in steady rounds (set_sync_debug_mode("error")).
 
 Targets (issue 12): base + memory ≤ 1.15× base alone per step at batch 1; base step ≤ 3× its roofline
-at batch 1; ≥ 5× HF generate at batch 1. Prints a table and writes gpu_acceptance.json (to --out, else
-$OUT when set, else bench/results). `--device cpu` runs the same code small, to check the script itself.
+at batch 1; ≥ 5× HF generate at batch 1. Issue 13: speculative per-token latency at batch 1 ≤ 0.7× the
+base alone at α = 0.6. Prints a table and writes gpu_acceptance.json (to --out, else $OUT when set, else
+bench/results). `--device cpu` runs the same code small, to check the script itself.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from bench.speculative import SpecCounts, domain_prompts
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.mixing import mix_logprobs
 from server.config import EngineConfig, ModelConfig
@@ -51,6 +59,7 @@ from server.engine import Engine
 from server.loader import load_base
 from server.registry import MemoryRegistry
 from server.request import GenerationRequest, SamplingParams
+from server.speculative import expected_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -251,6 +260,28 @@ def mixed_batch(vocab: int, batch: int, n: int, prompt_len: int = 100) -> list[G
     return reqs
 
 
+def steps_without_sync(engine: Engine, steps: int) -> dict:
+    """Steady decode steps of a mixed batch under set_sync_debug_mode("error"): any implicit sync raises."""
+    for r in mixed_batch(engine.base.vocab_size, 6, 64):
+        engine.add_request(r)
+    for _ in range(3):  # prefill, then a decode step that builds the batch
+        engine.step()
+    done, error = 0, None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            engine.step()
+            done += 1
+    except RuntimeError as exc:
+        error = f"{exc}\n{traceback.format_exc()[-2000:]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished():
+        engine.step()
+    return {"steps": done, "ok": error is None, "error": error}
+
+
 def part_syncs(base_dir: str, mem_dir: str, device: str) -> dict:
     result = {}
     for mode, eager in (("graphs", False), ("eager", True)):
@@ -258,22 +289,7 @@ def part_syncs(base_dir: str, mem_dir: str, device: str) -> dict:
         engine, _ = engine_with(base_dir, {"memory": mem_dir}, device, "bfloat16", max_num_seqs=8, max_model_len=2048,
                                 enforce_eager=eager, gpu_memory_utilization=0.5)  # fmt: skip
         result[f"{mode}_kv_pages"] = engine.cache_usage().usable_pages
-        for r in mixed_batch(engine.base.vocab_size, 6, 64):
-            engine.add_request(r)
-        for _ in range(3):  # prefill, then a decode step that builds the batch
-            engine.step()
-        steps, error = 0, None
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(40):  # crosses KV pages (16 tokens) twice: uploads must stay asynchronous
-                engine.step()
-                steps += 1
-        except RuntimeError as exc:
-            error = f"{exc}\n{traceback.format_exc()[-2000:]}"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        result[mode] = {"steps": steps, "ok": error is None, "error": error}
+        result[mode] = steps_without_sync(engine, 40)  # crosses KV pages (16 tokens) twice: uploads stay asynchronous
         del engine
         gc.collect()
     result["ok"] = all(v["ok"] for v in result.values() if isinstance(v, dict))
@@ -498,6 +514,85 @@ def part_speed(base_dir: str, mem_dir: str, device: str, batches: list[int], n: 
             "capture_seconds": capture, "rows": rows, "targets": targets}  # fmt: skip
 
 
+# -- (f) speculative mixing --------------------------------------------------------------------------------
+SPEC_KS = (1, 2, 4, 6)
+
+
+def demo_acceptance(device: str) -> dict:
+    """Per-token acceptance β of the demo pair (biomed) at α 0.6 on this device, 64 tokens x 8 rows: with one
+    draft per round (K = 1) kept drafts / drafts is β itself (with more, drafts after a rejection count too)."""
+    base = load_base(ModelConfig(str(DEMO / "base"), dtype="float32", device=device))
+    registry = MemoryRegistry(base)
+    registry.load("biomed", str(DEMO / "memories" / "biomed"))
+    prompts = domain_prompts(base.tokenizer, "biomedical", 8)  # held-out text, or the synthetic kind
+    out = {}
+    for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        counts = SpecCounts()
+        engine = Engine(base, registry, EngineConfig(max_num_seqs=8, speculative_tokens=1, speculative_adaptive=False,
+                                                     num_gpu_blocks_override=1025), observer=counts)  # fmt: skip
+        reqs = [GenerationRequest(f"a{i}", p, SamplingParams(max_tokens=64, temperature=temperature, seed=i, ignore_eos=True),
+                                  "biomed", 0.6) for i, p in enumerate(prompts)]  # fmt: skip
+        drive(engine, reqs)
+        out[mode] = counts.accepted / max(1, counts.drafted)
+    return out
+
+
+def spec_tokens_identical(device: str) -> bool:
+    """Greedy demo churn (three memories, joins and leaves) with K = 3, graphs and streams: the same tokens as
+    the same workload without speculation."""
+    memories = {m: str(DEMO / "memories" / m) for m in DEMO_MEMORIES}
+    engine, _ = engine_with(str(DEMO / "base"), memories, device, "float32", max_num_seqs=8, block_size=4,
+                            speculative_tokens=3, speculative_adaptive=False)  # fmt: skip
+    first, join = churn_workload(engine.base.vocab_size)
+    tokens, _ = drive(engine, first, join)
+    return tokens == churn_tokens(device, CHURN_CONFIGS["streams+graphs"])
+
+
+def part_spec(base_dir: str, mem_dir: str, device: str, batches: list[int], n: int) -> dict:
+    """Acceptance on the demo pair, cost per round at real shapes, and the projected per-token latency."""
+    beta = demo_acceptance(device)
+    base = load_base(ModelConfig(base_dir, dtype="bfloat16", device=device), 2048)
+    registry = MemoryRegistry(base)
+    registry.load("memory", mem_dir)
+    pages = 2 * max(batches) * (2048 // 16) + 1
+
+    def engine(k: int) -> Engine:
+        config = EngineConfig(max_num_seqs=max(batches), speculative_tokens=k, speculative_adaptive=False,
+                              num_gpu_blocks_override=pages)  # fmt: skip
+        return Engine(base, registry, config)
+
+    plain = engine(0)
+    prompts = [tuple((37 * i + t) % (base.vocab_size - 10) + 5 for t in range(128)) for i in range(max(batches))]
+    rows = []
+    for batch in batches:
+        row: dict = {"batch": batch}
+        row["base_step_ms"] = engine_step_seconds(plain, [greedy(f"b{i}", prompts[i], n, None, 0.0) for i in range(batch)]) * 1e3
+        row["mixed_step_ms"] = engine_step_seconds(plain, [greedy(f"m{i}", prompts[i], n, "memory", 0.6) for i in range(batch)]) * 1e3
+        row["round_ms"] = {}
+        for k in SPEC_KS:
+            e = engine(k)
+            row["round_ms"][k] = engine_step_seconds(e, [greedy(f"s{i}", prompts[i], n, "memory", 0.6) for i in range(batch)]) * 1e3
+            del e
+            gc.collect()
+        for mode, b in beta.items():  # per-token latency at the best k, from the demo's acceptance at α 0.6
+            per_token = {k: ms / expected_tokens(b, k) for k, ms in row["round_ms"].items()}
+            best = min(per_token, key=lambda k: per_token[k])
+            row[mode] = {"best_k": best, "token_ms": per_token[best], "over_base": per_token[best] / row["base_step_ms"],
+                         "over_mixed": per_token[best] / row["mixed_step_ms"]}  # fmt: skip
+        rows.append(row)
+    result: dict = {"acceptance_demo_alpha_0.6": beta, "rows": rows}
+    if device == "cuda":
+        result["syncs"] = steps_without_sync(engine(4), 10)  # rounds: drafts, verify, acceptance
+    result["greedy_tokens_identical"] = spec_tokens_identical(device)
+    b1 = rows[0]
+    result["targets"] = {
+        "speculative per-token latency <= 0.7x base alone at batch 1, alpha 0.6 (sampled)": b1["sampled"]["over_base"] <= 0.7,
+        "greedy tokens identical with speculation": result["greedy_tokens_identical"],
+        "no implicit sync in speculative rounds": result.get("syncs", {}).get("ok", True),
+    }
+    return result
+
+
 # -- driver -------------------------------------------------------------------------------------------------
 def run_part(name: str, fn: Callable[[], dict], results: dict, deadline: float) -> None:
     if time.monotonic() > deadline:
@@ -528,6 +623,18 @@ def print_table(results: dict) -> None:
                   f"{r['mixed_over_base']:9.3f} {r['base_over_roofline']:10.2f} {r['engine_over_hf_speedup']:7.1f}")
         for target, ok in speed["targets"].items():
             print(f"  {'PASS' if ok else 'FAIL'}  {target}")
+    spec = results.get("spec", {})
+    if "rows" in spec:
+        print(f"\nspeculative mixing: demo acceptance at alpha 0.6 {json.dumps(spec['acceptance_demo_alpha_0.6'])}")
+        print(f"{'batch':>5} {'base ms':>9} {'mixed ms':>9} " + " ".join(f"{'k=' + str(k) + ' ms':>9}" for k in SPEC_KS)
+              + f" {'greedy ms/tok (k)':>18} {'sampled ms/tok (k)':>19} {'sampled/base':>13}")  # fmt: skip
+        for r in spec["rows"]:
+            rounds = " ".join(f"{r['round_ms'][k]:9.2f}" for k in SPEC_KS)
+            g, sm = r["greedy"], r["sampled"]
+            print(f"{r['batch']:>5} {r['base_step_ms']:9.2f} {r['mixed_step_ms']:9.2f} {rounds} "
+                  f"{g['token_ms']:12.2f} ({g['best_k']}) {sm['token_ms']:13.2f} ({sm['best_k']}) {sm['over_base']:13.2f}")  # fmt: skip
+        for target, ok in spec["targets"].items():
+            print(f"  {'PASS' if ok else 'FAIL'}  {target}")
     for part in ("churn", "syncs", "overlap", "bf16"):
         print(f"{part:>8}: {json.dumps(results.get(part), default=str)[:400]}")
 
@@ -557,6 +664,7 @@ def main() -> None:
         batches = [1, 8] if args.quick or device != "cuda" else [1, 8, 64]
         n = 32 if args.quick or device != "cuda" else 128
         run_part("speed", lambda: part_speed(base_dir, mem_dir, device, batches, n), results, deadline)
+        run_part("spec", lambda: part_spec(base_dir, mem_dir, device, [1, 8], min(n, 64)), results, deadline)
         run_part("churn", lambda: part_churn(device), results, deadline)
         if device == "cuda":
             run_part("syncs", lambda: part_syncs(base_dir, mem_dir, device), results, deadline)

@@ -206,6 +206,28 @@ def build() -> dict[str, Any]:
         "or when a memory was loaded; 0 when eager (CPU, --enforce-eager).",
     )  # fmt: skip
 
+    lay.row("Speculative mixing (--speculative-tokens)")
+    lay.panel(
+        "Draft acceptance rate",
+        [{"expr": f"sum by (memory) (rate(memdec_spec_accepted_tokens_total{{{MEM_SEL}}}[{RATE}])) / "
+                  f"clamp_min(sum by (memory) (rate(memdec_spec_draft_tokens_total{{{MEM_SEL}}}[{RATE}])), 1e-9)",
+          "legendFormat": "{{memory}}"}],
+        unit="percentunit", w=12,
+        description="Drafted tokens the base's verify kept, per memory (a round emits its kept drafts plus one "
+        "token of its own). At least alpha for untransformed sampling; where drafting does not pay, the engine "
+        "drafts fewer tokens or none.",
+    )  # fmt: skip
+    lay.panel(
+        "Drafted and accepted tokens/s",
+        [
+            {"expr": f"sum by (memory) (rate(memdec_spec_draft_tokens_total{{{MEM_SEL}}}[{RATE}]))",
+             "legendFormat": "drafted {{memory}}"},
+            {"expr": f"sum by (memory) (rate(memdec_spec_accepted_tokens_total{{{MEM_SEL}}}[{RATE}]))",
+             "legendFormat": "accepted {{memory}}"},
+        ],
+        unit="short", w=12,
+    )  # fmt: skip
+
     lay.row("Memories and perplexity")
     lay.panel(
         "Memory loads",

@@ -1,17 +1,19 @@
 """Attention over paged KV, plugged into Hugging Face models through transformers' AttentionInterface.
 
 A served model is switched once to the "memdec" implementation (`use_paged_attention`); its modeling
-code is unchanged. A forward that carries `memdec_ctx=` (a `PrefillContext` or `DecodeContext`)
-stores its new keys/values into the pages and attends over them. Every other forward (HF `generate`,
-the toolkit, test references, perplexity windows) falls through to transformers' SDPA function with
-the mask HF builds, so the model behaves exactly as with `attn_implementation="sdpa"`.
+code is unchanged. A forward that carries `memdec_ctx=` (a `PrefillContext`, `DecodeContext` or
+`VerifyContext`) stores its new keys/values into the pages and attends over them. Every other forward
+(HF `generate`, the toolkit, test references, perplexity windows) falls through to transformers' SDPA
+function with the mask HF builds, so the model behaves exactly as with `attn_implementation="sdpa"`.
 
 Engine forwards pass a ready 4-D `attention_mask`, which makes HF return it as is: no mask is built,
 and nothing on the path reads a tensor back to the host.
 
 PyTorch-native (SDPA) so the CPU tests run the same code as the GPU. Decode gathers each row's pages
 into a contiguous [rows, kv_heads, tokens, head_dim] view per layer and attends with a length mask;
-grouped-query heads are folded into the query length so no key/value is repeated.
+grouped-query heads are folded into the query length so no key/value is repeated. Verify (speculative
+mixing) is decode with several query tokens per row: each attends to its row's cached prefix and,
+causally, to the tokens before it in its own block.
 """
 
 from __future__ import annotations
@@ -147,4 +149,57 @@ class DecodeContext:
             cols = torch.arange(span, device=self.lengths.device)
             inside = cols[None, :] >= (self.lengths - window)[:, None]
             self._windows[window] = self.attention_mask & inside[:, None, None, :]
+        return self._windows[window]
+
+
+@dataclass
+class VerifyContext:
+    """T new tokens per row on top of its cached prefix: [B, T] (speculative mixing's verify forward).
+
+    Row b's token t sits at position start[b] + t and attends to every cached position and to its own
+    block up to itself. Tokens past a row's real ones (rows drafting fewer tokens, padding rows; see
+    `graphs.verify_forward`) have the model's scratch page in `page` and their outputs are ignored, so
+    they never write a page they do not own.
+    """
+
+    kv: ModelKV
+    page: torch.Tensor  # [B, T] page receiving each token's keys/values (scratch for invalid tokens)
+    offset: torch.Tensor  # [B, T]
+    tables: torch.Tensor  # [B, nblk] pages to attend over, in order
+    start: torch.Tensor  # [B] tokens cached before this forward (position of token 0)
+    attention_mask: torch.Tensor = field(init=False)  # [B, 1, T, L] True where token t sees column l
+    _windows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        span = self.tables.shape[1] * self.kv.block_size
+        cols = torch.arange(span, device=self.tables.device)  # [L]
+        last = self.start[:, None] + torch.arange(self.page.shape[1], device=self.tables.device)  # [B, T] own position
+        self.attention_mask = (cols[None, None, :] <= last[:, :, None])[:, None]  # [B, 1, T, L]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+        # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
+        _check(self.kv, k)
+        keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
+        keys[self.page, self.offset] = k.transpose(1, 2)  # [B, T, Hkv, D]
+        values[self.page, self.offset] = v.transpose(1, 2)
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        pages = self.tables.flatten()
+        kk = keys.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        vv = values.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
+        # Grouped-query heads folded into the query length, as in decode: [B, Hkv, G*T, D].
+        qg = q.reshape(b, hkv, g * t, d)
+        mask = self.attention_mask if window is None else self._window_mask(window)  # [B, 1, T, L]
+        mask = mask.unsqueeze(2).expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, -1)  # [B, 1, G*T, L]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)  # [B, Hkv, G*T, D]
+        return out.view(b, h, t, d).transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+    def _window_mask(self, window: int) -> torch.Tensor:
+        if window not in self._windows:
+            span = self.attention_mask.shape[-1]
+            cols = torch.arange(span, device=self.start.device)  # [L]
+            last = self.start[:, None] + torch.arange(self.page.shape[1], device=self.start.device)  # [B, T]
+            inside = cols[None, None, :] > (last - window)[:, :, None]  # [B, T, L]
+            self._windows[window] = self.attention_mask & inside[:, None]
         return self._windows[window]

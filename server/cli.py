@@ -20,7 +20,9 @@ import uvicorn
 
 from memories.mixing import check_alpha
 from server.config import (
+    DEFAULT_SPECULATIVE_TOKENS,
     DTYPES,
+    MAX_SPECULATIVE_TOKENS,
     PLAIN_CHAT_TEMPLATE,
     EngineConfig,
     MemorySpec,
@@ -127,6 +129,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _speculative_tokens(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SPECULATIVE_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and 0 < value <= 1):
@@ -175,6 +184,12 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="base tokens per KV cache page")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)")
+    p.add_argument("--speculative-tokens", type=_speculative_tokens, default=DEFAULT_SPECULATIVE_TOKENS, metavar="K",
+                   help="speculative mixing: a request's memory drafts up to K tokens per round and the base "
+                        "verifies them in one forward (same output distribution; the engine picks 0..K each step "
+                        "from measured speed); 0 = off; a request opts out with \"speculative\": false")
+    p.add_argument("--speculative-fixed", action="store_true",
+                   help="always draft K tokens instead of adapting (benchmarks, tests)")
     p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
@@ -218,6 +233,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             block_size=args.block_size,
             enforce_eager=args.enforce_eager,
+            speculative_tokens=args.speculative_tokens,
+            speculative_adaptive=not args.speculative_fixed,
         ),
         memories=tuple(args.memory),
         registry_file=args.registry,

@@ -26,6 +26,12 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
+MAX_SPECULATIVE_TOKENS = 16  # past this a round's verify costs more than any acceptance rate repays
+# `memdec serve`'s default K (the engine's own default is off, so library users and tests opt in).
+# Chosen from bench/speculative.py on the demo models: see docs/performance.md.
+DEFAULT_SPECULATIVE_TOKENS = 4
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64  # sequences decoding at once
@@ -36,6 +42,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory this process may use (vLLM's meaning)
     num_gpu_blocks_override: int | None = None  # KV pages, instead of measuring (vLLM's flag; any device)
     block_size: int = 16  # base tokens per KV page; memories fit as many tokens as the page's bytes allow
+    speculative_tokens: int = 0  # K: drafts the memory proposes per round for the base to verify (0 = off)
+    speculative_adaptive: bool = True  # choose 0..K per step from measured costs and acceptance
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -48,6 +56,8 @@ class EngineConfig:
             raise ValueError("num_gpu_blocks_override must be >= 2 (one page is scratch)")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ A decode step makes one host synchronisation, reading what the host needs (sampl
 log-probs) in a single `fetch`. Everything else the device needs is already there: each slot's last
 token (written by the sampler), KV tables and lengths (updated in place), and the batch's per-row
 parameters (uploaded when the batch's membership changes, not every step).
+
+With `speculative_tokens` K > 0 a decode step may be a speculative round instead: each memory drafts
+k <= K tokens per row on the device, the base verifies them in one forward, and each row keeps its
+accepted prefix plus one token (`_speculative_step`); still one `fetch`. Rows without a memory, at
+α = 0 or opted out decode as usual in the same round.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from server.request import (
     PerplexityResult,
     TokenLogprob,
 )
-from server.runner import ModelRunner, RowBatch, StepLogits
-from server.sampler import sample, top_logprobs
+from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
+from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
 from server.scheduler import ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
+from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
 from server.validation import request_context, validate_generation, validate_perplexity
 
@@ -83,6 +89,7 @@ class EngineObserver(Protocol):
     def on_request_finished(self, seq: Sequence) -> None: ...
     def on_kv_cache(self, usage: float, preemptions: int) -> None: ...
     def on_graph_capture(self, model: str | None, seconds: float) -> None: ...
+    def on_speculation(self, memory: str, drafted: int, accepted: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,38 @@ class _Sampled:
     tokens: np.ndarray  # [B]
     logprobs: dict[int, TokenLogprob]  # row -> the chosen token's log-prob and top alternatives
     prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]]  # echo row -> per prompt token
+    accepted: np.ndarray | None = None  # [B] speculative rows: the position's acceptance test passed
+
+
+@dataclass
+class _SpecCounts:
+    """One memory's speculation in one step: drafts made and kept, acceptance tests run and passed."""
+
+    drafted: int = 0
+    accepted: int = 0
+    tests: int = 0
+    passed: int = 0
+
+    def add(self, seq: Sequence, drafted: int, emitted: int, last_passed: bool) -> None:
+        """A row that drafted `drafted` tokens and emitted `emitted`: every emitted position had a test
+        (the last one's may have failed), every one before it kept its draft. The row keeps its own tally."""
+        passed = emitted - 1 + int(last_passed)
+        self.drafted += drafted
+        self.accepted += emitted - 1
+        self.tests += emitted
+        self.passed += passed
+        seq.spec_passed = ROW_DECAY * seq.spec_passed + passed
+        seq.spec_tests = ROW_DECAY * seq.spec_tests + emitted
+
+
+@dataclass(frozen=True)
+class _Round:
+    """What the host read back from a speculative round."""
+
+    tokens: np.ndarray  # [B, T] the token at each position (a row emits its first `emitted` ones)
+    emitted: np.ndarray  # [B] accepted drafts + 1
+    last_accepted: np.ndarray  # [B] the acceptance test at the row's last emitted position passed
+    logprobs: dict[tuple[int, int], TokenLogprob]  # (row, position) -> log-prob and top alternatives
 
 
 class Engine:
@@ -110,6 +149,9 @@ class Engine:
         self.runner = ModelRunner(base, self.config)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv)
         self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
+        self._plan: tuple[tuple[int, tuple[int, ...]], SpecPlan] | None = None  # ((version, k per row), plan)
+        k = self.config.speculative_tokens
+        self.speculation = SpeculationController(k, self.config.speculative_adaptive) if k else None
         if observer is not None:
             observer.on_graph_capture(None, self.runner.models[None].capture_seconds)
         for info in registry.list():  # memories loaded before the engine: capture their graphs now
@@ -240,13 +282,14 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self._step_clock()
         batch = self.scheduler.schedule()
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
             return self._score(batch)
         is_prefill = batch.kind is StepKind.PREFILL
+        k_rows = None if is_prefill else self._lookahead(batch)  # reserves draft pages: before the flush
         self.runner.flush()  # the scheduler's KV changes reach the device
         rows = self._rows(batch)
         now = time.monotonic()
@@ -254,24 +297,161 @@ class Engine:
             if seq.timings.scheduled is None:
                 seq.timings.scheduled = now
         t_sched = time.perf_counter() - t0
+        if k_rows is not None:
+            return self._speculative_step(batch, rows, k_rows, c0, t_sched)
         try:
             logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
         except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
-            log.exception("base forward failed")
-            self.runner.step_done()
-            return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+            return self._base_failed(batch, rows, exc)
         t1 = time.perf_counter()
         sampled = self._mix_and_sample(rows, logits, is_prefill)  # ends with the step's one host sync
         self.runner.step_done()
         num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
         outputs = self._postprocess(rows, logits, sampled, is_prefill)
-        stats = None
-        if self.observer is not None:
-            phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
-            stats = StepStats(is_prefill, len(rows.seqs), num_tokens, phases)
-            self.observer.on_step(stats)
-            self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
+        if self.speculation is not None and rows.spec_rows and not is_prefill:
+            self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
+        return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
+
+    def _base_failed(self, batch: ScheduledBatch, rows: RowBatch, exc: Exception) -> StepResult:
+        """The base's forward raised: this step's sequences fail, the engine lives on."""
+        log.exception("base forward failed")
+        self.runner.step_done()
+        return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+
+    def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
+                 logits: StepLogits | SpecLogits, t1: float) -> StepStats | None:  # fmt: skip
+        if self.observer is None:
+            return None
+        phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
+        stats = StepStats(batch.kind is StepKind.PREFILL, len(rows.seqs), num_tokens, phases)
+        self.observer.on_step(stats)
+        self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
+        return stats
+
+    # -- speculative mixing ---------------------------------------------------------------------------
+    def _step_clock(self) -> float:
+        """What adaptive K times steps with: on a CPU the engine thread's CPU time (the steps' own cost, not
+        the load other processes or the server's other threads put on the cores), on a GPU wall time
+        (a step ends with its host sync, so the wall clock covers the device's work)."""
+        return time.thread_time() if self.runner.device.type == "cpu" else time.perf_counter()
+
+    def _lookahead(self, batch: ScheduledBatch) -> list[int] | None:
+        """Drafts per row for a speculative round (their pages reserved), or None for a plain step.
+
+        A row drafts at most one token fewer than it may still emit (the round adds one of its own), and
+        none when the free pages (above the watermark) cannot hold its drafts: speculation never preempts.
+        """
+        spec = self.speculation
+        betas = [spec.row_acceptance(m, s.spec_passed, s.spec_tests)
+                 for s in batch.seqs if s.speculative and (m := s.memory_name) is not None] if spec else []  # fmt: skip
+        if spec is None or not betas:
+            return None
+        k = spec.choose(len(batch.seqs), betas)
+        if not k:
+            return None
+        k_rows = []
+        for seq in batch.seqs:
+            n = max(0, min(k, seq.max_len - len(seq.token_ids) - 1)) if seq.speculative else 0
+            k_rows.append(n if n and self.scheduler.reserve_lookahead(seq, n) else 0)
+        return k_rows if any(k_rows) else None
+
+    def _speculative_step(self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float) -> StepResult:
+        key = (self.scheduler.version, tuple(k_rows))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, self.runner.make_plan(rows, k_rows))
+        plan = self._plan[1]
+        try:
+            logits = self.runner.speculate(rows, plan)
+        except Exception as exc:  # the base's verify failed (a memory's failure is contained in `speculate`)
+            return self._base_failed(batch, rows, exc)
+        t1 = time.perf_counter()
+        result = self._accept_round(rows, plan, logits)  # ends with the step's one host sync
+        self.runner.step_done()
+        outputs = self._postprocess_round(rows, plan, logits, result)
+        assert self.speculation is not None
+        self.speculation.observe(len(rows.seqs), plan.k, self._step_clock() - c0)
+        stats = self._observe(batch, rows, len(rows.seqs) * (plan.k + 1), t_sched, logits, t1)
         return StepResult(batch.kind, outputs, stats=stats)
+
+    def _accept_round(self, rows: RowBatch, plan: SpecPlan, logits: SpecLogits) -> _Round:
+        """Mix at every verified position, run each position's acceptance test and residual draw, and end
+        each row's run at its first rejection (or its last draft); the step's one host sync is here."""
+        b, t = len(rows.seqs), plan.k + 1
+        logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
+        q = torch.zeros_like(logp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
+        drafts = torch.zeros(b, t, dtype=torch.long, device=logp.device)  # [B, T]
+        for g in rows.groups:
+            buf = logits.drafts[g.name]
+            log_a, log_1ma = g.log_alpha.unsqueeze(-1), g.log_1m_alpha.unsqueeze(-1)  # [b, 1, 1]
+            if g.whole_batch:
+                logp = mix_with_logs(logp, buf.logp, log_a, log_1ma)
+            else:
+                logp.index_copy_(0, g.rows_dev, mix_with_logs(logp.index_select(0, g.rows_dev), buf.logp, log_a, log_1ma))
+            drafts.index_copy_(0, g.rows_dev, buf.tokens)
+            if q is not None and buf.probs is not None:
+                q.index_copy_(0, g.rows_dev, buf.probs)
+        pos = torch.arange(t, device=logp.device)  # [T]
+        drafted = None  # [B, T] a draft at every position of every row: the common round, no mask needed
+        if len(rows.spec_rows) < b or min(plan.k_rows) < plan.k:
+            drafted = (rows.spec_mask[:, None] & (pos[None, :] <= plan.k_dev[:, None])).flatten()
+        u = logits.uniforms.flatten(1) if logits.uniforms is not None else None  # [3, B * T]
+        tokens, ok = accept(
+            logp.flatten(0, 1), Drafts(drafts.flatten(), q.flatten(0, 1) if q is not None else None),
+            drafted, rows.sampling.repeat(t), u,
+        )  # fmt: skip
+        tokens, ok = tokens.view(b, t), ok.view(b, t)
+        # A row keeps its drafts up to the first rejected one, and the token drawn there (or at its last draft).
+        stop = ~ok | (pos[None, :] >= plan.k_dev[:, None])  # [B, T]
+        emitted = (~stop).long().cumprod(dim=1).sum(dim=1) + 1  # [B]
+        last = (emitted - 1).unsqueeze(1)  # [B, 1]
+        self.runner.tokens.index_copy_(0, rows.slots_dev, tokens.gather(1, last).squeeze(1))  # the next input
+        wanted = [tokens, emitted, ok.gather(1, last).squeeze(1)]
+        if rows.logprob_rows:
+            lp = logp.index_select(0, rows.logprob_rows_dev)  # [W, T, V]
+            top_v, top_i = top_logprobs(lp, rows.num_top)  # [W, T, n]
+            chosen = lp.gather(-1, tokens.index_select(0, rows.logprob_rows_dev).unsqueeze(-1)).squeeze(-1)  # [W, T]
+            wanted += [chosen, top_v, top_i]
+        host = fetch(*wanted)  # the one host sync of the step
+        tok, emitted_h = host[0], host[1]
+        logprobs: dict[tuple[int, int], TokenLogprob] = {}
+        if rows.logprob_rows:
+            chosen_h, top_vh, top_ih = host[3:6]
+            for w, i in enumerate(rows.logprob_rows):
+                n = rows.seqs[i].params.logprobs or 0
+                for j in range(int(emitted_h[i])):
+                    top = tuple(zip(top_ih[w, j, :n].tolist(), top_vh[w, j, :n].tolist(), strict=True))
+                    logprobs[(i, j)] = TokenLogprob(int(tok[i, j]), float(chosen_h[w, j]), top)
+        return _Round(tok, emitted_h, host[2], logprobs)
+
+    def _postprocess_round(self, rows: RowBatch, plan: SpecPlan, logits: SpecLogits, r: _Round) -> list[EngineOutput]:
+        """Each row appends its run (cut short by a stop id, EOS or its length) and every cache it uses is
+        set to what it now holds: the rejected drafts' positions are forgotten, their pages kept."""
+        now = time.monotonic()
+        counts: dict[str, _SpecCounts] = {}
+        for i, seq in enumerate(rows.seqs):
+            if i in logits.failed:
+                seq.finish(FinishReason.ERROR, error=logits.failed[i])
+                continue
+            n = int(r.emitted[i])
+            if seq.speculative and seq.memory_name is not None:
+                counts.setdefault(seq.memory_name, _SpecCounts()).add(seq, plan.k_rows[i], n, bool(r.last_accepted[i]))
+            for j in range(n):
+                seq.append(int(r.tokens[i, j]), r.logprobs.get((i, j)), now)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                self.runner.set_cached(seq, len(seq.token_ids) - 1)  # its last token is the next input
+        self.scheduler.kv_changed()
+        self._count_speculation(counts)
+        outputs = [o for s in rows.seqs if not s.is_finished and (o := s.take_output()) is not None]
+        return outputs + self._retire([s for s in rows.seqs if s.is_finished])
+
+    def _count_speculation(self, counts: dict[str, _SpecCounts]) -> None:
+        for name, c in counts.items():
+            if self.speculation is not None:
+                self.speculation.observe_acceptance(name, c.tests, c.passed)
+            if c.drafted and self.observer is not None:
+                self.observer.on_speculation(name, c.drafted, c.accepted)
 
     def _rows(self, batch: ScheduledBatch) -> RowBatch:
         """The device view of this step's rows; a decode batch is reused until membership changes."""
@@ -284,11 +464,12 @@ class Engine:
 
     def _mix_and_sample(self, rows: RowBatch, logits: StepLogits, is_prefill: bool) -> _Sampled:
         logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
+        mem_lps: dict[str, torch.Tensor] = {}
         for g in rows.groups:
             mem = logits.memories.get(g.name)
             if mem is None:  # the memory failed: its rows are failed below
                 continue
-            mem_lp = torch.log_softmax(mem.float(), dim=-1)  # [b, V]
+            mem_lp = mem_lps[g.name] = torch.log_softmax(mem.float(), dim=-1)  # [b, V]
             if g.whole_batch:
                 logp = mix_with_logs(logp, mem_lp, g.log_alpha, g.log_1m_alpha)
             else:
@@ -298,7 +479,11 @@ class Engine:
         if rows.sampling.any_sampled:
             # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
             counter = self.runner.kv(None).lengths.index_select(0, rows.slots_dev)  # [B]
-        tokens = sample(logp, rows.sampling, counter)  # [B]
+        accepted = None
+        if rows.spec_rows:
+            tokens, accepted = self._virtual_draft(rows, mem_lps, logp, counter)
+        else:
+            tokens = sample(logp, rows.sampling, counter)  # [B]
         self.runner.tokens.index_copy_(0, rows.slots_dev, tokens)  # the next decode step's input
         wanted: list[torch.Tensor] = [tokens]
         if rows.logprob_rows:
@@ -309,6 +494,8 @@ class Engine:
         echo = self._prompt_logprob_tensors(rows, logits) if is_prefill else {}
         for parts in echo.values():
             wanted += parts
+        if accepted is not None:
+            wanted.append(accepted)
         host = fetch(*wanted)  # the one host sync of the step
         tok = host[0]
         logprobs: dict[int, TokenLogprob] = {}
@@ -328,7 +515,24 @@ class Engine:
                 TokenLogprob(ids[t + 1], float(chosen_h[t]), tuple(zip(top_ih[t].tolist(), top_vh[t].tolist(), strict=True)))
                 for t in range(len(ids) - 1)
             ))
-        return _Sampled(tok, logprobs, prompt)
+        return _Sampled(tok, logprobs, prompt, host[-1] if accepted is not None else None)
+
+    def _virtual_draft(
+        self, rows: RowBatch, mem_lps: dict[str, torch.Tensor], logp: torch.Tensor, counter: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [B] of a step that is not a round, and the speculative rows' acceptance tests [B].
+
+        A speculative row's token goes through the same draft, acceptance test and residual draw as in a
+        round (from the memory's distribution at this position), so its tokens never depend on which
+        steps were rounds; the other rows (no draft) draw exactly as `sample` does.
+        """
+        q = torch.zeros_like(logp)  # [B, V]; rows without a memory never use theirs
+        for g in rows.groups:
+            if g.name in mem_lps:
+                q.index_copy_(0, g.rows_dev, mem_lps[g.name])
+        u = speculative_uniforms(rows.sampling.seed, counter) if counter is not None else None  # [3, B]
+        drafts = propose(q, rows.sampling, u[DRAFT] if u is not None else None)
+        return accept(logp, drafts, rows.spec_mask, rows.sampling, u)
 
     def _prompt_logprob_tensors(self, rows: RowBatch, logits: StepLogits) -> dict[int, list[torch.Tensor]]:
         """Echo rows: the mixed log-prob of each prompt token given the ones before it, and the top-n."""
@@ -360,6 +564,13 @@ class Engine:
                 seq.finish(FinishReason.LENGTH)  # prompt scoring only (echo)
                 continue
             seq.append(int(sampled.tokens[i]), sampled.logprobs.get(i), now)
+        if sampled.accepted is not None:
+            counts: dict[str, _SpecCounts] = {}
+            for i in rows.spec_rows:
+                name = rows.seqs[i].memory_name
+                if i not in logits.failed and name is not None:
+                    counts.setdefault(name, _SpecCounts()).add(rows.seqs[i], 0, 1, bool(sampled.accepted[i]))
+            self._count_speculation(counts)
         outputs = [o for s in rows.seqs if not s.is_finished and (o := s.take_output()) is not None]
         return outputs + self._retire([s for s in rows.seqs if s.is_finished])
 

@@ -183,6 +183,11 @@ class ModelKV:
         self._release_blocks(slot, keep)
         self.set_length(slot, num_tokens)
 
+    def trim(self, slot: int, num_tokens: int) -> None:
+        """Give back the pages `slot` holds past what `num_tokens` tokens need (a speculative row's spare
+        draft pages); its length is unchanged."""
+        self._release_blocks(slot, self.blocks_for(num_tokens))
+
     def free(self, slot: int) -> None:
         self._release_blocks(slot, 0)
         self.set_length(slot, 0)

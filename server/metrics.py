@@ -71,6 +71,8 @@ COUNTERS: tuple[str, ...] = (
     "memdec_requests_total",
     "memdec_memory_loads_total",
     "memdec_num_preemptions_total",
+    "memdec_spec_draft_tokens_total",
+    "memdec_spec_accepted_tokens_total",
 )
 GAUGES: tuple[str, ...] = (
     "memdec_requests_running",
@@ -172,6 +174,12 @@ class Metrics:
         self.graph_capture = gauge(
             "cuda_graph_capture_seconds", "Time to capture a model's decode CUDA graphs (0 when eager).", mem
         )
+        self.spec_draft_tokens = counter(
+            "spec_draft_tokens_total", "Tokens a memory drafted for the base to verify (speculative mixing).", mem
+        )
+        self.spec_accepted_tokens = counter(
+            "spec_accepted_tokens_total", "Drafted tokens the base's verify kept (speculative mixing).", mem
+        )
 
         # Series that exist from the start, so dashboards show 0 rather than "no data".
         for phase in PHASES:
@@ -198,6 +206,9 @@ class Metrics:
             h.labels(label)
         self.prompt_tokens.labels(label)
         self.generation_tokens.labels(label)
+        if label != NONE:  # the base alone never drafts
+            self.spec_draft_tokens.labels(label)
+            self.spec_accepted_tokens.labels(label)
 
     # -- memories -----------------------------------------------------------------------------------
 
@@ -264,6 +275,12 @@ class Metrics:
                 fits = memory in self._memory_labels or len(self._memory_labels) < self._max_memory_labels
             label = memory if fits and memory not in RESERVED_MEMORY_LABELS else OTHER
         self.graph_capture.labels(label).set(seconds)
+
+    def observe_speculation(self, memory: str, drafted: int, accepted: int) -> None:
+        """One engine step's speculative rounds of one memory: tokens drafted, and those kept."""
+        label = self.memory_label(memory)
+        self.spec_draft_tokens.labels(label).inc(drafted)
+        self.spec_accepted_tokens.labels(label).inc(accepted)
 
     def observe_request_finished(
         self,

@@ -23,6 +23,9 @@ class MetricsObserver:
     def on_graph_capture(self, model: str | None, seconds: float) -> None:
         self.metrics.graph_captured(model, seconds)
 
+    def on_speculation(self, memory: str, drafted: int, accepted: int) -> None:
+        self.metrics.observe_speculation(memory, drafted, accepted)
+
     def on_request_finished(self, seq: Sequence) -> None:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival

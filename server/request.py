@@ -49,6 +49,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     memory: str | None = None  # a registered memory name, or None for the base alone
     alpha: float = 0.0  # weight of the memory; ignored without a memory
+    speculative: bool = True  # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
 
 
 @dataclass(frozen=True)

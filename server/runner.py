@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,10 +25,10 @@ from memories.mixing import alpha_logs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
-from server.graphs import DecodeGraphs
+from server.graphs import DecodeGraphs, VerifyGraphs
 from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
-from server.sampler import SamplingRows, sampling_rows
+from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.sequence import Sequence
 from server.transfer import Uploader
 
@@ -71,6 +71,7 @@ class ModelState:
     lm: LoadedModel
     kv: ModelKV
     graphs: DecodeGraphs
+    verify: VerifyGraphs | None = None  # the base's, when the engine speculates
     capture_seconds: float = 0.0
 
 
@@ -104,6 +105,74 @@ class RowBatch:
     logprob_rows: list[int]  # rows that asked for log-probs
     logprob_rows_dev: torch.Tensor  # [W]
     num_top: int  # top alternatives to return (max over those rows)
+    spec_rows: list[int]  # rows whose memory drafts for the base (when the engine speculates)
+    spec_mask: torch.Tensor  # [B] bool
+
+
+@dataclass(frozen=True)
+class DraftStep:
+    """The rows of one memory group that run draft step i of a round (those drafting at least i − 1 tokens)."""
+
+    rows: torch.Tensor  # [b_i] indices into the group's rows
+    batch_rows: torch.Tensor  # [b_i] indices into the batch
+    slots: list[int]
+    slots_dev: torch.Tensor  # [b_i]
+    whole_group: bool
+
+
+@dataclass(frozen=True)
+class SpecPlan:
+    """One speculative round: how many tokens each row drafts, and which rows run each draft step."""
+
+    k: int  # draft steps before the verify (the most any row drafts); the memory runs k + 1 steps
+    k_rows: list[int]  # [B] tokens each row drafts (0: the row gets one token, as in a plain step)
+    k_dev: torch.Tensor  # [B]
+    steps: dict[str, list[DraftStep]]  # memory -> its steps 1 .. k + 1
+
+
+@dataclass
+class DraftBuffers:
+    """What a memory group's draft steps produced, per row and position j (step j + 1)."""
+
+    logp: torch.Tensor  # [b, T, V] memory log-probs q (0 where a row did not run that step)
+    probs: torch.Tensor | None  # [b, T, V] transformed q̃ the draft was drawn from (None: all rows greedy)
+    tokens: torch.Tensor  # [b, T] drafts (position j's draft is the token proposed for position j)
+
+    def put(self, step: DraftStep, j: int, logp: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None) -> None:
+        for buf, val in ((self.logp, logp), (self.tokens, tokens), (self.probs, probs)):
+            if buf is None or val is None:
+                continue
+            if step.whole_group:
+                buf[:, j] = val
+            else:
+                buf.select(1, j).index_copy_(0, step.rows, val)
+
+
+@dataclass
+class _Drafting:
+    """A round's drafting state: what each memory group drafted so far, and which groups failed."""
+
+    batch: RowBatch
+    plan: SpecPlan
+    uniforms: torch.Tensor | None  # [3, B, T]
+    drafts: dict[str, DraftBuffers]
+    failed: dict[int, str] = field(default_factory=dict)  # batch row -> error
+    failed_groups: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SpecLogits:
+    """A speculative round's forwards: the base's verify logits and each memory's drafts."""
+
+    base: torch.Tensor  # [B, T, V] verify logits, T = k + 1
+    drafts: dict[str, DraftBuffers]  # memory -> its group's drafts, rows in the group's order
+    uniforms: torch.Tensor | None  # [3, B, T] the round's random numbers (`speculative_uniforms`); None if all greedy
+    failed: dict[int, str]
+    timers: tuple[_Timer, _Timer, _Timer]  # verify, serial drafts (steps 1..k), the last draft step
+
+    def forward_seconds(self) -> dict[str, float]:
+        """Per-phase device time (after the step's host sync on CUDA): verify as the base's forward, drafts as the memory's."""
+        return {"base_forward": self.timers[0].seconds(), "memory_forward": self.timers[1].seconds() + self.timers[2].seconds()}
 
 
 @dataclass
@@ -146,6 +215,12 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
     # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4
+    if config.speculative_tokens:
+        # The verify graphs' own pool (the same gather), and a round's [B, K+1, V] float32 tensors: log-probs, the
+        # memories' log-probs and q̃, q̃ gathered, p̃, the residual, and its float64 cumulative sum (two).
+        t = config.speculative_tokens + 1
+        workspace += 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
+        workspace += 8 * config.max_num_seqs * t * base.vocab_size * 4
     budget = int(total * config.gpu_memory_utilization) - (total - free) - activation - workspace
     pages = budget // page_bytes
     log.info(
@@ -188,6 +263,13 @@ class ModelRunner:
         self._token_updates: dict[int, int] = {}  # slot -> last token, set by the host (rollback)
         self.models: dict[ModelKey, ModelState] = {}
         self.add_model(None, base)
+        if config.speculative_tokens:
+            state = self.models[None]
+            state.verify = VerifyGraphs(base, state.kv, self.num_slots, config.speculative_tokens + 1, self.use_graphs)
+            seconds = state.verify.capture()
+            state.capture_seconds += seconds
+            if seconds:
+                log.info("captured the base's verify graphs (T = %d) in %.2f s", config.speculative_tokens + 1, seconds)
 
     # -- models ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -247,6 +329,9 @@ class ModelRunner:
             ))
         sampling = sampling_rows([s.params for s in seqs], [s.seed for s in seqs], up)
         want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
+        spec = [i for i, s in enumerate(seqs) if s.speculative] if self.config.speculative_tokens else []
+        spec_mask = np.zeros(len(seqs), dtype=bool)
+        spec_mask[spec] = True
         return RowBatch(
             seqs=seqs,
             slots=slots,
@@ -256,7 +341,33 @@ class ModelRunner:
             logprob_rows=want,
             logprob_rows_dev=up(np.asarray(want, dtype=np.int64)),
             num_top=max((seqs[i].params.logprobs or 0 for i in want), default=0),
+            spec_rows=spec,
+            spec_mask=up(spec_mask),
         )
+
+    def make_plan(self, batch: RowBatch, k_rows: list[int]) -> SpecPlan:
+        """Upload a speculative round's shape (no host sync): step i of a memory runs its rows with k_row >= i − 1."""
+        up = self.upload
+        k = max(k_rows)
+        steps: dict[str, list[DraftStep]] = {}
+        for g in batch.groups:
+            depth = np.asarray([k_rows[i] for i in g.rows])
+            steps[g.name] = []
+            for i in range(1, k + 2):
+                inside = np.flatnonzero(depth >= i - 1)
+                if not len(inside):  # the group's rows shrink step by step: none is left from here on
+                    break
+                whole = len(inside) == len(g.rows)
+                if whole:
+                    step = DraftStep(up(inside), g.rows_dev, g.slots, g.slots_dev, whole_group=True)
+                elif steps[g.name] and len(inside) == len(steps[g.name][-1].slots):
+                    step = steps[g.name][-1]  # the same rows as the step before
+                else:
+                    slots = [g.slots[j] for j in inside]
+                    step = DraftStep(up(inside), up(np.asarray([g.rows[j] for j in inside], dtype=np.int64)), slots,
+                                     up(np.asarray(slots, dtype=np.int64)), whole_group=False)  # fmt: skip
+                steps[g.name].append(step)
+        return SpecPlan(k, k_rows, up(np.asarray(k_rows, dtype=np.int64)), steps)
 
     def set_last_token(self, slot: int, token: int) -> None:
         """The next decode input of `slot`, when the host rewrites it (a rollback); applied by `flush`."""
@@ -366,6 +477,87 @@ class ModelRunner:
             if g.name in mem_out:
                 self._advance(g.name, g.slots, g.slots_dev)
         return StepLogits(base_logits, mem_out, {}, failed, (base_timer, mem_timer))
+
+    def speculate(self, batch: RowBatch, plan: SpecPlan) -> SpecLogits:
+        """A speculative round's forwards: k draft steps of each memory (each drawing its draft on the device
+        and feeding it to the next step), then the base's verify of T = k + 1 tokens per row, overlapped on
+        CUDA with each memory's last step (on the draft of step k, for the distribution at position k).
+
+        Lengths: each memory's advance step by step (its forward reads them); the base's do not move here,
+        the engine sets every cache's length once it knows what was accepted.
+        """
+        t = plan.k + 1
+        verify_timer, draft_timer, last_timer = _Timer(self.device), _Timer(self.device), _Timer(self.device, self.side_stream)
+        base = self.models[None]
+        uniforms = None  # [3, B, T] every random number of the round, drawn at once
+        if batch.sampling.any_sampled:
+            start = base.kv.lengths.index_select(0, batch.slots_dev)  # [B] tokens the base has cached
+            counter = start[:, None] + 1 + torch.arange(t, device=self.device)  # [B, T] index of each position's token
+            uniforms = speculative_uniforms(batch.sampling.seed.repeat_interleave(t), counter.flatten()).view(3, -1, t)
+        ids = torch.zeros(len(batch.seqs), t, dtype=torch.long, device=self.device)  # [B, T] verify input
+        ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)  # each row's last token (drafts overwrite it below)
+        rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups})
+        live = [g for g in batch.groups if plan.steps[g.name]]
+        with draft_timer:
+            for i in range(1, t):
+                for g in live:
+                    self._draft(rnd, g, i)
+        for g in live:
+            if g.name not in rnd.failed_groups:
+                ids[:, 1:].index_copy_(0, g.rows_dev, rnd.drafts[g.name].tokens[:, : t - 1])
+        base_logits: torch.Tensor | None = None
+
+        def run_memories() -> None:
+            # Buffers written here were made on the main stream, which waits for this one before reading or
+            # freeing them; what this stream allocates it also frees, so no tensor crosses unguarded.
+            with last_timer:
+                for g in live:
+                    self._draft(rnd, g, t)
+
+        def run_base() -> None:
+            nonlocal base_logits
+            assert base.verify is not None
+            longest = int(base.kv.host_lengths[batch.slots].max()) + t
+            with verify_timer:
+                base_logits = base.verify.run(batch.slots_dev, ids, plan.k_dev + 1, longest)
+
+        self._parallel(run_base, run_memories)
+        assert base_logits is not None
+        return SpecLogits(base_logits, rnd.drafts, uniforms, rnd.failed, (verify_timer, draft_timer, last_timer))
+
+    def _draft_buffers(self, rows: int, t: int, batch: RowBatch) -> DraftBuffers:
+        vocab = self.base.vocab_size
+        return DraftBuffers(
+            torch.zeros(rows, t, vocab, device=self.device),
+            torch.zeros(rows, t, vocab, device=self.device) if batch.sampling.any_sampled else None,
+            torch.zeros(rows, t, dtype=torch.long, device=self.device),
+        )
+
+    def _draft(self, rnd: _Drafting, g: MemoryGroup, i: int) -> None:
+        """Memory step i (1-based) of group g: its distribution at position i − 1 and a draft from it, which is
+        the next step's input. A failure is contained: only this memory's rows fail."""
+        steps = rnd.plan.steps[g.name]
+        if g.name in rnd.failed_groups or i > len(steps):
+            return
+        step = steps[i - 1]
+        with _contained(g, rnd.failed, "draft step"):
+            state = self.models[g.name]
+            logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
+            self._advance(g.name, step.slots, step.slots_dev)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [b_i, V]
+            u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
+            proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
+            rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
+            if i <= rnd.plan.k:
+                self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
+        if g.rows[0] in rnd.failed:
+            rnd.failed_groups.add(g.name)
+
+    def set_cached(self, seq: Sequence, num_tokens: int) -> None:
+        """After a speculative round: every cache of `seq` holds its first `num_tokens` tokens (pages it holds
+        past them stay, for its next round; they hold only its own rejected drafts, masked by the length)."""
+        for key in seq.model_keys:
+            self.models[key].kv.set_length(seq.row, num_tokens)
 
     def _advance(self, key: ModelKey, slots: list[int], slots_dev: torch.Tensor) -> None:
         kv = self.models[key].kv

@@ -182,6 +182,8 @@ class Scheduler:
             slot = seq.row
             need = [(kv, int(kv.host_lengths[slot]) + 1) for kv in map(self.kv_of, seq.model_keys)]
             missing = sum(kv.pages_missing(slot, n) for kv, n in need)
+            if missing > self.pool.num_free:
+                self._trim_lookahead()  # spare draft pages go before anyone is preempted
             while missing > self.pool.num_free and self.running[-1] is not seq:
                 preempted.append(self._preempt(self.running[-1]))
             if missing > self.pool.num_free:  # it is the last one left that could give pages back
@@ -193,6 +195,26 @@ class Scheduler:
         if self.running:
             self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
         return preempted
+
+    def reserve_lookahead(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for `num_tokens` more tokens of a running row in every model it uses (a speculative round
+        caches its drafts), only from free pages above the watermark: speculation never preempts anyone.
+        Returns whether the row has them. They stay with the row for its later rounds, until it finishes
+        or another row needs a page and none is free (`_trim_lookahead`)."""
+        slot = seq.row
+        need = [(kv, int(kv.host_lengths[slot]) + 1 + num_tokens) for kv in map(self.kv_of, seq.model_keys)]
+        missing = sum(kv.pages_missing(slot, n) for kv, n in need)
+        if missing and missing + self._watermark > self.pool.num_free:
+            return False
+        for kv, n in need:
+            kv.reserve(slot, n)
+        return True
+
+    def _trim_lookahead(self) -> None:
+        """Every running row keeps only the pages its next token needs, in every model."""
+        for kv, seqs, _ in self._running_by_model():
+            for seq in seqs:
+                kv.trim(seq.row, int(kv.host_lengths[seq.row]) + 1)
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)

@@ -48,6 +48,10 @@ class Sequence:
         self.memory = memory  # None when the base runs alone (no memory or alpha = 0)
         self.memory_name = request.memory if memory is not None else None
         self.alpha = request.alpha if memory is not None else 0.0
+        # May the memory draft for the base (when the engine speculates)? Only with a memory at alpha > 0.
+        self.speculative = request.speculative and memory is not None
+        self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)
+        self.spec_tests = 0.0
         # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a random one.
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.token_ids: list[int] = list(request.prompt_token_ids)

@@ -13,6 +13,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from server.config import ModelConfig
+from server.loader import LoadedModel, load_base
+from server.registry import MemoryRegistry
 from testkit.models import build_chat_model, build_memory, build_model, build_tokenizer
 from testkit.server import Server, serve
 from testkit.text import sample_text
@@ -52,6 +55,17 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
         mem_gpt2=build_memory(root / "mem_gpt2", tok, "fin", "gpt2", alpha=0.7, domain="finance", hidden=32, seed=5),
         mem_foreign=build_memory(root / "mem_foreign", foreign_tok, "alien", "llama", hidden=32, seed=6),
     )
+
+
+@pytest.fixture(scope="module")
+def setup(zoo: TinyZoo) -> tuple[LoadedModel, MemoryRegistry]:
+    """What the engine tests serve, fresh per module: the zoo's base with memories med, law and fin."""
+    base = load_base(ModelConfig(str(zoo.base)))
+    registry = MemoryRegistry(base)
+    registry.load("med", str(zoo.mem_llama))
+    registry.load("law", str(zoo.mem_qwen_padded))
+    registry.load("fin", str(zoo.mem_gpt2))
+    return base, registry
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from memories.mixing import mix_logprobs
 from server.engine import Engine
 from server.output import OutputProcessor
-from server.request import FinishReason, GenerationRequest, RequestOutput
+from server.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
 
 
 def run(
@@ -80,3 +81,96 @@ def reference_logp(base_model, mem_model, context: list[int], alpha: float, voca
         return base
     mem = torch.log_softmax(mem_model(ids).logits[0, -1, :vocab].float(), -1)
     return mix_logprobs(base, mem, alpha)
+
+
+def prompt(base, text: str) -> tuple[int, ...]:
+    return tuple(base.tokenizer(text).input_ids)
+
+
+def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
+    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
+
+
+def assert_clean(engine: Engine) -> None:
+    """Every page and slot is back in its pool."""
+    usage = engine.cache_usage()
+    assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots), usage
+
+
+def worst_error(out, specs, setup) -> float:
+    """Largest |engine − reference| over every step's full mixed distribution (requests ask logprobs = vocab)."""
+    base, registry = setup
+    vocab = base.vocab_size
+    worst = 0.0
+    for rid, ids, memory, alpha, n in specs:
+        mem_model = registry.loaded(memory).model if memory else None
+        context = list(ids)
+        lps = logprobs_of(out[rid])
+        assert len(lps) == n, rid
+        for lp in lps:
+            engine_logp = torch.full((vocab,), float("-inf"))
+            top_ids, vals = zip(*lp.top, strict=True)
+            engine_logp[list(top_ids)] = torch.tensor(vals)
+            ref = reference_logp(base.model, mem_model, context, alpha, vocab)
+            worst = max(worst, (engine_logp - ref).abs().max().item())
+            context.append(lp.token_id)
+    return worst
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.09: significance 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """(statistic, degrees of freedom) of observed token counts [V] against probabilities [V]. Tokens
+    expected fewer than 5 times share one cell; nothing may be observed where the probability is 0."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    assert counts[expected == 0].sum() == 0, "a token with probability 0 was drawn"
+    big = expected >= 5
+    cells_obs = [*counts[big].tolist(), counts[~big].sum().item()]
+    cells_exp = [*expected[big].tolist(), expected[~big].sum().item()]
+    if cells_exp[-1] < 5:  # fold a tiny remainder away
+        cells_obs, cells_exp = cells_obs[:-1], cells_exp[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp, strict=True))
+    return stat, len(cells_exp) - 1
+
+
+def host_reads(engine: Engine, steps: int, monkeypatch) -> list[str]:
+    """Run `steps` engine steps with a probe on every Python-visible way a tensor reaches the host; returns
+    what read it, in order ("fetch" for the engine's one read per step, which the probe does not see into)."""
+    import server.engine as engine_module
+
+    reads: list[str] = []
+    inside_fetch = [False]
+    real_fetch = engine_module.fetch
+
+    def counting_fetch(*tensors):
+        reads.append("fetch")
+        inside_fetch[0] = True
+        try:
+            return real_fetch(*tensors)
+        finally:
+            inside_fetch[0] = False
+
+    def probe(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if not inside_fetch[0]:
+                reads.append(name)
+            return real(self, *a, **k)
+
+        return wrapper
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, probe(name))
+    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
+    try:
+        for _ in range(steps):
+            result = engine.step()
+            assert result.kind.value == "decode", result.kind
+    finally:
+        monkeypatch.undo()
+    return reads

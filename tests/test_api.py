@@ -327,6 +327,49 @@ def test_stream_echo_scores_prompt(server, ref):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+# -- speculative mixing ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec_server(zoo):
+    config = ServerConfig(
+        model=ModelConfig(str(zoo.base)),
+        engine=EngineConfig(max_num_seqs=16, speculative_tokens=3, speculative_adaptive=False),
+        memories=(MemorySpec("med", str(zoo.mem_llama)),),
+        served_model_name="tiny-base",
+    )
+    with InProcessServer(config) as s:
+        yield s
+
+
+def test_speculative_greedy_matches_the_reference_and_opting_out(spec_server, ref):
+    """Through HTTP with --speculative-tokens: greedy tokens and log-probs equal the reference mixture, with
+    and without `"speculative": false`; a stream carries the same tokens, some chunks several at once."""
+    prompt = ref.encode(PROMPT)
+    body = dict(prompt=prompt, memory="med", alpha=0.9, max_tokens=10, temperature=0, ignore_eos=True, logprobs=2,
+                return_tokens_as_token_ids=True)  # fmt: skip
+    expected, ref_lps = greedy_reference(ref.base, ref.med, prompt, 0.9, ref.vocab, 10)
+    for speculative in (True, False):
+        lp = spec_server.complete(**body, speculative=speculative)["choices"][0]["logprobs"]
+        assert ids_of(lp["tokens"]) == expected
+        for t, chosen, got in zip(expected, lp["token_logprobs"], ref_lps, strict=True):
+            assert chosen == pytest.approx(float(got[t]), abs=1e-4)
+    chunks = _stream(spec_server, {**body, "stream_options": {"include_usage": True}})
+    *deltas, usage = chunks
+    per_chunk = [ids_of(c["choices"][0]["logprobs"]["tokens"]) for c in deltas]
+    assert [t for ids in per_chunk for t in ids] == expected and usage["usage"]["completion_tokens"] == 10
+    assert max(map(len, per_chunk)) > 1  # a round emitted several tokens in one chunk
+    assert all(len(c["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) for c, ids in zip(deltas, per_chunk, strict=True))
+
+
+def test_speculative_field_must_be_a_boolean(spec_server):
+    for value in ("no", 0, None, [True]):
+        r = spec_server.post("/v1/completions", {"prompt": PROMPT, "memory": "med", "speculative": value})
+        err = assert_error(r, 400)
+        assert "speculative" in err["message"] or err["param"] == "speculative", err
+    assert spec_server.complete(prompt=PROMPT, max_tokens=2, speculative=False)["choices"]  # without a memory: ignored
+
+
 # -- perplexity -----------------------------------------------------------------------------------
 
 DOCS = ["The court held that the statute applies to the contract.", "Once upon a time there was a house."]

@@ -212,7 +212,7 @@ FUZZ_VALUES = [None, True, False, 0, -1, 1, 0.5, 1e-300, 5e-324, 2**70, -(2**70)
 FUZZ_FIELDS = [
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "logprobs",
     "echo", "stop", "stop_token_ids", "seed", "ignore_eos", "user", "memory", "alpha", "presence_penalty",
-    "frequency_penalty", "logit_bias", "suffix", "best_of", "return_tokens_as_token_ids",
+    "frequency_penalty", "logit_bias", "suffix", "best_of", "return_tokens_as_token_ids", "speculative",
 ]  # fmt: skip
 
 

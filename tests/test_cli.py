@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server import cli
-from server.config import MemorySpec
+from server.config import DEFAULT_SPECULATIVE_TOKENS, MemorySpec
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -37,6 +37,7 @@ def test_serve_flags_build_the_config(tmp_path):
         "--max-queue", "3", "--api-key", "k", "--admin-key", "a", "--enable-admin", "--memory-root", str(tmp_path),
         "--served-model-name", "base", "--shutdown-timeout", "5", "--port", "9001", "--max-model-len", "256",
         "--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "300", "--block-size", "32", "--enforce-eager",
+        "--speculative-tokens", "3", "--speculative-fixed",
     ])  # fmt: skip
     config = cli.config_from_args(args)
     assert config.model.model == "m" and config.model.dtype == "float32" and config.model.device == "cpu"
@@ -45,6 +46,7 @@ def test_serve_flags_build_the_config(tmp_path):
     assert config.engine.max_model_len == 256
     assert (config.engine.gpu_memory_utilization, config.engine.num_gpu_blocks_override) == (0.5, 300)
     assert config.engine.block_size == 32 and config.engine.enforce_eager
+    assert (config.engine.speculative_tokens, config.engine.speculative_adaptive) == (3, False)
     assert (config.max_queue, config.api_key, config.admin_key, config.enable_admin) == (3, "k", "a", True)
     assert config.memory_root == tmp_path.resolve() and config.served_model_name == "base"
     assert (config.shutdown_timeout, config.port) == (5.0, 9001)
@@ -57,6 +59,7 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
     config = cli.config_from_args(cli.build_parser().parse_args(["serve", "--model", "m"]))
     assert (config.port, config.host, config.api_key, config.admin_key) == (8000, "0.0.0.0", None, None)
     assert not config.enable_admin and not config.log_prompts and config.memory_root is None
+    assert config.engine.speculative_tokens == DEFAULT_SPECULATIVE_TOKENS > 0 and config.engine.speculative_adaptive
     monkeypatch.setenv("MEMDEC_API_KEY", "from-env")
     monkeypatch.setenv("MEMDEC_ADMIN_KEY", "admin-env")
     config = cli.config_from_args(cli.build_parser().parse_args(["serve", "--model", "m"]))
@@ -74,6 +77,8 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
     ["serve", "--model", "m", "--shutdown-timeout", "-1"],
     ["serve", "--model", "m", "--gpu-memory-utilization", "1.5"],
     ["serve", "--model", "m", "--num-gpu-blocks-override", "0"],
+    ["serve", "--model", "m", "--speculative-tokens", "17"],
+    ["serve", "--model", "m", "--speculative-tokens", "-1"],
     [],
 ])  # fmt: skip
 def test_bad_arguments_exit_2(argv, capsys, monkeypatch, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 import weakref
 
 import pytest
@@ -17,56 +16,25 @@ from server.output import IncrementalDetokenizer
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
-from tests.engine_helpers import assert_pages_owned_once, logprobs_of, reference_logp, run, tokens_of
-
-
-@pytest.fixture(scope="module")
-def setup(zoo):
-    base = load_base(ModelConfig(str(zoo.base)))
-    registry = MemoryRegistry(base)
-    registry.load("med", str(zoo.mem_llama))
-    registry.load("law", str(zoo.mem_qwen_padded))
-    registry.load("fin", str(zoo.mem_gpt2))
-    return base, registry
+from tests.engine_helpers import (
+    assert_clean,
+    assert_pages_owned_once,
+    chi_square,
+    chi_square_critical,
+    greedy,
+    host_reads,
+    logprobs_of,
+    prompt,
+    reference_logp,
+    run,
+    tokens_of,
+    worst_error,
+)
 
 
 def engine_for(setup, **kw) -> Engine:
     base, registry = setup
     return Engine(base, registry, EngineConfig(**kw))
-
-
-def prompt(base, text: str) -> tuple[int, ...]:
-    return tuple(base.tokenizer(text).input_ids)
-
-
-def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
-    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
-
-
-def assert_clean(engine: Engine) -> None:
-    """Every page and slot is back in its pool."""
-    usage = engine.cache_usage()
-    assert (usage.free_pages, usage.free_slots) == (usage.usable_pages, usage.num_slots), usage
-
-
-def worst_error(out, specs, setup) -> float:
-    """Largest |engine − reference| over every step's full mixed distribution (requests ask logprobs = vocab)."""
-    base, registry = setup
-    vocab = base.vocab_size
-    worst = 0.0
-    for rid, ids, memory, alpha, n in specs:
-        mem_model = registry.loaded(memory).model if memory else None
-        context = list(ids)
-        lps = logprobs_of(out[rid])
-        assert len(lps) == n, rid
-        for lp in lps:
-            engine_logp = torch.full((vocab,), float("-inf"))
-            top_ids, vals = zip(*lp.top, strict=True)
-            engine_logp[list(top_ids)] = torch.tensor(vals)
-            ref = reference_logp(base.model, mem_model, context, alpha, vocab)
-            worst = max(worst, (engine_logp - ref).abs().max().item())
-            context.append(lp.token_id)
-    return worst
 
 
 @pytest.mark.parametrize("memory", [None, "med", "law"])
@@ -170,11 +138,6 @@ def test_same_result_alone_and_in_busy_batch(setup):
     assert tokens_of(other_seed["s"]) != tokens_of(alone["s"])
 
 
-def _chi_square_critical(df: int, z: float = 3.09) -> float:
-    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.09: significance 0.001)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 @pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}, {"temperature": 1.3, "top_k": 5}])
 def test_sampled_tokens_follow_the_exact_mixture(setup, params):
     """4,000 seeded draws of the first token: a chi-square test against the mixture computed from full
@@ -190,17 +153,9 @@ def test_sampled_tokens_follow_the_exact_mixture(setup, params):
     logp = reference_logp(base.model, registry.loaded("law").model, list(ids), alpha, base.vocab_size)
     logits = (logp / params["temperature"]).unsqueeze(0)
     logits = apply_top_k_top_p(logits, torch.tensor([params.get("top_k", 0)]), torch.tensor([params.get("top_p", 1.0)]))[0]
-    expected = logits.softmax(-1) * n
-    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus / top-k
-    big = expected >= 5
-    cells_obs = [*counts[big].tolist(), counts[~big].sum().item()]
-    cells_exp = [*expected[big].tolist(), expected[~big].sum().item()]
-    if cells_exp[-1] < 5:  # fold a tiny remainder into the smallest cell
-        cells_obs, cells_exp = cells_obs[:-1], cells_exp[:-1]
-    stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp, strict=True))
-    df = len(cells_exp) - 1
+    stat, df = chi_square(counts, logits.softmax(-1))
     assert df >= 3, "the test needs several likely tokens"
-    assert stat < _chi_square_critical(df), (stat, df)
+    assert stat < chi_square_critical(df), (stat, df)
 
 
 def test_foreign_tokenizer_refused_and_registry_unchanged(setup, zoo):
@@ -412,8 +367,6 @@ def test_echo_prompt_logprobs_are_mixed(setup):
 def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
     """A probe on every Python-visible way a tensor reaches the host: a steady decode step (page crossings,
     log-probs, sampling, several memories) reads the device exactly once — the engine's `fetch`."""
-    import server.engine as engine_module
-
     base, _ = setup
     engine = engine_for(setup, block_size=2)
     reqs = [
@@ -425,37 +378,9 @@ def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
         engine.add_request(r)
     for _ in range(3):  # the prefill and a first decode step (which builds the decode batch)
         engine.step()
-    reads: list[str] = []
-    inside_fetch = [False]
-    real_fetch = engine_module.fetch
-
-    def counting_fetch(*tensors):
-        reads.append("fetch")
-        inside_fetch[0] = True
-        try:
-            return real_fetch(*tensors)
-        finally:
-            inside_fetch[0] = False
-
-    def probe(name):
-        real = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            if not inside_fetch[0]:
-                reads.append(name)
-            return real(self, *a, **k)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
-        monkeypatch.setattr(torch.Tensor, name, probe(name))
-    monkeypatch.setattr(engine_module, "fetch", counting_fetch)
     steps = 12
-    for _ in range(steps):
-        result = engine.step()
-        assert result.kind.value == "decode" and len(result.outputs) == 3
-    monkeypatch.undo()
-    assert reads == ["fetch"] * steps, reads
+    assert host_reads(engine, steps, monkeypatch) == ["fetch"] * steps
+    assert all(engine.scheduler.find(r.request_id).num_output_tokens == 3 + steps for r in reqs)
 
 
 def test_cache_kv_ops_truncate_and_leak_free(setup):

@@ -1,4 +1,4 @@
-"""The GPU acceptance checks (a), (b), (d) of bench/gpu_acceptance.py on the demo models: `pytest -m gpu`.
+"""The GPU acceptance checks (a), (b), (d) and part of (f) of bench/gpu_acceptance.py on the demo models: `pytest -m gpu`.
 
 Skipped without CUDA; the full script (real shapes, overlap trace, speed) is `python -m bench.gpu_acceptance`.
 """
@@ -14,8 +14,11 @@ from bench.gpu_acceptance import (
     DEMO_MEMORIES,
     bf16_errors,
     churn_tokens,
+    engine_with,
     greedy,
     part_syncs,
+    spec_tokens_identical,
+    steps_without_sync,
 )
 
 pytestmark = [
@@ -40,4 +43,14 @@ def test_bf16_mixed_logprobs_within_tolerance_of_float32():
     memories = {m: str(DEMO / "memories" / m) for m in DEMO_MEMORIES}
     reqs = [greedy(f"d{i}", tuple(range(5 + i, 40 + 3 * i)), 8, m, 0.7, logprobs=8192) for i, m in enumerate(DEMO_MEMORIES)]
     result = bf16_errors(str(DEMO / "base"), memories, "cuda", reqs)
+    assert result["ok"], result
+
+
+def test_speculative_rounds_keep_greedy_tokens_and_make_no_implicit_sync():
+    """Part (f)'s checks: greedy churn tokens with K = 3 (graphs, streams) equal plain decoding's, and steady
+    rounds (drafts on the device, verify graphs, acceptance) never synchronise implicitly."""
+    assert spec_tokens_identical("cuda")
+    engine, _ = engine_with(str(DEMO / "base"), {"memory": str(DEMO / "memories" / "biomed")}, "cuda", "float32",
+                            max_num_seqs=8, speculative_tokens=4, speculative_adaptive=False)  # fmt: skip
+    result = steps_without_sync(engine, 10)
     assert result["ok"], result

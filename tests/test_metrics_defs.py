@@ -40,6 +40,9 @@ SPEC = {
     "memdec_kv_cache_usage_perc": ("gauge", set()),
     "memdec_num_preemptions": ("counter", set()),
     "memdec_cuda_graph_capture_seconds": ("gauge", {"memory"}),
+    # Issue 13: speculative mixing.
+    "memdec_spec_draft_tokens": ("counter", {"memory"}),
+    "memdec_spec_accepted_tokens": ("counter", {"memory"}),
 }
 
 
@@ -78,6 +81,7 @@ def exercise(m: Metrics) -> None:
     m.set_kv_cache(0.25, preemptions=2)
     m.graph_captured(None, 1.5)
     m.graph_captured("med", 0.5)
+    m.observe_speculation("med", 8, 6)
 
 
 def test_exactly_the_metrics_of_issue_5_with_their_labels():
@@ -255,6 +259,19 @@ def test_kv_cache_preemptions_and_graph_capture():
     assert val(m, "memdec_cuda_graph_capture_seconds", memory="other") == 0.25
     m.memory_unloaded("med")
     assert val(m, "memdec_cuda_graph_capture_seconds", memory="med") is None
+
+
+def test_speculation_counts_drafted_and_accepted_tokens_per_memory():
+    m = Metrics(max_memory_labels=1)
+    m.memory_loaded("med", 10)
+    assert val(m, "memdec_spec_draft_tokens_total", memory="med") == 0  # exists once the memory is loaded
+    assert val(m, "memdec_spec_draft_tokens_total", memory="none") is None  # the base alone never drafts
+    m.observe_speculation("med", 12, 9)
+    m.observe_speculation("med", 4, 0)
+    m.observe_speculation("law", 3, 3)  # past max_memory_labels: bounded
+    assert val(m, "memdec_spec_draft_tokens_total", memory="med") == 16
+    assert val(m, "memdec_spec_accepted_tokens_total", memory="med") == 9
+    assert val(m, "memdec_spec_accepted_tokens_total", memory="other") == 3
 
 
 def test_two_instances_in_one_process_are_independent():

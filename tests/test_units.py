@@ -26,9 +26,22 @@ from memories.perplexity import (
 from server.errors import ConflictError, InvalidRequestError, MemdecError, MemoryLoadError, QueueFullError
 from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
-from server.sampler import SamplingRows, apply_top_k_top_p, sample, sampling_rows, uniform
+from server.sampler import (
+    ACCEPT,
+    DRAFT,
+    TOKEN,
+    SamplingRows,
+    accept,
+    apply_top_k_top_p,
+    propose,
+    sample,
+    sampling_rows,
+    speculative_uniforms,
+    uniform,
+)
 from server.scheduler import Scheduler, StepKind
 from server.sequence import Sequence
+from server.speculative import PRIOR_ACCEPTANCE, PRIOR_WEIGHT, SpeculationController, bucket, expected_tokens
 from server.validation import (
     MAX_MEMORY_NAME,
     check_context,
@@ -150,6 +163,91 @@ def test_the_uniform_hash_is_uniform():
     assert (hist - 0.05).abs().max() < 0.006
 
 
+def test_random_streams_keep_plain_sampling_and_come_three_at_a_time():
+    """Stream TOKEN hashes exactly as before speculative mixing existed (seeded outputs did not move: values
+    from the previous implementation); `speculative_uniforms` equals `uniform` on each stream; streams differ."""
+    seeds, counters = torch.tensor([0, 1, 12345, 2**62 + 7]), torch.tensor([0, 5, 99, 4096])
+    before = [1.120240011864837e-10, 0.4239480554378408, 0.6488414915294607, 0.9850145429246431]
+    assert uniform(seeds, counters).tolist() == before
+    many_seeds, many_counters = torch.arange(5000) * 7919 + 3, torch.arange(5000) % 97
+    three = speculative_uniforms(many_seeds, many_counters)
+    for stream in (TOKEN, DRAFT, ACCEPT):
+        assert torch.equal(three[stream], uniform(many_seeds, many_counters, stream))
+    assert abs(torch.corrcoef(three)[0, 1:]).max() < 0.05 and abs(torch.corrcoef(three)[1, 2]) < 0.05
+
+
+def _spec_rows(n: int, **params) -> SamplingRows:
+    return _rows([SamplingParams(**params)] * n, list(range(n)))
+
+
+def test_speculative_accept_draws_the_target_and_accepts_min_p_q():
+    """20k positions, one seed each: drafts from q̃ kept with probability min(1, p̃/q̃), else the residual
+    max(0, p̃ − q̃): tokens follow p̃ and the acceptance rate is Σ min(p̃, q̃) (here with temperature 0.5)."""
+    n = 20_000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rows = _spec_rows(n, temperature=0.5)
+    u = speculative_uniforms(rows.seed, torch.full((n,), 3))
+    drafts = propose(q.log().expand(n, -1), rows, u[DRAFT])
+    tokens, accepted = accept(p.log().expand(n, -1), drafts, None, rows, u)
+    p_t, q_t = p.pow(2) / p.pow(2).sum(), q.pow(2) / q.pow(2).sum()  # temperature 0.5
+    assert torch.allclose(torch.bincount(drafts.tokens, minlength=4).double() / n, q_t.double(), atol=0.015)
+    assert torch.allclose(torch.bincount(tokens, minlength=4).double() / n, p_t.double(), atol=0.015)
+    assert abs(accepted.double().mean().item() - torch.minimum(p_t, q_t).sum().item()) < 0.015
+    assert torch.equal(tokens[accepted], drafts.tokens[accepted])
+
+
+def test_speculative_accept_without_a_draft_is_plain_sampling_and_greedy_is_argmax():
+    torch.manual_seed(0)
+    logp, q_logp = torch.log_softmax(torch.randn(6, 50), -1), torch.log_softmax(torch.randn(6, 50), -1)
+    params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.0)] * 3
+    rows, counter = _rows(params, [3, 4, 5, 6, 7, 8]), torch.full((6,), 11)
+    u = speculative_uniforms(rows.seed, counter)
+    drafts = propose(q_logp, rows, u[DRAFT])
+    none = torch.zeros(6, dtype=torch.bool)
+    tokens, accepted = accept(logp, drafts, none, rows, u)
+    assert torch.equal(tokens, sample(logp, rows, counter)) and not accepted.any()  # bit for bit the plain draw
+    tokens, accepted = accept(logp, drafts, None, rows, u)
+    greedy = rows.greedy
+    assert torch.equal(tokens[greedy], logp.argmax(-1)[greedy])
+    assert torch.equal(accepted[greedy], (q_logp.argmax(-1) == logp.argmax(-1))[greedy])
+
+
+def test_speculation_controller_measures_every_k_then_picks_the_best_and_probes():
+    ctl = SpeculationController(3)
+    seen = []
+    for _ in range(4):  # K first, then each smaller k, then a plain step
+        k = ctl.choose(8, [0.9] * 8)
+        seen.append(k)
+        ctl.observe(8, k, {3: 0.040, 2: 0.032, 1: 0.024, 0: 0.010}[k])
+    assert seen == [3, 2, 1, 0]
+    # β = 0.9: k=3 makes 8 * 3.44 tokens in 40 ms (688/s) against 800/s plain: plain wins.
+    assert ctl.choose(8, [0.9] * 8) == 0
+    ctl.observe(8, 0, 0.020)  # plain got slower (its average: 12 ms, 667/s); k=3 (688/s) is not 5% better
+    assert ctl.choose(8, [0.9] * 8) == 0
+    ctl.observe(8, 0, 0.020)  # 13.6 ms, 588/s: now k=3 wins
+    assert ctl.choose(8, [0.9] * 8) == 3
+    assert ctl.choose(8, [0.1] * 8) == 0  # at β = 0.1 no k pays (1.11 tokens per row in 24 ms at best)
+    assert ctl.choose(1, [0.9]) == 3  # another batch-size bucket measures on its own
+    choices = [ctl.choose(8, [0.9] * 8) for _ in range(40)]
+    assert {k for k in choices if k != 3} == {0, 2}  # every PROBE_EVERY-th step: a neighbour, or a plain step
+    assert SpeculationController(3, adaptive=False).choose(8, [0.0] * 8) == 3
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert [bucket(b) for b in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
+def test_acceptance_estimates_start_from_the_prior_and_follow_the_tests():
+    ctl = SpeculationController(4)
+    assert ctl.acceptance("m") == pytest.approx(PRIOR_ACCEPTANCE)
+    for _ in range(50):
+        ctl.observe_acceptance("m", tests=10, passed=3)
+    assert ctl.acceptance("m") == pytest.approx(0.3, abs=0.01)
+    assert ctl.row_acceptance("m", passed=0.0, tests=0.0) == pytest.approx(ctl.acceptance("m"))
+    assert ctl.row_acceptance("m", passed=9.0, tests=10.0) == pytest.approx((9 + PRIOR_WEIGHT * 0.3) / (10 + PRIOR_WEIGHT), abs=0.01)
+    assert ctl.row_acceptance("m", passed=30.0, tests=30.0) > 0.8  # enough of its own tests outweigh its memory's
+
+
 # -- scheduler --------------------------------------------------------------------------------------------
 
 
@@ -231,6 +329,29 @@ def test_scheduler_waits_for_pages_and_preempts_the_newest_row():
     assert seqs[1].slot is None and seqs[1].num_preemptions == 1 and not seqs[1].wants_prompt_logprobs
     sched.remove(seqs)
     assert sched.pool.num_free == sched.pool.num_usable and sched.num_free_slots == 4
+
+
+def test_spare_draft_pages_go_back_before_anyone_is_preempted():
+    """A speculative row's draft pages come only from free pages above the watermark, and when another row
+    needs a page and none is free they are given back first: speculation never preempts anyone."""
+    sched = _scheduler(max_num_seqs=4, budget=100, pages=10)  # 9 usable pages of 4 tokens, watermark 1
+    a, b = _seq(0, 8), _seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    assert _ids(sched.schedule()) == ["r0", "r1"]
+    kv = sched.kv_of(None)
+    assert sched.schedule().kind is StepKind.DECODE  # each row's 9th token: a third page each, 3 left
+    assert sched.reserve_lookahead(a, 8) and int(kv.host_blocks[a.slot]) == 5  # 8 cached + 1 + 8 drafts
+    assert not sched.reserve_lookahead(b, 8)  # would dip under the watermark: refused, nothing taken
+    assert int(kv.host_blocks[b.slot]) == 3 and sched.pool.num_free == 1
+    for _ in range(8):  # only b decodes: it takes the free page at 12 tokens, then a's spare ones at 16
+        b.token_ids.append(1)
+        kv.advance_host([b.slot])
+        batch = sched.schedule()
+        assert batch.kind is StepKind.DECODE and not batch.preempted
+    assert int(kv.host_blocks[b.slot]) == 5 and int(kv.host_blocks[a.slot]) == 3  # a kept its next token's page
+    sched.remove([a, b])
+    assert sched.pool.num_free == sched.pool.num_usable
 
 
 # -- the mixture and the window scorer, with stub models ----------------------------------------------------

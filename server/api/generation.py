@@ -150,6 +150,7 @@ def build_plan(
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
                     memory=target.memory.name if target.memory else None,
                     alpha=alpha or 0.0,
+                    speculative=body.speculative,
                 )
             )
     _log_plan(request_id, body, prompts, requests[0], config.log_prompts)

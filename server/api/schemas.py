@@ -66,6 +66,11 @@ class SamplingRequest(_Body):
         None, ge=ALPHA_MIN, le=ALPHA_MAX,
         description="Weight of the memory in [0, 1]; default: the memory's manifest value.",
     )
+    speculative: StrictBool = Field(
+        True,
+        description="Let the memory draft tokens for the base to verify when the server speculates "
+        "(`--speculative-tokens`): the same distribution, usually faster; false decodes one token per step.",
+    )
     # Sent by clients (vllm bench serve sends repetition_penalty: 1.0); the sampler does not implement them,
     # so only their neutral values are accepted (`server.validation.NEUTRAL`).
     presence_penalty: float | None = Field(0.0, description="Only 0.")
