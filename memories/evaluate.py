@@ -92,14 +92,20 @@ def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     return path
 
 
-def _curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
+def alpha_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
     """α from 0 (the base alone) to 1 (the memory alone) and the perplexity at each."""
     alphas = [0.0] + [r["alpha"] for r in report["mixture"]] + [1.0]
     return alphas, [report["base_ppl"]] + [r["ppl"] for r in report["mixture"]] + [report["memory_ppl"]]
 
 
+def relative_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The α curve with perplexity divided by the base's: 1 is the base alone, whatever the text's difficulty."""
+    alphas, ppls = alpha_curve(report)
+    return alphas, [p / report["base_ppl"] for p in ppls]
+
+
 def _plot_one(ax: Any, report: dict[str, Any], title: str) -> None:
-    alphas, ppls = _curve(report)
+    alphas, ppls = alpha_curve(report)
     ax.plot(alphas, ppls, marker="o", markersize=3, label="mixture α·p_mem + (1−α)·p_base")
     ax.axhline(report["base_ppl"], color="grey", linestyle="--", label=f"base alone ({report['base_ppl']:.2f})")
     ax.scatter([report["best_alpha"]], [report["best_ppl"]], color="red", zorder=3,
@@ -117,20 +123,23 @@ def _plot_one(ax: Any, report: dict[str, Any], title: str) -> None:
 def _plot_texts(plt: Any, report: dict[str, Any], title: str) -> Any:
     """One panel per kind (in-source, cross-source), each text's perplexity relative to its base alone, so
     texts of different difficulty share an axis; the recommended α is a vertical line in both."""
+    from matplotlib.ticker import ScalarFormatter
+
     from memories.crosseval import KINDS
 
     kinds = [k for k in KINDS if any(t["kind"] == k for t in report["texts"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.0), dpi=110, sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for t in (t for t in report["texts"] if t["kind"] == kind):
-            alphas, ppls = _curve(t)
-            ax.plot(alphas, [p / t["base_ppl"] for p in ppls], marker="o", markersize=3,
+            ax.plot(*relative_curve(t), marker="o", markersize=3,
                     label=f"{t['label']} (base {t['base_ppl']:.0f}, best α {t['best_alpha']:.2f})")
         ax.axhline(1.0, color="grey", linestyle="--", label="base alone")
         ax.axvline(report["alpha"], color="red", linestyle=":", label=f"α = {report['alpha']:.2f} ({report['alpha_from']})")
         ax.set_title(f"{kind} text" + (" (α chosen here)" if report["alpha_from"] == kind else ""), fontsize=10)
         ax.set_xlabel("α (0 = base alone, 1 = memory alone)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.8, 1, 2 rather than 8×10⁻¹
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("perplexity / base perplexity")
