@@ -1,7 +1,8 @@
-"""Copy the recipe's final models into demo/ as float16 safetensors, with plots and a results table.
+"""Copy the recipe's final models into demo/ as float16 safetensors, with plots and results tables.
 
-Reads the recipe work dir (base, base-small, memories/<name>, eval-small/<name>, eval-general) and
-writes <dest>/{tokenizer,base,base-small,memories/<name>,plots/<domain>.png,results.json,results.md}.
+Reads the recipe work dir (base, base-small, memories/<name>, loso/<domain>/without-<source>,
+eval-small/<name>, eval-specificity/<name>, eval-general) and writes
+<dest>/{tokenizer,base,base-small,memories/<name>,plots/<domain>.png,results.json,results.md}.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from memories.crosseval import CROSS_SOURCE, IN_SOURCE, ppl_at
+from memories.evaluate import relative_curve
 from memories.manifest import read_manifest, write_manifest
 
 MEMORIES = {"biomed": "biomedical", "legal": "legal", "finance": "finance"}
@@ -39,34 +42,88 @@ def _half(src: Path, dst: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
-    alphas = [0.0] + [r["alpha"] for r in report["mixture"]] + [1.0]
-    ppls = [report["base_ppl"]] + [r["ppl"] for r in report["mixture"]] + [report["memory_ppl"]]
-    return alphas, ppls
+def _strip_files(value: Any) -> Any:
+    """A report without its `file` paths: the recipe's work dir means nothing to a user of the shipped demo."""
+    if isinstance(value, dict):
+        return {k: _strip_files(v) for k, v in value.items() if k != "file"}
+    if isinstance(value, list):
+        return [_strip_files(v) for v in value]
+    return value
 
 
-def _at(report: dict[str, Any], alpha: float) -> float:
-    return min(report["mixture"], key=lambda r: abs(r["alpha"] - alpha))["ppl"]
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _plot(domain: str, name: str, big: dict[str, Any], small: dict[str, Any], alpha: float, path: Path) -> None:
+def _row(text: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """One text's numbers at the memory's α (and at the text's own best α)."""
+    at = ppl_at(text, alpha)
+    return {"source": text["label"], "tokens": text["tokens_scored"], "base_ppl": text["base_ppl"],
+            "memory_ppl": text["memory_ppl"], "mixture_ppl": at, "change_pct": 100 * (at / text["base_ppl"] - 1),
+            "best_alpha": text["best_alpha"], "best_ppl": text["best_ppl"]}
+
+
+def _domain_results(work: Path, name: str, domain: str) -> dict[str, Any]:
+    """Cross-source (each leave-one-source-out memory on the source it never saw, at the domain's α) and
+    in-source (the shipped memory on each of its sources, both bases) numbers of one domain."""
+    alpha = read_manifest(work / "memories" / name).alpha
+    folds = sorted((work / "loso" / domain).glob("without-*/evaluation.json"))
+    cross, fold_in = [], []
+    for path in folds:
+        rep = _read(path)
+        for t in (t for t in rep["texts"] if t["kind"] == CROSS_SOURCE):
+            # The α check: the same memory on fresh text of the source it never saw (its train lines).
+            check = _read(work / "eval-alpha-check" / f"{domain}-{t['label']}" / "evaluation.json")["texts"][0]
+            cross.append({**_row(t, alpha), "fresh_text": _row(check, alpha)})
+        fold_in += [_row(t, alpha) for t in rep["texts"] if t["kind"] == IN_SOURCE]
+    shipped = read_manifest(work / "memories" / name).evaluation
+    small = _read(work / "eval-small" / name / "evaluation.json")
+    return {
+        "domain": domain, "alpha": alpha,
+        "cross_source": cross,  # the held-out source of each leave-one-source-out memory
+        "loso_in_source": fold_in,  # the same memories on their own source's valid text
+        "in_source": {"base": [_row(t, alpha) for t in shipped["texts"]],
+                      "base-small": [_row(t, alpha) for t in small["texts"]]},
+    }  # fmt: skip
+
+
+def _specificity(work: Path, name: str) -> list[dict[str, Any]]:
+    rep = _read(work / "eval-specificity" / name / "evaluation.json")
+    return [_row(t, rep["alpha"]) for t in rep["texts"]]
+
+
+def _plot(domain: str, name: str, work: Path, alpha: float, path: Path) -> None:
+    """Two panels on one axis (perplexity relative to the base alone): in-source, the shipped memory on each
+    of its domain's sources; cross-source, each leave-one-source-out memory on the source it never saw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=100)
-    for label, rep, color in (("base", big, "tab:blue"), ("base-small", small, "tab:orange")):
-        a, p = _curve(rep)
-        ax.plot(a, p, marker="o", markersize=3, color=color, label=f"{label} + {name}")
-        ax.scatter([alpha], [_at(rep, alpha)], color=color, edgecolor="black", zorder=3)
-    ax.axvline(alpha, color="grey", linestyle=":", label=f"recommended α = {alpha:.2f}")
-    ax.set_xlabel("α (weight of the memory; 0 = base alone, 1 = memory alone)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(f"{domain} valid.txt, {big['tokens_scored']} tokens")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9), dpi=100, sharey=True)
+    small = _read(work / "eval-small" / name / "evaluation.json")
+    for label, rep, style in (("base", read_manifest(work / "memories" / name).evaluation, "-"),
+                              ("base-small", small, "--")):  # fmt: skip
+        for i, t in enumerate(rep["texts"]):
+            a, p = relative_curve(t)
+            left.plot(a, p, style, color=f"C{i}", marker="o", markersize=2.5, label=f"{t['label']}, {label} + {name}")
+    for path_ in sorted((work / "loso" / domain).glob("without-*/evaluation.json")):
+        for t in (t for t in _read(path_)["texts"] if t["kind"] == CROSS_SOURCE):
+            a, p = relative_curve(t)
+            right.plot(a, p, marker="o", markersize=2.5, label=f"{t['label']} (memory never saw it)")
+    for ax, title in ((left, f"in-source: {name} on {domain} valid.txt"),
+                      (right, "cross-source: leave-one-source-out memories")):  # fmt: skip
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(alpha, color="red", linestyle=":", label=f"α = {alpha:.2f} (from held-out sources)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("α (0 = base alone, 1 = memory alone)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_ylabel("perplexity / base perplexity")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -74,68 +131,91 @@ def _plot(domain: str, name: str, big: dict[str, Any], small: dict[str, Any], al
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--work", type=Path)
+    p.add_argument("--dest", type=Path)
+    p.add_argument("--half", type=Path, nargs=2, metavar=("SRC", "DST"), help="only save SRC as float16 in DST")
     a = p.parse_args()
+    if a.half:
+        _half(*a.half)
+        return
+    if a.work is None or a.dest is None:
+        p.error("--work and --dest are required")
     work, dest = a.work, a.dest
     dest.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer(work / "tokenizer", dest / "tokenizer")
-    params = {"base": _half(work / "base", dest / "base"), "base-small": _half(work / "base-small", dest / "base-small")}
-    general = json.loads((work / "eval-general" / "evaluation.json").read_text())
+    params = {"base": _half(work / "base-f16", dest / "base"),
+              "base-small": _half(work / "base-small-f16", dest / "base-small")}
+    general = _read(work / "eval-general" / "evaluation.json")["texts"][0]
     results: dict[str, Any] = {
         "general": {"base_ppl": general["base_ppl"], "base_small_ppl": general["memory_ppl"],
                     "tokens_scored": general["tokens_scored"]},
         "parameters": params,
         "memories": {},
+        "specificity": {},
     }
     (dest / "plots").mkdir(exist_ok=True)
     for name, domain in MEMORIES.items():
         src = work / "memories" / name
-        out = dest / "memories" / name
-        params[name] = _half(src, out)
+        params[name] = _half(src, dest / "memories" / name)
         manifest = read_manifest(src)
-        # Paths of the work dir mean nothing to a user of the shipped demo.
-        write_manifest(out, manifest.replace(base_model="demo/base", evaluation={
-            k: v for k, v in manifest.evaluation.items() if k != "file"}))
-        big = manifest.evaluation
-        small = json.loads((work / "eval-small" / name / "evaluation.json").read_text())
-        alpha = manifest.alpha
-        results["memories"][name] = {
-            "domain": domain, "alpha": alpha, "tokens_scored": big["tokens_scored"],
-            "base": {"base_ppl": big["base_ppl"], "memory_ppl": big["memory_ppl"], "mixture_ppl": _at(big, alpha),
-                     "best_alpha": big["best_alpha"]},
-            "base-small": {"base_ppl": small["base_ppl"], "memory_ppl": small["memory_ppl"],
-                           "mixture_ppl": _at(small, alpha), "best_alpha": small["best_alpha"],
-                           "best_ppl": small["best_ppl"]},
-        }
-        _plot(domain, name, big, small, alpha, dest / "plots" / f"{domain}.png")
+        results["memories"][name] = _domain_results(work, name, domain)
+        # The manifest keeps where its α came from: the held-out sources of the leave-one-source-out builds.
+        evaluation = {**_strip_files(manifest.evaluation),
+                      "leave_one_source_out": results["memories"][name]["cross_source"]}
+        write_manifest(dest / "memories" / name, manifest.replace(base_model="demo/base", evaluation=evaluation))
+        results["specificity"][name] = _specificity(work, name)
+        _plot(domain, name, work, manifest.alpha, dest / "plots" / f"{domain}.png")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (dest / "results.md").write_text(_table(results), encoding="utf-8")
+    (dest / "results.md").write_text(tables(results), encoding="utf-8")
     for top in ("tokenizer", "base", "base-small", "memories", "plots", "results.json", "results.md"):
         for f in [dest / top, *(dest / top).rglob("*")]:
             f.chmod(0o755 if f.is_dir() else 0o644)  # transformers may write weights as 0600
-    print(_table(results))
+    print(tables(results))
 
 
-def _table(r: dict[str, Any]) -> str:
-    lines = [
-        "| memory (domain) | α | base | memory alone | base + memory | change | base-small | base-small + memory | change |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def _pct(x: float) -> str:
+    return f"{x:+.0f}%".replace("-", "−")
+
+
+def tables(r: dict[str, Any]) -> str:
+    """The results as Markdown: cross-source, in-source, specificity, general text, sizes."""
+    out = ["### Cross-source: leave-one-source-out memories on the source they never saw", "",
+           "| domain | held-out source | α | base | memory alone | base + memory at α | change | best α (ppl) "
+           "| fresh text of the source: change at α, best α |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for m in r["memories"].values():
+        for row in m["cross_source"]:
+            fresh = row["fresh_text"]
+            out.append(f"| {m['domain']} | {row['source']} | {m['alpha']:.2f} | {row['base_ppl']:.1f} "
+                       f"| {row['memory_ppl']:.1f} | **{row['mixture_ppl']:.1f}** | {_pct(row['change_pct'])} "
+                       f"| {row['best_alpha']:.2f} ({row['best_ppl']:.1f}) "
+                       f"| {_pct(fresh['change_pct'])}, {fresh['best_alpha']:.2f} |")
+    out += ["", "The same leave-one-source-out memories on their own source's valid text (in-source):", "",
+            "| domain | source | base | memory alone | base + memory at α | change | best α |",
+            "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for m in r["memories"].values():
+        for row in m["loso_in_source"]:
+            out.append(f"| {m['domain']} | {row['source']} | {row['base_ppl']:.1f} | {row['memory_ppl']:.1f} "
+                       f"| {row['mixture_ppl']:.1f} | {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
+    out += ["", "### In-source: the shipped memories (every source of their domain) on each source's valid text", "",
+            "| memory | source | α | base | memory alone | base + memory | change | base-small | base-small + memory | change |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, m in r["memories"].items():
-        b, s = m["base"], m["base-small"]
-        lines.append(
-            f"| {name} ({m['domain']}) | {m['alpha']:.2f} | {b['base_ppl']:.1f} | {b['memory_ppl']:.1f} "
-            f"| **{b['mixture_ppl']:.1f}** | {100 * (b['mixture_ppl'] / b['base_ppl'] - 1):+.0f}% "
-            f"| {s['base_ppl']:.1f} | **{s['mixture_ppl']:.1f}** | {100 * (s['mixture_ppl'] / s['base_ppl'] - 1):+.0f}% |"
-        )
-    g = r["general"]
-    lines.append("")
-    lines.append(f"General text (general/valid.txt, {g['tokens_scored']} tokens): base {g['base_ppl']:.1f}, "
-                 f"base-small {g['base_small_ppl']:.1f}.")
-    p = r["parameters"]
-    lines.append("Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in p.items()) + ".")
-    return "\n".join(lines) + "\n"
+        for b, s in zip(m["in_source"]["base"], m["in_source"]["base-small"], strict=True):
+            out.append(f"| {name} | {b['source']} | {m['alpha']:.2f} | {b['base_ppl']:.1f} | {b['memory_ppl']:.1f} "
+                       f"| **{b['mixture_ppl']:.1f}** | {_pct(b['change_pct'])} | {s['base_ppl']:.1f} "
+                       f"| **{s['mixture_ppl']:.1f}** | {_pct(s['change_pct'])} |")
+    out += ["", "### Specificity: each shipped memory at its α on the other domains' valid.txt", "",
+            "| memory | text | base | base + memory at α | change |", "|---|---|---:|---:|---:|"]
+    for name, rows in r["specificity"].items():
+        for row in rows:
+            out.append(f"| {name} | {row['source']} | {row['base_ppl']:.1f} | {row['mixture_ppl']:.1f} "
+                       f"| {_pct(row['change_pct'])} |")
+    g, p = r["general"], r["parameters"]
+    out += ["", f"General text (general/valid.txt, {g['tokens_scored']} tokens): base {g['base_ppl']:.1f}, "
+                f"base-small {g['base_small_ppl']:.1f}.",
+            "Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in p.items()) + "."]  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

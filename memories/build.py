@@ -20,9 +20,12 @@ from typing import Any
 
 from memories.config import BuildConfig
 from memories.corpus import corpus_identity
+from memories.crosseval import CROSS_SOURCE, IN_SOURCE, Text
+from memories.evaluate import recommended_alpha
 from memories.jsonfile import read_json, write_json
 from memories.manifest import Manifest, read_manifest, write_manifest
 from memories.models import model_id
+from memories.sources import FILES, holdout_split, load_spec
 from memories.stages import Base, datastore_stage, eval_stage, index_stage, targets_stage, train_stage
 
 __all__ = ["BuildConfig", "StageRecord", "build"]
@@ -90,10 +93,11 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
     base = Base(config.base, config.datastore.device, config.datastore.dtype)
     ds_dir, idx_dir, tg_dir = work / "datastore", work / "index", work / "targets"
     dsc = config.datastore
-    ds_settings = {"base": _model_identity(config.base), "corpus": corpus_identity(config.corpus),
+    corpus, texts = _inputs(config)
+    ds_settings = {"base": _model_identity(config.base), "corpus": corpus_identity(corpus),
                    "max_tokens": dsc.max_tokens, "context": dsc.context, "stride": dsc.stride, "dtype": str(base.dtype)}
     ds_rec = cache.run("datastore", ds_settings, lambda: (ds_dir / "datastore.json").is_file(),
-                       lambda: datastore_stage(base, config.corpus, ds_dir, dsc, progress))
+                       lambda: datastore_stage(base, corpus, ds_dir, dsc, progress))
     idx_rec = cache.run("index", {"datastore": ds_rec.key, **config.index.build_settings()},
                         lambda: (idx_dir / "index.json").is_file(),
                         lambda: index_stage(ds_dir, idx_dir, config.index, progress))
@@ -103,15 +107,27 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
                        lambda: targets_stage(ds_dir, idx_dir, tg_dir, config.targets, config.index, progress))
     tr_rec = _train(cache, config, base, tg_rec.key, progress)
     ev_rec = None
-    if config.valid is not None:
-        valid = config.valid
-        ev_settings = {"train": tr_rec.key, "valid": corpus_identity(valid), "max_tokens": config.eval.max_tokens,
+    if texts:
+        ev_settings = {"train": tr_rec.key, "texts": [(t.label, t.kind, corpus_identity(t.path)) for t in texts],
                        **dataclasses.asdict(config.eval)}
         title = f"{config.name}: held-out perplexity ({config.domain})"
         ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(),
-                           lambda: eval_stage(base, out, valid, config.eval, out, progress, title))
+                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title))
     _write_manifest(config, ds_rec, idx_rec, tg_rec, ev_rec)
     return cache.records  # fmt: skip
+
+
+def _inputs(config: BuildConfig) -> tuple[str, list[Text]]:
+    """The datastore's corpus and the evaluation texts. With sources: the kept sources' text (interleaved) and
+    one text per source, cross-source for the held-out ones. Without: the corpus, and the valid file as
+    in-source text (nothing says it comes from other sources)."""
+    if config.sources is None and not config.holdout:
+        return config.corpus, [Text(Path(config.valid).stem, config.valid, IN_SOURCE)] if config.valid else []
+    spec = None if config.sources in (None, FILES) else load_spec(config.sources, config.domain)
+    split = holdout_split(config.corpus, config.valid, config.holdout, config.work_dir / "sources", spec)
+    texts = [Text(name, str(path), CROSS_SOURCE) for name, path in split.heldout.items()]
+    texts += [Text(name, str(path), IN_SOURCE) for name, path in split.in_source.items()]
+    return str(split.datastore), texts
 
 
 def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str, progress: bool) -> StageRecord:
@@ -157,11 +173,12 @@ def _write_manifest(
         "k": tg.summary.get("k"),
         "temperature": tg.summary.get("temperature"),
         "mean_support": tg.summary.get("mean_support"),
+        "holdout_sources": list(config.holdout),
     }
     changes: dict[str, Any] = {
         "name": config.name, "domain": config.domain, "description": config.description,
         "base_model": model_id(config.base), "corpus": corpus,
     }  # fmt: skip
     if ev is not None:
-        changes.update(alpha=float(ev.summary["best_alpha"]), evaluation=ev.summary)
+        changes.update(alpha=recommended_alpha(ev.summary), evaluation=ev.summary)
     write_manifest(out, read_manifest(out).replace(**changes))

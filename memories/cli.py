@@ -30,7 +30,8 @@ DESCRIPTION = """Build a memory decoder for a domain:
   targets    sparse kNN distributions p_kNN for every datastore position (itself excluded)
   train      train the memory on β·KL(p_kNN ‖ p_mem) + (1−β)·CE (or a plain LM with --beta 0 --corpus)
   eval       held-out perplexity of base, memory and mixture over α; writes the best α to memdec.json
-  build      all of the above with cached stages
+  build      all of the above with cached stages; --holdout-source keeps whole sources out and chooses α on them
+  alpha      α for a memory built from every source, from leave-one-source-out builds
   tokenizer  train a byte-level BPE tokenizer (for base models trained from scratch)"""
 
 
@@ -139,7 +140,9 @@ def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="window length (default 1024 or the models' maximum)")
     g.add_argument(f"--{prefix}stride", dest="eval_stride", type=int, default=EV.stride, help="default: half the context")
     g.add_argument("--alphas", default=None, help="comma-separated α grid in (0, 1) (default 0.05 … 0.95)")
-    g.add_argument("--eval-max-tokens", type=int, default=EV.max_tokens, help="score only the first N held-out tokens")
+    g.add_argument("--eval-max-tokens", type=int, default=EV.max_tokens, help="score only the first N tokens of each text")
+    g.add_argument("--alpha", type=float, default=EV.alpha,
+                   help="recommend this α (e.g. one chosen by leave-one-source-out builds) instead of the curves' best")
 
 
 def _add_manifest(p: argparse.ArgumentParser, required: bool) -> None:
@@ -186,7 +189,8 @@ def _spec(a: argparse.Namespace) -> ModelSpec | None:
 
 def _eval_config(a: argparse.Namespace) -> EvalConfig:
     alphas = EV.alphas if not a.alphas else tuple(float(x) for x in a.alphas.split(",") if x.strip())
-    return EvalConfig(context=a.eval_context, stride=a.eval_stride, alphas=alphas, max_tokens=a.eval_max_tokens)
+    return EvalConfig(context=a.eval_context, stride=a.eval_stride, alphas=alphas, max_tokens=a.eval_max_tokens,
+                      alpha=a.alpha)
 
 
 def _summary(title: str, rows: dict[str, Any]) -> None:
@@ -259,6 +263,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _texts(a: argparse.Namespace) -> list[Any]:
+    """`--valid` (in-source) and `--cross-source` texts, each PATH or LABEL=PATH (label: the file's stem)."""
+    from memories.crosseval import CROSS_SOURCE, IN_SOURCE, Text
+
+    def text(arg: str, kind: str) -> Text:
+        label, sep, path = arg.partition("=")
+        return Text(label, path, kind) if sep and label else Text(Path(arg).stem, arg, kind)
+
+    texts = [text(v, IN_SOURCE) for v in a.valid or []] + [text(v, CROSS_SOURCE) for v in a.cross_source or []]
+    if not texts:
+        raise UsageError("give at least one --valid or --cross-source text")
+    return texts
+
+
 @_handles_errors
 def cmd_eval(a: argparse.Namespace) -> int:
     from memories.evaluate import REPORT_JSON, REPORT_PNG, update_manifest
@@ -266,7 +284,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from memories.stages import Base, eval_stage
 
     report_dir = Path(a.report_dir or a.memory)
-    report = eval_stage(Base(a.base, a.device, a.dtype), Path(a.memory), a.valid, _eval_config(a), report_dir,
+    report = eval_stage(Base(a.base, a.device, a.dtype), Path(a.memory), _texts(a), _eval_config(a), report_dir,
                         not a.quiet)
     if not a.no_update_manifest and (Path(a.memory) / MANIFEST_NAME).is_file():
         update_manifest(a.memory, report)
@@ -275,14 +293,28 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _print_eval(report: dict[str, Any], json_path: Any, png_path: Any) -> None:
-    _summary("evaluation", {
-        "tokens scored": report["tokens_scored"],
-        "base ppl": f"{report['base_ppl']:.3f}",
-        "memory ppl": f"{report['memory_ppl']:.3f}",
-        "best mixture ppl": f"{report['best_ppl']:.3f} at α = {report['best_alpha']}",
-        "improvement": f"{report['improvement_pct']:.1f} %",
-        "report": f"{json_path} {png_path}",
-    })
+    """One line per text (base, memory alone, mixture at the recommended α and at its own best α), then
+    the recommendation and any warnings."""
+    alpha = report["alpha"]
+    source = "given with --alpha" if report["alpha_from"] == "fixed" else f"chosen on {report['alpha_from']} text"
+    print(f"\n== evaluation (α = {alpha:.2f}, {source})")
+    print(f"  {'text':<26} {'kind':<12} {'tokens':>7} {'base':>9} {'memory':>9} {'mix@α':>9} {'change':>7} {'best α':>7}")
+    for t in report["texts"]:
+        at = report["ppl_at_alpha"][t["label"]]
+        print(f"  {t['label'][:26]:<26} {t['kind']:<12} {t['tokens_scored']:>7} {t['base_ppl']:>9.2f} "
+              f"{t['memory_ppl']:>9.2f} {at:>9.2f} {100 * (at / t['base_ppl'] - 1):>+6.1f}% {t['best_alpha']:>7.2f}")
+    for w in report["warnings"]:
+        print(f"  warning: {w}")
+    print(f"  report                 {json_path} {png_path}")
+
+
+@_handles_errors
+def cmd_alpha(a: argparse.Namespace) -> int:
+    from memories.crosseval import alpha_from_builds
+    from memories.jsonfile import read_json
+
+    print(f"{alpha_from_builds([read_json(Path(p)) for p in a.reports]):.2f}")
+    return 0
 
 
 @_handles_errors
@@ -294,6 +326,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         work=Path(a.work) if a.work else None, domain=a.domain, description=a.description,
         datastore=_datastore_config(a), index=_index_config(a), targets=_targets_config(a),
         train=_train_config(a), init_from=a.init_from, spec=_spec(a), eval=_eval_config(a),
+        sources=a.sources, holdout=tuple(a.holdout_source),
     )
     started = time.perf_counter()
     records = build(config, progress=not a.quiet)
@@ -370,17 +403,33 @@ def _register_model_stages(sub: Any) -> None:
     p = sub.add_parser("eval", help="held-out perplexity of base, memory and mixture; best α")
     p.add_argument("--base", required=True)
     p.add_argument("--memory", required=True)
-    p.add_argument("--valid", required=True, help="held-out text file or directory")
+    p.add_argument("--valid", action="append", default=None, metavar="[LABEL=]PATH",
+                   help="in-source held-out text (its source also fed the datastore); repeatable")
+    p.add_argument("--cross-source", action="append", default=None, metavar="[LABEL=]PATH",
+                   help="text from a source the datastore never saw; repeatable. α is chosen on these when given")
     p.add_argument("--report-dir", default=None, help="where evaluation.json/.png go (default: the memory)")
     p.add_argument("--no-update-manifest", action="store_true")
     _add_eval(p)
     _add_device(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("alpha", help="α for an all-source memory, from leave-one-source-out builds' reports",
+                       description="Prints the best α of the pooled cross-source curves of several builds made "
+                                   "with --holdout-source (their evaluation.json); pass it to a build from every "
+                                   "source with --alpha.")
+    p.add_argument("reports", nargs="+", metavar="evaluation.json")
+    p.set_defaults(func=cmd_alpha)
+
     p = sub.add_parser("build", help="datastore → index → targets → train → eval, cached")
     p.add_argument("--base", required=True)
     p.add_argument("--corpus", required=True)
-    p.add_argument("--valid", default=None, help="held-out file for evaluation (skipped when absent)")
+    p.add_argument("--valid", default=None,
+                   help="held-out text for evaluation (skipped when absent); with sources, a file or directory like --corpus")
+    p.add_argument("--sources", default=None, metavar="JSON|files",
+                   help="the corpus's sources: a JSON of line ranges per file (like ../shared/data/sources.json; "
+                        "--domain picks a domain's entry), or 'files': each file of a directory corpus is one")
+    p.add_argument("--holdout-source", action="append", default=[], metavar="SOURCE",
+                   help="keep this source out of the datastore and choose α on its held-out text; repeatable")
     p.add_argument("--out", required=True, help="the memory directory to write")
     p.add_argument("--work", default=None, help="intermediate files (default: <out>.work)")
     _add_manifest(p, required=True)

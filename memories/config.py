@@ -106,7 +106,8 @@ class EvalConfig:
     context: int | None = None  # None: 1024, or less where a model accepts less
     stride: int | None = None  # None: half the context
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    max_tokens: int | None = None  # score only the first tokens of the held-out file
+    max_tokens: int | None = None  # score only the first tokens of each held-out text
+    alpha: float | None = None  # recommend this α instead of one read off the curves (e.g. from other builds)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class BuildConfig:
     init_from: str | None = None
     spec: ModelSpec | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Sources (memories/sources.py): a line-range JSON, or "files" (each file of a directory corpus is one).
+    sources: str | None = None
+    holdout: tuple[str, ...] = ()  # sources kept out of the datastore; α is chosen on their held-out text
 
     @property
     def work_dir(self) -> Path:

@@ -73,15 +73,39 @@ def evaluate(
 
 
 def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Perplexity vs α, with the base as a horizontal line and the memory alone at α = 1."""
+    """Perplexity vs α. A one-text report: its curve, the base as a horizontal line, the memory alone at α = 1.
+    A multi-text report (`memories.crosseval.combine`): in-source and cross-source texts side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "texts" in report:
+        fig = _plot_texts(plt, report, title)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        _plot_one(ax, report, title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def alpha_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """α from 0 (the base alone) to 1 (the memory alone) and the perplexity at each."""
     alphas = [0.0] + [r["alpha"] for r in report["mixture"]] + [1.0]
-    ppls = [report["base_ppl"]] + [r["ppl"] for r in report["mixture"]] + [report["memory_ppl"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    return alphas, [report["base_ppl"]] + [r["ppl"] for r in report["mixture"]] + [report["memory_ppl"]]
+
+
+def relative_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The α curve with perplexity divided by the base's: 1 is the base alone, whatever the text's difficulty."""
+    alphas, ppls = alpha_curve(report)
+    return alphas, [p / report["base_ppl"] for p in ppls]
+
+
+def _plot_one(ax: Any, report: dict[str, Any], title: str) -> None:
+    alphas, ppls = alpha_curve(report)
     ax.plot(alphas, ppls, marker="o", markersize=3, label="mixture α·p_mem + (1−α)·p_base")
     ax.axhline(report["base_ppl"], color="grey", linestyle="--", label=f"base alone ({report['base_ppl']:.2f})")
     ax.scatter([report["best_alpha"]], [report["best_ppl"]], color="red", zorder=3,
@@ -94,11 +118,34 @@ def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     ax.set_title(title or f"held-out perplexity, {report['tokens_scored']} tokens")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+
+
+def _plot_texts(plt: Any, report: dict[str, Any], title: str) -> Any:
+    """One panel per kind (in-source, cross-source), each text's perplexity relative to its base alone, so
+    texts of different difficulty share an axis; the recommended α is a vertical line in both."""
+    from matplotlib.ticker import ScalarFormatter
+
+    from memories.crosseval import KINDS
+
+    kinds = [k for k in KINDS if any(t["kind"] == k for t in report["texts"])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.0), dpi=110, sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for t in (t for t in report["texts"] if t["kind"] == kind):
+            ax.plot(*relative_curve(t), marker="o", markersize=3,
+                    label=f"{t['label']} (base {t['base_ppl']:.0f}, best α {t['best_alpha']:.2f})")
+        ax.axhline(1.0, color="grey", linestyle="--", label="base alone")
+        ax.axvline(report["alpha"], color="red", linestyle=":", label=f"α = {report['alpha']:.2f} ({report['alpha_from']})")
+        ax.set_title(f"{kind} text" + (" (α chosen here)" if report["alpha_from"] == kind else ""), fontsize=10)
+        ax.set_xlabel("α (0 = base alone, 1 = memory alone)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.8, 1, 2 rather than 8×10⁻¹
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("perplexity / base perplexity")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
@@ -109,6 +156,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -
 
 
 def update_manifest(memory_dir: str | Path, report: dict[str, Any]) -> None:
-    """Recommend the best α and record the numbers in the memory's manifest."""
+    """Record the recommended α (a multi-text report's `alpha`, else the best α) and the numbers in the manifest."""
     manifest = read_manifest(memory_dir)
-    write_manifest(memory_dir, manifest.replace(alpha=float(report["best_alpha"]), evaluation=report))
+    write_manifest(memory_dir, manifest.replace(alpha=recommended_alpha(report), evaluation=report))
+
+
+def recommended_alpha(report: dict[str, Any]) -> float:
+    return float(report.get("alpha", report["best_alpha"]))

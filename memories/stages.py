@@ -7,6 +7,7 @@ Each returns a JSON-able summary of what it made.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 
 from memories.config import DatastoreConfig, EvalConfig, IndexConfig, ModelSpec, TargetsConfig, TrainConfig
 from memories.corpus import corpus_files, tokenize_corpus
+from memories.crosseval import Text, combine
 from memories.datastore import Datastore, build_datastore
 from memories.evaluate import evaluate, write_report
 from memories.knn import build_index, load_index, save_index, set_nprobe, to_gpu_if_available
@@ -117,14 +119,28 @@ def train_stage(
 
 
 def eval_stage(
-    base: Base, memory: Path, valid: str, config: EvalConfig, report_dir: Path, progress: bool, title: str = ""
+    base: Base,
+    memory: Path,
+    texts: Sequence[Text],
+    config: EvalConfig,
+    report_dir: Path,
+    progress: bool,
+    title: str = "",
 ) -> dict[str, Any]:
-    """Held-out perplexity of base, memory and mixture over α; the report lands in `report_dir`."""
+    """Held-out perplexity of base, memory and mixture over α on each text, and the recommended α (from the
+    cross-source texts when there are any: memories.crosseval); the report lands in `report_dir`."""
+    if not texts:
+        raise ValueError("no evaluation text")
     if tokenizer_fingerprint(load_tokenizer(memory)) != base.fingerprint:
         raise ValueError(f"{memory} uses a different tokenizer from {base.path}")
-    tokens, _ = tokenize_corpus(base.tokenizer, valid, config.max_tokens, progress=False)
     mem_model = load_causal_lm(memory, base.device, base.dtype)
-    report = evaluate(base.model, mem_model, tokens, len(base.tokenizer), config, progress=progress)
-    report["file"] = str(Path(valid).resolve())
+    reports = []
+    for text in texts:
+        tokens, _ = tokenize_corpus(base.tokenizer, text.path, config.max_tokens, progress=False)
+        if progress:
+            print(f"[memdec] eval: {text.label} ({text.kind}, {len(tokens)} tokens)", flush=True)
+        rep = evaluate(base.model, mem_model, tokens, len(base.tokenizer), config, progress=progress)
+        reports.append({"label": text.label, "kind": text.kind, "file": str(Path(text.path).resolve()), **rep})
+    report = combine(reports, config.alpha)
     write_report(report, report_dir, title)
     return report

@@ -31,7 +31,7 @@ def _model_dirs() -> list[Path]:
 
 def test_shipped_files_are_small_half_precision_safetensors():
     total = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
-    assert total <= 40 * 2**20, f"demo/ holds {total / 2**20:.1f} MiB"
+    assert total <= 60 * 2**20, f"demo/ holds {total / 2**20:.1f} MiB"  # the demo's size budget
     for d in _model_dirs():
         weights = d / "model.safetensors"
         assert weights.stat().st_mode & 0o044 == 0o044, f"{weights} is not world-readable"
@@ -88,8 +88,35 @@ def test_memory_lowers_perplexity_on_its_domain(bases, base, name):
     finally:
         registry.release(name)
     base_ppl, mixed_ppl = _ppl(b), _ppl(mixed)
-    # docs/demo.md's bar is -30% on the whole valid file; a few hundred tokens are noisier, so ask for -20%.
+    # In-source text (valid.txt's first source is in every memory's datastore): docs/demo.md's in-source table
+    # shows -27% to -86% on 10,000 tokens per source; a few hundred tokens are noisier, so ask for -20%.
     assert mixed_ppl < 0.8 * base_ppl, f"{base}+{name}: base {base_ppl:.1f}, mixture {mixed_ppl:.1f}"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="no ../shared/data")
+@pytest.mark.parametrize("domain", [
+    "biomedical", "legal",
+    # Known gap of this demo (docs/demo.md, "Specificity"): on FOMC minutes the legal memory at α = 0.55 edges
+    # out the finance memory at its α = 0.35. Strict: the day it passes, this mark must go.
+    pytest.param("finance", marks=pytest.mark.xfail(strict=True, reason="legal memory edges out finance on FOMC text")),
+])  # fmt: skip
+def test_each_domain_is_served_best_by_its_own_memory(bases, domain):
+    """Memories are specialists: on a domain's text, its own memory at its α gives a lower perplexity than
+    either other memory at theirs (what the memory lens and `memory: auto` rely on to tell them apart)."""
+    loaded, registry = bases["base"]
+    ids = _domain_ids(loaded.tokenizer, domain)
+    b = _target_logprobs(loaded, ids)
+    mixed = {}
+    for name in MEMORIES:
+        memory = registry.acquire(name)
+        try:
+            alpha = registry.get(name).alpha
+            m = _target_logprobs(memory, ids)
+        finally:
+            registry.release(name)
+        mixed[name] = _ppl(torch.logaddexp(math.log(alpha) + m, math.log(1 - alpha) + b))
+    own = next(n for n, d in MEMORIES.items() if d == domain)
+    assert min(mixed, key=mixed.__getitem__) == own, f"{domain}: base {_ppl(b):.1f}, mixtures {mixed}"
 
 
 def test_zero_flag_serve_resolves_to_the_demo(monkeypatch, tmp_path):

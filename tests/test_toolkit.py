@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memories.cli import main
-from memories.corpus import tokenize_corpus
+from memories.corpus import CorpusError, tokenize_corpus
+from memories.crosseval import CROSS_SOURCE, IN_SOURCE, combine
 from memories.datastore import Datastore, build_datastore
 from memories.hooks import capture_mlp_input, last_mlp
 from memories.knn import IndexConfig, build_index, search_excluding_self
@@ -22,6 +23,7 @@ from memories.loss import memory_loss, sparse_kl
 from memories.manifest import read_manifest, tokenizer_fingerprint
 from memories.mixing import mix_scalar
 from memories.models import load_causal_lm
+from memories.sources import domain_holdout, holdout_split
 from memories.targets import SparseTargets, build_targets, knn_distribution
 from memories.train import TrainConfig, train
 from testkit.models import build_model, build_tokenizer
@@ -352,5 +354,151 @@ def test_stage_commands_one_by_one(env: dict[str, Path], tmp_path: Path, capsys:
                  "--eval-max-tokens", "600", "--alphas", "0.3,0.6", *common]) == 0
     report = json.loads((mem / "evaluation.json").read_text())
     assert report["tokens_scored"] == 599 and [r["alpha"] for r in report["mixture"]] == [0.3, 0.6]
-    assert read_manifest(mem).alpha == report["best_alpha"]
-    assert "best mixture ppl" in capsys.readouterr().out
+    assert read_manifest(mem).alpha == report["best_alpha"] and report["alpha_from"] == "in-source"
+    assert "in-source" in capsys.readouterr().out
+
+
+# -- sources held out of the datastore (memories/sources.py) and cross-source evaluation (memories/crosseval.py)
+
+
+def _numbered(source: str, n: int) -> list[str]:
+    return [f"{source} document {i}" for i in range(n)]
+
+
+def test_holdout_split_by_line_ranges(tmp_path: Path) -> None:
+    """A sources.json-style file of line ranges: the held-out source never reaches the datastore text, its
+    held-out text is its own valid lines, and the kept sources alternate document by document."""
+    data = tmp_path / "data"
+    (data / "dom").mkdir(parents=True)
+    train = _numbered("a", 5) + _numbered("b", 2) + _numbered("c", 3)
+    valid = _numbered("va", 2) + _numbered("vb", 1) + _numbered("vc", 2)
+    (data / "dom" / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (data / "dom" / "valid.txt").write_text("\n".join(valid) + "\n", encoding="utf-8")
+    spec = {"dom": {
+        "train.txt": [{"source": "a", "lines": [0, 5]}, {"source": "b", "lines": [5, 7]}, {"source": "c", "lines": [7, 10]}],
+        "valid.txt": [{"source": "a", "lines": [0, 2]}, {"source": "b", "lines": [2, 3]}, {"source": "c", "lines": [3, 5]}],
+    }}  # fmt: skip
+    (data / "sources.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    split = domain_holdout(data, "dom", "a", tmp_path / "split")
+    assert split.kept == ("b", "c") and split.datastore_docs == {"b": 2, "c": 3}
+    assert split.datastore.read_text().splitlines() == [
+        "b document 0", "c document 0", "b document 1", "c document 1", "c document 2"]  # fmt: skip
+    assert split.heldout["a"].read_text().splitlines() == ["va document 0", "va document 1"]
+    assert {k: p.read_text().splitlines() for k, p in split.in_source.items()} == {
+        "b": ["vb document 0"], "c": ["vc document 0", "vc document 1"]}  # fmt: skip
+
+    # The same split from a directory corpus, one file per source.
+    for part, lines in (("train", train), ("valid", valid)):
+        for name, (a, b) in {"a": (0, 5), "b": (5, 7), "c": (7, 10)}.items():
+            rng = (a, b) if part == "train" else {"a": (0, 2), "b": (2, 3), "c": (3, 5)}[name]
+            (tmp_path / part).mkdir(exist_ok=True)
+            (tmp_path / part / f"{name}.txt").write_text("\n".join(lines[rng[0]:rng[1]]) + "\n", encoding="utf-8")
+    by_file = holdout_split(tmp_path / "train", tmp_path / "valid", ["a"], tmp_path / "split2")
+    assert by_file.datastore.read_text() == split.datastore.read_text()
+    assert by_file.heldout["a"].read_text() == split.heldout["a"].read_text()
+
+    # Without held-out text for it, a held-out source is judged on its own corpus lines.
+    no_valid = holdout_split(tmp_path / "train", None, ["b"], tmp_path / "split3")
+    assert no_valid.heldout["b"].read_text().splitlines() == ["b document 0", "b document 1"] and not no_valid.in_source
+    with pytest.raises(CorpusError, match="unknown source"):
+        domain_holdout(data, "dom", "zzz", tmp_path / "x")
+    with pytest.raises(CorpusError, match="nothing is left"):
+        holdout_split(tmp_path / "train", None, ["a", "b", "c"], tmp_path / "x")
+
+
+def _report(base: float, memory: float, curve: dict[float, float], tokens: int = 100) -> dict:
+    best = min(curve, key=lambda a: curve[a])
+    return {"tokens_scored": tokens, "base_ppl": base, "memory_ppl": memory, "context": 64, "stride": 32,
+            "mixture": [{"alpha": a, "ppl": p} for a, p in curve.items()], "best_alpha": best,
+            "best_ppl": curve[best], "improvement_pct": 100 * (base - curve[best]) / base, "seconds": 1.0}
+
+
+def test_alpha_comes_from_cross_source_text_and_disagreement_warns() -> None:
+    """A memory that memorised its sources: in-source text wants α = 0.9, the held-out sources want 0.3."""
+    inside = _report(500, 200, {0.3: 400, 0.6: 300, 0.9: 250})
+    cross_a = _report(800, 1600, {0.3: 700, 0.6: 780, 0.9: 1100}, tokens=50)
+    cross_b = _report(200, 300, {0.3: 190, 0.6: 195, 0.9: 260}, tokens=500)
+    texts = [{"label": "mine", "kind": IN_SOURCE, **inside}, {"label": "a", "kind": CROSS_SOURCE, **cross_a},
+             {"label": "b", "kind": CROSS_SOURCE, **cross_b}]  # fmt: skip
+    report = combine(texts)
+    assert report["alpha"] == 0.3 and report["alpha_from"] == CROSS_SOURCE
+    # Pooled over sources as a geometric mean: each source weighs the same whatever its token count.
+    assert report["best_ppl"] == pytest.approx(math.sqrt(700 * 190))
+    assert report["base_ppl"] == pytest.approx(400.0) and report["tokens_scored"] == 550
+    assert report["groups"][IN_SOURCE]["best_alpha"] == 0.9
+    assert report["ppl_at_alpha"] == {"mine": 400, "a": 700, "b": 190}
+    joined = " ".join(report["warnings"])
+    assert "best α differs" in joined and "memorised" in joined and "worse than the base" not in joined
+
+    # α fixed elsewhere (e.g. by leave-one-source-out builds): a cross-source text made worse is named.
+    fixed = combine(texts, fixed_alpha=0.9)
+    assert fixed["alpha"] == 0.9 and fixed["alpha_from"] == "fixed"
+    assert any(w.startswith("a (cross-source): the mixture at α = 0.90 is worse") for w in fixed["warnings"])
+    assert any(w.startswith("b (cross-source)") for w in fixed["warnings"])
+
+    # Only in-source text: α is read off it, and the report says so.
+    alone = combine([texts[0]])
+    assert alone["alpha"] == 0.9 and alone["alpha_from"] == IN_SOURCE
+    assert any("no cross-source text" in w for w in alone["warnings"])
+
+
+def test_alpha_command_pools_leave_one_source_out_builds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two builds, each holding one source out: alone they want α = 0.3 and 0.9; pooled (geometric mean per α)
+    0.6 wins, which neither build's best α would have given."""
+    fold_a = combine([{"label": "a", "kind": CROSS_SOURCE, **_report(100, 90, {0.3: 50, 0.6: 52, 0.9: 200})}])
+    fold_b = combine([{"label": "b", "kind": CROSS_SOURCE, **_report(100, 90, {0.3: 200, 0.6: 52, 0.9: 50})}])
+    paths = []
+    for i, rep in enumerate((fold_a, fold_b)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(rep), encoding="utf-8")
+    assert main(["memory", "alpha", *map(str, paths)]) == 0
+    assert capsys.readouterr().out.strip() == "0.60"
+    in_source_only = tmp_path / "in.json"
+    in_source_only.write_text(json.dumps(combine([{"label": "c", "kind": IN_SOURCE, **_report(1, 1, {0.5: 1})}])))
+    assert main(["memory", "alpha", str(paths[0]), str(in_source_only)]) == 2
+    assert "--holdout-source" in capsys.readouterr().err
+
+
+def test_build_holds_a_source_out_and_chooses_alpha_on_it(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two sources of one domain: templated facts (memorisable) and biomedical prose. A memory built on the
+    facts with the prose held out: the datastore holds only the facts, α is the prose's best α, and the
+    report has both curves."""
+    corpus, valid = tmp_path / "train", tmp_path / "valid"
+    write_corpus(corpus / "facts.txt", 120, seed=1)
+    write_corpus(valid / "facts.txt", 25, seed=2)
+    for folder, seed, chars in ((corpus, 1, 40_000), (valid, 2, 6_000)):
+        (folder / "prose.txt").write_text(sample_text("biomedical", chars, seed=seed) + "\n", encoding="utf-8")
+    out = tmp_path / "memory"
+    assert main([
+        "memory", "build", "--base", str(env["base"]), "--corpus", str(corpus), "--valid", str(valid),
+        "--sources", "files", "--holdout-source", "prose", "--out", str(out), "--name", "facts", "--k", "32",
+        "--context", "128", *SMALL_MODEL, "--seq-len", "64", "--train-batch-size", "8", "--epochs", "2",
+        "--lr", "3e-3", "--eval-max-tokens", "1500", "--quiet",
+    ]) == 0
+    printed = capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(env["base"])
+    facts_tokens, _ = tokenize_corpus(tok, corpus / "facts.txt", progress=False)
+    manifest = read_manifest(out)
+    assert manifest.corpus["datastore_entries"] == len(facts_tokens) - 1  # the prose never reached it
+    assert manifest.corpus["holdout_sources"] == ["prose"]
+
+    report = json.loads((out / "evaluation.json").read_text())
+    by_label = {t["label"]: t for t in report["texts"]}
+    assert {k: t["kind"] for k, t in by_label.items()} == {"prose": CROSS_SOURCE, "facts": IN_SOURCE}
+    assert report["alpha_from"] == CROSS_SOURCE and manifest.alpha == report["alpha"] == by_label["prose"]["best_alpha"]
+    # The held-out numbers agree with an independent sliding-window computation over the prose text.
+    base = AutoModelForCausalLM.from_pretrained(env["base"], use_safetensors=True).eval()
+    memory = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
+    prose, _ = tokenize_corpus(tok, valid / "prose.txt", max_tokens=1500, progress=False)
+    ids = torch.as_tensor(prose, dtype=torch.long)
+    b = _reference_logprobs(base, ids, report["context"], report["stride"], len(tok))
+    m = _reference_logprobs(memory, ids, report["context"], report["stride"], len(tok))
+    assert math.exp(-b.double().mean()) == pytest.approx(by_label["prose"]["base_ppl"], rel=1e-4)
+    assert math.exp(-m.double().mean()) == pytest.approx(by_label["prose"]["memory_ppl"], rel=1e-4)
+    # Its own templated source gains more than the prose it never saw; both lines are printed.
+    assert by_label["facts"]["improvement_pct"] > by_label["prose"]["improvement_pct"]
+    assert "prose" in printed and "cross-source" in printed and "facts" in printed and "in-source" in printed
+    assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
