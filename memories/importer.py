@@ -162,7 +162,7 @@ def import_checkpoint(
             temperature=temperature,
             base_model=model_id(base),
             description=description,
-            training={"imported_from": source, "weights": weights, "converted_from_pickle": converted},
+            training={"imported_from": model_id(source), "weights": weights, "converted_from_pickle": converted},
         )
         write_manifest(staging, manifest)
         if out.exists():

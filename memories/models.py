@@ -27,6 +27,10 @@ class ModelLoadError(ValueError):
     """The model or tokenizer cannot be loaded, or is unusable."""
 
 
+class PickledWeightsError(ModelLoadError):
+    """The checkpoint's weights are pickled (`pytorch_model.bin`): never loaded; `memdec memory import` converts them."""
+
+
 # `org/name` (or a bare `name`), optionally `@revision`: what the Hugging Face hub calls a model id.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?(@[A-Za-z0-9][A-Za-z0-9_./-]*)?$")
 # What a served model needs from a hub repository: configs, safetensors weights, tokenizer files.
@@ -191,14 +195,16 @@ def load_causal_lm(
     source = str(path)
     local = resolve_source(source)
     if not has_safetensors(local):
-        pickled = pickled_weights(local)
-        if pickled or is_hub_id(source):
-            what = f"pickled weights ({pickled[0].name})" if pickled else "no *.safetensors weights (a hub checkpoint " \
-                "stored as pytorch_model.bin?)"
-            raise ModelLoadError(
-                f"{source} has {what}; memdec serves safetensors only (a pickle can run code when loaded): {IMPORT_HINT}"
+        pickled = pickled_weights(local) or sorted(local.glob("pytorch_model*.bin.index.json"))
+        if pickled:
+            raise PickledWeightsError(
+                f"{source} has pickled weights ({pickled[0].name}); memdec serves safetensors only (a pickle can run "
+                f"code when loaded): {IMPORT_HINT}"
             )
-        raise ModelLoadError(f"{source} has no *.safetensors weights; only safetensors are loaded (no pickle)")
+        raise ModelLoadError(
+            f"{source} has no *.safetensors weights; memdec serves safetensors only (no pickle). If its weights are "
+            f"pytorch_model.bin (as some hub checkpoints are), {IMPORT_HINT}"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except Exception as exc:

@@ -22,7 +22,7 @@ from memories.manifest import (
     read_manifest,
     tokenizer_fingerprint,
 )
-from memories.models import VocabularyError, resolve_source
+from memories.models import PickledWeightsError, VocabularyError, resolve_source
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
 from server.validation import check_alpha, check_memory_name
@@ -147,6 +147,8 @@ class MemoryRegistry:
             loaded = load_causal_lm(str(directory), self.base.device, self.base.dtype, self.base.tokenizer)
         except VocabularyError as exc:
             raise self._mismatch(name, path, str(exc).split(": ", 1)[-1]) from exc
+        except PickledWeightsError as exc:
+            raise MemoryLoadError(str(exc).replace(str(directory), path), param="path", code="pickled_weights") from exc
         except ModelLoadError as exc:
             raise MemoryLoadError(str(exc).replace(str(directory), path), param="path") from exc
         loaded.name_or_path = path

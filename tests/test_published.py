@@ -285,7 +285,7 @@ def test_pickled_memory_is_refused_with_the_import_command(published, capsys):
                           allow_hub_memories=True)  # fmt: skip
     with InProcessServer(config) as s:
         for path in (published.qwen_bin.name, HUB_QWEN):
-            err = assert_error(s.post("/v1/memories", {"name": "bio", "path": path}), 400, "path")
+            err = assert_error(s.post("/v1/memories", {"name": "bio", "path": path}), 400, "path", "pickled_weights")
             assert "memdec memory import" in err["message"], err
         assert memory_cards(s) == {}
     with socket.socket() as sock:
