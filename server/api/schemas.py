@@ -59,7 +59,7 @@ class SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # strict: `true` is not a seed
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = Field(
         False, description='vLLM extension: logprobs name tokens "token_id:<id>" instead of by their text.'
