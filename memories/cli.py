@@ -32,7 +32,8 @@ DESCRIPTION = """Build a memory decoder for a domain:
   eval       held-out perplexity of base, memory and mixture over α; writes the best α to memdec.json
   build      all of the above with cached stages; --holdout-source keeps whole sources out and chooses α on them
   alpha      α for a memory built from every source, from leave-one-source-out builds
-  tokenizer  train a byte-level BPE tokenizer (for base models trained from scratch)"""
+  tokenizer  train a byte-level BPE tokenizer (for base models trained from scratch)
+  import     make a published checkpoint (pytorch_model.bin, or safetensors without manifest) a memory"""
 
 
 class UsageError(ValueError):
@@ -339,6 +340,24 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
+@_handles_errors
+def cmd_import(a: argparse.Namespace) -> int:
+    from memories.importer import import_checkpoint
+    from memories.mixing import check_alpha
+
+    result = import_checkpoint(
+        a.source, Path(a.out), a.base, name=a.name, domain=a.domain, alpha=check_alpha(a.alpha),
+        temperature=a.temperature, description=a.description,
+    )  # fmt: skip
+    how = "converted from pickle (weights_only)" if result.converted else "copied"
+    _summary(f"memory {a.name or Path(a.out).name} → {a.out}", {
+        "weights": f"{', '.join(result.weights)} ({result.num_tensors} tensors, {how})",
+        "tokenizer": f"the base's ({a.base})", "manifest": "memdec.json",
+    })  # fmt: skip
+    print(f"serve it with: memdec serve --model {a.base} --memory {a.name or Path(a.out).name}={a.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- wiring
 
 
@@ -349,6 +368,37 @@ def register(subparsers: Any) -> None:
     sub = memory.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
     _register_data_stages(sub)
     _register_model_stages(sub)
+    _register_import(sub)
+
+
+def _temperature(text: str) -> float:
+    from memories.manifest import check_temperature
+
+    try:
+        return check_temperature(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _register_import(sub: Any) -> None:
+    from memories.manifest import PAPER_ALPHA
+
+    p = sub.add_parser(
+        "import", help="make a published checkpoint (pytorch_model.bin or bare safetensors) a servable memory",
+        description="Convert a checkpoint's pickled weights (pytorch_model.bin, read with torch.load(weights_only=True), "
+        "which refuses a pickle that carries code) to safetensors, or copy its safetensors; write the base's tokenizer "
+        "beside them and a memdec.json manifest with its fingerprint.",
+    )  # fmt: skip
+    p.add_argument("source", help="the checkpoint: a directory or a hub id (org/name[@revision], through the HF cache)")
+    p.add_argument("out", help="the memory directory to write (new or empty)")
+    p.add_argument("--base", required=True, help="the base model it serves with (its tokenizer is copied)")
+    p.add_argument("--name", default=None, help="memory name in the manifest (default: OUT's name)")
+    p.add_argument("--domain", default="general")
+    p.add_argument("--description", default="")
+    p.add_argument("--alpha", type=float, default=PAPER_ALPHA, help=f"default α (default {PAPER_ALPHA}, the paper's for GPT-2)")
+    p.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="memory temperature: its logits are divided by it before mixing (the reference's knn_temp)")
+    p.set_defaults(func=cmd_import)
 
 
 def _register_data_stages(sub: Any) -> None:

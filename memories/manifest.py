@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ from memories.mixing import check_alpha
 MANIFEST_NAME = "memdec.json"
 MANIFEST_VERSION = 1
 DEFAULT_ALPHA = 0.6
+# A memory served without a manifest (a published checkpoint as it is) gets the paper's λ for GPT-2.
+PAPER_ALPHA = 0.55
+DEFAULT_TEMPERATURE = 1.0
+
+
+def check_temperature(value: object) -> float:
+    """A memory temperature: a finite number > 0 (the memory's logits are divided by it before mixing)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 class ManifestError(ValueError):
@@ -42,6 +53,8 @@ class Manifest:
     tokenizer_fingerprint: str
     domain: str = "general"
     alpha: float = DEFAULT_ALPHA
+    # The reference implementation's `knn_temp`: the memory's logits are divided by it before its softmax.
+    temperature: float = DEFAULT_TEMPERATURE
     base_model: str | None = None
     description: str = ""
     corpus: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +69,10 @@ class Manifest:
             check_alpha(self.alpha)
         except ValueError as exc:
             raise ManifestError(f"manifest 'alpha': {exc}") from None
+        try:
+            check_temperature(self.temperature)
+        except ValueError as exc:
+            raise ManifestError(f"manifest 'temperature': {exc}") from None
         if not str(self.tokenizer_fingerprint).startswith("sha256:"):
             raise ManifestError("manifest 'tokenizer_fingerprint' must look like 'sha256:<hex>'")
 

@@ -45,6 +45,16 @@ def mix_with_logs(base_logp: torch.Tensor, mem_logp: torch.Tensor, log_a: torch.
     return torch.logaddexp(log_a + mem_logp, log_1ma + base_logp)
 
 
+def memory_logprobs(logits: torch.Tensor, temperature: torch.Tensor | float | None = None) -> torch.Tensor:
+    """A memory's next-token log-probs: log_softmax(logits / T) in float32 over the last dim (the reference
+    implementation's `knn_temp`). `temperature`: None or 1.0 (untouched logits), a float, or a tensor that
+    broadcasts against `logits` (one value per row: [b, 1], [b, 1, 1] ...)."""
+    logits = logits.float()
+    if temperature is not None and not (isinstance(temperature, float | int) and temperature == 1.0):
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
 def mix_scalar(base_lp: float, mem_lp: float, alpha: float) -> float:
     """Mixed log-probability of one token (plain floats): used by references and reports."""
     terms = []

@@ -8,6 +8,8 @@ and the server answers a 4xx (or stops at start-up) instead of leaking a transfo
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,101 @@ _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_
 
 class ModelLoadError(ValueError):
     """The model or tokenizer cannot be loaded, or is unusable."""
+
+
+class PickledWeightsError(ModelLoadError):
+    """The checkpoint's weights are pickled (`pytorch_model.bin`): never loaded; `memdec memory import` converts them."""
+
+
+# `org/name` (or a bare `name`), optionally `@revision`: what the Hugging Face hub calls a model id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?(@[A-Za-z0-9][A-Za-z0-9_./-]*)?$")
+# What a served model needs from a hub repository: configs, safetensors weights, tokenizer files.
+HUB_SERVE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+# `memdec memory import` also takes pickled weights (loaded with weights_only=True, never served).
+HUB_IMPORT_FILES = (*HUB_SERVE_FILES, "pytorch_model*.bin")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model-*.bin")
+IMPORT_HINT = "convert it once with `memdec memory import SOURCE OUT --base BASE` and serve OUT"
+
+
+def looks_local(source: str) -> bool:
+    """A path the user meant as a local directory: it exists, or it is spelt like a path."""
+    try:
+        return source.startswith(("/", "./", "../", "~", ".")) or Path(source).expanduser().exists()
+    except (OSError, ValueError):
+        return True  # unusable as a path, and no hub id either: `_check_path` explains
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name[@revision]` (or `name[@revision]`) that is not a local path."""
+    return not looks_local(source) and _HUB_ID.match(source) is not None
+
+
+def split_revision(hub_id: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); no `@`: (hub_id, None)."""
+    repo, sep, revision = hub_id.partition("@")
+    return repo, (revision or None) if sep else None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """Where transformers looks for hub models, read now (not at import): $HF_HUB_CACHE, else $HF_HOME/hub,
+    else huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE), read now: only the local cache is used."""
+    from huggingface_hub import constants
+
+    return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_source(source: str | Path, patterns: tuple[str, ...] = HUB_SERVE_FILES) -> Path:
+    """The local directory of a model: `source` itself when it is a directory, else the snapshot of hub id
+    `org/name[@revision]` in the Hugging Face cache (fetched when not cached and not offline, the files
+    matching `patterns` only), as transformers resolves it. ModelLoadError when neither works."""
+    source = str(source)
+    if not is_hub_id(source):
+        _check_path(source)
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {source!r} does not exist")
+        return path
+    repo, revision = split_revision(source)
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    try:
+        snapshot = snapshot_download(
+            repo, revision=revision, cache_dir=str(hub_cache_dir()), local_files_only=offline,
+            allow_patterns=list(patterns),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, 404, gated, network)
+        where = f"the Hugging Face cache at {hub_cache_dir()}"
+        if offline:
+            reason = f"it is not in {where} and HF_HUB_OFFLINE is set"
+        else:
+            reason = f"it is not in {where} and fetching it failed ({type(exc).__name__}: {str(exc)[:300]})"
+        raise ModelLoadError(f"{source!r} is neither a local directory nor a hub model memdec can reach: {reason}") from None
+    return Path(snapshot)
+
+
+def has_safetensors(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors"))
+
+
+def pickled_weights(directory: Path) -> list[Path]:
+    """The pickled weight files of a checkpoint directory (`pytorch_model.bin` or its shards)."""
+    return sorted(p for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -81,27 +178,37 @@ def _check_path(path: str) -> None:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    path = str(path)
-    _check_path(path)
+    """The tokenizer of a local directory or hub id (`resolve_source`)."""
+    source = str(path)
+    directory = resolve_source(source)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a bad directory
-        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
 
 
 def load_causal_lm(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
-    """A causal LM from safetensors weights, on `device`, in eval mode."""
-    path = str(path)
-    _check_path(path)
-    local = Path(path)
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        raise ModelLoadError(f"{path} has no *.safetensors weights; only safetensors are loaded (no pickle)")
+    """A causal LM (local directory or hub id, `resolve_source`) from safetensors weights, on `device`, in
+    eval mode. Pickled weights are refused with the command that converts them."""
+    source = str(path)
+    local = resolve_source(source)
+    if not has_safetensors(local):
+        pickled = pickled_weights(local) or sorted(local.glob("pytorch_model*.bin.index.json"))
+        if pickled:
+            raise PickledWeightsError(
+                f"{source} has pickled weights ({pickled[0].name}); memdec serves safetensors only (a pickle can run "
+                f"code when loaded): {IMPORT_HINT}"
+            )
+        raise ModelLoadError(
+            f"{source} has no *.safetensors weights; memdec serves safetensors only (no pickle). If its weights are "
+            f"pytorch_model.bin (as some hub checkpoints are), {IMPORT_HINT}"
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load a causal LM from {source!r}: {exc}") from exc
     move(model, device)
     return model.eval()
 
@@ -118,14 +225,20 @@ def embedding_rows(module: torch.nn.Module) -> int:
     return int(weight.shape[0])
 
 
+class VocabularyError(ModelLoadError):
+    """The model's embeddings do not cover the tokenizer's vocabulary."""
+
+
 def check_vocab(model: PreTrainedModel, vocab_size: int, path: str | Path) -> None:
-    """The output layer must score every token of the tokenizer (padding rows beyond it are fine)."""
-    rows = embedding_rows(model.get_output_embeddings())
-    if rows < vocab_size:
-        raise ModelLoadError(
-            f"{path}: the output layer has {rows} rows but the tokenizer has {vocab_size} tokens; "
-            "the model cannot score every token"
-        )
+    """The input and output layers must take and score every token of the tokenizer (padding rows beyond
+    it are fine)."""
+    for what, layer in (("output layer", model.get_output_embeddings()), ("input embedding", model.get_input_embeddings())):
+        rows = embedding_rows(layer)
+        if rows < vocab_size:
+            raise VocabularyError(
+                f"{path}: the {what} has {rows} rows but the tokenizer has {vocab_size} tokens; "
+                "the model cannot take or score every token"
+            )
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

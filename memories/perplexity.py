@@ -107,9 +107,10 @@ def window_batches(
 
 
 def _scored_logits(
-    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 [B, S, V] at the scored positions, their targets [B, S]) of one batch of windows."""
+    """(logits float32 [B, S, V] at the scored positions, divided by `temperature` unless it is 1, their
+    targets [B, S]) of one batch of windows."""
     w0 = windows[0]
     length, scored = w0.end - w0.begin, w0.num_scored
     first = w0.score_from - w0.begin - 1  # logits index predicting ids[score_from]
@@ -117,28 +118,32 @@ def _scored_logits(
     # Only the scored positions' logits are materialised: [B, S, V] instead of [B, T, V].
     logits = model(input_ids=inp, logits_to_keep=length - first).logits
     targets = torch.stack([ids[w.score_from : w.end] for w in windows])  # [B, S]
-    return logits[:, :scored, :vocab_size].float(), targets
+    logits = logits[:, :scored, :vocab_size].float()
+    return (logits if temperature == 1.0 else logits / temperature), targets
 
 
 @torch.inference_mode()
-def batch_logprobs(model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int) -> torch.Tensor:
-    """log p(ids[t] | ids[begin:t]) for t in [score_from, end) of each window: float32 [B, S].
+def batch_logprobs(
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(ids[t] | ids[begin:t]) for t in [score_from, end) of each window: float32 [B, S]; with a
+    `temperature`, of softmax(logits / temperature) (a memory's temperature).
 
     All windows must share (length, num_scored), as `window_batches` groups them. ids: [N] int64 on
     the model's device. Logits are cut to `vocab_size` (= len(tokenizer)) so that padded embedding rows
     never receive probability.
     """
-    logits, targets = _scored_logits(model, ids, windows, vocab_size)
+    logits, targets = _scored_logits(model, ids, windows, vocab_size, temperature)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.inference_mode()
 def batch_distributions(
-    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
 ) -> torch.Tensor:
     """The whole next-token log-distribution at the same positions as `batch_logprobs`: float32 [B, S, V]
     (for per-token top alternatives; `batch_logprobs` is its gather at the targets)."""
-    return torch.log_softmax(_scored_logits(model, ids, windows, vocab_size)[0], dim=-1)
+    return torch.log_softmax(_scored_logits(model, ids, windows, vocab_size, temperature)[0], dim=-1)
 
 
 def document_logprobs(

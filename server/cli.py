@@ -150,14 +150,20 @@ def add_serve_parser(subparsers: Any) -> None:
         description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
     )
     p.add_argument("--model", default=None,
-                   help="base model: local HF directory or hub id (safetensors only); default: the demo, "
+                   help="base model: local HF directory or hub id (org/name[@revision], through the HF cache; "
+                        "safetensors only); default: the demo, "
                         f"${DEMO_ENV} or ./demo (its base/ and every memory under memories/)")
     p.add_argument(
-        "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=PATH[:ALPHA]",
-        help="load a memory at start-up (repeatable); ALPHA overrides its manifest's default",
+        "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=SOURCE[:ALPHA]",
+        help="load a memory at start-up (repeatable): a directory or a hub id (org/name[@revision]); ALPHA "
+             "overrides its manifest's default (0.55 for a memory without a manifest)",
     )  # fmt: skip
     p.add_argument("--registry", type=Path, default=None, metavar="FILE",
-                   help='JSON list of {"name", "path", "alpha"?} memories to load at start-up')
+                   help='JSON list of {"name", "path", "alpha"?} memories to load at start-up (path: a directory '
+                        "or a hub id)")
+    p.add_argument("--persist-registry", action="store_true",
+                   help="with --registry: every runtime load and unload rewrites FILE (atomically), so a restarted "
+                        "server serves the same memories with the same alpha; a missing FILE starts empty")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in the API (default: a hub id as given, a local directory's own name; "
                         f"the demo: {DEMO_MODEL_NAME})")
@@ -199,6 +205,9 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="allow memory load/unload without an admin key (trusted networks only)")
     p.add_argument("--memory-root", type=Path, default=None,
                    help="memories loaded over HTTP must lie under this directory")
+    p.add_argument("--allow-hub-memories", action="store_true",
+                   help="with --memory-root: memories loaded over HTTP may also be hub ids (org/name[@revision]), "
+                        "fetched into the HF cache unless HF_HUB_OFFLINE is set")
     p.add_argument("--shutdown-timeout", type=_non_negative_float, default=defaults.shutdown_timeout,
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--max-body-bytes", type=_positive_int, default=defaults.max_body_bytes,
@@ -247,6 +256,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         admin_key=args.admin_key or os.environ.get("MEMDEC_ADMIN_KEY") or None,
         enable_admin=args.enable_admin,
         memory_root=memory_root,
+        allow_hub_memories=args.allow_hub_memories,
+        persist_registry=args.persist_registry,
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
         log_prompts=args.log_prompts,
@@ -257,9 +268,11 @@ def _file_error(config: ServerConfig) -> str | None:
     """What is wrong with a file or folder the flags name, found before any weights load; None when nothing is."""
     from server.api.chat_template import ChatTemplateFileError, read_chat_template
 
+    if config.persist_registry and config.registry_file is None:
+        return "--persist-registry needs --registry FILE (the file it keeps up to date)"
     try:
         if config.registry_file is not None:
-            read_registry_file(config.registry_file)
+            read_registry_file(config.registry_file, missing_ok=config.persist_registry)
         if config.chat_template is not None:
             read_chat_template(config.chat_template)
     except (RegistryFileError, ChatTemplateFileError) as exc:

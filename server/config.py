@@ -3,7 +3,11 @@ HTTP schema only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,8 @@ class ServerConfig:
     admin_key: str | None = None
     enable_admin: bool = False  # admin endpoints without an admin key (trusted networks only)
     memory_root: Path | None = None  # hot-loaded memory paths must lie under it
+    allow_hub_memories: bool = False  # with a memory root: hot-loads may also name hub ids
+    persist_registry: bool = False  # runtime loads and unloads rewrite registry_file (atomically)
     shutdown_timeout: float = 30.0
     max_n: int = 16
     max_logprobs: int = 20
@@ -100,9 +106,12 @@ class RegistryFileError(ValueError):
     """The --registry file is missing or malformed."""
 
 
-def read_registry_file(path: Path) -> tuple[MemorySpec, ...]:
+def read_registry_file(path: Path, missing_ok: bool = False) -> tuple[MemorySpec, ...]:
     """A JSON list of {"name", "path", "alpha"?} (or {"memories": [...]}); relative paths are taken
-    relative to the file's directory."""
+    relative to the file's directory, and a path that is not a local one is a hub id (`org/name[@rev]`).
+    `missing_ok`: a file that does not exist yet lists nothing (--persist-registry creates it)."""
+    if missing_ok and not Path(path).exists():
+        return ()
     try:
         data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -122,8 +131,41 @@ def read_registry_file(path: Path) -> tuple[MemorySpec, ...]:
             alpha = None if alpha is None else check_alpha(alpha)
         except ValueError as exc:
             raise RegistryFileError(f"registry file {path}, entry {i}: 'alpha': {exc}") from None
-        mem_path = Path(item["path"])
-        if not mem_path.is_absolute():
-            mem_path = (Path(path).resolve().parent / mem_path).resolve()
-        specs.append(MemorySpec(item["name"], str(mem_path), alpha))
+        specs.append(MemorySpec(item["name"], _entry_path(item["path"], Path(path)), alpha))
     return tuple(specs)
+
+
+def _entry_path(given: str, registry: Path) -> str:
+    """A registry entry's source: a local path (relative to the registry file's directory) or a hub id."""
+    from memories.models import is_hub_id, looks_local
+
+    local = Path(given) if Path(given).is_absolute() else registry.resolve().parent / given
+    if is_hub_id(given) and not local.exists() and not looks_local(given):
+        return given
+    return str(local.resolve())
+
+
+def write_registry_file(path: Path, specs: Iterable[MemorySpec]) -> None:
+    """Replace the registry file atomically: the new list goes to a temporary file in the same directory,
+    is flushed to disk, and takes the old one's name in one `os.replace`, so a reader (or a restart after a
+    crash at any moment) sees the old file or the new one, never a part of either."""
+    path = Path(path)
+    entries = [{"name": s.name, "path": s.path, **({"alpha": s.alpha} if s.alpha is not None else {})} for s in specs]
+    text = json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.resolve().parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from memories.mixing import mix_logprobs, mix_with_logs
+from memories.mixing import memory_logprobs, mix_logprobs, mix_with_logs
 from server.config import EngineConfig
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
@@ -469,7 +469,7 @@ class Engine:
             mem = logits.memories.get(g.name)
             if mem is None:  # the memory failed: its rows are failed below
                 continue
-            mem_lp = mem_lps[g.name] = torch.log_softmax(mem.float(), dim=-1)  # [b, V]
+            mem_lp = mem_lps[g.name] = memory_logprobs(mem, g.temperature)  # [b, V] log softmax(mem / T)
             if g.whole_batch:
                 logp = mix_with_logs(logp, mem_lp, g.log_alpha, g.log_1m_alpha)
             else:
@@ -545,7 +545,8 @@ class Engine:
             lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
             if i in alpha_of:
                 g, j = alpha_of[i]
-                lp = mix_logprobs(lp, torch.log_softmax(by_model[g.name].float(), dim=-1), g.alpha[j])
+                temperature = g.temperature[j] if g.temperature is not None else None
+                lp = mix_logprobs(lp, memory_logprobs(by_model[g.name], temperature), g.alpha[j])
             targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
             chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]
             top_v, top_i = top_logprobs(lp[:-1], seq.params.prompt_logprobs or 0)
@@ -580,7 +581,7 @@ class Engine:
         try:
             assert job.current is not None
             _, ids, windows = job.current
-            lps = self.runner.score(job.memory_name, ids, windows, job.wants_distributions)
+            lps = self.runner.score(job.memory_name, ids, windows, job.wants_distributions, job.request.memory_temperature)
             mem = lps.get(job.memory_name) if job.memory_name is not None else None
             if isinstance(mem, Exception):
                 raise mem

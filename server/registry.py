@@ -14,7 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from memories.manifest import ManifestError, read_manifest, tokenizer_fingerprint
+from memories.manifest import (
+    DEFAULT_TEMPERATURE,
+    PAPER_ALPHA,
+    ManifestError,
+    manifest_path,
+    read_manifest,
+    tokenizer_fingerprint,
+)
+from memories.models import PickledWeightsError, VocabularyError, resolve_source
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
 from server.validation import check_alpha, check_memory_name
@@ -22,6 +30,15 @@ from server.validation import check_alpha, check_memory_name
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _ids(value: object) -> set[int]:
+    """A config's token id (an int, a list of ints, or None) as a set."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {value}
+    if isinstance(value, list | tuple):
+        return {int(v) for v in value if isinstance(v, int)}
+    return set()
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,10 @@ class MemoryInfo:
     max_model_len: int
     created: int
     description: str
+    temperature: float = DEFAULT_TEMPERATURE  # the memory's logits are divided by it before mixing
+    # False only for a memory with neither a tokenizer nor a manifest (a published checkpoint as it is): its
+    # embedding covers the base vocabulary and its special-token ids agree, but no token->id map was compared.
+    tokenizer_verified: bool = True
 
 
 @dataclass
@@ -109,52 +130,85 @@ class MemoryRegistry:
         return entry.info
 
     def _load_entry(self, name: str, path: str, alpha: float | None) -> _Entry:
-        directory = Path(path)
+        """`path` is a local directory or a hub id (`org/name[@revision]`, through the HF cache). A memory
+        without a manifest is served with defaults; its tokenizer is checked by the rules of `_check_tokenizer`."""
         try:
-            is_dir = directory.is_dir()
-        except (OSError, ValueError) as exc:  # name too long, NUL byte, …: the client's path is unusable
-            raise MemoryLoadError(f"memory path {path[:200]!r} cannot be used: {exc}", param="path") from exc
-        if not is_dir:
-            raise MemoryLoadError(f"memory path {path!r} is not a directory", param="path")
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as exc:
-            raise MemoryLoadError(str(exc), param="path") from exc
-        self._check_tokenizer(directory, manifest.tokenizer_fingerprint)
-        try:
-            loaded = load_causal_lm(path, self.base.device, self.base.dtype, self.base.tokenizer)
+            directory = resolve_source(path)
         except ModelLoadError as exc:
-            raise MemoryLoadError(str(exc), param="path") from exc
+            raise MemoryLoadError(f"memory {name!r}: {exc}", param="path") from exc
+        manifest = None
+        if manifest_path(directory).is_file():
+            try:
+                manifest = read_manifest(directory)
+            except ManifestError as exc:
+                raise MemoryLoadError(str(exc), param="path") from exc
+        verified = self._check_tokenizer(name, path, directory, manifest.tokenizer_fingerprint if manifest else None)
+        try:
+            loaded = load_causal_lm(str(directory), self.base.device, self.base.dtype, self.base.tokenizer)
+        except VocabularyError as exc:
+            raise self._mismatch(name, path, str(exc).split(": ", 1)[-1]) from exc
+        except PickledWeightsError as exc:
+            raise MemoryLoadError(str(exc).replace(str(directory), path), param="path", code="pickled_weights") from exc
+        except ModelLoadError as exc:
+            raise MemoryLoadError(str(exc).replace(str(directory), path), param="path") from exc
+        loaded.name_or_path = path
+        if not verified:
+            self._check_unverified(name, path, loaded)
+        default_alpha = manifest.alpha if manifest else PAPER_ALPHA
         info = MemoryInfo(
             name=name,
             path=path,
-            domain=manifest.domain,
-            alpha=float(manifest.alpha if alpha is None else alpha),
-            base_model=manifest.base_model,
+            domain=manifest.domain if manifest else "general",
+            alpha=float(default_alpha if alpha is None else alpha),
+            base_model=manifest.base_model if manifest else None,
             num_parameters=loaded.num_parameters,
             max_model_len=loaded.max_model_len,
             created=int(time.time()),
-            description=manifest.description,
+            description=manifest.description if manifest else "",
+            temperature=manifest.temperature if manifest else DEFAULT_TEMPERATURE,
+            tokenizer_verified=verified,
         )
         return _Entry(info=info, loaded=loaded)
 
-    def _check_tokenizer(self, directory: Path, manifest_fingerprint: str) -> None:
-        """The manifest's claim, and the tokenizer shipped beside the weights if any, must match the base."""
-        fingerprints = {"manifest": manifest_fingerprint}
+    def _mismatch(self, name: str, path: str, why: str) -> MemoryLoadError:
+        return MemoryLoadError(
+            f"memory {name!r} ({path}) is incompatible with the base model {self.base.name_or_path}: {why}; "
+            "a memory must use exactly the base model's tokenizer",
+            param="path",
+            code="tokenizer_mismatch",
+        )
+
+    def _check_tokenizer(self, name: str, path: str, directory: Path, manifest_fingerprint: str | None) -> bool:
+        """The manifest's claim, and the tokenizer shipped beside the weights if any, must match the base's
+        token->id map. True when something was compared; False when the memory ships neither (then
+        `_check_unverified` applies once the weights are loaded)."""
+        fingerprints = {"manifest": manifest_fingerprint} if manifest_fingerprint else {}
         if any((directory / f).exists() for f in _TOKENIZER_FILES):
             try:
                 fingerprints["tokenizer"] = tokenizer_fingerprint(load_tokenizer(str(directory)))
             except ModelLoadError as exc:
-                raise MemoryLoadError(str(exc), param="path") from exc
+                raise MemoryLoadError(str(exc).replace(str(directory), path), param="path") from exc
         for source, fp in fingerprints.items():
             if fp != self.base_fingerprint:
-                raise MemoryLoadError(
-                    f"memory at {directory} is incompatible with the base model: its {source} token->id map "
-                    f"({fp[:19]}…) differs from the base tokenizer's ({self.base_fingerprint[:19]}…); "
-                    "a memory must use exactly the base model's tokenizer",
-                    param="path",
-                    code="tokenizer_mismatch",
-                )
+                raise self._mismatch(
+                    name, path, f"its {source} token->id map ({fp[:19]}…) differs from the base tokenizer's "
+                    f"({self.base_fingerprint[:19]}…)",
+                )  # fmt: skip
+        return bool(fingerprints)
+
+    def _check_unverified(self, name: str, path: str, memory: LoadedModel) -> None:
+        """A memory without tokenizer or manifest: its embeddings cover the base vocabulary (checked as it
+        loaded, for every memory) and the special-token ids its config names must be ones the base uses for
+        the same role."""
+        for attr in ("bos_token_id", "eos_token_id"):
+            mine = _ids(getattr(memory.model.config, attr, None))
+            theirs = (
+                _ids(getattr(self.base.model.config, attr, None))
+                | _ids(getattr(getattr(self.base.model, "generation_config", None), attr, None))
+                | _ids(getattr(self.base.tokenizer, attr, None))
+            )
+            if mine and theirs and not mine <= theirs:
+                raise self._mismatch(name, path, f"its config's {attr} {sorted(mine)} is not the base's {sorted(theirs)}")
 
     # -- lookup ----------------------------------------------------------------------------------
     def _live(self, name: str) -> _Entry:

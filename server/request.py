@@ -50,6 +50,7 @@ class GenerationRequest:
     memory: str | None = None  # a registered memory name, or None for the base alone
     alpha: float = 0.0  # weight of the memory; ignored without a memory
     speculative: bool = True  # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
+    memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax (then mixed)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class PerplexityRequest:
     max_windows: int | None = None
     # Keep each scored token's log-probs (None: only the sums); k > 0 also keeps each model's top k.
     token_logprobs: int | None = None
+    memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax
 
     @property
     def wants_distributions(self) -> bool:

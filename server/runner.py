@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memories.mixing import alpha_logs
+from memories.mixing import alpha_logs, memory_logprobs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
 from server.attention import PrefillContext, use_paged_attention
 from server.config import EngineConfig
@@ -87,6 +87,7 @@ class MemoryGroup:
     alpha: torch.Tensor  # [b] float32
     log_alpha: torch.Tensor  # [b, 1] log α, computed once per batch
     log_1m_alpha: torch.Tensor  # [b, 1] log(1 − α)
+    temperature: torch.Tensor | None  # [b, 1] memory temperature per row; None when every row's is 1
     whole_batch: bool  # every row of the batch, in order: mixing needs no gather or scatter
 
 
@@ -322,10 +323,12 @@ class ModelRunner:
             group_slots = [slots[i] for i in rows]
             alpha = up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32))
             log_a, log_1ma = alpha_logs(alpha)
+            temps = [seqs[i].memory_temperature for i in rows]
+            temperature = None if all(t == 1.0 for t in temps) else up(np.asarray(temps, dtype=np.float32)).unsqueeze(1)
             groups.append(MemoryGroup(
                 name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,
                 up(np.asarray(group_slots, dtype=np.int64)), alpha, log_a.unsqueeze(1), log_1ma.unsqueeze(1),
-                whole_batch=len(rows) == len(seqs),
+                temperature, whole_batch=len(rows) == len(seqs),
             ))
         sampling = sampling_rows([s.params for s in seqs], [s.seed for s in seqs], up)
         want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
@@ -544,7 +547,10 @@ class ModelRunner:
             state = self.models[g.name]
             logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
             self._advance(g.name, step.slots, step.slots_dev)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # [b_i, V]
+            temperature = g.temperature
+            if temperature is not None and not step.whole_group:
+                temperature = temperature.index_select(0, step.rows)
+            logp = memory_logprobs(logits, temperature)  # [b_i, V] q: the tempered memory distribution
             u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
             proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
             rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
@@ -565,10 +571,12 @@ class ModelRunner:
         kv.advance_host(slots)
 
     def score(
-        self, key: str | None, ids: torch.Tensor, windows: list[Window], distributions: bool = False
+        self, key: str | None, ids: torch.Tensor, windows: list[Window], distributions: bool = False,
+        memory_temperature: float = 1.0,
     ) -> dict[ModelKey, torch.Tensor | Exception]:
-        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key`; with
-        `distributions`, whole next-token log-distributions [B, S, V] instead (per-token top alternatives)."""
+        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key` (its logits
+        divided by `memory_temperature`); with `distributions`, whole next-token log-distributions [B, S, V]
+        instead (per-token top alternatives)."""
         result: dict[ModelKey, torch.Tensor | Exception] = {}
         vocab = self.base.vocab_size
         scorer = batch_distributions if distributions else batch_logprobs
@@ -577,7 +585,7 @@ class ModelRunner:
             if key is None:
                 return
             try:
-                result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab))
+                result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab, memory_temperature))
             except Exception as exc:  # contained: the job fails, the engine goes on
                 log.exception("memory %s perplexity forward failed", key)
                 result[key] = exc

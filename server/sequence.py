@@ -48,6 +48,7 @@ class Sequence:
         self.memory = memory  # None when the base runs alone (no memory or alpha = 0)
         self.memory_name = request.memory if memory is not None else None
         self.alpha = request.alpha if memory is not None else 0.0
+        self.memory_temperature = request.memory_temperature if memory is not None else 1.0
         # May the memory draft for the base (when the engine speculates)? Only with a memory at alpha > 0.
         self.speculative = request.speculative and memory is not None
         self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)

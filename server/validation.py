@@ -27,6 +27,9 @@ MAX_MEMORY_NAME = 128  # characters in a memory name
 # Scored tokens whose per-token log-probs one perplexity request may return: bounds the answer's size (with
 # 20 alternatives per model, a few MB of JSON); longer texts are scored in parts (first_window, max_windows).
 MAX_TOKEN_LOGPROBS = 16384
+# A request's memory temperature (the memory's logits are divided by it): below this a float32 division can
+# overflow, above it the memory is all but uniform.
+MIN_MEMORY_TEMPERATURE, MAX_MEMORY_TEMPERATURE = 0.01, 100.0
 # Fields that clients send (`vllm bench serve` sends repetition_penalty 1.0; OpenAI's clients send tool
 # fields) but that memdec's sampler or chat does not implement: each is accepted at its neutral values only,
 # so a request never silently gets something other than what it asked for. null is always neutral.
@@ -53,6 +56,27 @@ def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = 
         return _alpha_rule(alpha)
     except ValueError as exc:
         raise error(str(exc), param=param) from None
+
+
+def memory_temperature(requested: float | None, memory: Any | None) -> float:
+    """A request's memory temperature: as asked, else the memory's own (its manifest's `temperature`); asking
+    without a memory is a mistake (as `alpha` is). `memory`: the target's MemoryInfo, or None."""
+    if memory is None:
+        if requested is not None:
+            raise InvalidRequestError(
+                "'memory_temperature' needs a memory ('memory' or a memory as 'model')", param="memory_temperature"
+            )
+        return 1.0
+    return float(memory.temperature) if requested is None else check_memory_temperature(requested)
+
+
+def check_memory_temperature(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not MIN_MEMORY_TEMPERATURE <= value <= MAX_MEMORY_TEMPERATURE:
+        raise InvalidRequestError(
+            f"memory_temperature must be in [{MIN_MEMORY_TEMPERATURE}, {MAX_MEMORY_TEMPERATURE}], got {value!r}",
+            param="memory_temperature",
+        )
+    return float(value)
 
 
 def check_token_ids(ids: Iterable[int], vocab_size: int, param: str, what: str = "token id") -> None:
@@ -198,6 +222,7 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
         raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
     check_token_ids(ids, vocab_size, "prompt")
     check_alpha(request.alpha)
+    check_memory_temperature(request.memory_temperature)
     check_context(len(ids), request.params.max_tokens, max_len)
     for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
         if n is not None and not 0 <= n <= vocab_size:
@@ -216,6 +241,7 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
         check_token_ids(doc, vocab_size, "input")
     for alpha in request.alphas:
         check_alpha(alpha)
+    check_memory_temperature(request.memory_temperature)
     if request.token_logprobs is not None and not 0 <= request.token_logprobs <= vocab_size:
         raise InvalidRequestError(f"logprobs must be in [0, {vocab_size}]", param="logprobs")
     if request.first_window < 0:

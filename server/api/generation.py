@@ -26,6 +26,7 @@ from server.validation import (
     check_stop_strings,
     check_stream_options,
     completion_budget,
+    memory_temperature,
 )
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def build_plan(
     prompts were tokenized); sample j of every prompt uses seed + j."""
     check_prompt_count(len(prompts), body.n)
     target, alpha = resolved
+    temperature = memory_temperature(body.memory_temperature, target.memory)
     context = serving.context_of(target.memory)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     requests = []
@@ -150,6 +152,7 @@ def build_plan(
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
                     memory=target.memory.name if target.memory else None,
                     alpha=alpha or 0.0,
+                    memory_temperature=temperature,
                     speculative=body.speculative,
                 )
             )

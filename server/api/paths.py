@@ -5,16 +5,27 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePath
 
+from memories.models import is_hub_id
 from server.errors import MemoryLoadError, PermissionDeniedError
 
 
-def confine(path: str, root: Path | None) -> str:
-    """The directory to load: `path` as given when no root is set, else resolved strictly inside `root`.
+def confine(path: str, root: Path | None, allow_hub: bool = False) -> str:
+    """The memory to load: `path` as given when no root is set, else resolved strictly inside `root`, or a
+    hub id (`org/name[@revision]`, nothing of that name under the root) when `allow_hub` (--allow-hub-memories).
 
     Relative paths are taken relative to the root; absolute ones must already lie under it. The check is
     on the fully resolved path, so a symlink inside the root that points outside is refused too.
     """
     if root is None:
+        return path
+    if _hub_id_under(path, root):
+        if not allow_hub:
+            raise PermissionDeniedError(
+                f"nothing named {path!r} lies under the server's --memory-root, and loading it as a Hugging Face hub "
+                "id is off (start the server with --allow-hub-memories to let an admin load hub memories)",
+                param="path",
+                code="hub_not_allowed",
+            )
         return path
     if "\x00" in path:
         raise PermissionDeniedError("memory path contains a NUL byte", param="path", code="path_not_allowed")
@@ -28,6 +39,17 @@ def confine(path: str, root: Path | None) -> str:
             "memory path lies outside the server's --memory-root", param="path", code="path_not_allowed"
         )
     return str(resolved)
+
+
+def _hub_id_under(path: str, root: Path) -> bool:
+    """An `org/name[@revision]` hub id that names nothing under the root (a relative path that exists there is
+    a directory; a bare `name` under a root is a directory name, so a missing one is "does not exist")."""
+    if "/" not in path.partition("@")[0] or not is_hub_id(path):
+        return False
+    try:
+        return not (root / path.partition("@")[0]).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def check_lookup(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -40,6 +41,8 @@ def memory_card(serving: Serving, info: MemoryInfo) -> dict[str, Any]:
         alpha=info.alpha,
         domain=info.domain,
         description=info.description,
+        temperature=info.temperature,
+        tokenizer_verified=info.tokenizer_verified,
     ).model_dump()
 
 
@@ -68,22 +71,26 @@ async def list_memories(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/memories", response_model=ModelCard, dependencies=[Depends(check_admin_key)])
 async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
-    """Load a memory directory (a HF causal LM with a memdec.json manifest, safetensors weights only)
-    under `name`; it must use exactly the base model's tokenizer. Needs the admin key."""
+    """Load a memory under `name`: a directory (under --memory-root when set) or a hub id (with
+    --allow-hub-memories when a root is set) holding a HF causal LM with safetensors weights, with or without a
+    memdec.json manifest; it must use exactly the base model's tokenizer. Needs the admin key."""
     state: ServingState = request.app.state.memdec
     serving = state.ready()
     with state.counting_load():
-        path = confine(body.path, state.config.memory_root)
+        path = confine(body.path, state.config.memory_root, state.config.allow_hub_memories)
         check_lookup(path)
         if body.name == serving.model_name:
             raise ConflictError(f"{body.name!r} is the base model's name", param="name", code="name_taken")
         # The engine captures its graphs before the memory becomes visible.
         info = await serving.engine.load_memory(body.name, path, body.alpha)
+    await asyncio.to_thread(state.persist_registry)
     return memory_card(serving, info)
 
 
 @router.delete("/v1/memories/{name}", response_model=MemoryDeleted, dependencies=[Depends(check_admin_key)])
 async def unload_memory(name: str, request: Request) -> dict[str, Any]:
     """Unload a memory: refused to new requests at once, freed when its running requests finish."""
-    _serving(request).engine.unload_memory(name)
+    state: ServingState = request.app.state.memdec
+    state.ready().engine.unload_memory(name)
+    await asyncio.to_thread(state.persist_registry)
     return {"id": name, "object": "memory", "deleted": True}

@@ -20,7 +20,7 @@ from server.api.token_logprobs import logprobs_object
 from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
 from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
-from server.validation import check_at_most
+from server.validation import check_at_most, memory_temperature
 
 router = APIRouter()
 
@@ -133,6 +133,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         documents=tuple(d.token_ids for d in docs),
         memory=target.memory.name if target.memory else None,
         alphas=tuple(alphas),
+        memory_temperature=memory_temperature(body.memory_temperature, target.memory),
         context_length=body.context_length,
         stride=body.stride,
         first_window=body.first_window,

@@ -11,7 +11,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from memories.mixing import ALPHA_MAX, ALPHA_MIN
-from server.validation import MAX_ALPHAS, MAX_MEMORY_NAME, MAX_TOKEN_LOGPROBS
+from server.validation import (
+    MAX_ALPHAS,
+    MAX_MEMORY_NAME,
+    MAX_MEMORY_TEMPERATURE,
+    MAX_TOKEN_LOGPROBS,
+    MIN_MEMORY_TEMPERATURE,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -53,7 +59,7 @@ class SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # strict: `true` is not a seed
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = Field(
         False, description='vLLM extension: logprobs name tokens "token_id:<id>" instead of by their text.'
@@ -65,6 +71,11 @@ class SamplingRequest(_Body):
     alpha: float | None = Field(
         None, ge=ALPHA_MIN, le=ALPHA_MAX,
         description="Weight of the memory in [0, 1]; default: the memory's manifest value.",
+    )
+    memory_temperature: float | None = Field(
+        None, ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE,
+        description="The memory's logits are divided by it before its softmax, then mixed (the reference "
+        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1.",
     )
     speculative: StrictBool = Field(
         True,
@@ -178,6 +189,11 @@ class PerplexityRequestBody(_Body):
     memory: str | None = Field(None, description="A loaded memory's name; null = the base model alone.")
     alpha: Alpha | AlphaList | None = Field(
         None, description="Memory weight(s) in [0, 1]; a list scores every value in one pass. Default: the manifest's."
+    )
+    memory_temperature: float | None = Field(
+        None, ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE,
+        description="The memory's logits are divided by it before its softmax, then mixed (the reference "
+        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1.",
     )
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
     context_length: int | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
@@ -390,6 +406,12 @@ class ModelCard(BaseModel):
     alpha: float | None = None
     domain: str | None = None
     description: str | None = None
+    temperature: float | None = Field(default=None, description="A memory's default memory temperature (its manifest's).")
+    tokenizer_verified: bool | None = Field(
+        default=None,
+        description="A memory's token->id map was compared with the base's (false: it ships neither tokenizer nor "
+        "manifest, so only its vocabulary size and special-token ids were checked).",
+    )
 
 
 class ModelList(BaseModel):

@@ -8,15 +8,23 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from memories.models import is_hub_id
 from server.api.chat_template import model_chat_template, read_chat_template
 from server.api.tokens import TokenStrings
 from server.async_engine import AsyncEngine
-from server.config import ServerConfig, default_served_name, read_registry_file
+from server.config import (
+    MemorySpec,
+    ServerConfig,
+    default_served_name,
+    read_registry_file,
+    write_registry_file,
+)
 from server.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -31,6 +39,13 @@ from server.registry import MemoryInfo, MemoryRegistry
 from server.validation import request_context
 
 log = logging.getLogger(__name__)
+
+
+def _persisted_source(path: str) -> str:
+    """A memory's source as the registry file keeps it: a hub id as given, a local path made absolute."""
+    from pathlib import Path
+
+    return path if is_hub_id(path) else str(Path(path).resolve())
 
 
 class Phase(str, enum.Enum):
@@ -100,6 +115,7 @@ class ServingState:
         self.metrics = Metrics()  # exists before loading, so /metrics answers (and counts loads) from the start
         self.on_failure: Callable[[str], None] | None = None  # the CLI stops the server with it
         self._task: asyncio.Task | None = None
+        self._persist_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -127,7 +143,11 @@ class ServingState:
         config = self.config
         specs = config.memories
         if config.registry_file is not None:
-            specs = specs + read_registry_file(config.registry_file)
+            listed = read_registry_file(config.registry_file, missing_ok=config.persist_registry)
+            if config.persist_registry:  # the file is the latest state: its entries replace flags of the same name
+                names = {s.name for s in listed}
+                specs = tuple(s for s in specs if s.name not in names)
+            specs = specs + listed
         base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
         registry = MemoryRegistry(base, on_loaded=self.metrics.memory_loaded, on_freed=self.metrics.memory_unloaded)
         for spec in specs:
@@ -156,6 +176,23 @@ class ServingState:
         if self.serving is not None:
             await self.serving.engine.drain(self.config.shutdown_timeout)
             await asyncio.to_thread(self.serving.engine.shutdown)
+
+    def persist_registry(self) -> None:
+        """With --persist-registry, write every loaded memory (name, source, alpha) to the registry file,
+        atomically (`write_registry_file`). Blocking: call off the event loop. Writes are serialised and each
+        lists the registry as it is when the write starts, so the last one to finish is the latest state."""
+        config = self.config
+        if not config.persist_registry or config.registry_file is None or self.serving is None:
+            return
+        with self._persist_lock:
+            specs = [MemorySpec(m.name, _persisted_source(m.path), m.alpha) for m in self.serving.registry.list()]
+            try:
+                write_registry_file(config.registry_file, specs)
+            except OSError as exc:
+                raise MemdecError(
+                    f"the change is live but the registry file {config.registry_file} could not be rewritten: {exc}",
+                    code="registry_write_failed",
+                ) from exc
 
     @contextmanager
     def counting_load(self) -> Iterator[None]:
