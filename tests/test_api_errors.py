@@ -86,6 +86,12 @@ COMPLETION_ERRORS = [
     ({"prompt": PROMPT, "stop_token_ids": [100000]}, 400, "stop_token_ids", None),
     ({"prompt": PROMPT, "stop_token_ids": "1"}, 400, "stop_token_ids", None),
     ({"prompt": PROMPT, "model": 7}, 400, "model", None),
+    # JSON booleans are not counts: integer fields are strict (pydantic would otherwise read true as 1).
+    ({"prompt": PROMPT, "n": True}, 400, "n", None),
+    ({"prompt": PROMPT, "max_tokens": True}, 400, "max_tokens", None),
+    ({"prompt": PROMPT, "logprobs": True}, 400, "logprobs", None),
+    ({"prompt": PROMPT, "top_k": False}, 400, "top_k", None),
+    ({"prompt": PROMPT, "seed": True}, 400, "seed", None),
 ]
 
 
@@ -113,6 +119,8 @@ PERPLEXITY_ERRORS = [
     ({"input": DOC, "context_length": 1}, 400, "context_length", None),
     ({"input": DOC, "context_length": 100000}, 400, "context_length", None),
     ({"input": DOC, "stride": 0}, 400, "stride", None),
+    ({"input": DOC, "stride": True}, 400, "stride", None),
+    ({"input": DOC, "max_windows": True}, 400, "max_windows", None),
     ({"input": DOC, "context_length": 8, "stride": 9}, 400, "stride", None),
     ({"input": DOC, "memory": "nope"}, 404, "memory", "memory_not_found"),
     ({"input": DOC, "model": "nope"}, 404, "model", "model_not_found"),

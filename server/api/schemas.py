@@ -53,8 +53,8 @@ class SamplingRequest(_Body):
     )
     temperature: float | None = Field(1.0, ge=0, description="0 = greedy.")
     top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0 = off.")
-    n: int = Field(1, ge=1, description="Independent samples per prompt.")
+    top_k: StrictInt | None = Field(None, ge=-1, description="-1 or 0 = off.")
+    n: StrictInt = Field(1, ge=1, description="Independent samples per prompt.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
@@ -88,7 +88,7 @@ class SamplingRequest(_Body):
     frequency_penalty: float | None = Field(0.0, description="Only 0.")
     repetition_penalty: float | None = Field(1.0, description="Only 1.")
     min_p: float | None = Field(0.0, description="Only 0.")
-    min_tokens: int | None = Field(0, description="Only 0.")
+    min_tokens: StrictInt | None = Field(0, description="Only 0.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
 
 
@@ -96,12 +96,12 @@ class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`."""
 
     prompt: Prompt = Field(..., description=f"The prompt(s): {PROMPT_DOC}.")
-    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only.")
-    logprobs: int | None = Field(None, ge=0, description="Top log-probs per token (of the mixed distribution).")
+    max_tokens: StrictInt | None = Field(16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only.")
+    logprobs: StrictInt | None = Field(None, ge=0, description="Top log-probs per token (of the mixed distribution).")
     echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs).")
     # Accepted for client compatibility; only their neutral values are allowed.
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = None
 
 
 class ChatContentPart(_Body):
@@ -146,10 +146,10 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default: to the end of the context).")
-    max_tokens: int | None = Field(None, ge=1, description="Older name of max_completion_tokens (which wins).")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Tokens to generate (default: to the end of the context).")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Older name of max_completion_tokens (which wins).")
     logprobs: StrictBool = Field(False, description="Return each generated token's log-prob (of the mixed distribution).")
-    top_logprobs: int | None = Field(None, ge=0, description="With logprobs: the top N alternatives per token.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, description="With logprobs: the top N alternatives per token.")
     # Accepted for client compatibility; only their neutral values are allowed.
     tools: list[dict[str, Any]] | None = Field(None, description="Only empty: memdec does not call tools.")
     tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" without tools.')
@@ -196,18 +196,18 @@ class PerplexityRequestBody(_Body):
         "implementation's knn_temp); default: the memory's manifest `temperature`, else 1.",
     )
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
-    context_length: int | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
-    stride: int | None = Field(None, ge=1, description="Window step (default half the window).")
-    logprobs: int | None = Field(
+    context_length: StrictInt | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
+    stride: StrictInt | None = Field(None, ge=1, description="Window step (default half the window).")
+    logprobs: StrictInt | None = Field(
         None, ge=0,
         description="Per-token log-probs of every scored token under the base, the memory and the mixture (first "
         "alpha) in `data[i].logprobs`, with each model's top `logprobs` alternatives (0 = none). At most "
         f"{MAX_TOKEN_LOGPROBS} scored tokens per request: score longer texts in parts.",
     )  # fmt: skip
-    first_window: int = Field(
+    first_window: StrictInt = Field(
         0, ge=0, description="Score windows from this one (numbered from 0; `num_windows` says how many there are)."
     )
-    max_windows: int | None = Field(
+    max_windows: StrictInt | None = Field(
         None, ge=1, description="Score at most this many windows (default: to the end of each input)."
     )
 
