@@ -61,12 +61,21 @@ def _check(kv: ModelKV, key: torch.Tensor) -> None:
 
 @dataclass
 class PrefillContext:
-    """Whole prompts packed into one row of N tokens: [1, N]. Each sequence is a segment."""
+    """Prompt chunks packed into one row of N tokens: [1, N]. Each sequence's chunk is a segment.
+
+    A segment may continue a sequence whose first `cached[i]` tokens are already in the cache (a
+    prefix-cache hit, or earlier chunks of a chunked prefill): its queries sit at positions
+    [cached, cached + n) and attend causally to its own tokens and to every cached position, read back
+    from the segment's pages (`context[i]`: its block table up to the chunk's end). Segments that
+    start at 0 attend within the packed row itself, as before.
+    """
 
     kv: ModelKV
     page: torch.Tensor  # [N] page receiving each token's keys/values
     offset: torch.Tensor  # [N] position inside that page
     segments: list[tuple[int, int]]  # (start, length) in the packed row; host ints
+    cached: list[int] | None = None  # per segment: tokens already cached before it (None: all 0)
+    context: list[torch.Tensor | None] | None = None  # per segment with cached > 0: [nblk] its pages, in order
     _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -79,11 +88,13 @@ class PrefillContext:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
         # q: [1, H, N, D]; k, v: [1, Hkv, N, D]
         _check(self.kv, k)
-        self.kv.keys[layer][self.page, self.offset] = k[0].transpose(0, 1)  # [N, Hkv, D]
-        self.kv.values[layer][self.page, self.offset] = v[0].transpose(0, 1)
+        keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
+        keys[self.page, self.offset] = k[0].transpose(0, 1)  # [N, Hkv, D]
+        values[self.page, self.offset] = v[0].transpose(0, 1)
         gqa = q.shape[1] != k.shape[1]
+        cached = self.cached or [0] * len(self.segments)
         lengths = {n for _, n in self.segments}
-        if len(lengths) == 1 and window is None:
+        if len(lengths) == 1 and window is None and not any(cached):
             # Equal segments: one batched call over [S, H, T, D] views of the packed row.
             n = lengths.pop()
             s = len(self.segments)
@@ -91,8 +102,19 @@ class PrefillContext:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             return out.permute(0, 2, 1, 3).reshape(1, s * n, q.shape[1], q.shape[-1]), None  # [1, N, H, D]
         out = torch.empty_like(q)
-        for start, n in self.segments:
+        for i, (start, n) in enumerate(self.segments):
             seg = slice(start, start + n)
+            c = cached[i]
+            if c:
+                # Keys/values of positions [0, c + n) from the segment's pages (this chunk's were just written).
+                pages = self.context[i] if self.context is not None else None
+                assert pages is not None, "a segment with a cached prefix needs its pages"
+                hkv, d = k.shape[1], k.shape[-1]
+                kk = keys.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+                vv = values.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)
+                mask = self._cached_mask(c, n, window, q.device)  # [n, c + n]
+                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                continue
             mask = None if window is None else self._window_mask(n, window, q.device)
             out[:, :, seg] = F.scaled_dot_product_attention(
                 q[:, :, seg], k[:, :, seg], v[:, :, seg], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
@@ -105,6 +127,15 @@ class PrefillContext:
             i = torch.arange(n, device=device)
             self._windows[key] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [T, T]
         return self._windows[key]
+
+    def _cached_mask(self, cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
+        """[n, cached + n]: query i (position cached + i) sees columns up to itself (and within the window)."""
+        pos = cached + torch.arange(n, device=device)[:, None]  # [n, 1]
+        cols = torch.arange(cached + n, device=device)[None, :]  # [1, L]
+        mask = cols <= pos
+        if window is not None:
+            mask &= cols > pos - window
+        return mask
 
 
 @dataclass

@@ -90,6 +90,7 @@ class EngineObserver(Protocol):
     def on_kv_cache(self, usage: float, preemptions: int) -> None: ...
     def on_graph_capture(self, model: str | None, seconds: float) -> None: ...
     def on_speculation(self, memory: str, drafted: int, accepted: int) -> None: ...
+    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class Engine:
         self.observer = observer
         self.max_model_len = min(base.max_model_len, self.config.max_model_len or base.max_model_len)
         self.runner = ModelRunner(base, self.config)
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv)
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv,
+                                   chunked_prefill=self.config.enable_chunked_prefill)  # fmt: skip
         self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
         self._plan: tuple[tuple[int, tuple[int, ...]], SpecPlan] | None = None  # ((version, k per row), plan)
         k = self.config.speculative_tokens
@@ -282,14 +284,33 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
+        """Decode rows first, then prompt chunks (a MIXED step runs both, as two forwards with a sync each:
+        the running streams get their token at the decode's speed, not after a whole prompt's prefill)."""
         t0, c0 = time.perf_counter(), self._step_clock()
         batch = self.scheduler.schedule()
+        self._report_prefix_stats()
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
             return self._score(batch)
-        is_prefill = batch.kind is StepKind.PREFILL
-        k_rows = None if is_prefill else self._lookahead(batch)  # reserves draft pages: before the flush
+        outputs: list[EngineOutput] = []
+        stats = None
+        if batch.seqs:
+            outputs, stats = self._decode_step(batch, t0, c0)
+        if batch.prefill:
+            more, prefill_stats = self._prefill_step(batch, t0 if not batch.seqs else time.perf_counter())
+            outputs += more
+            stats = stats or prefill_stats
+        return StepResult(batch.kind, outputs, stats=stats)
+
+    def _report_prefix_stats(self) -> None:
+        stats, self.scheduler.prefix_stats = self.scheduler.prefix_stats, []
+        if self.observer is not None:
+            for st in stats:
+                self.observer.on_prefix_cache(st.cache, st.queries, st.hits)
+
+    def _decode_step(self, batch: ScheduledBatch, t0: float, c0: float) -> tuple[list[EngineOutput], StepStats | None]:
+        k_rows = self._lookahead(batch)  # reserves draft pages: before the flush
         self.runner.flush()  # the scheduler's KV changes reach the device
         rows = self._rows(batch)
         now = time.monotonic()
@@ -300,32 +321,69 @@ class Engine:
         if k_rows is not None:
             return self._speculative_step(batch, rows, k_rows, c0, t_sched)
         try:
-            logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
+            logits = self.runner.decode(rows)
         except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
-            return self._base_failed(batch, rows, exc)
+            return self._base_failed(rows.seqs, exc), None
         t1 = time.perf_counter()
-        sampled = self._mix_and_sample(rows, logits, is_prefill)  # ends with the step's one host sync
+        sampled = self._mix_and_sample(rows, logits, False)  # ends with the step's one host sync
         self.runner.step_done()
-        num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
-        outputs = self._postprocess(rows, logits, sampled, is_prefill)
-        if self.speculation is not None and rows.spec_rows and not is_prefill:
+        outputs = self._postprocess(rows, logits, sampled, False)
+        if self.speculation is not None and rows.spec_rows:
             self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
-        return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
+        return outputs, self._observe(False, len(rows.seqs), len(rows.seqs), t_sched, logits, t1, len(batch.preempted))
 
-    def _base_failed(self, batch: ScheduledBatch, rows: RowBatch, exc: Exception) -> StepResult:
-        """The base's forward raised: this step's sequences fail, the engine lives on."""
+    def _prefill_step(self, batch: ScheduledBatch, t0: float) -> tuple[list[EngineOutput], StepStats | None]:
+        """This step's prompt chunks: one forward per model over all of them; tokens are sampled only for
+        the prompts whose last chunk this is (earlier chunks only fill the cache)."""
+        chunks = list(batch.prefill)
+        finals = [c.seq for c in chunks if c.final]
+        rows = self.runner.make_batch(finals) if finals else None
+        self.runner.flush()
+        now = time.monotonic()
+        for c in chunks:
+            if c.seq.timings.scheduled is None:
+                c.seq.timings.scheduled = now
+        t_sched = time.perf_counter() - t0
+        seqs = [c.seq for c in chunks]
+        try:
+            logits = self.runner.prefill(rows, chunks)
+        except Exception as exc:  # the base failed: this step's newcomers fail, running streams go on
+            return self._base_failed(seqs, exc), None
+        t1 = time.perf_counter()
+        if rows is not None:
+            sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's host sync
+        else:
+            fetch(self.runner.tokens[:1])  # no prompt ended: still sync, so staging buffers and pages are free after
+        self.runner.step_done()
+        failed = [c.seq for c in chunks if c.seq.seq_id in logits.failed_chunks]
+        final_failed = {rows.seqs[i].seq_id for i in logits.failed} if rows is not None else set()
+        for c in chunks:
+            if c.seq.seq_id not in logits.failed_chunks and c.seq.seq_id not in final_failed:
+                self.scheduler.prefilled(c.seq, c)  # publishes its blocks before anything can free them
+        outputs = []
+        for seq in failed:
+            seq.finish(FinishReason.ERROR, error=logits.failed_chunks[seq.seq_id])
+        outputs += self._retire(failed)
+        if rows is not None:
+            outputs += self._postprocess(rows, logits, sampled, True)
+        num_tokens = sum(c.end - c.start[None] for c in chunks)  # the base's
+        stats = self._observe(True, len(chunks), num_tokens, t_sched, logits, t1, 0 if batch.seqs else len(batch.preempted))
+        return outputs, stats
+
+    def _base_failed(self, seqs: list[Sequence], exc: Exception) -> list[EngineOutput]:
+        """The base's forward raised: these sequences fail, the engine lives on."""
         log.exception("base forward failed")
         self.runner.step_done()
-        return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+        return self._fail(seqs, f"base forward failed: {type(exc).__name__}: {exc}")
 
-    def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
-                 logits: StepLogits | SpecLogits, t1: float) -> StepStats | None:  # fmt: skip
+    def _observe(self, is_prefill: bool, batch_size: int, num_tokens: int, t_sched: float,
+                 logits: StepLogits | SpecLogits, t1: float, preempted: int) -> StepStats | None:  # fmt: skip
         if self.observer is None:
             return None
         phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
-        stats = StepStats(batch.kind is StepKind.PREFILL, len(rows.seqs), num_tokens, phases)
+        stats = StepStats(is_prefill, batch_size, num_tokens, phases)
         self.observer.on_step(stats)
-        self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
+        self.observer.on_kv_cache(self.runner.kv_usage, preempted)
         return stats
 
     # -- speculative mixing ---------------------------------------------------------------------------
@@ -355,7 +413,9 @@ class Engine:
             k_rows.append(n if n and self.scheduler.reserve_lookahead(seq, n) else 0)
         return k_rows if any(k_rows) else None
 
-    def _speculative_step(self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float) -> StepResult:
+    def _speculative_step(
+        self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float
+    ) -> tuple[list[EngineOutput], StepStats | None]:
         key = (self.scheduler.version, tuple(k_rows))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, self.runner.make_plan(rows, k_rows))
@@ -363,15 +423,15 @@ class Engine:
         try:
             logits = self.runner.speculate(rows, plan)
         except Exception as exc:  # the base's verify failed (a memory's failure is contained in `speculate`)
-            return self._base_failed(batch, rows, exc)
+            return self._base_failed(rows.seqs, exc), None
         t1 = time.perf_counter()
         result = self._accept_round(rows, plan, logits)  # ends with the step's one host sync
         self.runner.step_done()
         outputs = self._postprocess_round(rows, plan, logits, result)
         assert self.speculation is not None
         self.speculation.observe(len(rows.seqs), plan.k, self._step_clock() - c0)
-        stats = self._observe(batch, rows, len(rows.seqs) * (plan.k + 1), t_sched, logits, t1)
-        return StepResult(batch.kind, outputs, stats=stats)
+        stats = self._observe(False, len(rows.seqs), len(rows.seqs) * (plan.k + 1), t_sched, logits, t1, len(batch.preempted))
+        return outputs, stats
 
     def _accept_round(self, rows: RowBatch, plan: SpecPlan, logits: SpecLogits) -> _Round:
         """Mix at every verified position, run each position's acceptance test and residual draw, and end
@@ -454,9 +514,7 @@ class Engine:
                 self.observer.on_speculation(name, c.drafted, c.accepted)
 
     def _rows(self, batch: ScheduledBatch) -> RowBatch:
-        """The device view of this step's rows; a decode batch is reused until membership changes."""
-        if batch.kind is StepKind.PREFILL:
-            return self.runner.make_batch(batch.seqs)
+        """The device view of this step's decode rows, reused until membership changes."""
         version = self.scheduler.version
         if self._decode_batch is None or self._decode_batch[0] != version:
             self._decode_batch = (version, self.runner.make_batch(batch.seqs))
