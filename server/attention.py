@@ -112,8 +112,8 @@ class PrefillContext:
                 hkv, d = k.shape[1], k.shape[-1]
                 kk = keys.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
                 vv = values.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)
-                mask = self._cached_mask(c, n, window, q.device)  # [n, c + n]
-                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                cmask = self._cached_mask(c, n, window, q.device)  # [n, c + n]
+                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=cmask, scale=scale, enable_gqa=gqa)
                 continue
             mask = None if window is None else self._window_mask(n, window, q.device)
             out[:, :, seg] = F.scaled_dot_product_attention(

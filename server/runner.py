@@ -405,7 +405,7 @@ class ModelRunner:
         kv, lm = state.kv, state.lm
         # A model whose cache already holds this chunk (its prefix hit went further) has nothing to do.
         todo = [(c, r) for c, r in zip(chunks, rows, strict=True) if c.start[key] < c.end]
-        assert all(r is not None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
+        assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
         if not todo:
             return None, {}
         spans = [(c.start[key], c.end) for c, _ in todo]
