@@ -60,6 +60,33 @@ def _check(kv: ModelKV, key: torch.Tensor) -> None:
 
 
 @dataclass
+class SingleTokens:
+    """The one-token segments of a packed row that continue a cache (decode rows sharing a forward with prompt
+    chunks): attended in one batched call, as `DecodeContext` does, rather than one call per row."""
+
+    segments: frozenset[int]  # their indices among the context's segments
+    positions: torch.Tensor  # [B] their places in the packed row
+    tables: torch.Tensor  # [B, nblk] pages of each, in order (padding: the scratch page)
+    lengths: torch.Tensor  # [B] tokens each attends to, its own included
+
+    def attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None, window: int | None):
+        # q: [1, H, N, D] -> the rows' queries [B, H, D]; returns [1, H, B, D] for out[:, :, positions].
+        b = self.positions.shape[0]
+        h, d = q.shape[1], q.shape[-1]
+        hkv = keys.shape[2]
+        pages = self.tables.flatten()
+        kk = keys.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        vv = values.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
+        qg = q[0, :, self.positions].transpose(0, 1).reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+        cols = torch.arange(kk.shape[2], device=q.device)[None, :]  # [1, L]
+        mask = cols < self.lengths[:, None]
+        if window is not None:
+            mask &= cols >= (self.lengths - window)[:, None]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask[:, None, None, :], scale=scale)  # [B, Hkv, G, D]
+        return out.reshape(b, h, d).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
+
+
+@dataclass
 class PrefillContext:
     """Prompt chunks packed into one row of N tokens: [1, N]. Each sequence's chunk is a segment.
 
@@ -76,6 +103,7 @@ class PrefillContext:
     segments: list[tuple[int, int]]  # (start, length) in the packed row; host ints
     cached: list[int] | None = None  # per segment: tokens already cached before it (None: all 0)
     context: list[torch.Tensor | None] | None = None  # per segment with cached > 0: [nblk] its pages, in order
+    singles: SingleTokens | None = None  # one-token segments on a cache (decode rows): attended together
     _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -102,9 +130,13 @@ class PrefillContext:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             return out.permute(0, 2, 1, 3).reshape(1, s * n, q.shape[1], q.shape[-1]), None  # [1, N, H, D]
         out = torch.empty_like(q)
+        if self.singles is not None:
+            out[:, :, self.singles.positions] = self.singles.attend(keys, values, q, scale, window)
         for i, (start, n) in enumerate(self.segments):
             seg = slice(start, start + n)
             c = cached[i]
+            if self.singles is not None and i in self.singles.segments:
+                continue
             if c:
                 # Keys/values of positions [0, c + n) from the segment's pages (this chunk's were just written).
                 pages = self.context[i] if self.context is not None else None

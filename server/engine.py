@@ -41,7 +41,7 @@ from server.request import (
 )
 from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
 from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
-from server.scheduler import ScheduledBatch, Scheduler, StepKind
+from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
 from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
@@ -284,8 +284,9 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
-        """Decode rows first, then prompt chunks (a MIXED step runs both, as two forwards with a sync each:
-        the running streams get their token at the decode's speed, not after a whole prompt's prefill)."""
+        """Decode rows first, then prompt chunks within the token budget. A step with both (MIXED) runs them in
+        one forward per model (`_mixed_step`); a step of decode rows alone runs the decode graphs (or a
+        speculative round), one of prompt chunks alone a packed prefill."""
         t0, c0 = time.perf_counter(), self._step_clock()
         batch = self.scheduler.schedule()
         self._report_prefix_stats()
@@ -293,14 +294,18 @@ class Engine:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
             return self._score(batch)
-        outputs: list[EngineOutput] = []
-        stats = None
-        if batch.seqs:
+        if batch.kind is StepKind.MIXED:
+            k_rows = self._lookahead(batch)
+            if k_rows is None:
+                outputs, stats = self._mixed_step(batch, t0, c0)
+            else:  # a speculative round for the decode rows, then the prompt chunks: two forwards
+                outputs, stats = self._decode_step(batch, t0, c0, k_rows)
+                more, _ = self._prefill_step(batch, time.perf_counter())
+                outputs += more
+        elif batch.kind is StepKind.DECODE:
             outputs, stats = self._decode_step(batch, t0, c0)
-        if batch.prefill:
-            more, prefill_stats = self._prefill_step(batch, t0 if not batch.seqs else time.perf_counter())
-            outputs += more
-            stats = stats or prefill_stats
+        else:
+            outputs, stats = self._prefill_step(batch, t0)
         return StepResult(batch.kind, outputs, stats=stats)
 
     def _report_prefix_stats(self) -> None:
@@ -309,8 +314,11 @@ class Engine:
             for st in stats:
                 self.observer.on_prefix_cache(st.cache, st.queries, st.hits)
 
-    def _decode_step(self, batch: ScheduledBatch, t0: float, c0: float) -> tuple[list[EngineOutput], StepStats | None]:
-        k_rows = self._lookahead(batch)  # reserves draft pages: before the flush
+    def _decode_step(
+        self, batch: ScheduledBatch, t0: float, c0: float, k_rows: list[int] | None = None
+    ) -> tuple[list[EngineOutput], StepStats | None]:
+        if k_rows is None:
+            k_rows = self._lookahead(batch)  # reserves draft pages: before the flush
         self.runner.flush()  # the scheduler's KV changes reach the device
         rows = self._rows(batch)
         now = time.monotonic()
@@ -331,6 +339,59 @@ class Engine:
         if self.speculation is not None and rows.spec_rows:
             self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
         return outputs, self._observe(False, len(rows.seqs), len(rows.seqs), t_sched, logits, t1, len(batch.preempted))
+
+    def _mixed_step(self, batch: ScheduledBatch, t0: float, c0: float) -> tuple[list[EngineOutput], StepStats | None]:
+        """Decode rows and prompt chunks in one forward per model (vLLM's mixed batch): each decode row is a
+        one-token segment on its cache. One forward instead of two saves a whole forward's fixed cost, which
+        is what a running stream's inter-token latency pays while a long prompt is admitted in chunks. It runs
+        eagerly (no decode graphs); when the step is a speculative round instead, `step` runs the round and
+        the chunks as two forwards. If the base fails, the prompts' sequences fail and the decode rows re-run
+        on their own, so running streams go on, as in a two-forward step."""
+        decode = []
+        for seq in batch.seqs:
+            start = {k: int(self.runner.kv(k).host_lengths[seq.row]) for k in seq.model_keys}
+            decode.append(PrefillChunk(seq, start, len(seq.token_ids), decode=True))  # input: its last token
+            for key in seq.model_keys:
+                self.runner.kv(key).set_length(seq.row, len(seq.token_ids))
+        chunks = decode + list(batch.prefill)
+        rows = self.runner.make_batch([c.seq for c in chunks if c.final])
+        self.runner.flush()
+        now = time.monotonic()
+        for c in batch.prefill:
+            if c.seq.timings.scheduled is None:
+                c.seq.timings.scheduled = now
+        t_sched = time.perf_counter() - t0
+        try:
+            logits = self.runner.prefill(rows, chunks)
+        except Exception as exc:
+            log.exception("base forward failed in a mixed step: its prompts fail, its decode rows run alone")
+            fetch(self.runner.tokens[:1])  # let the failed step's copies finish before staging is reused
+            self.runner.step_done()
+            for c in decode:  # nothing of the failed forward is counted as cached
+                for key in c.seq.model_keys:
+                    self.runner.kv(key).set_length(c.seq.row, c.end - 1)
+            failed = self._fail([c.seq for c in batch.prefill], f"base forward failed: {type(exc).__name__}: {exc}")
+            outputs, stats = self._decode_step(batch, time.perf_counter(), c0)
+            return outputs + failed, stats
+        t1 = time.perf_counter()
+        sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's one host sync
+        self.runner.step_done()
+        outputs = self._after_prompts(list(batch.prefill), rows, logits)
+        outputs += self._postprocess(rows, logits, sampled, True)
+        num_tokens = sum(c.end - c.start[None] for c in chunks)
+        return outputs, self._observe(True, len(chunks), num_tokens, t_sched, logits, t1, len(batch.preempted))
+
+    def _after_prompts(self, chunks: list[PrefillChunk], rows: RowBatch | None, logits: StepLogits) -> list[EngineOutput]:
+        """After a step's sync: prompt chunks that ran are cached (and their full blocks published); sequences
+        whose earlier (non-final) chunk failed in a memory fail. Final chunks' failures are `_postprocess`'s."""
+        final_failed = {rows.seqs[i].seq_id for i in logits.failed} if rows is not None else set()
+        failed = [c.seq for c in chunks if c.seq.seq_id in logits.failed_chunks]
+        for c in chunks:
+            if c.seq.seq_id not in logits.failed_chunks and c.seq.seq_id not in final_failed:
+                self.scheduler.prefilled(c.seq, c)  # publishes its blocks before anything can free them
+        for seq in failed:
+            seq.finish(FinishReason.ERROR, error=logits.failed_chunks[seq.seq_id])
+        return self._retire(failed)
 
     def _prefill_step(self, batch: ScheduledBatch, t0: float) -> tuple[list[EngineOutput], StepStats | None]:
         """This step's prompt chunks: one forward per model over all of them; tokens are sampled only for
@@ -355,15 +416,7 @@ class Engine:
         else:
             fetch(self.runner.tokens[:1])  # no prompt ended: still sync, so staging buffers and pages are free after
         self.runner.step_done()
-        failed = [c.seq for c in chunks if c.seq.seq_id in logits.failed_chunks]
-        final_failed = {rows.seqs[i].seq_id for i in logits.failed} if rows is not None else set()
-        for c in chunks:
-            if c.seq.seq_id not in logits.failed_chunks and c.seq.seq_id not in final_failed:
-                self.scheduler.prefilled(c.seq, c)  # publishes its blocks before anything can free them
-        outputs = []
-        for seq in failed:
-            seq.finish(FinishReason.ERROR, error=logits.failed_chunks[seq.seq_id])
-        outputs += self._retire(failed)
+        outputs = self._after_prompts(chunks, rows, logits)
         if rows is not None:
             outputs += self._postprocess(rows, logits, sampled, True)
         num_tokens = sum(c.end - c.start[None] for c in chunks)  # the base's

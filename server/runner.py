@@ -23,7 +23,7 @@ import torch
 
 from memories.mixing import alpha_logs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
-from server.attention import PrefillContext, use_paged_attention
+from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
 from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
@@ -430,9 +430,22 @@ class ModelRunner:
             last.append(len(keep) - 1)
         up = self.upload
         cached = [b for b, _ in spans]
-        context = [up(kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy()) if b else None for (c, _), (b, e) in zip(todo, spans, strict=True)]
+        # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
+        single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
+        singles = None
+        if single:
+            nblk = max(kv.blocks_for(spans[i][1]) for i in single)
+            slot_ids = [todo[i][0].seq.row for i in single]
+            singles = SingleTokens(
+                frozenset(single),
+                up(starts[single].astype(np.int64)),
+                up(kv.host_tables[slot_ids, :nblk].copy()),  # past a row's blocks: its scratch entries, masked
+                up(np.asarray([spans[i][1] for i in single], dtype=np.int64)),
+            )
+        context = [up(kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy()) if b and i not in (singles.segments if singles else ()) else None
+                   for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))]  # fmt: skip
         ctx = PrefillContext(kv, up(pages), up(pos % kv.block_size), list(zip(starts.tolist(), lengths, strict=True)),
-                             cached=cached, context=context)  # fmt: skip
+                             cached=cached, context=context, singles=singles)  # fmt: skip
         out = lm.model(
             input_ids=up(ids).unsqueeze(0),  # [1, N]
             position_ids=up(pos).unsqueeze(0),

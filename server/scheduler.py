@@ -48,11 +48,12 @@ class PrefillChunk:
     seq: Sequence
     start: dict[str | None, int]  # tokens each model already holds (a prefix-cache hit, earlier chunks)
     end: int
+    decode: bool = False  # a decoding row's next token, run in the same forward as prompt chunks (MIXED step)
 
     @property
     def final(self) -> bool:
-        """The prompt's last chunk: its last position's logits give the first new token."""
-        return self.end == self.seq.prefill_len
+        """The prompt's last chunk (or a decode row): its last position's logits give the next token."""
+        return self.end >= self.seq.prefill_len
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,13 @@ class Scheduler:
     def _take_slot(self, seq: Sequence, hits: dict[str | None, list[int]]) -> None:
         slot = seq.slot = self._free_slots.pop()
         n = len(seq.token_ids)
+        # Every model's hits first: a `reserve` may evict cached-free pages, and must not take another model's
+        # hits (matched, not yet referenced) from under it.
+        for key in seq.model_keys:
+            self.kv_of(key).attach(slot, hits[key])
         cached = []
         for key in seq.model_keys:
             kv = self.kv_of(key)
-            kv.attach(slot, hits[key])  # before `reserve`, which may evict cached-free pages
             kv.reserve(slot, n)
             kv.set_length(slot, len(hits[key]) * kv.block_size)
             cached.append(len(hits[key]) * kv.block_size)
