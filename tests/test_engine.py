@@ -468,8 +468,10 @@ def test_eos_ends_the_text_without_appearing_in_it(setup):
 
 
 
-def test_sliding_window_layers_match_the_reference(setup, tmp_path):
-    """A Qwen2 memory whose upper layers attend over an 8-token window: prompts and decodes past the window."""
+@pytest.mark.parametrize("engine_config", [{}, {"max_num_batched_tokens": 6}], ids=["whole", "chunked"])
+def test_sliding_window_layers_match_the_reference(setup, tmp_path, engine_config):
+    """A Qwen2 memory whose upper layers attend over an 8-token window: prompts and decodes past the window,
+    and (chunked) prompt chunks and prefix-cache hits attending across the window's edge over cached pages."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
@@ -489,13 +491,14 @@ def test_sliding_window_layers_match_the_reference(setup, tmp_path):
     write_manifest(tmp_path / "swa", Manifest(name="swa", alpha=0.5, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
     registry = MemoryRegistry(base)
     registry.load("swa", str(tmp_path / "swa"))
-    engine = Engine(base, registry, EngineConfig(block_size=4))
+    engine = Engine(base, registry, EngineConfig(block_size=4, **engine_config))
     vocab = base.vocab_size
-    reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab)
-            for i, (text, a) in enumerate([("The patient was given a dose of the drug and", 0.5), ("The court", 1.0)])]
-    out = run(engine, reqs)
+    texts = [("The patient was given a dose of the drug and", 0.5), ("The court", 1.0), ("The patient was given a dose of the drug and", 0.5)]
+    reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab) for i, (text, a) in enumerate(texts)]
+    out = run(engine, reqs[:2], {4: reqs[2:]}, after_step=assert_pages_owned_once)  # w2 hits w0's cached blocks
     specs = [(r.request_id, r.prompt_token_ids, "swa", r.alpha, 12) for r in reqs]
     assert 0.0 < worst_error(out, specs, (base, registry)) <= 1e-4
+    assert len(reqs[0].prompt_token_ids) > 8 and engine.runner.kv("swa").num_cached_blocks > 0
 
 
 def test_memory_whose_kv_does_not_fit_a_page_is_refused_at_load(setup, tmp_path):
