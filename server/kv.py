@@ -261,7 +261,9 @@ class ModelKV:
         if held <= keep:
             return
         pages = [int(p) for p in self.host_tables[slot, keep:held]]
-        self.pool.unref(pages, self)
+        # Last block first: a prefix's later blocks become least recently used before its earlier ones, so an
+        # eviction shortens a cached prefix from its end (every continuation needs its start), as vLLM does.
+        self.pool.unref(pages[::-1], self)
         self.host_tables[slot, keep:held] = self.scratch_page
         self._table_updates.extend((slot, j, self.scratch_page) for j in range(keep, held))
         self.host_blocks[slot] = keep

@@ -437,6 +437,25 @@ def test_prefix_cache_shares_full_blocks_refcounted_and_evicts_lru():
     assert pool.num_free == pool.num_usable
 
 
+def test_prefix_cache_evicts_a_prefix_from_its_tail():
+    """A finished prompt's blocks enter the LRU last block first, so eviction drops the end of a cached prefix
+    and keeps its start (which every continuation needs), as vLLM does."""
+    sched = _scheduler(max_num_seqs=4, budget=100, pages=12, caching=True)  # 11 usable pages of 4 tokens
+    a = _seq(0, 13)  # blocks [0,4) [4,8) [8,12) published (before token 12), a fourth page for token 12
+    sched.add(a)
+    _ran(sched, sched.schedule())
+    sched.remove([a])
+    b = _seq(1, 36, first=100)  # 9 pages: the 8 never-cached ones and one evicted
+    sched.add(b)
+    _ran(sched, sched.schedule())
+    sched.remove([b])
+    c = _seq(2, 13)
+    sched.add(c)
+    assert _chunks(sched.schedule()) == [("r2", 8, 13)]  # a's first two blocks are still cached
+    sched.remove([c])
+    assert sched.pool.num_free == sched.pool.num_usable
+
+
 # -- the mixture and the window scorer, with stub models ----------------------------------------------------
 
 
