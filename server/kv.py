@@ -209,6 +209,10 @@ class ModelKV:
         self._table_updates: list[tuple[int, int, int]] = []  # (slot, block, page)
         self._length_updates: dict[int, int] = {}
         self._new_pages: list[int] = []
+        # Pages reserved for a prompt are zeroed when a chunk first reaches them (`set_length`), not at admission:
+        # a long prompt's pages are then zeroed (and, on a CPU, first touched) chunk by chunk, so the admission
+        # step of a chunked prompt costs no more than its other steps. First block not yet zeroed, per slot.
+        self._lazy_from = np.full(rows, self.max_blocks, dtype=np.int64)  # max_blocks: none
 
     # -- host bookkeeping (the scheduler's view) ---------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -218,8 +222,9 @@ class ModelKV:
         """Pages `slot` still needs to hold `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - int(self.host_blocks[slot]))
 
-    def reserve(self, slot: int, num_tokens: int) -> None:
-        """Give `slot` pages for `num_tokens` tokens (the caller checked that enough are free)."""
+    def reserve(self, slot: int, num_tokens: int, lazy: bool = False) -> None:
+        """Give `slot` pages for `num_tokens` tokens (the caller checked that enough are free). `lazy`: zero
+        them only as the slot's length reaches them (a prompt's pages, filled chunk by chunk)."""
         missing = self.pages_missing(slot, num_tokens)
         if not missing:
             return
@@ -229,11 +234,22 @@ class ModelKV:
             self.host_tables[slot, j] = page
             self._table_updates.append((slot, j, page))
         self.host_blocks[slot] = first + missing
-        self._new_pages.extend(pages)
+        if lazy:
+            self._lazy_from[slot] = min(int(self._lazy_from[slot]), first)
+        else:
+            self._new_pages.extend(pages)
 
     def set_length(self, slot: int, num_tokens: int) -> None:
+        """The slot holds `num_tokens` tokens (or is about to: a chunk's length is set before its forward, which
+        reads every page up to it, so lazily reserved pages up to it are zeroed by the next flush)."""
         self.host_lengths[slot] = num_tokens
         self._length_updates[slot] = num_tokens
+        lazy = int(self._lazy_from[slot])
+        if lazy < self.max_blocks:
+            need = min(self.blocks_for(num_tokens), int(self.host_blocks[slot]))
+            if need > lazy:
+                self._new_pages.extend(int(p) for p in self.host_tables[slot, lazy:need])
+                self._lazy_from[slot] = need if need < self.host_blocks[slot] else self.max_blocks
 
     def truncate(self, slot: int, num_tokens: int) -> None:
         """Roll `slot` back to its first `num_tokens` tokens: O(1) plus the pages it gives back."""
@@ -261,6 +277,8 @@ class ModelKV:
         if held <= keep:
             return
         pages = [int(p) for p in self.host_tables[slot, keep:held]]
+        if self._lazy_from[slot] >= keep:  # no page left unzeroed (released ones are zeroed when taken again)
+            self._lazy_from[slot] = self.max_blocks
         # Last block first: a prefix's later blocks become least recently used before its earlier ones, so an
         # eviction shortens a cached prefix from its end (every continuation needs its start), as vLLM does.
         self.pool.unref(pages[::-1], self)

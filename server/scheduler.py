@@ -152,7 +152,7 @@ class Scheduler:
         cached = []
         for key in seq.model_keys:
             kv = self.kv_of(key)
-            kv.reserve(slot, n)
+            kv.reserve(slot, n, lazy=True)  # zeroed chunk by chunk (`ModelKV.set_length`)
             kv.set_length(slot, len(hits[key]) * kv.block_size)
             cached.append(len(hits[key]) * kv.block_size)
             if not seq.wants_prompt_logprobs and kv.prefix_caching:

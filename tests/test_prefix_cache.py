@@ -256,3 +256,33 @@ def test_abort_and_rollback_release_shared_pages_correctly(setup):
         assert (got - reference_logp(base.model, med, context, 0.7, vocab)).abs().max().item() <= 1e-4
         context.append(lp.token_id)
     assert_clean(engine)
+
+
+@pytest.mark.parametrize("budget", [8192, 12], ids=["whole", "chunked"])
+def test_pages_are_zeroed_before_anything_reads_them(setup, budget):
+    """Every byte of the arena but the scratch pages set to NaN first. After every step, each page a row's
+    attention reads (its blocks up to its length; masked positions included, which some kernels multiply by
+    0) holds no NaN: a prompt's pages are zeroed chunk by chunk as its length reaches them, before they are read.
+    Outputs still equal the reference."""
+    base, _ = setup
+    vocab = base.vocab_size
+    engine = engine_for(setup, block_size=4, max_num_batched_tokens=budget)
+    pool = engine.runner.pool
+    pool.arena.fill_(255)  # float32 0xFFFFFFFF is a NaN
+    for state in engine.runner.models.values():
+        pool.words[state.kv.scratch_page].zero_()
+    specs = [("z1", prompt(base, SYSTEM + "and so"), "med", 0.6, 5), ("z2", prompt(base, SYSTEM + "x"), "law", 0.4, 5),
+             ("z3", prompt(base, "The court held"), None, 0.0, 5)]  # fmt: skip
+    reqs = {rid: greedy(rid, ids, n=n, memory=m, alpha=a, logprobs=vocab) for rid, ids, m, a, n in specs}
+
+    def check(e: Engine) -> None:
+        assert_pages_owned_once(e)
+        for seq in e.scheduler.running:
+            for key in seq.model_keys:
+                kv = e.runner.kv(key)
+                pages = torch.as_tensor(kv.host_tables[seq.row, : kv.blocks_for(int(kv.host_lengths[seq.row]))])
+                assert not kv.keys[0][pages].isnan().any() and not kv.values[-1][pages].isnan().any(), (seq.request_id, key)
+
+    out = run(engine, [reqs["z1"]], {2: [reqs["z2"], reqs["z3"]]}, after_step=check)
+    assert worst_error(out, specs, setup) <= 1e-4
+    assert_clean(engine)
