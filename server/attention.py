@@ -68,6 +68,7 @@ class SingleTokens:
     positions: torch.Tensor  # [B] their places in the packed row
     tables: torch.Tensor  # [B, nblk] pages of each, in order (padding: the scratch page)
     lengths: torch.Tensor  # [B] tokens each attends to, its own included
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # per window: built once per forward
 
     def attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None, window: int | None):
         # q: [1, H, N, D] -> the rows' queries [B, H, D]; returns [1, H, B, D] for out[:, :, positions].
@@ -78,11 +79,13 @@ class SingleTokens:
         kk = keys.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
         vv = values.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
         qg = q[0, :, self.positions].transpose(0, 1).reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
-        cols = torch.arange(kk.shape[2], device=q.device)[None, :]  # [1, L]
-        mask = cols < self.lengths[:, None]
-        if window is not None:
-            mask &= cols >= (self.lengths - window)[:, None]
-        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask[:, None, None, :], scale=scale)  # [B, Hkv, G, D]
+        if window not in self._masks:
+            cols = torch.arange(kk.shape[2], device=q.device)[None, :]  # [1, L]
+            mask = cols < self.lengths[:, None]
+            if window is not None:
+                mask &= cols >= (self.lengths - window)[:, None]
+            self._masks[window] = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=self._masks[window], scale=scale)  # [B, Hkv, G, D]
         return out.reshape(b, h, d).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
 
 
@@ -105,6 +108,7 @@ class PrefillContext:
     context: list[torch.Tensor | None] | None = None  # per segment with cached > 0: [nblk] its pages, in order
     singles: SingleTokens | None = None  # one-token segments on a cache (decode rows): attended together
     _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _cached_masks: dict[tuple[int, int, int | None], torch.Tensor] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -161,7 +165,15 @@ class PrefillContext:
         return self._windows[key]
 
     def _cached_mask(self, cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
-        """[n, cached + n]: query i (position cached + i) sees columns up to itself (and within the window)."""
+        """[n, cached + n]: query i (position cached + i) sees columns up to itself (and within the window).
+        Built once per forward (every layer of a model attends with the same masks)."""
+        key = (cached, n, window)
+        if key not in self._cached_masks:
+            self._cached_masks[key] = self._build_cached_mask(cached, n, window, device)
+        return self._cached_masks[key]
+
+    @staticmethod
+    def _build_cached_mask(cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
         pos = cached + torch.arange(n, device=device)[:, None]  # [n, 1]
         cols = torch.arange(cached + n, device=device)[None, :]  # [1, L]
         mask = cols <= pos
