@@ -15,9 +15,9 @@ page. A steady decode step changes nothing here but `advance` (lengths += 1, on 
 Each model has a scratch page (the base page 0, each memory one taken from the pool): its unused
 table entries point to it and the padding rows of a CUDA-graph bucket write into it — its own, so the
 base's and a memory's padding rows, running on two streams at once, never write the same bytes. New
-pages are zeroed before use, so positions a row has not written yet hold zeros rather than another
-sequence's (possibly non-finite) values: masked positions still enter attention as 0·value, and
-0·inf would be NaN.
+pages are zeroed before use (a prompt's as a chunk first reaches them), so positions a row has not
+written yet hold zeros rather than another sequence's (possibly non-finite) values: masked positions
+still enter attention as 0·value, and 0·inf would be NaN.
 
 Prefix caching (`--enable-prefix-caching`): a *full* block of a prompt is identified by a hash chained
 over every token before it and its own (`block_keys`), per model view — the base and each memory
