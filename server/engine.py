@@ -293,6 +293,8 @@ class Engine:
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
+            if batch.preempted and self.observer is not None:  # making room for decode preempted, then it scored
+                self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
             return self._score(batch)
         if batch.kind is StepKind.MIXED:
             k_rows = self._lookahead(batch)
