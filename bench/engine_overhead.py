@@ -158,7 +158,7 @@ def join_leave_rows(base_path: str, mem_path: str, contexts: list[int], repeats:
         for k in range(repeats):
             engine.add_request(request(f"j{k}", 16, 1000))
             t0 = time.perf_counter()
-            engine.step()  # the newcomer's prefill: the running rows are untouched
+            engine.step()  # the newcomer's prefill, in one forward with the running rows' decode (a mixed step)
             joins.append(time.perf_counter() - t0)
             engine.step()
             t0 = time.perf_counter()

@@ -438,7 +438,7 @@ def engine_step_seconds(engine: Engine, requests: list[GenerationRequest]) -> fl
     """Median seconds per decode step once every row is decoding."""
     for r in requests:
         engine.add_request(r)
-    while engine.scheduler.waiting:
+    while engine.scheduler.waiting or any(s.in_prefill for s in engine.scheduler.running):  # prompts in chunks
         engine.step()
     engine.step()  # builds the decode batch
     times = []

@@ -228,6 +228,28 @@ def build() -> dict[str, Any]:
         unit="short", w=12,
     )  # fmt: skip
 
+    lay.row("Prefix cache (--enable-prefix-caching)")
+    lay.panel(
+        "Prefix cache hit rate",
+        [{"expr": f"sum by (cache) (rate(memdec_prefix_cache_hits_total{{{SEL}}}[{RATE}])) / "
+                  f"clamp_min(sum by (cache) (rate(memdec_prefix_cache_queries_total{{{SEL}}}[{RATE}])), 1e-9)",
+          "legendFormat": "{{cache}}"}],
+        unit="percentunit", w=12,
+        description="Prompt tokens found in the prefix cache over prompt tokens looked up (vLLM's meaning), in the "
+        "base's cache and in the memories' caches. Echo (prompt log-prob) requests bypass the cache and are not "
+        "counted.",
+    )  # fmt: skip
+    lay.panel(
+        "Prefix cache queried and hit tokens/s",
+        [
+            {"expr": f"sum by (cache) (rate(memdec_prefix_cache_queries_total{{{SEL}}}[{RATE}]))",
+             "legendFormat": "queried {{cache}}"},
+            {"expr": f"sum by (cache) (rate(memdec_prefix_cache_hits_total{{{SEL}}}[{RATE}]))",
+             "legendFormat": "hit {{cache}}"},
+        ],
+        unit="short", w=12,
+    )  # fmt: skip
+
     lay.row("Memories and perplexity")
     lay.panel(
         "Memory loads",

@@ -60,14 +60,55 @@ def _check(kv: ModelKV, key: torch.Tensor) -> None:
 
 
 @dataclass
+class SingleTokens:
+    """The one-token segments of a packed row that continue a cache (decode rows sharing a forward with prompt
+    chunks): attended in one batched call, as `DecodeContext` does, rather than one call per row."""
+
+    segments: frozenset[int]  # their indices among the context's segments
+    positions: torch.Tensor  # [B] their places in the packed row
+    tables: torch.Tensor  # [B, nblk] pages of each, in order (padding: the scratch page)
+    lengths: torch.Tensor  # [B] tokens each attends to, its own included
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # per window: built once per forward
+
+    def attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None, window: int | None):
+        # q: [1, H, N, D] -> the rows' queries [B, H, D]; returns [1, H, B, D] for out[:, :, positions].
+        b = self.positions.shape[0]
+        h, d = q.shape[1], q.shape[-1]
+        hkv = keys.shape[2]
+        pages = self.tables.flatten()
+        kk = keys.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        vv = values.index_select(0, pages).view(b, -1, hkv, d).transpose(1, 2)
+        qg = q[0, :, self.positions].transpose(0, 1).reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+        if window not in self._masks:
+            cols = torch.arange(kk.shape[2], device=q.device)[None, :]  # [1, L]
+            mask = cols < self.lengths[:, None]
+            if window is not None:
+                mask &= cols >= (self.lengths - window)[:, None]
+            self._masks[window] = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=self._masks[window], scale=scale)  # [B, Hkv, G, D]
+        return out.reshape(b, h, d).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
+
+
+@dataclass
 class PrefillContext:
-    """Whole prompts packed into one row of N tokens: [1, N]. Each sequence is a segment."""
+    """Prompt chunks packed into one row of N tokens: [1, N]. Each sequence's chunk is a segment.
+
+    A segment may continue a sequence whose first `cached[i]` tokens are already in the cache (a
+    prefix-cache hit, or earlier chunks of a chunked prefill): its queries sit at positions
+    [cached, cached + n) and attend causally to its own tokens and to every cached position, read back
+    from the segment's pages (`context[i]`: its block table up to the chunk's end). Segments that
+    start at 0 attend within the packed row itself, as before.
+    """
 
     kv: ModelKV
     page: torch.Tensor  # [N] page receiving each token's keys/values
     offset: torch.Tensor  # [N] position inside that page
     segments: list[tuple[int, int]]  # (start, length) in the packed row; host ints
+    cached: list[int] | None = None  # per segment: tokens already cached before it (None: all 0)
+    context: list[torch.Tensor | None] | None = None  # per segment with cached > 0: [nblk] its pages, in order
+    singles: SingleTokens | None = None  # one-token segments on a cache (decode rows): attended together
     _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _cached_masks: dict[tuple[int, int, int | None], torch.Tensor] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -79,11 +120,13 @@ class PrefillContext:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
         # q: [1, H, N, D]; k, v: [1, Hkv, N, D]
         _check(self.kv, k)
-        self.kv.keys[layer][self.page, self.offset] = k[0].transpose(0, 1)  # [N, Hkv, D]
-        self.kv.values[layer][self.page, self.offset] = v[0].transpose(0, 1)
+        keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
+        keys[self.page, self.offset] = k[0].transpose(0, 1)  # [N, Hkv, D]
+        values[self.page, self.offset] = v[0].transpose(0, 1)
         gqa = q.shape[1] != k.shape[1]
+        cached = self.cached or [0] * len(self.segments)
         lengths = {n for _, n in self.segments}
-        if len(lengths) == 1 and window is None:
+        if len(lengths) == 1 and window is None and not any(cached):
             # Equal segments: one batched call over [S, H, T, D] views of the packed row.
             n = lengths.pop()
             s = len(self.segments)
@@ -91,8 +134,23 @@ class PrefillContext:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             return out.permute(0, 2, 1, 3).reshape(1, s * n, q.shape[1], q.shape[-1]), None  # [1, N, H, D]
         out = torch.empty_like(q)
-        for start, n in self.segments:
+        if self.singles is not None:
+            out[:, :, self.singles.positions] = self.singles.attend(keys, values, q, scale, window)
+        for i, (start, n) in enumerate(self.segments):
             seg = slice(start, start + n)
+            c = cached[i]
+            if self.singles is not None and i in self.singles.segments:
+                continue
+            if c:
+                # Keys/values of positions [0, c + n) from the segment's pages (this chunk's were just written).
+                pages = self.context[i] if self.context is not None else None
+                assert pages is not None, "a segment with a cached prefix needs its pages"
+                hkv, d = k.shape[1], k.shape[-1]
+                kk = keys.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+                vv = values.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)
+                cmask = self._cached_mask(c, n, window, q.device)  # [n, c + n]
+                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=cmask, scale=scale, enable_gqa=gqa)
+                continue
             mask = None if window is None else self._window_mask(n, window, q.device)
             out[:, :, seg] = F.scaled_dot_product_attention(
                 q[:, :, seg], k[:, :, seg], v[:, :, seg], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
@@ -105,6 +163,23 @@ class PrefillContext:
             i = torch.arange(n, device=device)
             self._windows[key] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [T, T]
         return self._windows[key]
+
+    def _cached_mask(self, cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
+        """[n, cached + n]: query i (position cached + i) sees columns up to itself (and within the window).
+        Built once per forward (every layer of a model attends with the same masks)."""
+        key = (cached, n, window)
+        if key not in self._cached_masks:
+            self._cached_masks[key] = self._build_cached_mask(cached, n, window, device)
+        return self._cached_masks[key]
+
+    @staticmethod
+    def _build_cached_mask(cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
+        pos = cached + torch.arange(n, device=device)[:, None]  # [n, 1]
+        cols = torch.arange(cached + n, device=device)[None, :]  # [1, L]
+        mask = cols <= pos
+        if window is not None:
+            mask &= cols > pos - window
+        return mask
 
 
 @dataclass

@@ -177,7 +177,14 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--device", default=defaults.model.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
-                   help="prompt tokens admitted per prefill step")
+                   help="tokens per engine step (decode rows first, then prompt chunks); with chunked prefill a "
+                        "longer prompt is split over several steps, without it a longer prompt runs whole and alone")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=engine.enable_prefix_caching,
+                   help="reuse the KV cache of full blocks of a prompt prefix seen before, in the base's and each "
+                        "memory's cache (on by default)")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=engine.enable_chunked_prefill,
+                   help="split prompts longer than the step's token budget into chunks that share steps with "
+                        "running decodes (on by default)")
     p.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len,
                    help="cap below the model's own context")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=engine.gpu_memory_utilization,
@@ -237,6 +244,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
             max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_gpu_blocks_override=args.num_gpu_blocks_override,

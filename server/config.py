@@ -39,7 +39,9 @@ DEFAULT_SPECULATIVE_TOKENS = 4
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64  # sequences decoding at once
-    max_num_batched_tokens: int = 8192  # prompt tokens admitted per prefill step (a longer prompt runs alone)
+    max_num_batched_tokens: int = 8192  # tokens per step (vLLM's meaning): decode rows first, then prompt chunks
+    enable_prefix_caching: bool = True  # reuse cached full KV blocks of identical prompt prefixes (vLLM's flag)
+    enable_chunked_prefill: bool = True  # split prompts longer than the step's token budget (vLLM's flag)
     max_model_len: int | None = None  # cap below the base model's own context
     use_cuda_streams: bool = True  # base and memory forwards on two streams when on CUDA
     enforce_eager: bool = False  # no CUDA graphs (vLLM's flag): decode runs the same step eagerly

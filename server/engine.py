@@ -41,7 +41,7 @@ from server.request import (
 )
 from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
 from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
-from server.scheduler import ScheduledBatch, Scheduler, StepKind
+from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
 from server.sequence import Sequence
 from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
@@ -90,6 +90,7 @@ class EngineObserver(Protocol):
     def on_kv_cache(self, usage: float, preemptions: int) -> None: ...
     def on_graph_capture(self, model: str | None, seconds: float) -> None: ...
     def on_speculation(self, memory: str, drafted: int, accepted: int) -> None: ...
+    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class Engine:
         self.observer = observer
         self.max_model_len = min(base.max_model_len, self.config.max_model_len or base.max_model_len)
         self.runner = ModelRunner(base, self.config)
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv)
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.kv,
+                                   chunked_prefill=self.config.enable_chunked_prefill)  # fmt: skip
         self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
         self._plan: tuple[tuple[int, tuple[int, ...]], SpecPlan] | None = None  # ((version, k per row), plan)
         k = self.config.speculative_tokens
@@ -282,14 +284,43 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
+        """Decode rows first, then prompt chunks within the token budget. A step with both (MIXED) runs them in
+        one forward per model (`_mixed_step`); a step of decode rows alone runs the decode graphs (or a
+        speculative round), one of prompt chunks alone a packed prefill."""
         t0, c0 = time.perf_counter(), self._step_clock()
         batch = self.scheduler.schedule()
+        self._report_prefix_stats()
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
+            if batch.preempted and self.observer is not None:  # making room for decode preempted, then it scored
+                self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
             return self._score(batch)
-        is_prefill = batch.kind is StepKind.PREFILL
-        k_rows = None if is_prefill else self._lookahead(batch)  # reserves draft pages: before the flush
+        if batch.kind is StepKind.MIXED:
+            k_rows = self._lookahead(batch)
+            if k_rows is None:
+                outputs, stats = self._mixed_step(batch, t0, c0)
+            else:  # a speculative round for the decode rows, then the prompt chunks: two forwards
+                outputs, stats = self._decode_step(batch, t0, c0, k_rows)
+                more, _ = self._prefill_step(batch, time.perf_counter())
+                outputs += more
+        elif batch.kind is StepKind.DECODE:
+            outputs, stats = self._decode_step(batch, t0, c0)
+        else:
+            outputs, stats = self._prefill_step(batch, t0)
+        return StepResult(batch.kind, outputs, stats=stats)
+
+    def _report_prefix_stats(self) -> None:
+        stats, self.scheduler.prefix_stats = self.scheduler.prefix_stats, []
+        if self.observer is not None:
+            for st in stats:
+                self.observer.on_prefix_cache(st.cache, st.queries, st.hits)
+
+    def _decode_step(
+        self, batch: ScheduledBatch, t0: float, c0: float, k_rows: list[int] | None = None
+    ) -> tuple[list[EngineOutput], StepStats | None]:
+        if k_rows is None:
+            k_rows = self._lookahead(batch)  # reserves draft pages: before the flush
         self.runner.flush()  # the scheduler's KV changes reach the device
         rows = self._rows(batch)
         now = time.monotonic()
@@ -300,32 +331,114 @@ class Engine:
         if k_rows is not None:
             return self._speculative_step(batch, rows, k_rows, c0, t_sched)
         try:
-            logits = self.runner.prefill(rows) if is_prefill else self.runner.decode(rows)
+            logits = self.runner.decode(rows)
         except Exception as exc:  # the base failed: this step's sequences fail, the engine lives on
-            return self._base_failed(batch, rows, exc)
+            return self._base_failed(rows.seqs, exc), None
         t1 = time.perf_counter()
-        sampled = self._mix_and_sample(rows, logits, is_prefill)  # ends with the step's one host sync
+        sampled = self._mix_and_sample(rows, logits, False)  # ends with the step's one host sync
         self.runner.step_done()
-        num_tokens = sum(len(s.token_ids) for s in rows.seqs) if is_prefill else len(rows.seqs)
-        outputs = self._postprocess(rows, logits, sampled, is_prefill)
-        if self.speculation is not None and rows.spec_rows and not is_prefill:
+        outputs = self._postprocess(rows, logits, sampled, False)
+        if self.speculation is not None and rows.spec_rows:
             self.speculation.observe(len(rows.seqs), 0, self._step_clock() - c0)
-        return StepResult(batch.kind, outputs, stats=self._observe(batch, rows, num_tokens, t_sched, logits, t1))
+        return outputs, self._observe(False, len(rows.seqs), len(rows.seqs), t_sched, logits, t1, len(batch.preempted))
 
-    def _base_failed(self, batch: ScheduledBatch, rows: RowBatch, exc: Exception) -> StepResult:
-        """The base's forward raised: this step's sequences fail, the engine lives on."""
+    def _mixed_step(self, batch: ScheduledBatch, t0: float, c0: float) -> tuple[list[EngineOutput], StepStats | None]:
+        """Decode rows and prompt chunks in one forward per model (vLLM's mixed batch): each decode row is a
+        one-token segment on its cache. One forward instead of two saves a whole forward's fixed cost, which
+        is what a running stream's inter-token latency pays while a long prompt is admitted in chunks. It runs
+        eagerly (no decode graphs); when the step is a speculative round instead, `step` runs the round and
+        the chunks as two forwards. If the base fails, the prompts' sequences fail and the decode rows re-run
+        on their own, so running streams go on, as in a two-forward step."""
+        decode = []
+        for seq in batch.seqs:
+            start = {k: int(self.runner.kv(k).host_lengths[seq.row]) for k in seq.model_keys}
+            decode.append(PrefillChunk(seq, start, len(seq.token_ids), decode=True))  # input: its last token
+            for key in seq.model_keys:
+                self.runner.kv(key).set_length(seq.row, len(seq.token_ids))
+        chunks = decode + list(batch.prefill)
+        rows = self.runner.make_batch([c.seq for c in chunks if c.final])
+        self.runner.flush()
+        now = time.monotonic()
+        for c in batch.prefill:
+            if c.seq.timings.scheduled is None:
+                c.seq.timings.scheduled = now
+        t_sched = time.perf_counter() - t0
+        try:
+            logits = self.runner.prefill(rows, chunks)
+        except Exception as exc:
+            log.exception("base forward failed in a mixed step: its prompts fail, its decode rows run alone")
+            fetch(self.runner.tokens[:1])  # let the failed step's copies finish before staging is reused
+            self.runner.step_done()
+            for c in decode:  # nothing of the failed forward is counted as cached
+                for key in c.seq.model_keys:
+                    self.runner.kv(key).set_length(c.seq.row, c.end - 1)
+            failed = self._fail([c.seq for c in batch.prefill], f"base forward failed: {type(exc).__name__}: {exc}")
+            outputs, stats = self._decode_step(batch, time.perf_counter(), c0)
+            return outputs + failed, stats
+        t1 = time.perf_counter()
+        sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's one host sync
+        self.runner.step_done()
+        outputs = self._after_prompts(list(batch.prefill), rows, logits)
+        outputs += self._postprocess(rows, logits, sampled, True)
+        num_tokens = sum(c.end - c.start[None] for c in chunks)
+        return outputs, self._observe(True, len(chunks), num_tokens, t_sched, logits, t1, len(batch.preempted))
+
+    def _after_prompts(self, chunks: list[PrefillChunk], rows: RowBatch | None, logits: StepLogits) -> list[EngineOutput]:
+        """After a step's sync: prompt chunks that ran are cached (and their full blocks published); sequences
+        whose earlier (non-final) chunk failed in a memory fail. Final chunks' failures are `_postprocess`'s."""
+        final_failed = {rows.seqs[i].seq_id for i in logits.failed} if rows is not None else set()
+        failed = [c.seq for c in chunks if c.seq.seq_id in logits.failed_chunks]
+        for c in chunks:
+            if c.seq.seq_id not in logits.failed_chunks and c.seq.seq_id not in final_failed:
+                self.scheduler.prefilled(c.seq, c)  # publishes its blocks before anything can free them
+        for seq in failed:
+            seq.finish(FinishReason.ERROR, error=logits.failed_chunks[seq.seq_id])
+        return self._retire(failed)
+
+    def _prefill_step(self, batch: ScheduledBatch, t0: float) -> tuple[list[EngineOutput], StepStats | None]:
+        """This step's prompt chunks: one forward per model over all of them; tokens are sampled only for
+        the prompts whose last chunk this is (earlier chunks only fill the cache)."""
+        chunks = list(batch.prefill)
+        finals = [c.seq for c in chunks if c.final]
+        rows = self.runner.make_batch(finals) if finals else None
+        self.runner.flush()
+        now = time.monotonic()
+        for c in chunks:
+            if c.seq.timings.scheduled is None:
+                c.seq.timings.scheduled = now
+        t_sched = time.perf_counter() - t0
+        seqs = [c.seq for c in chunks]
+        try:
+            logits = self.runner.prefill(rows, chunks)
+        except Exception as exc:  # the base failed: this step's newcomers fail, running streams go on
+            return self._base_failed(seqs, exc), None
+        t1 = time.perf_counter()
+        if rows is not None:
+            sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's host sync
+        else:
+            fetch(self.runner.tokens[:1])  # no prompt ended: still sync, so staging buffers and pages are free after
+        self.runner.step_done()
+        outputs = self._after_prompts(chunks, rows, logits)
+        if rows is not None:
+            outputs += self._postprocess(rows, logits, sampled, True)
+        num_tokens = sum(c.end - c.start[None] for c in chunks)  # the base's
+        stats = self._observe(True, len(chunks), num_tokens, t_sched, logits, t1, 0 if batch.seqs else len(batch.preempted))
+        return outputs, stats
+
+    def _base_failed(self, seqs: list[Sequence], exc: Exception) -> list[EngineOutput]:
+        """The base's forward raised: these sequences fail, the engine lives on."""
         log.exception("base forward failed")
         self.runner.step_done()
-        return StepResult(batch.kind, self._fail(rows.seqs, f"base forward failed: {type(exc).__name__}: {exc}"))
+        return self._fail(seqs, f"base forward failed: {type(exc).__name__}: {exc}")
 
-    def _observe(self, batch: ScheduledBatch, rows: RowBatch, num_tokens: int, t_sched: float,
-                 logits: StepLogits | SpecLogits, t1: float) -> StepStats | None:  # fmt: skip
+    def _observe(self, is_prefill: bool, batch_size: int, num_tokens: int, t_sched: float,
+                 logits: StepLogits | SpecLogits, t1: float, preempted: int) -> StepStats | None:  # fmt: skip
         if self.observer is None:
             return None
         phases = {"schedule": t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - t1}
-        stats = StepStats(batch.kind is StepKind.PREFILL, len(rows.seqs), num_tokens, phases)
+        stats = StepStats(is_prefill, batch_size, num_tokens, phases)
         self.observer.on_step(stats)
-        self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
+        self.observer.on_kv_cache(self.runner.kv_usage, preempted)
         return stats
 
     # -- speculative mixing ---------------------------------------------------------------------------
@@ -355,7 +468,9 @@ class Engine:
             k_rows.append(n if n and self.scheduler.reserve_lookahead(seq, n) else 0)
         return k_rows if any(k_rows) else None
 
-    def _speculative_step(self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float) -> StepResult:
+    def _speculative_step(
+        self, batch: ScheduledBatch, rows: RowBatch, k_rows: list[int], c0: float, t_sched: float
+    ) -> tuple[list[EngineOutput], StepStats | None]:
         key = (self.scheduler.version, tuple(k_rows))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, self.runner.make_plan(rows, k_rows))
@@ -363,15 +478,15 @@ class Engine:
         try:
             logits = self.runner.speculate(rows, plan)
         except Exception as exc:  # the base's verify failed (a memory's failure is contained in `speculate`)
-            return self._base_failed(batch, rows, exc)
+            return self._base_failed(rows.seqs, exc), None
         t1 = time.perf_counter()
         result = self._accept_round(rows, plan, logits)  # ends with the step's one host sync
         self.runner.step_done()
         outputs = self._postprocess_round(rows, plan, logits, result)
         assert self.speculation is not None
         self.speculation.observe(len(rows.seqs), plan.k, self._step_clock() - c0)
-        stats = self._observe(batch, rows, len(rows.seqs) * (plan.k + 1), t_sched, logits, t1)
-        return StepResult(batch.kind, outputs, stats=stats)
+        stats = self._observe(False, len(rows.seqs), len(rows.seqs) * (plan.k + 1), t_sched, logits, t1, len(batch.preempted))
+        return outputs, stats
 
     def _accept_round(self, rows: RowBatch, plan: SpecPlan, logits: SpecLogits) -> _Round:
         """Mix at every verified position, run each position's acceptance test and residual draw, and end
@@ -454,9 +569,7 @@ class Engine:
                 self.observer.on_speculation(name, c.drafted, c.accepted)
 
     def _rows(self, batch: ScheduledBatch) -> RowBatch:
-        """The device view of this step's rows; a decode batch is reused until membership changes."""
-        if batch.kind is StepKind.PREFILL:
-            return self.runner.make_batch(batch.seqs)
+        """The device view of this step's decode rows, reused until membership changes."""
         version = self.scheduler.version
         if self._decode_batch is None or self._decode_batch[0] != version:
             self._decode_batch = (version, self.runner.make_batch(batch.seqs))

@@ -15,9 +15,23 @@ page. A steady decode step changes nothing here but `advance` (lengths += 1, on 
 Each model has a scratch page (the base page 0, each memory one taken from the pool): its unused
 table entries point to it and the padding rows of a CUDA-graph bucket write into it — its own, so the
 base's and a memory's padding rows, running on two streams at once, never write the same bytes. New
-pages are zeroed before use, so positions a row has not written yet hold zeros rather than another
-sequence's (possibly non-finite) values: masked positions still enter attention as 0·value, and
-0·inf would be NaN. At any time a page belongs to at most one model and one slot.
+pages are zeroed before use (a prompt's as a chunk first reaches them), so positions a row has not
+written yet hold zeros rather than another sequence's (possibly non-finite) values: masked positions
+still enter attention as 0·value, and 0·inf would be NaN.
+
+Prefix caching (`--enable-prefix-caching`): a *full* block of a prompt is identified by a hash chained
+over every token before it and its own (`block_keys`), per model view — the base and each memory
+have their own table, and a memory's view is created anew (empty) on every load, so a reloaded or
+replaced memory never serves a block computed by another. Pages are reference counted: a cached
+block's page may sit in several slots' tables at once (`attach`). When its last reference goes, a
+page that holds a published block is not freed but kept, its contents intact, in the pool's LRU of
+cached pages; it counts as free (it is handed out again, evicted least recently used first, only
+when no never-cached page is left) and a later prompt with the same prefix takes it back. Shared
+pages are never written: the first `host_frozen[slot]` blocks of a slot (hits and published
+blocks) lie wholly before the slot's last prompt token, and every write — a prefill chunk, a
+decode, a verify, a rewrite after a rollback — lands at a position past them (`truncate` checks).
+So at any time a page is free, cached-free, a scratch page, or held by exactly its reference count
+of (model, slot) pairs of one model.
 
 Reuse of a freed page is safe without events because every engine step ends with a host sync: by
 the time the scheduler frees or hands out a page, all kernels of the previous step have finished.
@@ -26,7 +40,8 @@ the time the scheduler frees or hands out a page, all kernels of the previous st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +49,7 @@ import torch
 from transformers import PretrainedConfig
 
 SCRATCH_PAGE = 0
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's tokens)
 PAGE_ALIGN = 256  # bytes; keeps every page's start aligned for vectorised copies
 
 
@@ -77,10 +93,15 @@ class PagePool:
         self.words = self.arena.view(torch.int64)  # [P, page_bytes / 8]
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
         self._scratch = 0  # memories' scratch pages taken from the pool
+        # Prefix caching: references per page ((model, slot) table entries), and the pages no slot refers to
+        # that still hold a published block, least recently used first, each with the view that owns its hash.
+        self.refs = np.zeros(num_pages, dtype=np.int64)
+        self.cached: OrderedDict[int, ModelKV] = OrderedDict()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages a request can be given: never-cached free pages plus cached ones nobody refers to."""
+        return len(self._free) + len(self.cached)
 
     @property
     def num_usable(self) -> int:
@@ -99,12 +120,43 @@ class PagePool:
         self._scratch -= 1
 
     def take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV cache: {n} pages asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        """n pages with one reference each; cached pages are evicted (LRU first) only when free ones run out."""
+        if n > self.num_free:
+            raise MemoryError(f"KV cache: {n} pages asked, {self.num_free} free")
+        while len(self._free) < n:
+            page, owner = self.cached.popitem(last=False)
+            owner.forget(page)
+            self._free.append(page)
+        pages = [self._free.pop() for _ in range(n)]
+        self.refs[pages] = 1
+        return pages
 
     def give_back(self, pages: list[int]) -> None:
+        self.refs[pages] = 0
         self._free.extend(reversed(pages))
+
+    def unref(self, pages: list[int], owner: ModelKV) -> None:
+        """Drop one reference to each page; at zero it becomes free, or cached-free if it holds a published block."""
+        for page in pages:
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if owner.is_published(page):
+                    self.cached[page] = owner  # most recently used last
+                else:
+                    self._free.append(page)
+
+    def ref(self, page: int) -> None:
+        """One more reference to a page (a prefix-cache hit); a cached-free page leaves the LRU."""
+        if self.refs[page] == 0:
+            del self.cached[page]
+        self.refs[page] += 1
+
+    def uncache(self, owner: ModelKV) -> None:
+        """Free every cached page of `owner` (its model is being removed)."""
+        for page in [p for p, o in self.cached.items() if o is owner]:
+            del self.cached[page]
+            owner.forget(page)
+            self._free.append(page)
 
 
 def page_bytes_for(base: KVGeometry, block_size: int) -> int:
@@ -119,7 +171,10 @@ class ModelKV:
     at the scratch page and its length stays 0.
     """
 
-    def __init__(self, pool: PagePool, geometry: KVGeometry, num_slots: int, max_model_len: int, scratch_page: int) -> None:
+    def __init__(
+        self, pool: PagePool, geometry: KVGeometry, num_slots: int, max_model_len: int, scratch_page: int,
+        prefix_caching: bool = False,
+    ) -> None:
         g = geometry
         if g.token_bytes > pool.page_bytes:
             raise ValueError(
@@ -145,10 +200,19 @@ class ModelKV:
         self.host_tables = np.full((rows, self.max_blocks), scratch_page, dtype=np.int64)
         self.host_lengths = np.zeros(rows, dtype=np.int64)
         self.host_blocks = np.zeros(rows, dtype=np.int64)  # pages held per slot
+        # Prefix caching. Leading blocks of a slot that are shared or published: never written again.
+        self.prefix_caching = prefix_caching
+        self.host_frozen = np.zeros(rows, dtype=np.int64)
+        self._page_of: dict[BlockKey, int] = {}  # block key -> page holding that block (this model only)
+        self._hash_of: dict[int, BlockKey] = {}  # page -> the block key it was published under
         # Changes the device has not seen yet; `flush` applies them in one upload.
         self._table_updates: list[tuple[int, int, int]] = []  # (slot, block, page)
         self._length_updates: dict[int, int] = {}
         self._new_pages: list[int] = []
+        # Pages reserved for a prompt are zeroed when a chunk first reaches them (`set_length`), not at admission:
+        # a long prompt's pages are then zeroed (and, on a CPU, first touched) chunk by chunk, so the admission
+        # step of a chunked prompt costs no more than its other steps. First block not yet zeroed, per slot.
+        self._lazy_from = np.full(rows, self.max_blocks, dtype=np.int64)  # max_blocks: none
 
     # -- host bookkeeping (the scheduler's view) ---------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -158,8 +222,9 @@ class ModelKV:
         """Pages `slot` still needs to hold `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - int(self.host_blocks[slot]))
 
-    def reserve(self, slot: int, num_tokens: int) -> None:
-        """Give `slot` pages for `num_tokens` tokens (the caller checked that enough are free)."""
+    def reserve(self, slot: int, num_tokens: int, lazy: bool = False) -> None:
+        """Give `slot` pages for `num_tokens` tokens (the caller checked that enough are free). `lazy`: zero
+        them only as the slot's length reaches them (a prompt's pages, filled chunk by chunk)."""
         missing = self.pages_missing(slot, num_tokens)
         if not missing:
             return
@@ -169,16 +234,30 @@ class ModelKV:
             self.host_tables[slot, j] = page
             self._table_updates.append((slot, j, page))
         self.host_blocks[slot] = first + missing
-        self._new_pages.extend(pages)
+        if lazy:
+            self._lazy_from[slot] = min(int(self._lazy_from[slot]), first)
+        else:
+            self._new_pages.extend(pages)
 
     def set_length(self, slot: int, num_tokens: int) -> None:
+        """The slot holds `num_tokens` tokens (or is about to: a chunk's length is set before its forward, which
+        reads every page up to it, so lazily reserved pages up to it are zeroed by the next flush)."""
         self.host_lengths[slot] = num_tokens
         self._length_updates[slot] = num_tokens
+        lazy = int(self._lazy_from[slot])
+        if lazy < self.max_blocks:
+            need = min(self.blocks_for(num_tokens), int(self.host_blocks[slot]))
+            if need > lazy:
+                self._new_pages.extend(int(p) for p in self.host_tables[slot, lazy:need])
+                self._lazy_from[slot] = need if need < self.host_blocks[slot] else self.max_blocks
 
     def truncate(self, slot: int, num_tokens: int) -> None:
         """Roll `slot` back to its first `num_tokens` tokens: O(1) plus the pages it gives back."""
         if num_tokens > self.host_lengths[slot]:
             raise ValueError(f"cannot truncate slot {slot} to {num_tokens} tokens: it holds {self.host_lengths[slot]}")
+        if num_tokens < self.host_frozen[slot] * self.block_size:
+            # A rollback never reaches into the prompt's last token, and frozen blocks end before it.
+            raise ValueError(f"cannot truncate slot {slot} into its shared prefix ({self.host_frozen[slot]} blocks)")
         keep = self.blocks_for(num_tokens)
         self._release_blocks(slot, keep)
         self.set_length(slot, num_tokens)
@@ -190,6 +269,7 @@ class ModelKV:
 
     def free(self, slot: int) -> None:
         self._release_blocks(slot, 0)
+        self.host_frozen[slot] = 0
         self.set_length(slot, 0)
 
     def _release_blocks(self, slot: int, keep: int) -> None:
@@ -197,10 +277,85 @@ class ModelKV:
         if held <= keep:
             return
         pages = [int(p) for p in self.host_tables[slot, keep:held]]
-        self.pool.give_back(pages)
+        if self._lazy_from[slot] >= keep:  # no page left unzeroed (released ones are zeroed when taken again)
+            self._lazy_from[slot] = self.max_blocks
+        # Last block first: a prefix's later blocks become least recently used before its earlier ones, so an
+        # eviction shortens a cached prefix from its end (every continuation needs its start), as vLLM does.
+        self.pool.unref(pages[::-1], self)
         self.host_tables[slot, keep:held] = self.scratch_page
         self._table_updates.extend((slot, j, self.scratch_page) for j in range(keep, held))
         self.host_blocks[slot] = keep
+
+    # -- prefix caching ----------------------------------------------------------------------------
+    def block_keys(self, tokens: Sequence[int], num_blocks: int) -> list[BlockKey]:
+        """Keys of the first `num_blocks` full blocks of `tokens`: (hash of the previous block's key, own tokens).
+
+        A block's keys and values depend on every token up to its end and on nothing else (positions are
+        implied by the block's index), so two prompts agreeing on a block's key agree on its contents.
+        Lookups compare the block's own tokens exactly; only a collision of the 64-bit parent hash
+        (2^-64 per pair) could reuse a wrong block, as with vLLM's default (builtin) hash.
+        """
+        keys: list[BlockKey] = []
+        parent, n = 0, self.block_size
+        for j in range(num_blocks):
+            keys.append((parent, tuple(tokens[j * n : (j + 1) * n])))
+            parent = hash(keys[-1])
+        return keys
+
+    def match(self, tokens: Sequence[int], max_blocks: int) -> list[int]:
+        """Pages of the longest run of cached leading blocks of `tokens`, at most `max_blocks` (no side effects)."""
+        if not self.prefix_caching or max_blocks <= 0:
+            return []
+        pages = []
+        for h in self.block_keys(tokens, max_blocks):
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def attach(self, slot: int, pages: list[int]) -> None:
+        """Start an empty slot's table with cached pages (a prefix hit): shared, frozen, nothing to zero."""
+        assert self.host_blocks[slot] == 0, "hits start a slot's table"
+        for j, page in enumerate(pages):
+            self.pool.ref(page)
+            self.host_tables[slot, j] = page
+            self._table_updates.append((slot, j, page))
+        self.host_blocks[slot] = self.host_frozen[slot] = len(pages)
+
+    def publish(self, slot: int, tokens: Sequence[int], num_tokens: int) -> None:
+        """Make the full blocks among the slot's first `num_tokens` tokens (computed, and never to be written
+        again) available to later prompts. A block another slot already published stays private here."""
+        if not self.prefix_caching:
+            return
+        blocks = num_tokens // self.block_size
+        start = int(self.host_frozen[slot])
+        if blocks <= start:
+            return
+        for j, h in enumerate(self.block_keys(tokens, blocks)):
+            if j < start:
+                continue
+            page = int(self.host_tables[slot, j])
+            if h not in self._page_of and page not in self._hash_of:
+                self._page_of[h] = page
+                self._hash_of[page] = h
+        self.host_frozen[slot] = blocks
+
+    def is_published(self, page: int) -> bool:
+        return page in self._hash_of
+
+    def forget(self, page: int) -> None:
+        """The pool evicted this page: its block is no longer cached."""
+        h = self._hash_of.pop(page)
+        del self._page_of[h]
+
+    def drop_cache(self) -> None:
+        """The model is going away: its cached-free pages return to the pool."""
+        self.pool.uncache(self)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_of)
 
     def advance_host(self, slots: list[int]) -> None:
         self.host_lengths[slots] += 1

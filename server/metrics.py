@@ -51,6 +51,7 @@ PHASES: tuple[str, ...] = ("schedule", "base_forward", "memory_forward", "mix_sa
 ENDPOINTS: tuple[str, ...] = ("completions", "chat", "perplexity", "models", "memories")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")  # server.request.FinishReason values
 LOAD_RESULTS: tuple[str, ...] = ("success", "invalid", "error")  # invalid = refused input, error = failure
+PREFIX_CACHES: tuple[str, ...] = ("base", "memory")  # whose KV cache a prefix lookup searched
 
 # Full names as defined; histograms expose _bucket/_sum/_count, counters _total. The `_created` samples
 # prometheus_client adds are left out of the exposition: in the text format each would be one more gauge
@@ -73,6 +74,8 @@ COUNTERS: tuple[str, ...] = (
     "memdec_num_preemptions_total",
     "memdec_spec_draft_tokens_total",
     "memdec_spec_accepted_tokens_total",
+    "memdec_prefix_cache_queries_total",
+    "memdec_prefix_cache_hits_total",
 )
 GAUGES: tuple[str, ...] = (
     "memdec_requests_running",
@@ -180,12 +183,22 @@ class Metrics:
         self.spec_accepted_tokens = counter(
             "spec_accepted_tokens_total", "Drafted tokens the base's verify kept (speculative mixing).", mem
         )
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache, by cache (base or memory).",
+            ("cache",),
+        )
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed), by cache.", ("cache",)
+        )
 
         # Series that exist from the start, so dashboards show 0 rather than "no data".
         for phase in PHASES:
             self.step_phase.labels(phase)
         for result in LOAD_RESULTS:
             self.memory_loads.labels(result)
+        for cache in PREFIX_CACHES:
+            self.prefix_cache_queries.labels(cache)
+            self.prefix_cache_hits.labels(cache)
         self._init_memory_series(NONE)
 
     # -- label bounding ------------------------------------------------------------------------------
@@ -281,6 +294,14 @@ class Metrics:
         label = self.memory_label(memory)
         self.spec_draft_tokens.labels(label).inc(drafted)
         self.spec_accepted_tokens.labels(label).inc(accepted)
+
+    def observe_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
+        """One admission's prefix-cache lookup in one model's cache: prompt tokens looked up, and found."""
+        if cache not in PREFIX_CACHES:
+            raise ValueError(f"cache must be one of {PREFIX_CACHES}, got {cache!r}")
+        self.prefix_cache_queries.labels(cache).inc(queries)
+        if hits:
+            self.prefix_cache_hits.labels(cache).inc(hits)
 
     def observe_request_finished(
         self,

@@ -26,6 +26,9 @@ class MetricsObserver:
     def on_speculation(self, memory: str, drafted: int, accepted: int) -> None:
         self.metrics.observe_speculation(memory, drafted, accepted)
 
+    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
+        self.metrics.observe_prefix_cache(cache, queries, hits)
+
     def on_request_finished(self, seq: Sequence) -> None:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival

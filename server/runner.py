@@ -23,12 +23,13 @@ import torch
 
 from memories.mixing import alpha_logs, memory_logprobs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
-from server.attention import PrefillContext, use_paged_attention
+from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
 from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
 from server.loader import LoadedModel
 from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
+from server.scheduler import PrefillChunk
 from server.sequence import Sequence
 from server.transfer import Uploader
 
@@ -183,6 +184,7 @@ class StepLogits:
     prompt: dict[int, dict[ModelKey, torch.Tensor]]  # echo row -> model -> [T, V] logits over its prompt
     failed: dict[int, str]  # batch row -> error message
     timers: tuple[_Timer, _Timer]  # base, memories
+    failed_chunks: dict[int, str] = field(default_factory=dict)  # seq_id of a failed non-final prompt chunk -> error
 
     def forward_seconds(self) -> dict[str, float]:
         """Per-phase device time; on CUDA call it only after the step's host sync (events are done)."""
@@ -282,7 +284,10 @@ class ModelRunner:
         geometry = KVGeometry.of(lm.model.config, lm.dtype)
         scratch = SCRATCH_PAGE if key is None else self.pool.take_scratch()  # one per model: see server/kv.py
         try:
-            kv = ModelKV(self.pool, geometry, self.num_slots, min(lm.max_model_len, self.base.max_model_len), scratch)
+            # A fresh view per load: its prefix-cache table starts empty, so a memory reloaded under the same name
+            # (or another model given that name) never serves blocks computed by the one before.
+            kv = ModelKV(self.pool, geometry, self.num_slots, min(lm.max_model_len, self.base.max_model_len), scratch,
+                         prefix_caching=self.config.enable_prefix_caching)
             graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
             state = ModelState(lm, kv, graphs)
             state.capture_seconds = graphs.capture()
@@ -304,6 +309,7 @@ class ModelRunner:
         state = self.models.pop(key, None)
         if state is not None:
             state.graphs.release()
+            state.kv.drop_cache()  # its cached blocks are never served again: their pages are free now
             self.pool.give_back_scratch(state.kv.scratch_page)
 
     def kv(self, key: ModelKey) -> ModelKV:
@@ -391,66 +397,120 @@ class ModelRunner:
         self.upload.reset()
 
     # -- forwards ----------------------------------------------------------------------------------
-    def _prefill_model(self, key: ModelKey, seqs: list[Sequence], rows: list[int]):
-        """One packed forward over whole prompts. Returns last-position logits [b, V] and echo rows' [T, V]."""
+    def _prefill_model(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]):
+        """One packed forward over prompt chunks, each from where this model's cache of it ends.
+
+        rows[i]: the batch row of chunk i when it is its prompt's last (its last position's logits are
+        kept), None for an earlier chunk (nothing is kept). Returns the kept rows' last-position logits
+        [b, V] in chunk order, and echo rows' [T, V] (an echo prompt runs whole, from position 0).
+        """
         state = self.models[key]
         kv, lm = state.kv, state.lm
-        lengths = [len(s.token_ids) for s in seqs]
+        # A model whose cache already holds this chunk (its prefix hit went further) has nothing to do.
+        todo = [(c, r) for c, r in zip(chunks, rows, strict=True) if c.start[key] < c.end]
+        assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
+        if not todo:
+            return None, {}
+        spans = [(c.start[key], c.end) for c, _ in todo]
+        lengths = [e - b for b, e in spans]
         starts = np.cumsum([0, *lengths[:-1]])
-        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in seqs])  # [N]
-        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])  # [N]
-        slots = np.repeat(np.asarray([s.row for s in seqs], dtype=np.int64), lengths)
+        ids = np.concatenate([np.asarray(c.seq.token_ids[b:e], dtype=np.int64) for (c, _), (b, e) in zip(todo, spans, strict=True)])
+        pos = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in spans])  # [N]
+        slots = np.repeat(np.asarray([c.seq.row for c, _ in todo], dtype=np.int64), lengths)
         pages = kv.host_tables[slots, pos // kv.block_size]
         keep: list[int] = []  # packed positions whose logits we need
-        last: list[int] = []  # index into `keep` of each row's last position
+        last: list[int] = []  # index into `keep` of each kept row's last position
         echo: dict[int, tuple[int, int]] = {}
-        for i, (s, start, n) in enumerate(zip(seqs, starts, lengths, strict=True)):
-            if s.wants_prompt_logprobs:
-                echo[rows[i]] = (len(keep), n)
+        for (c, row), start, n in zip(todo, starts, lengths, strict=True):
+            if row is None:
+                continue
+            if c.seq.wants_prompt_logprobs:
+                assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
+                echo[row] = (len(keep), n)
                 keep.extend(range(start, start + n))
             else:
                 keep.append(start + n - 1)
             last.append(len(keep) - 1)
         up = self.upload
-        ctx = PrefillContext(kv, up(pages), up(pos % kv.block_size), list(zip(starts.tolist(), lengths, strict=True)))
+        cached = [b for b, _ in spans]
+        # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
+        single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
+        singles = None
+        if single:
+            nblk = max(kv.blocks_for(spans[i][1]) for i in single)
+            slot_ids = [todo[i][0].seq.row for i in single]
+            singles = SingleTokens(
+                frozenset(single),
+                up(starts[single].astype(np.int64)),
+                up(kv.host_tables[slot_ids, :nblk].copy()),  # past a row's blocks: its scratch entries, masked
+                up(np.asarray([spans[i][1] for i in single], dtype=np.int64)),
+            )
+        context = [up(kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy()) if b and i not in (singles.segments if singles else ()) else None
+                   for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))]  # fmt: skip
+        ctx = PrefillContext(kv, up(pages), up(pos % kv.block_size), list(zip(starts.tolist(), lengths, strict=True)),
+                             cached=cached, context=context, singles=singles)  # fmt: skip
         out = lm.model(
             input_ids=up(ids).unsqueeze(0),  # [1, N]
             position_ids=up(pos).unsqueeze(0),
             attention_mask=ctx.attention_mask,
             use_cache=False,
-            logits_to_keep=up(np.asarray(keep, dtype=np.int64)),
+            logits_to_keep=up(np.asarray(keep or [len(ids) - 1], dtype=np.int64)),  # earlier chunks only: one, unused
             memdec_ctx=ctx,
         )
+        if not last:
+            return None, {}
         logits = out.logits[0, :, : self.base.vocab_size]  # [K, V]
         prompt = {row: logits[a : a + n] for row, (a, n) in echo.items()}
         return logits[up(np.asarray(last, dtype=np.int64))], prompt
 
-    def prefill(self, batch: RowBatch) -> StepLogits:
-        seqs = batch.seqs
+    def prefill(self, batch: RowBatch | None, chunks: list[PrefillChunk]) -> StepLogits:
+        """Forwards over this step's prompt chunks; `batch` holds the sequences whose last chunk this is, in
+        chunk order (None when every chunk is an earlier one): only they get logits."""
+        seqs = batch.seqs if batch is not None else []
+        row_of = {s.seq_id: i for i, s in enumerate(seqs)}
+        rows = [row_of.get(c.seq.seq_id) if c.final else None for c in chunks]
         base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
         failed: dict[int, str] = {}
+        failed_chunks: dict[int, str] = {}
         mem_out: dict[str, torch.Tensor] = {}
         prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
         base_logits: torch.Tensor | None = None
+        by_memory: dict[str, list[int]] = {}
+        for i, c in enumerate(chunks):
+            if c.seq.memory_name is not None:
+                by_memory.setdefault(c.seq.memory_name, []).append(i)
 
         def run_memories() -> None:
-            for g in batch.groups:
-                with _contained(g, failed, "prefill"), mem_timer:
-                    logits, echo = self._prefill_model(g.name, [seqs[i] for i in g.rows], g.rows)
-                    mem_out[g.name] = self._to_main(logits)
-                    for row, lp in echo.items():
-                        prompt.setdefault(row, {})[g.name] = self._to_main(lp)
+            for name, idx in by_memory.items():
+                mem_rows = [rows[i] for i in idx]
+                try:
+                    with mem_timer:
+                        logits, echo = self._prefill_model(name, [chunks[i] for i in idx], mem_rows)
+                except Exception as exc:  # contained: only this memory's sequences fail
+                    log.exception("memory %s prefill failed", name)
+                    message = f"memory forward failed: {type(exc).__name__}: {exc}"
+                    for i, row in zip(idx, mem_rows, strict=True):
+                        if row is None:
+                            failed_chunks[chunks[i].seq.seq_id] = message
+                        else:
+                            failed[row] = message
+                    continue
+                if logits is not None:
+                    mem_out[name] = self._to_main(logits)
+                for row, lp in echo.items():
+                    prompt.setdefault(row, {})[name] = self._to_main(lp)
 
         def run_base() -> None:
             nonlocal base_logits
             with base_timer:
-                base_logits, echo = self._prefill_model(None, seqs, list(range(len(seqs))))
+                base_logits, echo = self._prefill_model(None, chunks, rows)
             for row, lp in echo.items():
                 prompt.setdefault(row, {})[None] = lp
 
         self._parallel(run_base, run_memories)
-        assert base_logits is not None
-        return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer))
+        if base_logits is None:  # no prompt ended in this step
+            base_logits = torch.empty(0, self.base.vocab_size, device=self.device)
+        return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer), failed_chunks)
 
     def decode(self, batch: RowBatch) -> StepLogits:
         base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)

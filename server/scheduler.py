@@ -1,11 +1,19 @@
 """Who runs this step, and what KV memory they get.
 
-Policy (nano-vllm's, plus KV budgeting): admit waiting sequences first (a prefill step) while a slot,
-the token budget and KV pages allow; otherwise decode every running sequence, after making sure each
-has a page for its next token — preempting the most recently admitted ones when pages run out (their
-pages are freed; they wait at the head of the queue and re-run their prompt plus what they generated
-so far, vLLM's recompute preemption). Perplexity work runs when nothing waits for a prefill,
-alternating with decode steps so running streams keep producing tokens.
+Policy (vLLM's): running sequences decode first — each gets a page for its next token, preempting the
+most recently admitted ones when pages run out (their pages are released; they wait at the head of
+the queue and re-run their prompt plus what they generated so far, vLLM's recompute preemption) —
+then prompts fill what is left of the step's token budget (`max_num_batched_tokens`, each decode row
+counting one token): first the unfinished prompts of admitted sequences, in order, then waiting ones
+while a slot and KV pages allow. With chunked prefill a prompt longer than what is left is split into
+chunks over several steps, so running streams keep producing a token every step while it is admitted;
+without it a prompt runs whole, and one longer than the budget runs when no other prompt does (so no
+request waits forever). Perplexity work runs when no prompt is scheduled, alternating with decode
+steps so running streams keep producing tokens.
+
+Admission reserves pages for the whole prompt at once (a chunked prompt never waits for pages halfway)
+and, with prefix caching, starts each model's block table with the cached blocks of the prompt's
+prefix (`ModelKV.match` / `attach`), which then need neither pages nor compute.
 """
 
 from __future__ import annotations
@@ -27,17 +35,43 @@ WATERMARK = 0.01
 
 class StepKind(enum.Enum):
     IDLE = "idle"
-    PREFILL = "prefill"
-    DECODE = "decode"
+    PREFILL = "prefill"  # prompt chunks only
+    DECODE = "decode"  # decode rows only
+    MIXED = "mixed"  # decode rows, then prompt chunks
     SCORE = "score"
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [start[model], end) of one sequence, computed in each model it uses this step."""
+
+    seq: Sequence
+    start: dict[str | None, int]  # tokens each model already holds (a prefix-cache hit, earlier chunks)
+    end: int
+    decode: bool = False  # a decoding row's next token, run in the same forward as prompt chunks (MIXED step)
+
+    @property
+    def final(self) -> bool:
+        """The prompt's last chunk (or a decode row): its last position's logits give the next token."""
+        return self.end >= self.seq.prefill_len
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """Prefix-cache lookups of one admission, in tokens (vLLM's queries / hits), per cache."""
+
+    cache: str  # "base" or "memory"
+    queries: int
+    hits: int
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
     kind: StepKind
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # decode rows
     preempted: tuple[Sequence, ...] = ()
     job: PerplexityJob | None = None  # the perplexity job, for SCORE
+    prefill: tuple[PrefillChunk, ...] = ()  # prompt chunks, after the decode rows
 
 
 class Scheduler:
@@ -47,9 +81,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         pool: PagePool,
         kv_of: Callable[[str | None], ModelKV],
+        chunked_prefill: bool = True,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
         self.pool = pool
         self.kv_of = kv_of
         self.waiting: deque[Sequence] = deque()
@@ -58,11 +94,12 @@ class Scheduler:
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._watermark = max(1, int(WATERMARK * pool.num_usable))
         self._score_turn = False
-        self.version = 0  # bumped whenever `running` changes; a decode batch is rebuilt when it moves
+        self.version = 0  # bumped whenever the decoding rows change; a decode batch is rebuilt when it moves
         # Decode steps every running row can still take before one of them needs a new page: while it
         # lasts, a decode step skips the per-row check entirely. (-1: unknown, check.)
         self._room = -1
         self._room_version = -1
+        self.prefix_stats: list[PrefixStats] = []  # lookups since the engine last read them
 
     @property
     def num_free_slots(self) -> int:
@@ -77,17 +114,51 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.jobs)
 
+    @property
+    def decoding(self) -> list[Sequence]:
+        """Running sequences whose prompt is wholly cached: they decode."""
+        return [s for s in self.running if not s.in_prefill]
+
     # -- KV accounting -----------------------------------------------------------------------------
     def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Pages a waiting sequence needs, over the models it uses, to hold `num_tokens` tokens."""
+        """Pages a waiting sequence needs, over the models it uses, to hold `num_tokens` tokens (no hits)."""
         return sum(self.kv_of(k).blocks_for(num_tokens) for k in seq.model_keys)
 
-    def _take_slot(self, seq: Sequence) -> None:
+    def _lookup(self, seq: Sequence) -> dict[str | None, list[int]]:
+        """Cached pages of the sequence's prefix, per model. Echo (prompt log-prob) requests bypass the cache:
+        they need every prompt position's logits, which only a full computation gives. Hits stop before the
+        prompt's last token: it is always computed (its logits give the first new token) and, as the point a
+        rollback may return to, it must lie in a private page."""
+        if seq.wants_prompt_logprobs:
+            return {k: [] for k in seq.model_keys}
+        limit = seq.num_prompt_tokens - 1
+        return {k: (kv := self.kv_of(k)).match(seq.token_ids, limit // kv.block_size) for k in seq.model_keys}
+
+    def _cost(self, seq: Sequence, hits: dict[str | None, list[int]], num_tokens: int) -> int:
+        """Free pages admitting `seq` takes: new pages beyond its hits, plus hits that sit cached-free."""
+        cost = 0
+        for key, pages in hits.items():
+            cost += self.kv_of(key).blocks_for(num_tokens) - len(pages)
+            cost += sum(1 for p in pages if self.pool.refs[p] == 0)
+        return cost
+
+    def _take_slot(self, seq: Sequence, hits: dict[str | None, list[int]]) -> None:
         slot = seq.slot = self._free_slots.pop()
+        n = len(seq.token_ids)
+        # Every model's hits first: a `reserve` may evict cached-free pages, and must not take another model's
+        # hits (matched, not yet referenced) from under it.
+        for key in seq.model_keys:
+            self.kv_of(key).attach(slot, hits[key])
+        cached = []
         for key in seq.model_keys:
             kv = self.kv_of(key)
-            kv.reserve(slot, len(seq.token_ids))
-            kv.set_length(slot, len(seq.token_ids))
+            kv.reserve(slot, n, lazy=True)  # zeroed chunk by chunk (`ModelKV.set_length`)
+            kv.set_length(slot, len(hits[key]) * kv.block_size)
+            cached.append(len(hits[key]) * kv.block_size)
+            if not seq.wants_prompt_logprobs and kv.prefix_caching:
+                self.prefix_stats.append(PrefixStats("base" if key is None else "memory", n, cached[-1]))
+        seq.prefill_len = n
+        seq.num_computed = min(cached)
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and slot (it finished, failed or was preempted)."""
@@ -97,51 +168,85 @@ class Scheduler:
             self.kv_of(key).free(seq.slot)
         self._free_slots.append(seq.slot)
         seq.slot = None
+        seq.num_computed = seq.prefill_len = 0
+
+    def prefilled(self, seq: Sequence, chunk: PrefillChunk) -> None:
+        """A chunk's forward is done (engine, after the step's sync): its tokens are cached in every model.
+        Full blocks before the prompt's last token are published for later prompts to share."""
+        seq.num_computed = chunk.end
+        for key in seq.model_keys:
+            self.kv_of(key).publish(seq.row, seq.token_ids, min(chunk.end, seq.num_prompt_tokens - 1))
+        if chunk.final:
+            self.version += 1  # it decodes from the next step
 
     # -- the policy ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        admitted = self._admit()
-        if admitted:
-            return ScheduledBatch(StepKind.PREFILL, admitted)
-        if self.jobs and (not self.running or self._score_turn):
+        preempted = self._make_room_for_decode() if self.decoding else []
+        decode = self.decoding
+        chunks = self._prefill_chunks(self.max_num_batched_tokens - len(decode))
+        if not chunks and self.jobs and (not decode or self._score_turn):
             self._score_turn = False
-            return ScheduledBatch(StepKind.SCORE, [], job=self.jobs[0])
+            return ScheduledBatch(StepKind.SCORE, [], preempted=tuple(preempted), job=self.jobs[0])
         self._score_turn = bool(self.jobs)
-        if not self.running:
-            return ScheduledBatch(StepKind.IDLE, [])
-        preempted = self._make_room_for_decode()
-        return ScheduledBatch(StepKind.DECODE, list(self.running), preempted=tuple(preempted))
+        if not decode and not chunks:
+            return ScheduledBatch(StepKind.IDLE, [], preempted=tuple(preempted))
+        kind = StepKind.MIXED if decode and chunks else StepKind.DECODE if decode else StepKind.PREFILL
+        return ScheduledBatch(kind, decode, preempted=tuple(preempted), prefill=tuple(chunks))
 
-    def _admit(self) -> list[Sequence]:
-        """Waiting sequences in order while a slot, the token budget and the KV pages allow.
+    def _prefill_chunks(self, budget: int) -> list[PrefillChunk]:
+        """Prompt work within `budget` tokens: admitted prompts' next chunks, then waiting prompts.
 
-        A prompt longer than the token budget is still admitted when it would run alone, so no
-        request waits forever; `Engine.validate` refused those that could never fit in the KV cache.
+        At least one token of prompt work is scheduled when any is pending (the budget may be used up by
+        decode rows), so a prompt always progresses; without chunking a prompt longer than the budget
+        runs whole when it is the step's first. `Engine.validate` refused what could never fit in the KV cache.
         """
-        admitted: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+        chunks: list[PrefillChunk] = []
+        budget = max(budget, 1)
+
+        def whole(seq: Sequence) -> bool:
+            # Echo prompts are never split: their prompt log-probs come from one full forward.
+            return not self.chunked_prefill or seq.wants_prompt_logprobs
+
+        def take(seq: Sequence, start: dict[str | None, int]) -> int:
+            remaining = seq.prefill_len - seq.num_computed
+            n = remaining if whole(seq) else min(remaining, budget)
+            end = seq.num_computed + n
+            chunks.append(PrefillChunk(seq, start, end))
+            for key, cached in start.items():
+                # A model may already hold more than this chunk (its hit ended past it): keep that.
+                self.kv_of(key).set_length(seq.row, max(cached, end))
+            return n
+
+        for seq in self.running:
+            if not seq.in_prefill:
+                continue
+            if budget <= 0:
+                return chunks
+            start = {k: int(self.kv_of(k).host_lengths[seq.row]) for k in seq.model_keys}
+            budget -= take(seq, start)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             n = len(seq.token_ids)
-            if admitted and tokens + n > self.max_num_batched_tokens:
+            hits = self._lookup(seq)
+            computed = min(len(p) * self.kv_of(k).block_size for k, p in hits.items())
+            if whole(seq) and chunks and n - computed > budget:
                 break
-            reserve = 0 if not (self.running or admitted) else self._watermark
-            if self.pages_needed(seq, n + 1) + reserve > self.pool.num_free:
+            reserve = 0 if not self.running else self._watermark
+            if self._cost(seq, hits, n + 1) + reserve > self.pool.num_free:
                 break
             self.waiting.popleft()
-            self._take_slot(seq)
+            self._take_slot(seq, hits)
             seq.status = Status.RUNNING
-            admitted.append(seq)
-            tokens += n
-        if admitted:
-            self.running.extend(admitted)
-            self.version += 1
-        return admitted
+            self.running.append(seq)
+            start = {k: len(p) * self.kv_of(k).block_size for k, p in hits.items()}
+            budget -= take(seq, start)
+        return chunks
 
     def _running_by_model(self) -> Iterator[tuple[ModelKV, list[Sequence], np.ndarray]]:
         """Per model in use: its KV view, the running rows that use it, and their slots."""
-        by_key: dict[str | None, list[Sequence]] = {None: self.running}
-        for seq in self.running:
+        decoding = self.decoding
+        by_key: dict[str | None, list[Sequence]] = {None: decoding}
+        for seq in decoding:
             if seq.memory_name is not None:
                 by_key.setdefault(seq.memory_name, []).append(seq)
         for key, seqs in by_key.items():
@@ -163,7 +268,7 @@ class Scheduler:
         """Tokens every running row can still append in every model without a new page."""
         return min(
             int((kv.host_blocks[slots] * kv.block_size - kv.host_lengths[slots]).min())
-            for kv, _, slots in self._running_by_model()
+            for kv, seqs, slots in self._running_by_model() if seqs
         )
 
     def _make_room_for_decode(self) -> list[Sequence]:
@@ -192,7 +297,7 @@ class Scheduler:
             for kv, n in need:
                 kv.reserve(slot, n)
             i += 1
-        if self.running:
+        if self.decoding:
             self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
         return preempted
 

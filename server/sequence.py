@@ -59,6 +59,10 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.status = Status.WAITING
         self.slot: int | None = None  # row of every KV table while running
+        # Prefill progress (chunked prefill, prefix caching): tokens every model has cached, out of
+        # `prefill_len` (its tokens when it was admitted). Decoding starts once they meet.
+        self.num_computed = 0
+        self.prefill_len = 0
         self.wants_prompt_logprobs = self.params.prompt_logprobs is not None
         self.num_preemptions = 0
         self.timings = Timings()
@@ -86,6 +90,11 @@ class Sequence:
     def model_keys(self) -> tuple[str | None, ...]:
         """The runner's models this sequence uses: the base (None) and its memory, if any."""
         return (None,) if self.memory_name is None else (None, self.memory_name)
+
+    @property
+    def in_prefill(self) -> bool:
+        """Admitted, but its prompt is not wholly in the cache yet (more chunks to run)."""
+        return self.slot is not None and self.num_computed < self.prefill_len
 
     @property
     def num_output_tokens(self) -> int:

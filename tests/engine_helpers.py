@@ -55,13 +55,34 @@ def run(
 
 
 def assert_pages_owned_once(engine: Engine) -> None:
-    """Every page of the KV arena is free, a model's scratch page, or held by exactly one (model, slot)."""
+    """The refcount model of the KV arena (server/kv.py): every page is free, cached-free (no references, its
+    block still published by one model), a model's scratch page, or referenced by exactly `refs[page]`
+    (model, slot) table entries, all of one model."""
     pool = engine.runner.pool
-    held: list[int] = []
-    for state in engine.runner.models.values():
-        held += [state.kv.scratch_page, *state.kv.pages_held()]
-    assert len(held) == len(set(held)), "a page is held twice"
-    assert len(held) + pool.num_free == pool.num_pages, "a page leaked or was freed twice"
+    refs: dict[int, int] = {}
+    owner: dict[int, object] = {}
+    scratch = []
+    for key, state in engine.runner.models.items():
+        kv = state.kv
+        scratch.append(kv.scratch_page)
+        for page in kv.pages_held():
+            refs[page] = refs.get(page, 0) + 1
+            assert owner.setdefault(page, key) == key, f"page {page} is in two models' tables"
+        for page in kv._hash_of:  # published blocks belong to this model only
+            assert owner.setdefault(page, key) == key, f"page {page} is published by two models"
+            assert pool.refs[page] > 0 or pool.cached.get(page) is kv, f"published page {page} neither held nor cached"
+    assert len(scratch) == len(set(scratch)) and not set(scratch) & set(refs), "a scratch page is held"
+    for page, n in refs.items():
+        assert pool.refs[page] == n, f"page {page}: {n} table entries, refcount {pool.refs[page]}"
+    free = set(pool._free)
+    assert len(free) == len(pool._free), "a page is free twice"
+    cached = set(pool.cached)
+    assert not free & cached and not (free | cached) & set(refs) and not (free | cached) & set(scratch)
+    assert all(pool.refs[p] == 0 for p in free | cached)
+    assert len(free) + len(cached) + len(refs) + len(scratch) == pool.num_pages, "a page leaked"
+    for state in engine.runner.models.values():  # shared / published blocks lie within what a row has cached
+        kv = state.kv
+        assert (kv.host_frozen * kv.block_size <= kv.host_lengths).all()
 
 
 def tokens_of(outs: list[RequestOutput]) -> list[int]:

@@ -37,7 +37,7 @@ def test_serve_flags_build_the_config(tmp_path):
         "--max-queue", "3", "--api-key", "k", "--admin-key", "a", "--enable-admin", "--memory-root", str(tmp_path),
         "--served-model-name", "base", "--shutdown-timeout", "5", "--port", "9001", "--max-model-len", "256",
         "--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "300", "--block-size", "32", "--enforce-eager",
-        "--speculative-tokens", "3", "--speculative-fixed",
+        "--speculative-tokens", "3", "--speculative-fixed", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
     ])  # fmt: skip
     config = cli.config_from_args(args)
     assert config.model.model == "m" and config.model.dtype == "float32" and config.model.device == "cpu"
@@ -47,6 +47,7 @@ def test_serve_flags_build_the_config(tmp_path):
     assert (config.engine.gpu_memory_utilization, config.engine.num_gpu_blocks_override) == (0.5, 300)
     assert config.engine.block_size == 32 and config.engine.enforce_eager
     assert (config.engine.speculative_tokens, config.engine.speculative_adaptive) == (3, False)
+    assert not config.engine.enable_prefix_caching and not config.engine.enable_chunked_prefill
     assert (config.max_queue, config.api_key, config.admin_key, config.enable_admin) == (3, "k", "a", True)
     assert config.memory_root == tmp_path.resolve() and config.served_model_name == "base"
     assert (config.shutdown_timeout, config.port) == (5.0, 9001)
@@ -60,6 +61,9 @@ def test_defaults_and_secret_env_fallbacks(monkeypatch):
     assert (config.port, config.host, config.api_key, config.admin_key) == (8000, "0.0.0.0", None, None)
     assert not config.enable_admin and not config.log_prompts and config.memory_root is None
     assert config.engine.speculative_tokens == DEFAULT_SPECULATIVE_TOKENS > 0 and config.engine.speculative_adaptive
+    assert config.engine.enable_prefix_caching and config.engine.enable_chunked_prefill  # vLLM's defaults
+    args = ["serve", "--model", "m", "--enable-prefix-caching", "--enable-chunked-prefill"]
+    assert cli.config_from_args(cli.build_parser().parse_args(args)).engine.enable_prefix_caching
     monkeypatch.setenv("MEMDEC_API_KEY", "from-env")
     monkeypatch.setenv("MEMDEC_ADMIN_KEY", "admin-env")
     config = cli.config_from_args(cli.build_parser().parse_args(["serve", "--model", "m"]))

@@ -43,6 +43,9 @@ SPEC = {
     # Issue 13: speculative mixing.
     "memdec_spec_draft_tokens": ("counter", {"memory"}),
     "memdec_spec_accepted_tokens": ("counter", {"memory"}),
+    # Issue 21: prefix caching (vLLM's queries / hits, in tokens), per cache.
+    "memdec_prefix_cache_queries": ("counter", {"cache"}),
+    "memdec_prefix_cache_hits": ("counter", {"cache"}),
 }
 
 
@@ -82,6 +85,8 @@ def exercise(m: Metrics) -> None:
     m.graph_captured(None, 1.5)
     m.graph_captured("med", 0.5)
     m.observe_speculation("med", 8, 6)
+    m.observe_prefix_cache("base", 420, 400)
+    m.observe_prefix_cache("memory", 420, 370)
 
 
 def test_exactly_the_metrics_of_issue_5_with_their_labels():
@@ -272,6 +277,20 @@ def test_speculation_counts_drafted_and_accepted_tokens_per_memory():
     assert val(m, "memdec_spec_draft_tokens_total", memory="med") == 16
     assert val(m, "memdec_spec_accepted_tokens_total", memory="med") == 9
     assert val(m, "memdec_spec_accepted_tokens_total", memory="other") == 3
+
+
+def test_prefix_cache_counts_queried_and_hit_tokens_per_cache():
+    m = Metrics()
+    assert val(m, "memdec_prefix_cache_queries_total", cache="base") == 0  # exists from the start: a rate of 0
+    assert val(m, "memdec_prefix_cache_hits_total", cache="memory") == 0
+    m.observe_prefix_cache("base", 420, 400)
+    m.observe_prefix_cache("base", 30, 0)
+    m.observe_prefix_cache("memory", 420, 370)
+    assert val(m, "memdec_prefix_cache_queries_total", cache="base") == 450
+    assert val(m, "memdec_prefix_cache_hits_total", cache="base") == 400
+    assert val(m, "memdec_prefix_cache_hits_total", cache="memory") == 370
+    with pytest.raises(ValueError):
+        m.observe_prefix_cache("med", 1, 1)  # bounded: base or memory, never a name
 
 
 def test_two_instances_in_one_process_are_independent():
