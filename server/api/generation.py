@@ -23,6 +23,7 @@ from server.validation import (
     MAX_PROMPTS,
     check_at_most,
     check_neutral,
+    check_several,
     check_stop_strings,
     check_stream_options,
     completion_budget,
@@ -51,7 +52,7 @@ class Plan:
     id: str
     created: int
     target: Target
-    alpha: float | None
+    alpha: float | list[float] | None
     prompts: list[Prompt]
     requests: list[GenerationRequest]  # choice index i = prompt (i // n), sample (i % n)
     n: int
@@ -75,7 +76,7 @@ class Plan:
             "object": object_name,
             "created": self.created,
             "model": self.target.model,
-            "memory": self.target.memory.name if self.target.memory else None,
+            "memory": self.target.memory_field,
             "alpha": self.alpha,
         }
 
@@ -91,12 +92,23 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
     check_stream_options(body.stream_options is not None, body.stream)
 
 
-def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | None]:
-    """The model and memory a request runs on, and its alpha (None without a memory)."""
+def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | None]:
+    """The model and memory (or memories) a request runs on, and its alpha (None without a memory; one per
+    memory, a list, with several)."""
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    if target.memories:
+        alphas, _ = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
+        return target, list(alphas)
     if target.memory is None and body.alpha is not None:
         raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
-    alpha = None if target.memory is None else (target.memory.alpha if body.alpha is None else body.alpha)
+    alpha = body.alpha
+    if isinstance(alpha, list):  # one memory: one weight (a list of one is that weight)
+        if len(alpha) != 1:
+            raise InvalidRequestError(f"one memory takes one 'alpha', got a list of {len(alpha)}", param="alpha")
+        alpha = alpha[0]
+    if isinstance(body.memory_temperature, list) and (len(body.memory_temperature) != 1 or target.memory is None):
+        raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
+    alpha = None if target.memory is None else (target.memory.alpha if alpha is None else alpha)
     return target, alpha
 
 
@@ -128,7 +140,7 @@ def build_plan(
     body: SamplingRequest,
     serving: Serving,
     config: ServerConfig,
-    resolved: tuple[Target, float | None],
+    resolved: tuple[Target, float | list[float] | None],
     prompts: list[Prompt],
     asked: Asked,
     id_prefix: str,
@@ -137,8 +149,15 @@ def build_plan(
     prompts were tokenized); sample j of every prompt uses seed + j."""
     check_prompt_count(len(prompts), body.n)
     target, alpha = resolved
-    temperature = memory_temperature(body.memory_temperature, target.memory)
-    context = serving.context_of(target.memory)
+    several: dict[str, Any] = {}
+    if target.memories:
+        alphas, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
+        several = {"memories": tuple(m.name for m in target.memories), "alphas": alphas, "memory_temperatures": temps}
+        temperature = 1.0
+    else:
+        requested = body.memory_temperature[0] if isinstance(body.memory_temperature, list) else body.memory_temperature
+        temperature = memory_temperature(requested, target.memory)
+    context = serving.context_of(target.memory, *target.memories)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     requests = []
     for p, prompt in enumerate(prompts):
@@ -151,9 +170,10 @@ def build_plan(
                     prompt_token_ids=prompt.token_ids,
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
                     memory=target.memory.name if target.memory else None,
-                    alpha=alpha or 0.0,
+                    alpha=float(alpha) if alpha is not None and not isinstance(alpha, list) else 0.0,
                     memory_temperature=temperature,
                     speculative=body.speculative,
+                    **several,
                 )
             )
     _log_plan(request_id, body, prompts, requests[0], config.log_prompts)
@@ -168,7 +188,7 @@ def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], fir
     log.info(
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
         request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
-        first.memory, first.alpha if first.memory else None, body.stream,
+        first.memory or list(first.memories) or None, first.alpha if first.memory else list(first.alphas) or None, body.stream,
     )  # fmt: skip
     if log_prompts:
         log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])
