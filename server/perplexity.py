@@ -59,6 +59,7 @@ class PerplexityJob:
         self.memory_names = request.memory_names if memories else ()
         # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights.
         self.several = len(self.memory_names) > 1
+        self.separately = self.several and request.separately
         self.context, self.stride = context, stride
         self.device = base.device
         self.top_k = request.token_logprobs or 0
@@ -67,7 +68,7 @@ class PerplexityJob:
         zeros = torch.zeros(len(request.documents), dtype=torch.float64)
         self._base_nll = zeros.clone().to(self.device)  # [D]
         self._mem_nll = zeros.clone().to(self.device)  # [D]
-        num_mixtures = 1 if self.several else len(request.alphas)
+        num_mixtures = 1 if self.several and not self.separately else len(request.alphas)
         self._mixed_nll = torch.zeros(len(request.documents), num_mixtures, dtype=torch.float64).to(self.device)  # [D, A]
         self._counts = [0] * len(request.documents)
         self._num_windows = [0] * len(request.documents)
@@ -128,6 +129,13 @@ class PerplexityJob:
     def _add_several(self, base_lp: torch.Tensor, mem_lps: list[torch.Tensor]) -> None:
         assert self.current is not None and not self.wants_distributions
         d = self.current[0]
+        if self.separately:  # each memory's own mixture at its own α
+            for i, (m, a) in enumerate(zip(mem_lps, self.request.alphas, strict=True)):
+                self._mixed_nll[d, i] -= mix_logprobs(base_lp.flatten(), m.flatten(), a).double().sum()
+            self._base_nll[d] -= base_lp.double().sum()
+            self._counts[d] += base_lp.numel()
+            self.current = next(self._batches, None)
+            return
         mixed = mix_many(base_lp.flatten(), [(m.flatten(), a) for m, a in zip(mem_lps, self.request.alphas, strict=True)])
         self._base_nll[d] -= base_lp.double().sum()
         self._mixed_nll[d, 0] -= mixed.double().sum()

@@ -125,6 +125,9 @@ class PerplexityRequest:
     # `memory_temperatures` one temperature per memory, and `memory` and `memory_temperature` are unused.
     memories: tuple[str, ...] = ()
     memory_temperatures: tuple[float, ...] = ()
+    # With `memories`: score each memory's own mixture α·pᵢ + (1 − α)·p_base at alphas[i] (one score per memory,
+    # for choosing among them: `"memory": "auto"`) instead of one mixture of them all.
+    separately: bool = False
 
     @property
     def memory_names(self) -> tuple[str, ...]:

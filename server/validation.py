@@ -46,8 +46,10 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
     "chat_template": (),  # a request's own template would run client code in the server: never
 }
-# The metrics use these as label values (the base alone, overflow), so no memory may be called so.
-RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS
+# The metrics use these as label values (the base alone, overflow), so no memory may be called so; nor "auto",
+# which asks the server to choose the memory (`"memory": "auto"`).
+AUTO_MEMORY = "auto"
+RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS | {AUTO_MEMORY}
 
 
 def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = InvalidRequestError) -> float:
@@ -161,7 +163,8 @@ def check_memory_name(name: str) -> None:
         )
     if name in RESERVED_MEMORY_NAMES:
         raise MemoryLoadError(
-            f"memory name {name!r} is reserved (metrics label for the base alone / overflow)", param="name"
+            f"memory name {name!r} is reserved (metrics labels for the base alone / overflow, and 'auto', which asks "
+            "the server to choose the memory)", param="name",
         )
 
 
@@ -290,7 +293,12 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
     for alpha in request.alphas:
         check_alpha(alpha)
     check_memory_temperature(request.memory_temperature)
-    if request.memories:
+    if request.memories and request.separately:
+        if len(set(request.memories)) < len(request.memories) or len(request.alphas) != len(request.memories):
+            raise InvalidRequestError("each memory once, with one alpha each", param="memory")
+        if request.token_logprobs is not None:
+            raise InvalidRequestError("memories scored separately give no per-token log-probs", param="logprobs")
+    elif request.memories:
         check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None,
                       [None] * len(request.memories) if request.memory_temperatures else [])  # fmt: skip
         if request.token_logprobs:

@@ -13,13 +13,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.auto import auto_target, check_candidates_field, choose
 from server.api.schemas import SamplingRequest, describe_extra
-from server.api.state import Serving, Target
+from server.api.state import Serving, ServingState, Target
 from server.api.tokens import Prompt, TokenStrings
 from server.config import ServerConfig
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, SamplingParams
 from server.validation import (
+    AUTO_MEMORY,
     MAX_PROMPTS,
     check_at_most,
     check_neutral,
@@ -58,6 +60,7 @@ class Plan:
     n: int
     strings: TokenStrings
     prompt_texts: dict[int, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (the "auto" memory choice)
     finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> reason, as they finish
 
     def prompt_of(self, choice: int) -> Prompt:
@@ -94,7 +97,10 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
 
 def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | None]:
     """The model and memory (or memories) a request runs on, and its alpha (None without a memory; one per
-    memory, a list, with several)."""
+    memory, a list, with several). A `"memory": "auto"` target is settled by `settle` once the prompts are known."""
+    check_candidates_field(body.memory, body.memory_candidates)
+    if body.memory == AUTO_MEMORY:
+        return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), None
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     if target.memories:
         alphas, _ = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
@@ -110,6 +116,18 @@ def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, flo
         raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
     alpha = None if target.memory is None else (target.memory.alpha if alpha is None else alpha)
     return target, alpha
+
+
+async def settle(
+    state: ServingState, resolved: tuple[Target, float | list[float] | None], prompts: list[Prompt]
+) -> tuple[tuple[Target, float | list[float] | None], dict[str, str]]:
+    """An auto target becomes the chosen memory at its default α (or the base alone); others pass as they are.
+    Returns the resolved target and the headers the response carries."""
+    target, alpha = resolved
+    if target.auto is None:
+        return resolved, {}
+    chosen, headers = await choose(state, target, prompts)
+    return (chosen, chosen.memory.alpha if chosen.memory else None), headers
 
 
 def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, max_tokens: int) -> SamplingParams:

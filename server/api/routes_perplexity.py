@@ -20,7 +20,7 @@ from server.api.token_logprobs import logprobs_object
 from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
 from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
-from server.validation import check_at_most, check_several, memory_temperature
+from server.validation import AUTO_MEMORY, check_at_most, check_several, memory_temperature
 
 router = APIRouter()
 
@@ -132,6 +132,11 @@ def _total(scores: list[PerplexityScore]) -> PerplexityScore:
 async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     state: ServingState = request.app.state.memdec
     serving = state.ready()
+    if body.memory == AUTO_MEMORY:
+        raise InvalidRequestError(
+            '"memory": "auto" chooses a memory for generation; /v1/perplexity scores named memories (a list scores '
+            "their mixture)", param="memory",
+        )  # fmt: skip
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     alpha_is_list = isinstance(body.alpha, list)
     several: dict = {}

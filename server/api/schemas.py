@@ -86,6 +86,11 @@ class SamplingRequest(_Body):
         "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
         "memories: one number for all, or a list (one per memory); default: each memory's own.",
     )
+    memory_candidates: list[StrictStr] | None = Field(
+        None,
+        description='With "memory": "auto": the memories to choose from (default: every loaded memory). The base '
+        "alone is always a candidate.",
+    )
     speculative: StrictBool = Field(
         True,
         description="Let the memory draft tokens for the base to verify when the server speculates "

@@ -62,6 +62,7 @@ class Target:
     model: str  # echoed back in responses
     memory: MemoryInfo | None
     memories: tuple[MemoryInfo, ...] = ()  # several memories at once (then `memory` is None); see `check_several`
+    auto: tuple[MemoryInfo, ...] | None = None  # "memory": "auto" before the choice: its candidates (`server.api.auto`)
 
     @property
     def memory_field(self) -> str | list[str] | None:
