@@ -240,3 +240,65 @@ def test_api_several_memories(server, ref):
     pj = ppl.json()
     assert pj["memory"] == ["med", "law"] and pj["alpha"] == [0.3, 0.4] and pj["overall"]["memory_nll"] is None
     assert abs(pj["overall"]["nll"] - (-sum(want) / len(want))) <= 1e-4
+
+
+class _Count:
+    """Engine observer: preemptions and prefix-cache hits per cache."""
+
+    def __init__(self) -> None:
+        self.preemptions = 0
+        self.hits: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        return lambda *a: None
+
+    def on_kv_cache(self, usage: float, preemptions: int) -> None:
+        self.preemptions += preemptions
+
+    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
+        self.hits[cache] = self.hits.get(cache, 0) + hits
+
+
+def test_preemption_keeps_the_mixture(setup):
+    """With pages for barely a few rows, multi-memory rows are preempted (pages freed in every model's cache)
+    and recomputed; every step is still the formula."""
+    base, _ = setup
+    reqs = all_requests(base)
+    count = _Count()
+    engine = Engine(*setup, EngineConfig(block_size=2, num_gpu_blocks_override=50), observer=count)
+    out = run(engine, list(reqs.values()))
+    assert count.preemptions > 0
+    assert worst(out, reqs, setup) <= 1e-4
+    assert_clean(engine)
+
+
+def test_prefix_cache_serves_every_memory_of_a_repeated_request(setup):
+    base, _ = setup
+    count = _Count()
+    engine = Engine(*setup, EngineConfig(block_size=4), observer=count)
+    first = run(engine, list(all_requests(base).values()))
+    count.hits.clear()
+    reqs = all_requests(base)
+    again = run(engine, list(reqs.values()))
+    assert count.hits.get("memory", 0) > 0 and count.hits.get("base", 0) > 0
+    assert worst(again, reqs, setup) <= 1e-4
+    assert {r: tokens_of(o) for r, o in first.items()} == {r: tokens_of(o) for r, o in again.items()}
+    assert_clean(engine)
+
+
+def test_sampled_multi_memory_rows_draw_the_same_alone_or_beside_speculating_rows(setup):
+    """A seeded, sampled row with several memories draws from its own seed and position only: the same tokens
+    in a plain engine alone as in a speculating engine beside a row whose memory drafts."""
+    base, _ = setup
+
+    def sampled(rid, mixture, text):
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+        return GenerationRequest(rid, prompt(base, text), params, memories=tuple(m for m, _, _ in mixture),
+                                 alphas=tuple(a for _, a, _ in mixture), memory_temperatures=tuple(t for _, _, t in mixture))  # fmt: skip
+
+    mixture = ROWS[1][2]
+    alone = run(Engine(*setup, EngineConfig(block_size=4)), [sampled("x", mixture, "The court")])
+    drafting = GenerationRequest("d", prompt(base, "The patient"), SamplingParams(max_tokens=12, temperature=1.0, seed=3,
+                                 ignore_eos=True), "med", 0.6)  # fmt: skip
+    crowd = run(Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3)), [drafting, sampled("x", mixture, "The court")])
+    assert tokens_of(alone["x"]) == tokens_of(crowd["x"])
