@@ -11,7 +11,7 @@ parameters (uploaded when the batch's membership changes, not every step).
 With `speculative_tokens` K > 0 a decode step may be a speculative round instead: each memory drafts
 k <= K tokens per row on the device, the base verifies them in one forward, and each row keeps its
 accepted prefix plus one token (`_speculative_step`); still one `fetch`. Rows without a memory, at
-α = 0 or opted out decode as usual in the same round.
+α = 0, opted out or with several memories decode as usual in the same round.
 """
 
 from __future__ import annotations
