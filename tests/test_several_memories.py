@@ -302,3 +302,27 @@ def test_sampled_multi_memory_rows_draw_the_same_alone_or_beside_speculating_row
                                  ignore_eos=True), "med", 0.6)  # fmt: skip
     crowd = run(Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3)), [drafting, sampled("x", mixture, "The court")])
     assert tokens_of(alone["x"]) == tokens_of(crowd["x"])
+
+
+def _score(engine, request):
+    job = engine.add_perplexity(request)
+    while True:
+        result = engine.step()
+        if result.jobs:
+            (done,) = result.jobs
+            assert done.error is None and job.done
+            return done.result.documents[0]
+
+
+def test_memories_scored_separately_equal_one_job_per_memory(setup):
+    """What `"memory": "auto"` compares: each memory's own mixture at its own α and temperature, from one job."""
+    base, _ = setup
+    ids = prompt(base, "The court held that the patient was given a dose of the statute on inflation.")
+    engine = Engine(*setup, EngineConfig(block_size=4))
+    together = _score(engine, PerplexityRequest("s", (ids,), alphas=(0.6, 0.4), memories=("med", "law"),
+                                                memory_temperatures=(0.5, 1.5), separately=True))  # fmt: skip
+    assert len(together.mixed) == 2
+    for i, (name, alpha, temperature) in enumerate((("med", 0.6, 0.5), ("law", 0.4, 1.5))):
+        alone = _score(engine, PerplexityRequest(f"a{i}", (ids,), name, (alpha,), memory_temperature=temperature))
+        assert abs(together.mixed[i].nll - alone.mixed[0].nll) <= 1e-4
+        assert abs(together.base.nll - alone.base.nll) <= 1e-4
