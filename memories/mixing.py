@@ -64,3 +64,24 @@ def mix_scalar(base_lp: float, mem_lp: float, alpha: float) -> float:
         terms.append(math.log1p(-alpha) + base_lp)
     m = max(terms)
     return m + math.log(sum(math.exp(t - m) for t in terms))
+
+
+def base_weight(alphas: list[float] | tuple[float, ...]) -> float:
+    """The base's weight 1 − Σ αᵢ of a mixture of several memories (float64, clamped at 0 against rounding)."""
+    return max(0.0, 1.0 - math.fsum(alphas))
+
+
+def mix_many(base_logp: torch.Tensor, memories: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """log(Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base) from log-probs (same shapes), α's as floats; one memory is `mix_logprobs`."""
+    w = base_weight([a for _, a in memories])
+    out = base_logp + (math.log(w) if w > 0 else float("-inf"))
+    for mem_logp, alpha in memories:
+        if alpha > 0:
+            out = torch.logaddexp(out, mem_logp + math.log(alpha))
+    return out
+
+
+def mix_terms(weighted_base: torch.Tensor, mem_logp: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+    """Add one memory's α·p to a mixture in logs: logaddexp(mixture so far, log α + mem_logp). The engine starts
+    from log(1 − Σ αᵢ) + base_logp and adds each memory in turn; with one memory it is `mix_with_logs`."""
+    return torch.logaddexp(weighted_base, log_alpha + mem_logp)

@@ -264,6 +264,14 @@ def build() -> dict[str, Any]:
         unit="short",
     )  # fmt: skip
     lay.panel("Perplexity request latency", quantiles("memdec_perplexity_request_seconds"), unit="s")
+    lay.panel(
+        "Automatic memory choices",
+        [{"expr": f"sum by (memory) (increase(memdec_auto_memory_choices_total{{{SEL}}}[{RATE}]))",
+          "legendFormat": "{{memory}}"}],
+        unit="short", stacked=True,
+        description='The memory each `"memory": "auto"` request chose (`none`: the base alone, which also serves '
+        "prompts too short to decide).",
+    )  # fmt: skip
 
     variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",

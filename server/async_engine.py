@@ -164,8 +164,10 @@ class AsyncEngine:
 
     async def perplexity(self, request: PerplexityRequest) -> PerplexityResult:
         self._check_accepting()
-        memory_len = self.registry.get(request.memory).max_model_len if request.memory is not None else None
-        validate_perplexity(request, self.base.vocab_size, request_context(self.engine.max_model_len, memory_len))
+        max_len = self.engine.max_model_len
+        for name in request.memory_names:
+            max_len = request_context(max_len, self.registry.get(name).max_model_len)
+        validate_perplexity(request, self.base.vocab_size, max_len)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("perplexity", (request, future)))
         try:

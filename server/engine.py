@@ -11,7 +11,7 @@ parameters (uploaded when the batch's membership changes, not every step).
 With `speculative_tokens` K > 0 a decode step may be a speculative round instead: each memory drafts
 k <= K tokens per row on the device, the base verifies them in one forward, and each row keeps its
 accepted prefix plus one token (`_speculative_step`); still one `fetch`. Rows without a memory, at
-α = 0 or opted out decode as usual in the same round.
+α = 0, opted out or with several memories decode as usual in the same round.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from memories.mixing import memory_logprobs, mix_logprobs, mix_with_logs
+from memories.mixing import memory_logprobs, mix_many, mix_terms
 from server.config import EngineConfig
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
@@ -42,7 +42,7 @@ from server.request import (
 from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
 from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
 from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
-from server.sequence import Sequence
+from server.sequence import MemoryUse, Sequence
 from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
 from server.validation import request_context, validate_generation, validate_perplexity
@@ -172,17 +172,17 @@ class Engine:
 
     def sweep_memories(self) -> None:
         """Drop the runner's state (graphs, views, the model reference) of memories the registry freed."""
-        in_use = {s.memory_name for s in (*self.scheduler.running, *self.scheduler.waiting)}
-        in_use |= {job.memory_name for job in self.scheduler.jobs}
+        in_use = {name for s in (*self.scheduler.running, *self.scheduler.waiting) for name in s.memory_names}
+        in_use |= {name for job in self.scheduler.jobs for name in job.memory_names}
         for key in [k for k in self.runner.models if k is not None]:
             if key not in in_use and key not in self.registry:
                 self.runner.remove_model(key)
 
     # -- admission -------------------------------------------------------------------------------
-    def _tokens_per_page(self, memory: LoadedModel | None) -> list[int]:
+    def _tokens_per_page(self, memories: list[LoadedModel]) -> list[int]:
         """Tokens one KV page holds in each model a request uses."""
         sizes = [self.runner.kv(None).block_size]
-        if memory is not None:
+        for memory in memories:
             model = memory.model  # None once the registry freed it (this runs on the event loop thread)
             if model is None:
                 raise NotFoundError("the memory is not loaded", param="memory", code="memory_not_found")
@@ -191,18 +191,19 @@ class Engine:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise the client's mistake as a 4xx error; nothing is queued or acquired."""
-        memory_len, memory = None, None
-        if request.memory is not None:
-            memory_len = self.registry.get(request.memory).max_model_len  # NotFoundError when unknown
-            if request.alpha > 0.0:
-                memory = self.registry.loaded(request.memory)
+        memory_len, memories = None, []
+        for name, alpha, _ in request.mixture:
+            memory_len = min(memory_len or self.max_model_len, self.registry.get(name).max_model_len)  # NotFoundError when unknown
+            if alpha > 0.0:
+                memories.append(self.registry.loaded(name))
         validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
         total = len(request.prompt_token_ids) + request.params.max_tokens
-        pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memory))
+        pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memories))
         if pages > self.runner.pool.num_usable:
+            what = "" if not memories else " and the memory" if len(memories) == 1 else f" and {len(memories)} memories"
             raise InvalidRequestError(
                 f"This request needs {pages} KV cache pages ({total} tokens in the base"
-                f"{' and the memory' if memory is not None else ''}) but the whole cache has "
+                f"{what}) but the whole cache has "
                 f"{self.runner.pool.num_usable}. Reduce the prompt or max_tokens, or give the server more "
                 "KV memory (--gpu-memory-utilization, --num-gpu-blocks-override).",
                 param="max_tokens",
@@ -211,30 +212,40 @@ class Engine:
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         self.validate(request)
-        memory = None
-        if request.memory is not None and request.alpha > 0.0:
-            memory = self.registry.acquire(request.memory)  # NotFoundError when unknown or retiring
-            try:
-                self.prepare_memory(request.memory, memory)  # normally done when it was loaded
-            except Exception:
-                self.registry.release(request.memory)
-                raise
-        max_len = request_context(self.max_model_len, memory.max_model_len if memory is not None else None)
-        seq = Sequence(request, memory, self.base.eos_token_ids, max_len)
+        uses: list[MemoryUse] = []  # every memory it mixes in (α > 0), each held until the sequence retires
+        try:
+            for name, alpha, temperature in request.mixture:
+                if alpha > 0.0:
+                    memory = self.registry.acquire(name)  # NotFoundError when unknown or retiring
+                    uses.append(MemoryUse(name, memory, alpha, temperature))
+                    self.prepare_memory(name, memory)  # normally done when it was loaded
+        except Exception:
+            for use in uses:
+                self.registry.release(use.name)
+            raise
+        max_len = self.max_model_len
+        for use in uses:
+            max_len = request_context(max_len, use.lm.max_model_len)
+        seq = Sequence(request, tuple(uses), self.base.eos_token_ids, max_len)
         self.scheduler.add(seq)
         return seq
 
     def add_perplexity(self, request: PerplexityRequest) -> PerplexityJob:
-        name = request.memory
-        memory = self.registry.acquire(name) if name is not None else None
+        held: list[str] = []
+        memories = []
         try:
-            max_len = request_context(self.max_model_len, memory.max_model_len if memory is not None else None)
+            max_len = self.max_model_len
+            for name in request.memory_names:
+                memory = self.registry.acquire(name)
+                held.append(name)
+                memories.append(memory)
+                max_len = request_context(max_len, memory.max_model_len)
             context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
-            if name is not None and memory is not None:
+            for name, memory in zip(held, memories, strict=True):
                 self.prepare_memory(name, memory)
-            job = PerplexityJob(request, self.base, memory, context, stride)
+            job = PerplexityJob(request, self.base, memories, context, stride)
         except Exception:
-            if name is not None:
+            for name in held:
                 self.registry.release(name)
             raise
         self.scheduler.add_job(job)
@@ -493,15 +504,18 @@ class Engine:
         each row's run at its first rejection (or its last draft); the step's one host sync is here."""
         b, t = len(rows.seqs), plan.k + 1
         logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
+        if rows.log_base_weight is not None:
+            logp = logp + rows.log_base_weight.unsqueeze(-1)  # (1 − Σ αᵢ)·p_base, in logs
         q = torch.zeros_like(logp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
         drafts = torch.zeros(b, t, dtype=torch.long, device=logp.device)  # [B, T]
         for g in rows.groups:
+            # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real.
             buf = logits.drafts[g.name]
-            log_a, log_1ma = g.log_alpha.unsqueeze(-1), g.log_1m_alpha.unsqueeze(-1)  # [b, 1, 1]
+            log_a = g.log_alpha.unsqueeze(-1)  # [b, 1, 1]
             if g.whole_batch:
-                logp = mix_with_logs(logp, buf.logp, log_a, log_1ma)
+                logp = mix_terms(logp, buf.logp, log_a)
             else:
-                logp.index_copy_(0, g.rows_dev, mix_with_logs(logp.index_select(0, g.rows_dev), buf.logp, log_a, log_1ma))
+                logp.index_copy_(0, g.rows_dev, mix_terms(logp.index_select(0, g.rows_dev), buf.logp, log_a))
             drafts.index_copy_(0, g.rows_dev, buf.tokens)
             if q is not None and buf.probs is not None:
                 q.index_copy_(0, g.rows_dev, buf.probs)
@@ -577,6 +591,8 @@ class Engine:
 
     def _mix_and_sample(self, rows: RowBatch, logits: StepLogits, is_prefill: bool) -> _Sampled:
         logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
+        if rows.log_base_weight is not None:
+            logp = logp + rows.log_base_weight  # (1 − Σ αᵢ)·p_base, in logs; then each memory's αᵢ·pᵢ is added
         mem_lps: dict[str, torch.Tensor] = {}
         for g in rows.groups:
             mem = logits.memories.get(g.name)
@@ -584,10 +600,9 @@ class Engine:
                 continue
             mem_lp = mem_lps[g.name] = memory_logprobs(mem, g.temperature)  # [b, V] log softmax(mem / T)
             if g.whole_batch:
-                logp = mix_with_logs(logp, mem_lp, g.log_alpha, g.log_1m_alpha)
+                logp = mix_terms(logp, mem_lp, g.log_alpha)
             else:
-                mixed = mix_with_logs(logp.index_select(0, g.rows_dev), mem_lp, g.log_alpha, g.log_1m_alpha)
-                logp.index_copy_(0, g.rows_dev, mixed)
+                logp.index_copy_(0, g.rows_dev, mix_terms(logp.index_select(0, g.rows_dev), mem_lp, g.log_alpha))
         counter = None
         if rows.sampling.any_sampled:
             # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
@@ -639,7 +654,7 @@ class Engine:
         round (from the memory's distribution at this position), so its tokens never depend on which
         steps were rounds; the other rows (no draft) draw exactly as `sample` does.
         """
-        q = torch.zeros_like(logp)  # [B, V]; rows without a memory never use theirs
+        q = torch.zeros_like(logp)  # [B, V]; rows without one memory never use theirs (they do not draft)
         for g in rows.groups:
             if g.name in mem_lps:
                 q.index_copy_(0, g.rows_dev, mem_lps[g.name])
@@ -650,16 +665,13 @@ class Engine:
     def _prompt_logprob_tensors(self, rows: RowBatch, logits: StepLogits) -> dict[int, list[torch.Tensor]]:
         """Echo rows: the mixed log-prob of each prompt token given the ones before it, and the top-n."""
         out: dict[int, list[torch.Tensor]] = {}
-        alpha_of = {i: (g, j) for g in rows.groups for j, i in enumerate(g.rows)}
         for i, by_model in logits.prompt.items():
             if i in logits.failed:
                 continue
             seq = rows.seqs[i]
             lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
-            if i in alpha_of:
-                g, j = alpha_of[i]
-                temperature = g.temperature[j] if g.temperature is not None else None
-                lp = mix_logprobs(lp, memory_logprobs(by_model[g.name], temperature), g.alpha[j])
+            if seq.memories:
+                lp = mix_many(lp, [(memory_logprobs(by_model[m.name], m.temperature), m.alpha) for m in seq.memories])
             targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
             chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]
             top_v, top_i = top_logprobs(lp[:-1], seq.params.prompt_logprobs or 0)
@@ -694,13 +706,17 @@ class Engine:
         try:
             assert job.current is not None
             _, ids, windows = job.current
-            lps = self.runner.score(job.memory_name, ids, windows, job.wants_distributions, job.request.memory_temperature)
-            mem = lps.get(job.memory_name) if job.memory_name is not None else None
-            if isinstance(mem, Exception):
-                raise mem
+            keys = list(zip(job.memory_names, job.request.temperatures, strict=True))
+            lps = self.runner.score(keys, ids, windows, job.wants_distributions)
+            mems = []
+            for name in job.memory_names:
+                mem = lps[name]
+                if isinstance(mem, Exception):
+                    raise mem
+                mems.append(mem)
             base = lps[None]
             assert isinstance(base, torch.Tensor)
-            job.add(base, mem)
+            job.add(base, mems if job.several else mems[0] if mems else None)
             if not job.done:
                 return StepResult(batch.kind)
             out = JobOutput(job.request_id, result=job.result())
@@ -712,8 +728,9 @@ class Engine:
 
     def _end_job(self, job: PerplexityJob) -> None:
         self.scheduler.jobs.remove(job)
-        if job.memory_name is not None:
-            self.registry.release(job.memory_name)
+        for name in job.memory_names:
+            self.registry.release(name)
+        if job.memory_names:
             self.sweep_memories()
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[EngineOutput]:
@@ -729,10 +746,10 @@ class Engine:
         outputs = []
         released = False
         for seq in seqs:
-            if seq.memory is not None and seq.memory_name is not None:
-                seq.memory = None
-                self.registry.release(seq.memory_name)
+            for use in seq.memories:
+                self.registry.release(use.name)
                 released = True
+            seq.memories = ()  # released once: a sequence retires once, but never release twice
             out = seq.take_output()
             if out is not None:
                 outputs.append(out)

@@ -76,6 +76,7 @@ COUNTERS: tuple[str, ...] = (
     "memdec_spec_accepted_tokens_total",
     "memdec_prefix_cache_queries_total",
     "memdec_prefix_cache_hits_total",
+    "memdec_auto_memory_choices_total",
 )
 GAUGES: tuple[str, ...] = (
     "memdec_requests_running",
@@ -190,6 +191,9 @@ class Metrics:
         self.prefix_cache_hits = counter(
             "prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed), by cache.", ("cache",)
         )
+        self.auto_memory_choices = counter(
+            "auto_memory_choices", 'Memories chosen for `"memory": "auto"` requests (`none`: the base alone).', mem
+        )
 
         # Series that exist from the start, so dashboards show 0 rather than "no data".
         for phase in PHASES:
@@ -219,6 +223,7 @@ class Metrics:
             h.labels(label)
         self.prompt_tokens.labels(label)
         self.generation_tokens.labels(label)
+        self.auto_memory_choices.labels(label)
         if label != NONE:  # the base alone never drafts
             self.spec_draft_tokens.labels(label)
             self.spec_accepted_tokens.labels(label)
@@ -334,6 +339,10 @@ class Metrics:
             self.prompt_tokens.labels(label).inc(prompt_tokens)
         if generation_tokens:
             self.generation_tokens.labels(label).inc(generation_tokens)
+
+    def auto_memory_chosen(self, memory: str | None) -> None:
+        """A `"memory": "auto"` request chose `memory` (None: the base alone)."""
+        self.auto_memory_choices.labels(self.memory_label(memory)).inc()
 
     def observe_perplexity(self, memory: str | None, seconds: float, tokens: int = 0) -> None:
         """A /v1/perplexity request was scored; its tokens count as prompt tokens of that memory."""

@@ -32,7 +32,9 @@ class MetricsObserver:
     def on_request_finished(self, seq: Sequence) -> None:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival
-        memory = seq.request.memory if seq.request.memory is not None and seq.request.alpha > 0 else None
+        # Several memories: a name no memory can have ('+' is not allowed), so the label is `other` (bounded).
+        names = [name for name, alpha, _ in seq.request.mixture if alpha > 0]
+        memory = "+".join(names) if names else None
         self.metrics.observe_request_finished(
             memory,
             queue_s=(t.scheduled if t.scheduled is not None else finished) - t.arrival,

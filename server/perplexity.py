@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from memories.mixing import mix_logprobs
+from memories.mixing import mix_logprobs, mix_many
 from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
 from server.loader import LoadedModel
 from server.request import (
@@ -53,10 +53,13 @@ class _TokenLog:
 class PerplexityJob:
     """One request's windows, in batches, and its running sums (on the device)."""
 
-    def __init__(self, request: PerplexityRequest, base: LoadedModel, memory: LoadedModel | None, context: int, stride: int) -> None:
+    def __init__(self, request: PerplexityRequest, base: LoadedModel, memories: list[LoadedModel], context: int, stride: int) -> None:
         self.request = request
-        self.memory = memory
-        self.memory_name = request.memory if memory is not None else None
+        self.memories = memories  # held from the registry while the job lives, one per name of `memory_names`
+        self.memory_names = request.memory_names if memories else ()
+        # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights.
+        self.several = len(self.memory_names) > 1
+        self.separately = self.several and request.separately
         self.context, self.stride = context, stride
         self.device = base.device
         self.top_k = request.token_logprobs or 0
@@ -65,7 +68,8 @@ class PerplexityJob:
         zeros = torch.zeros(len(request.documents), dtype=torch.float64)
         self._base_nll = zeros.clone().to(self.device)  # [D]
         self._mem_nll = zeros.clone().to(self.device)  # [D]
-        self._mixed_nll = torch.zeros(len(request.documents), len(request.alphas), dtype=torch.float64).to(self.device)  # [D, A]
+        num_mixtures = 1 if self.several and not self.separately else len(request.alphas)
+        self._mixed_nll = torch.zeros(len(request.documents), num_mixtures, dtype=torch.float64).to(self.device)  # [D, A]
         self._counts = [0] * len(request.documents)
         self._num_windows = [0] * len(request.documents)
         self._offsets = [0] * len(request.documents)  # first scored position of each document's range
@@ -92,10 +96,14 @@ class PerplexityJob:
             for batch in window_batches(windows, BATCH_TOKENS, max_logits, vocab):
                 yield d, ids, batch
 
-    def add(self, base_lp: torch.Tensor, mem_lp: torch.Tensor | None) -> None:
+    def add(self, base_lp: torch.Tensor, mem_lp: torch.Tensor | list[torch.Tensor] | None) -> None:
         """Account the current batch's target log-probs ([B, S] each; whole distributions [B, S, V] when
-        `wants_distributions`) and move to the next batch."""
+        `wants_distributions`) and move to the next batch. With several memories `mem_lp` is a list, one
+        [B, S] per memory (no distributions: top alternatives are refused for several memories)."""
         assert self.current is not None
+        if isinstance(mem_lp, list):
+            self._add_several(base_lp, mem_lp)
+            return
         d, ids, windows = self.current
         if self.wants_distributions:
             self._keep_top(d, base_lp, mem_lp)
@@ -115,6 +123,25 @@ class PerplexityJob:
                 parts["memory"].append(mem_lp.flatten())
                 if len(mixed):  # the first alpha's (a request with a memory but no alpha mixes nothing)
                     parts["mixed"].append(mixed[0])
+        self._counts[d] += base_lp.numel()
+        self.current = next(self._batches, None)
+
+    def _add_several(self, base_lp: torch.Tensor, mem_lps: list[torch.Tensor]) -> None:
+        assert self.current is not None and not self.wants_distributions
+        d = self.current[0]
+        if self.separately:  # each memory's own mixture at its own α
+            for i, (m, a) in enumerate(zip(mem_lps, self.request.alphas, strict=True)):
+                self._mixed_nll[d, i] -= mix_logprobs(base_lp.flatten(), m.flatten(), a).double().sum()
+            self._base_nll[d] -= base_lp.double().sum()
+            self._counts[d] += base_lp.numel()
+            self.current = next(self._batches, None)
+            return
+        mixed = mix_many(base_lp.flatten(), [(m.flatten(), a) for m, a in zip(mem_lps, self.request.alphas, strict=True)])
+        self._base_nll[d] -= base_lp.double().sum()
+        self._mixed_nll[d, 0] -= mixed.double().sum()
+        if self._tokens is not None:
+            self._tokens[d].parts["base"].append(base_lp.flatten())
+            self._tokens[d].parts["mixed"].append(mixed)
         self._counts[d] += base_lp.numel()
         self.current = next(self._batches, None)
 
@@ -140,7 +167,7 @@ class PerplexityJob:
         per_token = iter(host[3:])
         docs = []
         for d, count in enumerate(self._counts):
-            with_memory = self.memory is not None
+            with_memory = bool(self.memories)
             tokens = None
             if kept:
                 tokens = self._token_scores(d, {name: next(per_token).tolist() for name in kept[d]})
@@ -148,7 +175,7 @@ class PerplexityJob:
                 DocumentPerplexity(
                     base=PerplexityScore(base[d], count),
                     mixed=tuple(PerplexityScore(v, count) for v in mixed[d]) if with_memory else (),
-                    memory_alone=PerplexityScore(mem[d], count) if with_memory else None,
+                    memory_alone=PerplexityScore(mem[d], count) if with_memory and not self.several else None,
                     num_windows=self._num_windows[d],
                     tokens=tokens,
                 )

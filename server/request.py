@@ -51,6 +51,19 @@ class GenerationRequest:
     alpha: float = 0.0  # weight of the memory; ignored without a memory
     speculative: bool = True  # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
     memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax (then mixed)
+    # Several memories at once: p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base. When `memories` is set, `memory`, `alpha` and
+    # `memory_temperature` are unused; `alphas` and `memory_temperatures` give one value per memory.
+    memories: tuple[str, ...] = ()
+    alphas: tuple[float, ...] = ()
+    memory_temperatures: tuple[float, ...] = ()
+
+    @property
+    def mixture(self) -> tuple[tuple[str, float, float], ...]:
+        """Every memory the request names, as (name, α, temperature) in request order (α = 0 included)."""
+        if self.memories:
+            temps = self.memory_temperatures or (1.0,) * len(self.memories)
+            return tuple(zip(self.memories, self.alphas, temps, strict=True))
+        return ((self.memory, self.alpha, self.memory_temperature),) if self.memory is not None else ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,24 @@ class PerplexityRequest:
     # Keep each scored token's log-probs (None: only the sums); k > 0 also keeps each model's top k.
     token_logprobs: int | None = None
     memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax
+    # Several memories at once: then `alphas` are their weights (one mixture, one value per memory, not a sweep),
+    # `memory_temperatures` one temperature per memory, and `memory` and `memory_temperature` are unused.
+    memories: tuple[str, ...] = ()
+    memory_temperatures: tuple[float, ...] = ()
+    # With `memories`: score each memory's own mixture α·pᵢ + (1 − α)·p_base at alphas[i] (one score per memory,
+    # for choosing among them: `"memory": "auto"`) instead of one mixture of them all.
+    separately: bool = False
+
+    @property
+    def memory_names(self) -> tuple[str, ...]:
+        return self.memories or ((self.memory,) if self.memory is not None else ())
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """One temperature per memory of `memory_names`."""
+        if self.memories:
+            return self.memory_temperatures or (1.0,) * len(self.memories)
+        return (self.memory_temperature,) if self.memory is not None else ()
 
     @property
     def wants_distributions(self) -> bool:

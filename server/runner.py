@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memories.mixing import alpha_logs, memory_logprobs
+from memories.mixing import memory_logprobs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
 from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
@@ -30,7 +30,7 @@ from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_fo
 from server.loader import LoadedModel
 from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.scheduler import PrefillChunk
-from server.sequence import Sequence
+from server.sequence import MemoryUse, Sequence
 from server.transfer import Uploader
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,6 @@ class MemoryGroup:
     slots_dev: torch.Tensor  # [b]
     alpha: torch.Tensor  # [b] float32
     log_alpha: torch.Tensor  # [b, 1] log α, computed once per batch
-    log_1m_alpha: torch.Tensor  # [b, 1] log(1 − α)
     temperature: torch.Tensor | None  # [b, 1] memory temperature per row; None when every row's is 1
     whole_batch: bool  # every row of the batch, in order: mixing needs no gather or scatter
 
@@ -102,7 +101,14 @@ class RowBatch:
     seqs: list[Sequence]
     slots: list[int]
     slots_dev: torch.Tensor  # [B]
-    groups: list[MemoryGroup]
+    groups: list[MemoryGroup]  # one per memory in use; a row with several memories is in several groups
+    # [B, 1] log of each row's base weight 1 − Σ αᵢ (0 without a memory, −inf when the memories take it all);
+    # None when no row uses a memory. Mixing adds it to the base's log-probs, then logaddexp's each memory's
+    # log αᵢ + log pᵢ into its group's rows: p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base.
+    log_base_weight: torch.Tensor | None
+    # [m] slots of the rows with several memories (None: no such row). They never draft, but each of their
+    # memories runs the first step of a speculative round on the slot's last token, which must stay put.
+    multi_slots_dev: torch.Tensor | None
     sampling: SamplingRows
     logprob_rows: list[int]  # rows that asked for log-probs
     logprob_rows_dev: torch.Tensor  # [W]
@@ -158,6 +164,7 @@ class _Drafting:
     plan: SpecPlan
     uniforms: torch.Tensor | None  # [3, B, T]
     drafts: dict[str, DraftBuffers]
+    multi_inputs: torch.Tensor | None  # [m] the last tokens of the rows with several memories (`multi_slots_dev`)
     failed: dict[int, str] = field(default_factory=dict)  # batch row -> error
     failed_groups: set[str] = field(default_factory=set)
 
@@ -320,23 +327,29 @@ class ModelRunner:
         """Upload what the device needs about these rows (no host sync)."""
         up = self.upload
         slots = [s.row for s in seqs]
-        by_memory: dict[str, list[int]] = {}
+        by_memory: dict[str, list[tuple[int, MemoryUse]]] = {}
         for i, s in enumerate(seqs):
-            if s.memory_name is not None:
-                by_memory.setdefault(s.memory_name, []).append(i)
+            for m in s.memories:
+                by_memory.setdefault(m.name, []).append((i, m))
         groups = []
-        for name, rows in by_memory.items():
+        for name, uses in by_memory.items():
+            rows = [i for i, _ in uses]
             group_slots = [slots[i] for i in rows]
-            alpha = up(np.asarray([seqs[i].alpha for i in rows], dtype=np.float32))
-            log_a, log_1ma = alpha_logs(alpha)
-            temps = [seqs[i].memory_temperature for i in rows]
+            alpha = up(np.asarray([m.alpha for _, m in uses], dtype=np.float32))
+            temps = [m.temperature for _, m in uses]
             temperature = None if all(t == 1.0 for t in temps) else up(np.asarray(temps, dtype=np.float32)).unsqueeze(1)
             groups.append(MemoryGroup(
                 name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,
-                up(np.asarray(group_slots, dtype=np.int64)), alpha, log_a.unsqueeze(1), log_1ma.unsqueeze(1),
+                up(np.asarray(group_slots, dtype=np.int64)), alpha, torch.log(alpha).unsqueeze(1),
                 temperature, whole_batch=len(rows) == len(seqs),
             ))
+        log_base_weight = None
+        if groups:  # log(1 − Σ αᵢ) in float64 on the host (exact −inf at 0), then float32
+            weights = np.asarray([s.base_weight for s in seqs], dtype=np.float64)
+            with np.errstate(divide="ignore"):
+                log_base_weight = up(np.log(weights).astype(np.float32)).unsqueeze(1)
         sampling = sampling_rows([s.params for s in seqs], [s.seed for s in seqs], up)
+        multi = [s.row for s in seqs if len(s.memories) > 1]
         want = [i for i, s in enumerate(seqs) if s.wants_logprobs]
         spec = [i for i, s in enumerate(seqs) if s.speculative] if self.config.speculative_tokens else []
         spec_mask = np.zeros(len(seqs), dtype=bool)
@@ -346,6 +359,8 @@ class ModelRunner:
             slots=slots,
             slots_dev=up(np.asarray(slots, dtype=np.int64)),
             groups=groups,
+            log_base_weight=log_base_weight,
+            multi_slots_dev=up(np.asarray(multi, dtype=np.int64)) if multi else None,
             sampling=sampling,
             logprob_rows=want,
             logprob_rows_dev=up(np.asarray(want, dtype=np.int64)),
@@ -477,8 +492,8 @@ class ModelRunner:
         base_logits: torch.Tensor | None = None
         by_memory: dict[str, list[int]] = {}
         for i, c in enumerate(chunks):
-            if c.seq.memory_name is not None:
-                by_memory.setdefault(c.seq.memory_name, []).append(i)
+            for name in c.seq.memory_names:
+                by_memory.setdefault(name, []).append(i)
 
         def run_memories() -> None:
             for name, idx in by_memory.items():
@@ -559,7 +574,9 @@ class ModelRunner:
             uniforms = speculative_uniforms(batch.sampling.seed.repeat_interleave(t), counter.flatten()).view(3, -1, t)
         ids = torch.zeros(len(batch.seqs), t, dtype=torch.long, device=self.device)  # [B, T] verify input
         ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)  # each row's last token (drafts overwrite it below)
-        rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups})
+        multi_inputs = self.tokens.index_select(0, batch.multi_slots_dev) if batch.multi_slots_dev is not None else None
+        rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups},
+                        multi_inputs)  # fmt: skip
         live = [g for g in batch.groups if plan.steps[g.name]]
         with draft_timer:
             for i in range(1, t):
@@ -616,6 +633,9 @@ class ModelRunner:
             rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
             if i <= rnd.plan.k:
                 self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
+                if rnd.multi_inputs is not None and i == 1:  # the next memory's first step reads their last token
+                    assert rnd.batch.multi_slots_dev is not None
+                    self.tokens.index_copy_(0, rnd.batch.multi_slots_dev, rnd.multi_inputs)
         if g.rows[0] in rnd.failed:
             rnd.failed_groups.add(g.name)
 
@@ -631,24 +651,22 @@ class ModelRunner:
         kv.advance_host(slots)
 
     def score(
-        self, key: str | None, ids: torch.Tensor, windows: list[Window], distributions: bool = False,
-        memory_temperature: float = 1.0,
+        self, keys: list[tuple[str, float]], ids: torch.Tensor, windows: list[Window], distributions: bool = False,
     ) -> dict[ModelKey, torch.Tensor | Exception]:
-        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of memory `key` (its logits
-        divided by `memory_temperature`); with `distributions`, whole next-token log-distributions [B, S, V]
-        instead (per-token top alternatives)."""
+        """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of each memory of `keys`
+        ((name, temperature): its logits divided by the temperature); with `distributions`, whole next-token
+        log-distributions [B, S, V] instead (per-token top alternatives)."""
         result: dict[ModelKey, torch.Tensor | Exception] = {}
         vocab = self.base.vocab_size
         scorer = batch_distributions if distributions else batch_logprobs
 
         def run_memory() -> None:
-            if key is None:
-                return
-            try:
-                result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab, memory_temperature))
-            except Exception as exc:  # contained: the job fails, the engine goes on
-                log.exception("memory %s perplexity forward failed", key)
-                result[key] = exc
+            for key, temperature in keys:
+                try:
+                    result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab, temperature))
+                except Exception as exc:  # contained: the job fails, the engine goes on
+                    log.exception("memory %s perplexity forward failed", key)
+                    result[key] = exc
 
         def run_base() -> None:
             result[None] = scorer(self.base.model, ids, windows, vocab)

@@ -247,8 +247,8 @@ class Scheduler:
         decoding = self.decoding
         by_key: dict[str | None, list[Sequence]] = {None: decoding}
         for seq in decoding:
-            if seq.memory_name is not None:
-                by_key.setdefault(seq.memory_name, []).append(seq)
+            for name in seq.memory_names:
+                by_key.setdefault(name, []).append(seq)
         for key, seqs in by_key.items():
             yield self.kv_of(key), seqs, np.asarray([s.row for s in seqs], dtype=np.int64)
 

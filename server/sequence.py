@@ -34,23 +34,38 @@ class Timings:
     inter_token: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """One memory a sequence mixes in: its model (held from the registry while the sequence lives), α > 0, T."""
+
+    name: str
+    lm: LoadedModel
+    alpha: float
+    temperature: float = 1.0
+
+
 class Sequence:
     def __init__(
         self,
         request: GenerationRequest,
-        memory: LoadedModel | None,
+        memories: tuple[MemoryUse, ...] | LoadedModel | None,
         eos_ids: frozenset[int],
         max_model_len: int,
     ) -> None:
         self.seq_id = next(_ids)
         self.request = request
         self.params = request.params
-        self.memory = memory  # None when the base runs alone (no memory or alpha = 0)
-        self.memory_name = request.memory if memory is not None else None
-        self.alpha = request.alpha if memory is not None else 0.0
-        self.memory_temperature = request.memory_temperature if memory is not None else 1.0
-        # May the memory draft for the base (when the engine speculates)? Only with a memory at alpha > 0.
-        self.speculative = request.speculative and memory is not None
+        if isinstance(memories, LoadedModel):  # one memory: the request's own
+            assert request.memory is not None
+            memories = (MemoryUse(request.memory, memories, request.alpha, request.memory_temperature),)
+        # The memories it mixes in (α > 0 only), in request order; empty when the base runs alone.
+        self.memories: tuple[MemoryUse, ...] = memories or ()
+        self.memory_names: tuple[str, ...] = tuple(m.name for m in self.memories)
+        # The base's weight 1 − Σ αᵢ (in float64, clamped: the α's were checked to sum to at most 1).
+        self.base_weight = max(0.0, 1.0 - sum(m.alpha for m in self.memories))
+        # May the memory draft for the base (when the engine speculates)? Only with one memory at alpha > 0:
+        # a row with several memories decodes plainly (speculation drafts from one distribution).
+        self.speculative = request.speculative and len(self.memories) == 1
         self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)
         self.spec_tests = 0.0
         # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a random one.
@@ -88,8 +103,13 @@ class Sequence:
 
     @property
     def model_keys(self) -> tuple[str | None, ...]:
-        """The runner's models this sequence uses: the base (None) and its memory, if any."""
-        return (None,) if self.memory_name is None else (None, self.memory_name)
+        """The runner's models this sequence uses: the base (None) and its memories, if any."""
+        return (None, *self.memory_names)
+
+    @property
+    def memory_name(self) -> str | None:
+        """Its memory when it mixes in exactly one (the one that drafts when it speculates), else None."""
+        return self.memory_names[0] if len(self.memories) == 1 else None
 
     @property
     def in_prefill(self) -> bool:

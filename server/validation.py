@@ -46,8 +46,10 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
     "chat_template": (),  # a request's own template would run client code in the server: never
 }
-# The metrics use these as label values (the base alone, overflow), so no memory may be called so.
-RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS
+# The metrics use these as label values (the base alone, overflow), so no memory may be called so; nor "auto",
+# which asks the server to choose the memory (`"memory": "auto"`).
+AUTO_MEMORY = "auto"
+RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS | {AUTO_MEMORY}
 
 
 def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = InvalidRequestError) -> float:
@@ -68,6 +70,51 @@ def memory_temperature(requested: float | None, memory: Any | None) -> float:
             )
         return 1.0
     return float(memory.temperature) if requested is None else check_memory_temperature(requested)
+
+
+MAX_MEMORIES = 8  # memories mixed in one request
+ALPHA_SUM_SLACK = 1e-6  # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
+
+
+def check_several(names: list[str], alpha: object, temperature: object, infos: list[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A request that mixes several memories (p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base): unique names, one α per memory
+    (required: a per-memory default would be ambiguous, since the manifests' α's each assume the memory is
+    alone and may sum past 1), Σ αᵢ <= 1, and a temperature per memory (null: each memory's own manifest
+    temperature; a number: every memory's; a list: one per memory). Returns (alphas, temperatures)."""
+    if len(names) > MAX_MEMORIES:
+        raise InvalidRequestError(f"at most {MAX_MEMORIES} memories in one request, got {len(names)}", param="memory")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InvalidRequestError(f"memory {dup[0]!r} is named twice in 'memory'", param="memory")
+    if alpha is None:
+        raise InvalidRequestError(
+            f"'alpha' is required with several memories: a list of {len(names)} weights, one per memory in "
+            "'memory' order, summing to at most 1", param="alpha",
+        )  # fmt: skip
+    if not isinstance(alpha, list | tuple) or len(alpha) != len(names):
+        got = f"{len(alpha)} values" if isinstance(alpha, list | tuple) else "a single number"
+        raise InvalidRequestError(
+            f"'alpha' must be a list of {len(names)} weights with {len(names)} memories (one per memory), got {got}",
+            param="alpha",
+        )
+    alphas = tuple(check_alpha(a) for a in alpha)
+    total = sum(alphas)
+    if total > 1.0 + ALPHA_SUM_SLACK:
+        raise InvalidRequestError(
+            f"the memories' alphas must sum to at most 1 (the base gets 1 minus their sum), got {total:g}", param="alpha"
+        )
+    if temperature is None:
+        temps = tuple(float(info.temperature) for info in infos)
+    elif isinstance(temperature, list | tuple):
+        if len(temperature) != len(names):
+            raise InvalidRequestError(
+                f"'memory_temperature' must be a number or a list of {len(names)} (one per memory), got {len(temperature)} values",
+                param="memory_temperature",
+            )
+        temps = tuple(check_memory_temperature(t) for t in temperature)
+    else:
+        temps = (check_memory_temperature(temperature),) * len(names)  # type: ignore[arg-type]
+    return alphas, temps
 
 
 def check_memory_temperature(value: float) -> float:
@@ -116,7 +163,8 @@ def check_memory_name(name: str) -> None:
         )
     if name in RESERVED_MEMORY_NAMES:
         raise MemoryLoadError(
-            f"memory name {name!r} is reserved (metrics label for the base alone / overflow)", param="name"
+            f"memory name {name!r} is reserved (metrics labels for the base alone / overflow, and 'auto', which asks "
+            "the server to choose the memory)", param="name",
         )
 
 
@@ -223,6 +271,9 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
     check_token_ids(ids, vocab_size, "prompt")
     check_alpha(request.alpha)
     check_memory_temperature(request.memory_temperature)
+    if request.memories:
+        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None,
+                      [None] * len(request.memories) if request.memory_temperatures else [])  # fmt: skip
     check_context(len(ids), request.params.max_tokens, max_len)
     for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
         if n is not None and not 0 <= n <= vocab_size:
@@ -242,6 +293,19 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
     for alpha in request.alphas:
         check_alpha(alpha)
     check_memory_temperature(request.memory_temperature)
+    if request.memories and request.separately:
+        if len(set(request.memories)) < len(request.memories) or len(request.alphas) != len(request.memories):
+            raise InvalidRequestError("each memory once, with one alpha each", param="memory")
+        if request.token_logprobs is not None:
+            raise InvalidRequestError("memories scored separately give no per-token log-probs", param="logprobs")
+    elif request.memories:
+        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None,
+                      [None] * len(request.memories) if request.memory_temperatures else [])  # fmt: skip
+        if request.token_logprobs:
+            raise InvalidRequestError(
+                "per-token top alternatives ('logprobs' > 0) are not supported with several memories; "
+                "'logprobs': 0 returns each token's base and mixed log-probs", param="logprobs",
+            )  # fmt: skip
     if request.token_logprobs is not None and not 0 <= request.token_logprobs <= vocab_size:
         raise InvalidRequestError(f"logprobs must be in [0, {vocab_size}]", param="logprobs")
     if request.first_window < 0:

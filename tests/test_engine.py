@@ -438,7 +438,7 @@ def test_cuda_streams_path_matches_cpu_reference(zoo):
 
 def test_reserved_and_invalid_memory_names_refused(setup, zoo):
     _, registry = setup
-    for name in ("none", "other", "a b", "", "../x"):
+    for name in ("none", "other", "auto", "a b", "", "../x"):
         with pytest.raises(MemoryLoadError):
             registry.load(name, str(zoo.mem_gpt2))
 

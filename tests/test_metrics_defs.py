@@ -46,6 +46,7 @@ SPEC = {
     # Issue 21: prefix caching (vLLM's queries / hits, in tokens), per cache.
     "memdec_prefix_cache_queries": ("counter", {"cache"}),
     "memdec_prefix_cache_hits": ("counter", {"cache"}),
+    "memdec_auto_memory_choices": ("counter", {"memory"}),
 }
 
 
@@ -87,6 +88,8 @@ def exercise(m: Metrics) -> None:
     m.observe_speculation("med", 8, 6)
     m.observe_prefix_cache("base", 420, 400)
     m.observe_prefix_cache("memory", 420, 370)
+    m.auto_memory_chosen("med")
+    m.auto_memory_chosen(None)
 
 
 def test_exactly_the_metrics_of_issue_5_with_their_labels():

@@ -13,16 +13,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.auto import auto_target, check_candidates_field, choose
 from server.api.schemas import SamplingRequest, describe_extra
-from server.api.state import Serving, Target
+from server.api.state import Serving, ServingState, Target
 from server.api.tokens import Prompt, TokenStrings
 from server.config import ServerConfig
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, SamplingParams
 from server.validation import (
+    AUTO_MEMORY,
     MAX_PROMPTS,
     check_at_most,
     check_neutral,
+    check_several,
     check_stop_strings,
     check_stream_options,
     completion_budget,
@@ -51,12 +54,13 @@ class Plan:
     id: str
     created: int
     target: Target
-    alpha: float | None
+    alpha: float | list[float] | None
     prompts: list[Prompt]
     requests: list[GenerationRequest]  # choice index i = prompt (i // n), sample (i % n)
     n: int
     strings: TokenStrings
     prompt_texts: dict[int, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (the "auto" memory choice)
     finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> reason, as they finish
 
     def prompt_of(self, choice: int) -> Prompt:
@@ -75,7 +79,7 @@ class Plan:
             "object": object_name,
             "created": self.created,
             "model": self.target.model,
-            "memory": self.target.memory.name if self.target.memory else None,
+            "memory": self.target.memory_field,
             "alpha": self.alpha,
         }
 
@@ -91,13 +95,39 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
     check_stream_options(body.stream_options is not None, body.stream)
 
 
-def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | None]:
-    """The model and memory a request runs on, and its alpha (None without a memory)."""
+def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | None]:
+    """The model and memory (or memories) a request runs on, and its alpha (None without a memory; one per
+    memory, a list, with several). A `"memory": "auto"` target is settled by `settle` once the prompts are known."""
+    check_candidates_field(body.memory, body.memory_candidates)
+    if body.memory == AUTO_MEMORY:
+        return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), None
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    if target.memories:
+        alphas, _ = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
+        return target, list(alphas)
     if target.memory is None and body.alpha is not None:
         raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
-    alpha = None if target.memory is None else (target.memory.alpha if body.alpha is None else body.alpha)
+    alpha = body.alpha
+    if isinstance(alpha, list):  # one memory: one weight (a list of one is that weight)
+        if len(alpha) != 1:
+            raise InvalidRequestError(f"one memory takes one 'alpha', got a list of {len(alpha)}", param="alpha")
+        alpha = alpha[0]
+    if isinstance(body.memory_temperature, list) and (len(body.memory_temperature) != 1 or target.memory is None):
+        raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
+    alpha = None if target.memory is None else (target.memory.alpha if alpha is None else alpha)
     return target, alpha
+
+
+async def settle(
+    state: ServingState, resolved: tuple[Target, float | list[float] | None], prompts: list[Prompt]
+) -> tuple[tuple[Target, float | list[float] | None], dict[str, str]]:
+    """An auto target becomes the chosen memory at its default α (or the base alone); others pass as they are.
+    Returns the resolved target and the headers the response carries."""
+    target, alpha = resolved
+    if target.auto is None:
+        return resolved, {}
+    chosen, headers = await choose(state, target, prompts)
+    return (chosen, chosen.memory.alpha if chosen.memory else None), headers
 
 
 def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, max_tokens: int) -> SamplingParams:
@@ -128,7 +158,7 @@ def build_plan(
     body: SamplingRequest,
     serving: Serving,
     config: ServerConfig,
-    resolved: tuple[Target, float | None],
+    resolved: tuple[Target, float | list[float] | None],
     prompts: list[Prompt],
     asked: Asked,
     id_prefix: str,
@@ -137,8 +167,15 @@ def build_plan(
     prompts were tokenized); sample j of every prompt uses seed + j."""
     check_prompt_count(len(prompts), body.n)
     target, alpha = resolved
-    temperature = memory_temperature(body.memory_temperature, target.memory)
-    context = serving.context_of(target.memory)
+    several: dict[str, Any] = {}
+    if target.memories:
+        alphas, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
+        several = {"memories": tuple(m.name for m in target.memories), "alphas": alphas, "memory_temperatures": temps}
+        temperature = 1.0
+    else:
+        requested = body.memory_temperature[0] if isinstance(body.memory_temperature, list) else body.memory_temperature
+        temperature = memory_temperature(requested, target.memory)
+    context = serving.context_of(target.memory, *target.memories)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     requests = []
     for p, prompt in enumerate(prompts):
@@ -151,9 +188,10 @@ def build_plan(
                     prompt_token_ids=prompt.token_ids,
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
                     memory=target.memory.name if target.memory else None,
-                    alpha=alpha or 0.0,
+                    alpha=float(alpha) if alpha is not None and not isinstance(alpha, list) else 0.0,
                     memory_temperature=temperature,
                     speculative=body.speculative,
+                    **several,
                 )
             )
     _log_plan(request_id, body, prompts, requests[0], config.log_prompts)
@@ -168,7 +206,7 @@ def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], fir
     log.info(
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
         request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
-        first.memory, first.alpha if first.memory else None, body.stream,
+        first.memory or list(first.memories) or None, first.alpha if first.memory else list(first.alphas) or None, body.stream,
     )  # fmt: skip
     if log_prompts:
         log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])

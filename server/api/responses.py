@@ -171,7 +171,7 @@ async def respond(
                 result = await cancel_on_disconnect(request, _run(plan, state, fmt))
             finally:
                 set_finish_reason(request, summarize(plan.finish_reasons.values()))
-            return JSONResponse(result)
+            return JSONResponse(result, headers=plan.headers)
         engine = state.ready().engine  # again: shutdown may have begun while the prompts were tokenized
         streams = await cancel_on_disconnect(request, open_streams(engine.generate, plan.requests))
     except ClientDisconnected:
@@ -180,5 +180,5 @@ async def respond(
         return Response(status_code=CLIENT_CLOSED)
     return EngineStreamingResponse(
         _sse(plan, streams, request, fmt, options), streams,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **plan.headers},
     )  # fmt: skip

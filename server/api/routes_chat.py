@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from server.api.auth import check_api_key
 from server.api.chat_template import chat_prompt
-from server.api.generation import Asked, Plan, build_plan, check_sampling, resolve_target
+from server.api.generation import Asked, Plan, build_plan, check_sampling, resolve_target, settle
 from server.api.responses import ChoiceResult, Cursor, finish_reason, respond
 from server.api.schemas import ChatCompletionRequest, ChatCompletionResponse
 from server.api.state import ServingState
@@ -98,6 +98,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tokenizer = serving.base.tokenizer
     prompt = await chat_prompt(tokenizer, serving.chat_template, body.messages, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    resolved, headers = await settle(state, resolved, [prompt])
     plan = build_plan(body, serving, state.config, resolved, [prompt], Asked(max_tokens, top), "chatcmpl")
+    plan.headers = headers
     fmt = ChatFormat(top, body.return_tokens_as_token_ids)
     return await respond(plan, state, request, fmt, body.stream, body.stream_options)

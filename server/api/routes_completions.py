@@ -12,7 +12,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server.api.auth import check_api_key
-from server.api.generation import Asked, Plan, build_plan, check_prompt_count, check_sampling, resolve_target
+from server.api.generation import (
+    Asked,
+    Plan,
+    build_plan,
+    check_prompt_count,
+    check_sampling,
+    resolve_target,
+    settle,
+)
 from server.api.responses import ChoiceResult, Cursor, finish_reason, respond
 from server.api.schemas import CompletionRequest, CompletionResponse
 from server.api.state import ServingState
@@ -101,10 +109,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     raw = split_prompts(body.prompt, "prompt")
     check_prompt_count(len(raw), body.n)  # before tokenizing up to 256 prompts for nothing
     prompts = await tokenize(serving.base.tokenizer, raw, serving.base.vocab_size, "prompt")
+    resolved, headers = await settle(state, resolved, prompts)
     asked = Asked(
         max_tokens=16 if body.max_tokens is None else body.max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
     plan = build_plan(body, serving, state.config, resolved, prompts, asked, "cmpl")
+    plan.headers = headers
     return await respond(plan, state, request, TextCompletionFormat(body), body.stream, body.stream_options)

@@ -20,7 +20,7 @@ from server.api.token_logprobs import logprobs_object
 from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
 from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
-from server.validation import check_at_most, memory_temperature
+from server.validation import AUTO_MEMORY, check_at_most, check_several, memory_temperature
 
 router = APIRouter()
 
@@ -39,6 +39,11 @@ log-likelihood `nll` (nats per token) and `perplexity = exp(nll)` under the mixt
 `memory_nll`/`memory_perplexity` for the memory alone. `alpha` may be a list: both models run once and
 every alpha is scored from the same log-probs; `alphas` then lists one entry per value and the top-level
 `nll`/`perplexity` are those of the first. Without a memory only the base is scored.
+
+Several memories (`memory` a list, `alpha` one weight per memory, required, summing to at most 1):
+`nll`/`perplexity` are the mixture `sum(alpha_i * p_i) + (1 - sum(alpha_i)) * p_base`; `memory_nll`
+is null (there is no one memory alone), and per-token `logprobs` give the base and the mixture
+(`logprobs: 0` only: top alternatives are refused).
 
 For an input that fits in one window, `perplexity` equals exp of minus the mean of
 `token_logprobs[1:]` from `/v1/completions` with `echo: true, max_tokens: 0, logprobs: 0`.
@@ -64,6 +69,7 @@ def _scores(
     memory_alone: PerplexityScore | None,
     alphas: list[float],
     alpha_is_list: bool,
+    several: bool = False,
 ) -> dict[str, Any]:
     nll = mixed[0].mean_nll if mixed else base.mean_nll
     out: dict[str, Any] = {
@@ -76,7 +82,7 @@ def _scores(
         "memory_perplexity": _ppl(memory_alone.mean_nll) if memory_alone else None,
         "alphas": None,
     }
-    if alpha_is_list:
+    if alpha_is_list and not several:  # several memories: one mixture, `alpha` its weights (not a sweep)
         out["alphas"] = [
             {"alpha": a, "nll": m.mean_nll, "perplexity": _ppl(m.mean_nll)} for a, m in zip(alphas, mixed, strict=True)
         ]
@@ -90,15 +96,25 @@ def _documents(
     alphas: list[float],
     alpha_is_list: bool,
     from_start: bool,
+    several: bool = False,
 ) -> list[dict[str, Any]]:
     """The `data` entries (with per-token log-probs, real work for long inputs: run off the event loop)."""
     data = []
     for i, (prompt, doc) in enumerate(zip(docs, result.documents, strict=True)):
-        entry = {"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list)}
+        entry = {"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list, several)}
         entry["num_windows"] = doc.num_windows
         entry["logprobs"] = logprobs_object(strings, prompt.token_ids, doc.tokens, from_start) if doc.tokens else None
         data.append(entry)
     return data
+
+
+def _one_temperature(value: float | list[float] | None) -> float | None:
+    """One memory's temperature: a number, or a list of one."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
+        return value[0]
+    return value
 
 
 def _total(scores: list[PerplexityScore]) -> PerplexityScore:
@@ -116,12 +132,23 @@ def _total(scores: list[PerplexityScore]) -> PerplexityScore:
 async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     state: ServingState = request.app.state.memdec
     serving = state.ready()
+    if body.memory == AUTO_MEMORY:
+        raise InvalidRequestError(
+            '"memory": "auto" chooses a memory for generation; /v1/perplexity scores named memories (a list scores '
+            "their mixture)", param="memory",
+        )  # fmt: skip
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     alpha_is_list = isinstance(body.alpha, list)
-    if target.memory is None:
+    several: dict = {}
+    alphas: list[float]
+    if target.memories:  # several memories: one mixture, `alpha` one weight per memory
+        weights, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
+        alphas = list(weights)
+        several = {"memories": tuple(m.name for m in target.memories), "memory_temperatures": temps}
+    elif target.memory is None:
         if body.alpha is not None:
             raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
-        alphas: list[float] = []
+        alphas = []
     elif body.alpha is None:
         alphas = [target.memory.alpha]
     else:
@@ -133,7 +160,8 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         documents=tuple(d.token_ids for d in docs),
         memory=target.memory.name if target.memory else None,
         alphas=tuple(alphas),
-        memory_temperature=memory_temperature(body.memory_temperature, target.memory),
+        memory_temperature=1.0 if several else memory_temperature(_one_temperature(body.memory_temperature), target.memory),
+        **several,
         context_length=body.context_length,
         stride=body.stride,
         first_window=body.first_window,
@@ -147,12 +175,15 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         set_finish_reason(request, "abort")
         return Response(status_code=CLIENT_CLOSED)
     num_tokens = sum(len(d.token_ids) for d in docs)
-    state.metrics.observe_perplexity(job.memory, time.monotonic() - started, num_tokens)
-    data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list, body.first_window == 0)
-    overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(alphas))] if target.memory else []
+    # Several memories: a label no memory can have ('+' is not allowed in names), counted as `other` (bounded).
+    state.metrics.observe_perplexity("+".join(job.memories) or job.memory, time.monotonic() - started, num_tokens)
+    data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list, body.first_window == 0,
+                                   bool(several))  # fmt: skip
+    with_memory = target.memory is not None or bool(several)
+    overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(result.documents[0].mixed))] if with_memory else []
     overall_memory = _total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory else None
     overall = _scores(
-        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list
+        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list, bool(several)
     )
     return JSONResponse(
         {
@@ -160,8 +191,8 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
             "object": "perplexity",
             "created": int(time.time()),
             "model": target.model,
-            "memory": job.memory,
-            "alpha": (alphas if alpha_is_list else alphas[0]) if target.memory else None,
+            "memory": target.memory_field,
+            "alpha": (alphas if alpha_is_list or several else alphas[0]) if with_memory else None,
             "context_length": result.context_length,
             "stride": result.stride,
             "data": data,

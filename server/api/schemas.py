@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from memories.mixing import ALPHA_MAX, ALPHA_MIN
 from server.validation import (
     MAX_ALPHAS,
+    MAX_MEMORIES,
     MAX_MEMORY_NAME,
     MAX_MEMORY_TEMPERATURE,
     MAX_TOKEN_LOGPROBS,
@@ -27,6 +28,9 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 Alpha = Annotated[float, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
+MemoryList = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_MEMORIES)]
+MemoryTemperature = Annotated[float, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
+MemoryTemperatureList = Annotated[list[MemoryTemperature], Field(min_length=1, max_length=MAX_MEMORIES)]
 
 PROMPT_DOC = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
@@ -65,17 +69,27 @@ class SamplingRequest(_Body):
         False, description='vLLM extension: logprobs name tokens "token_id:<id>" instead of by their text.'
     )
     user: str | None = Field(None, description="Ignored.")
-    memory: str | None = Field(
-        None, description="A loaded memory's name; null = the base model alone. Default: the memory `model` names."
+    memory: StrictStr | MemoryList | None = Field(
+        None,
+        description="A loaded memory's name; null = the base model alone. Default: the memory `model` names. A "
+        f"list of up to {MAX_MEMORIES} distinct names mixes them all: p = sum(alpha_i * p_i) + (1 - sum(alpha_i)) * "
+        "p_base (then `alpha` is required, one weight per memory).",
     )
-    alpha: float | None = Field(
-        None, ge=ALPHA_MIN, le=ALPHA_MAX,
-        description="Weight of the memory in [0, 1]; default: the memory's manifest value.",
+    alpha: Alpha | AlphaList | None = Field(
+        None,
+        description="Weight of the memory in [0, 1]; default: the memory's manifest value. With several memories: "
+        "a list, one weight per memory in `memory` order, summing to at most 1 (required).",
     )
-    memory_temperature: float | None = Field(
-        None, ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE,
+    memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
+        None,
         description="The memory's logits are divided by it before its softmax, then mixed (the reference "
-        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1.",
+        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
+        "memories: one number for all, or a list (one per memory); default: each memory's own.",
+    )
+    memory_candidates: list[StrictStr] | None = Field(
+        None,
+        description='With "memory": "auto": the memories to choose from (default: every loaded memory). The base '
+        "alone is always a candidate.",
     )
     speculative: StrictBool = Field(
         True,
@@ -186,14 +200,21 @@ class PerplexityRequestBody(_Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, description="The served base model name or a memory name.")
-    memory: str | None = Field(None, description="A loaded memory's name; null = the base model alone.")
-    alpha: Alpha | AlphaList | None = Field(
-        None, description="Memory weight(s) in [0, 1]; a list scores every value in one pass. Default: the manifest's."
+    memory: StrictStr | MemoryList | None = Field(
+        None,
+        description="A loaded memory's name; null = the base model alone. A list of several distinct names scores "
+        "their mixture sum(alpha_i * p_i) + (1 - sum(alpha_i)) * p_base (then `alpha` is required: one weight per memory).",
     )
-    memory_temperature: float | None = Field(
-        None, ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE,
+    alpha: Alpha | AlphaList | None = Field(
+        None,
+        description="Memory weight(s) in [0, 1]; with one memory a list scores every value in one pass. Default: the "
+        "manifest's. With several memories: one weight per memory (one mixture), summing to at most 1.",
+    )
+    memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
+        None,
         description="The memory's logits are divided by it before its softmax, then mixed (the reference "
-        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1.",
+        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
+        "memories: one number for all, or a list (one per memory); default: each memory's own.",
     )
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
     context_length: StrictInt | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
@@ -264,8 +285,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    memory: str | None = None
-    alpha: float | None = None
+    memory: str | list[str] | None = None
+    alpha: float | list[float] | None = None
 
 
 class ChatLogprobAlternative(BaseModel):
@@ -302,8 +323,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
-    memory: str | None = None
-    alpha: float | None = None
+    memory: str | list[str] | None = None
+    alpha: float | list[float] | None = None
 
 
 class TokenizeResponse(BaseModel):
@@ -386,7 +407,7 @@ class PerplexityResponse(BaseModel):
     object: Literal["perplexity"] = "perplexity"
     created: int
     model: str
-    memory: str | None
+    memory: str | list[str] | None
     alpha: float | list[float] | None
     context_length: int
     stride: int

@@ -61,6 +61,15 @@ class Target:
 
     model: str  # echoed back in responses
     memory: MemoryInfo | None
+    memories: tuple[MemoryInfo, ...] = ()  # several memories at once (then `memory` is None); see `check_several`
+    auto: tuple[MemoryInfo, ...] | None = None  # "memory": "auto" before the choice: its candidates (`server.api.auto`)
+
+    @property
+    def memory_field(self) -> str | list[str] | None:
+        """The response's `memory`: the memory's name, the list of names, or null."""
+        if self.memories:
+            return [m.name for m in self.memories]
+        return self.memory.name if self.memory else None
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,12 @@ class Serving:
     token_strings: TokenStrings
     chat_template: str | None  # --chat-template's text, else the tokenizer's; None: chat is refused (400)
 
-    def context_of(self, memory: MemoryInfo | None) -> int:
-        """The context a request on `memory` (None: the base alone) may use."""
-        return request_context(self.base.max_model_len, memory.max_model_len if memory else None)
+    def context_of(self, memory: MemoryInfo | None, *more: MemoryInfo) -> int:
+        """The context a request on `memory` (None: the base alone), and on `more` memories, may use."""
+        context = request_context(self.base.max_model_len, memory.max_model_len if memory else None)
+        for info in more:
+            context = request_context(context, info.max_model_len)
+        return context
 
     def model_memory(self, model: str) -> MemoryInfo | None:
         """None when `model` names the base; the memory it names otherwise (404 when it names nothing)."""
@@ -88,9 +100,24 @@ class Serving:
         except NotFoundError:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
 
-    def resolve(self, model: str | None, memory: str | None, memory_given: bool) -> Target:
-        """`model` names the base or a memory; an explicit `memory` (null = none) must agree with it."""
+    def resolve(self, model: str | None, memory: str | list[str] | None, memory_given: bool) -> Target:
+        """`model` names the base or a memory; an explicit `memory` (null = none) must agree with it. A list of
+        one memory is that memory; a list of several mixes them all (`model` must then be the base)."""
         model_memory = self.model_memory(model) if model is not None else None
+        if isinstance(memory, list):
+            if len(memory) == 1:
+                memory = memory[0]
+            else:
+                if model_memory is not None:
+                    raise InvalidRequestError(
+                        f"`model` names memory {model_memory.name!r} but `memory` lists several; with several "
+                        "memories `model` is the base (or omitted)", param="memory",
+                    )  # fmt: skip
+                if len(set(memory)) < len(memory):
+                    dup = next(n for n in memory if memory.count(n) > 1)
+                    raise InvalidRequestError(f"memory {dup!r} is named twice in 'memory'", param="memory")
+                infos = tuple(self.registry.get(name) for name in memory)  # NotFoundError(param="memory")
+                return Target(model or self.model_name, None, infos)
         if not memory_given:
             return Target(model or self.model_name, model_memory)
         if model_memory is not None and memory != model_memory.name:
