@@ -92,6 +92,10 @@ COMPLETION_ERRORS = [
     ({"prompt": PROMPT, "logprobs": True}, 400, "logprobs", None),
     ({"prompt": PROMPT, "top_k": False}, 400, "top_k", None),
     ({"prompt": PROMPT, "seed": True}, 400, "seed", None),
+    # ... nor are they numbers: float fields take JSON numbers (integers included) only.
+    ({"prompt": PROMPT, "temperature": True}, 400, "temperature", None),
+    ({"prompt": PROMPT, "memory": "med", "alpha": True}, 400, "alpha", None),
+    ({"prompt": PROMPT, "presence_penalty": False}, 400, "presence_penalty", None),
     # Several memories: alpha required, one per memory, summing to at most 1; names known and distinct.
     ({"prompt": PROMPT, "memory": ["med", "law"]}, 400, "alpha", None),
     ({"prompt": PROMPT, "memory": ["med", "law"], "alpha": 0.3}, 400, "alpha", None),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from memories.mixing import ALPHA_MAX, ALPHA_MIN
 from server.validation import (
@@ -26,10 +26,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # strict types keep `true` or `1.5` from passing as a token id and `1` from passing as text.
 Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
-Alpha = Annotated[float, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
+Alpha = Annotated[StrictFloat, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
 MemoryList = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_MEMORIES)]
-MemoryTemperature = Annotated[float, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
+MemoryTemperature = Annotated[StrictFloat, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
 MemoryTemperatureList = Annotated[list[MemoryTemperature], Field(min_length=1, max_length=MAX_MEMORIES)]
 
 PROMPT_DOC = "a string, a list of strings, a list of token ids, or a list of token-id lists"
@@ -55,8 +55,8 @@ class SamplingRequest(_Body):
     model: str | None = Field(
         None, description="The served base model name, or a memory name (that memory at its default alpha)."
     )
-    temperature: float | None = Field(1.0, ge=0, description="0 = greedy.")
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    temperature: StrictFloat | None = Field(1.0, ge=0, description="0 = greedy.")
+    top_p: StrictFloat | None = Field(1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=-1, description="-1 or 0 = off.")
     n: StrictInt = Field(1, ge=1, description="Independent samples per prompt.")
     stream: bool = False
@@ -98,10 +98,10 @@ class SamplingRequest(_Body):
     )
     # Sent by clients (vllm bench serve sends repetition_penalty: 1.0); the sampler does not implement them,
     # so only their neutral values are accepted (`server.validation.NEUTRAL`).
-    presence_penalty: float | None = Field(0.0, description="Only 0.")
-    frequency_penalty: float | None = Field(0.0, description="Only 0.")
-    repetition_penalty: float | None = Field(1.0, description="Only 1.")
-    min_p: float | None = Field(0.0, description="Only 0.")
+    presence_penalty: StrictFloat | None = Field(0.0, description="Only 0.")
+    frequency_penalty: StrictFloat | None = Field(0.0, description="Only 0.")
+    repetition_penalty: StrictFloat | None = Field(1.0, description="Only 1.")
+    min_p: StrictFloat | None = Field(0.0, description="Only 0.")
     min_tokens: StrictInt | None = Field(0, description="Only 0.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
 
@@ -238,7 +238,7 @@ class MemoryLoadBody(_Body):
 
     name: str = Field(..., min_length=1, max_length=MAX_MEMORY_NAME)
     path: str = Field(..., min_length=1, max_length=4096, description="Memory directory (under --memory-root).")
-    alpha: float | None = Field(
+    alpha: StrictFloat | None = Field(
         None, ge=ALPHA_MIN, le=ALPHA_MAX, description="Default alpha; the manifest's when omitted."
     )
 
