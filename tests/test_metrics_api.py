@@ -174,10 +174,11 @@ def test_generation_requests_move_latency_and_token_metrics_exactly(server):
         assert delta(before, after, "memdec_e2e_request_latency_seconds_bucket", memory=memory, le="+Inf") == (
             expected_counts[memory]["e2e_request_latency"]
         )
-    # Sequential requests: 5 + (1 + 3) + 3 + 1 engine steps, each timing all four phases; one more if b's
-    # two samples reached the engine thread on either side of a step (they are submitted concurrently).
+    # Sequential requests: 5 + (1 + 3) + 3 + 1 engine steps, each timing all four phases; one or two more if b's
+    # two samples (submitted concurrently) reached the engine thread one or two steps apart: the second one's
+    # prompt then runs beside the first one's decode and its last token comes one or two steps later.
     steps = {delta(before, after, "memdec_step_phase_seconds_count", phase=phase) for phase in PHASES}
-    assert len(steps) == 1 and steps.pop() in (13, 14)
+    assert len(steps) == 1 and steps.pop() in (13, 14, 15)
     assert delta(before, after, "memdec_step_phase_seconds_sum", phase="base_forward") > 0
     assert delta(before, after, "memdec_step_phase_seconds_sum", phase="memory_forward") > 0
     assert get(after, "memdec_batch_size") == 1  # the last step ran d alone
