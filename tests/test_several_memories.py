@@ -93,7 +93,7 @@ def test_every_step_equals_the_formula_in_a_mixed_batch(setup, config):
     assert worst(out, reqs, setup) <= 1e-4
     assert_clean(engine)
     for name in ("med", "law", "fin"):  # every memory a request held is released
-        assert registry._entries[name].users == 0
+        assert registry.users(name) == 0
 
 
 def test_a_multi_memory_row_never_drafts(setup):
@@ -130,7 +130,7 @@ def test_alpha_zero_memories_are_not_run_and_tokens_match_the_rest(setup):
     seq = engine.add_request(multi)
     assert seq.memory_names == ("med",)
     engine.abort_request("m")
-    assert registry._entries["law"].users == 0 and registry._entries["med"].users == 0
+    assert registry.users("law") == 0 and registry.users("med") == 0
     out = run(engine, [multi, request(base, "s", "The patient", [("med", 0.6, 1.0)], 8, None)])
     assert tokens_of(out["m"]) == tokens_of(out["s"])
 
@@ -198,7 +198,7 @@ def test_perplexity_of_two_memories_equals_the_formula(setup):
     assert doc.memory_alone is None and len(doc.mixed) == 1
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token.tolist(), strict=True)) <= 1e-4
     for name in ("med", "law"):
-        assert registry._entries[name].users == 0
+        assert registry.users(name) == 0
 
 
 @pytest.fixture(scope="module")
