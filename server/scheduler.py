@@ -181,8 +181,10 @@ class Scheduler:
 
     # -- the policy ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        preempted = self._make_room_for_decode() if self.decoding else []
         decode = self.decoding
+        preempted = self._make_room_for_decode() if decode else []
+        if preempted:
+            decode = self.decoding  # without the preempted rows
         chunks = self._prefill_chunks(self.max_num_batched_tokens - len(decode))
         if not chunks and self.jobs and (not decode or self._score_turn):
             self._score_turn = False
