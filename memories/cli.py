@@ -372,7 +372,7 @@ def register(subparsers: Any) -> None:
 
 
 def _temperature(text: str) -> float:
-    from memories.manifest import check_temperature
+    from memories.mixing import check_temperature
 
     try:
         return check_temperature(float(text))

@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memories.jsonfile import write_json
-from memories.mixing import check_alpha
+from memories.mixing import check_alpha, check_temperature
 
 MANIFEST_NAME = "memdec.json"
 MANIFEST_VERSION = 1
@@ -22,13 +21,6 @@ DEFAULT_ALPHA = 0.6
 # A memory served without a manifest (a published checkpoint as it is) gets the paper's λ for GPT-2.
 PAPER_ALPHA = 0.55
 DEFAULT_TEMPERATURE = 1.0
-
-
-def check_temperature(value: object) -> float:
-    """A memory temperature: a finite number > 0 (the memory's logits are divided by it before mixing)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class ManifestError(ValueError):

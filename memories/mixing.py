@@ -20,6 +20,22 @@ def check_alpha(alpha: object) -> float:
     return float(alpha)
 
 
+# The memory's logits are divided by its temperature before mixing (the reference implementation's knn_temp).
+MIN_MEMORY_TEMPERATURE, MAX_MEMORY_TEMPERATURE = 0.01, 100.0
+
+
+def check_temperature(value: object) -> float:
+    """A memory temperature as a float, or ValueError when it is not a number in [0.01, 100].
+
+    The one temperature rule, like `check_alpha`: the manifest, the toolkit's CLI, the HTTP schema's bounds
+    and request validation all use it, so a memory's default temperature is always one a request may use.
+    """
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not MIN_MEMORY_TEMPERATURE <= value <= MAX_MEMORY_TEMPERATURE):  # fmt: skip
+        raise ValueError(f"temperature must be in [{MIN_MEMORY_TEMPERATURE}, {MAX_MEMORY_TEMPERATURE}], got {value!r}")
+    return float(value)
+
+
 def alpha_logs(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log α, log(1−α)) with exact −inf at the ends, so α=0 and α=1 give one model exactly."""
     alpha = alpha.to(torch.float32)

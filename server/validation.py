@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from memories.mixing import check_alpha as _alpha_rule
+from memories.mixing import check_temperature as _temperature_rule
 from memories.perplexity import WindowSettingsError, window_settings
 from server.errors import InvalidRequestError, MemdecError, MemoryLoadError
 from server.metrics import RESERVED_MEMORY_LABELS
@@ -29,7 +30,6 @@ MAX_MEMORY_NAME = 128  # characters in a memory name
 MAX_TOKEN_LOGPROBS = 16384
 # A request's memory temperature (the memory's logits are divided by it): below this a float32 division can
 # overflow, above it the memory is all but uniform.
-MIN_MEMORY_TEMPERATURE, MAX_MEMORY_TEMPERATURE = 0.01, 100.0
 # Fields that clients send (`vllm bench serve` sends repetition_penalty 1.0; OpenAI's clients send tool
 # fields) but that memdec's sampler or chat does not implement: each is accepted at its neutral values only,
 # so a request never silently gets something other than what it asked for. null is always neutral.
@@ -118,12 +118,11 @@ def check_several(names: list[str], alpha: object, temperature: object, infos: l
 
 
 def check_memory_temperature(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not MIN_MEMORY_TEMPERATURE <= value <= MAX_MEMORY_TEMPERATURE:
-        raise InvalidRequestError(
-            f"memory_temperature must be in [{MIN_MEMORY_TEMPERATURE}, {MAX_MEMORY_TEMPERATURE}], got {value!r}",
-            param="memory_temperature",
-        )
-    return float(value)
+    """A memory temperature in [0.01, 100] (`memories.mixing.check_temperature`), as a 400."""
+    try:
+        return _temperature_rule(value)
+    except ValueError as exc:
+        raise InvalidRequestError(f"memory_{exc}", param="memory_temperature") from None
 
 
 def check_token_ids(ids: Iterable[int], vocab_size: int, param: str, what: str = "token id") -> None:

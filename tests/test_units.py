@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from memories.manifest import Manifest, ManifestError
 from memories.mixing import check_alpha, mix_logprobs, mix_scalar
 from memories.models import ModelLoadError, context_length
 from memories.perplexity import (
@@ -46,6 +47,7 @@ from server.validation import (
     MAX_MEMORY_NAME,
     check_context,
     check_memory_name,
+    check_memory_temperature,
     check_token_ids,
     request_context,
     validate_generation,
@@ -547,6 +549,23 @@ def test_alpha_outside_the_unit_interval_is_refused_everywhere(alpha):
 
 def test_alpha_ends_are_valid():
     assert check_alpha(0) == 0.0 and check_alpha(1) == 1.0 and check_alpha(0.25) == 0.25
+
+
+@pytest.mark.parametrize("temperature", [0.005, 0.0, -1.0, 500.0, float("nan"), float("inf"), True])
+def test_a_temperature_a_request_may_not_use_is_no_manifest_default_either(temperature):
+    """One rule for manifests and requests: a memory never loads with a default temperature that would make
+    every request that leaves `memory_temperature` out a 400."""
+    with pytest.raises(InvalidRequestError) as exc:
+        check_memory_temperature(temperature)
+    assert exc.value.param == "memory_temperature"
+    with pytest.raises(ManifestError, match="'temperature'"):
+        Manifest(name="m", domain="d", alpha=0.5, tokenizer_fingerprint="sha256:0", temperature=temperature)
+
+
+def test_temperature_ends_are_valid():
+    for t in (0.01, 1, 100):
+        assert check_memory_temperature(t) == float(t)
+        assert Manifest(name="m", domain="d", alpha=0.5, tokenizer_fingerprint="sha256:0", temperature=t).temperature == t
 
 
 def test_token_ids_context_and_memory_names():

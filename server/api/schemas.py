@@ -10,14 +10,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from memories.mixing import ALPHA_MAX, ALPHA_MIN
+from memories.mixing import ALPHA_MAX, ALPHA_MIN, MAX_MEMORY_TEMPERATURE, MIN_MEMORY_TEMPERATURE
 from server.validation import (
     MAX_ALPHAS,
     MAX_MEMORIES,
     MAX_MEMORY_NAME,
-    MAX_MEMORY_TEMPERATURE,
     MAX_TOKEN_LOGPROBS,
-    MIN_MEMORY_TEMPERATURE,
 )
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
