@@ -133,7 +133,11 @@ def worst_error(out, specs, setup) -> float:
             top_ids, vals = zip(*lp.top, strict=True)
             engine_logp[list(top_ids)] = torch.tensor(vals)
             ref = reference_logp(base.model, mem_model, context, alpha, vocab)
-            worst = max(worst, (engine_logp - ref).abs().max().item())
+            # Where both are −inf the difference is NaN, which `max` would silently skip: compare the supports
+            # exactly, the values where they are finite.
+            finite = torch.isfinite(ref)
+            assert torch.equal(finite, torch.isfinite(engine_logp)), rid
+            worst = max(worst, (engine_logp[finite] - ref[finite]).abs().max().item())
             context.append(lp.token_id)
     return worst
 
