@@ -27,6 +27,7 @@ from memories.manifest import (
 )
 from memories.models import (
     HUB_IMPORT_FILES,
+    TOKENIZER_FILES,
     ModelLoadError,
     has_safetensors,
     load_tokenizer,
@@ -35,7 +36,6 @@ from memories.models import (
     resolve_source,
 )
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -112,7 +112,7 @@ def import_checkpoint(
     config = json.loads(config_path.read_text(encoding="utf-8"))
     base_tokenizer = load_tokenizer(base)
     base_fp = tokenizer_fingerprint(base_tokenizer)
-    if any((src / f).exists() for f in _TOKENIZER_FILES):
+    if any((src / f).exists() for f in TOKENIZER_FILES):
         try:
             own = tokenizer_fingerprint(load_tokenizer(str(src)))
         except ModelLoadError:

@@ -38,6 +38,8 @@ HUB_SERVE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", 
 # `memdec memory import` also takes pickled weights (loaded with weights_only=True, never served).
 HUB_IMPORT_FILES = (*HUB_SERVE_FILES, "pytorch_model*.bin")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model-*.bin")
+# Files whose presence says a directory ships its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 IMPORT_HINT = "convert it once with `memdec memory import SOURCE OUT --base BASE` and serve OUT"
 
 

@@ -139,10 +139,10 @@ def read_registry_file(path: Path, missing_ok: bool = False) -> tuple[MemorySpec
 
 def _entry_path(given: str, registry: Path) -> str:
     """A registry entry's source: a local path (relative to the registry file's directory) or a hub id."""
-    from memories.models import is_hub_id, looks_local
+    from memories.models import is_hub_id
 
     local = Path(given) if Path(given).is_absolute() else registry.resolve().parent / given
-    if is_hub_id(given) and not local.exists() and not looks_local(given):
+    if is_hub_id(given) and not local.exists():
         return given
     return str(local.resolve())
 

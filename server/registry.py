@@ -22,14 +22,13 @@ from memories.manifest import (
     read_manifest,
     tokenizer_fingerprint,
 )
-from memories.models import PickledWeightsError, VocabularyError, resolve_source
+from memories.models import TOKENIZER_FILES, PickledWeightsError, VocabularyError, resolve_source
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
 from server.validation import check_alpha, check_memory_name
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _ids(value: object) -> set[int]:
@@ -183,7 +182,7 @@ class MemoryRegistry:
         token->id map. True when something was compared; False when the memory ships neither (then
         `_check_unverified` applies once the weights are loaded)."""
         fingerprints = {"manifest": manifest_fingerprint} if manifest_fingerprint else {}
-        if any((directory / f).exists() for f in _TOKENIZER_FILES):
+        if any((directory / f).exists() for f in TOKENIZER_FILES):
             try:
                 fingerprints["tokenizer"] = tokenizer_fingerprint(load_tokenizer(str(directory)))
             except ModelLoadError as exc:

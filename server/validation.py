@@ -76,6 +76,13 @@ MAX_MEMORIES = 8  # memories mixed in one request
 ALPHA_SUM_SLACK = 1e-6  # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
 
 
+def check_distinct(names: list[str], param: str) -> None:
+    """No memory named twice in one list (the first repeated name is reported)."""
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise InvalidRequestError(f"memory {dup!r} is named twice in '{param}'", param=param)
+
+
 def check_several(names: list[str], alpha: object, temperature: object, infos: list[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """A request that mixes several memories (p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base): unique names, one α per memory
     (required: a per-memory default would be ambiguous, since the manifests' α's each assume the memory is
@@ -83,9 +90,7 @@ def check_several(names: list[str], alpha: object, temperature: object, infos: l
     temperature; a number: every memory's; a list: one per memory). Returns (alphas, temperatures)."""
     if len(names) > MAX_MEMORIES:
         raise InvalidRequestError(f"at most {MAX_MEMORIES} memories in one request, got {len(names)}", param="memory")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InvalidRequestError(f"memory {dup[0]!r} is named twice in 'memory'", param="memory")
+    check_distinct(names, "memory")
     if alpha is None:
         raise InvalidRequestError(
             f"'alpha' is required with several memories: a list of {len(names)} weights, one per memory in "
@@ -271,8 +276,7 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
     check_alpha(request.alpha)
     check_memory_temperature(request.memory_temperature)
     if request.memories:
-        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None,
-                      [None] * len(request.memories) if request.memory_temperatures else [])  # fmt: skip
+        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None, [])
     check_context(len(ids), request.params.max_tokens, max_len)
     for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
         if n is not None and not 0 <= n <= vocab_size:
@@ -298,8 +302,7 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
         if request.token_logprobs is not None:
             raise InvalidRequestError("memories scored separately give no per-token log-probs", param="logprobs")
     elif request.memories:
-        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None,
-                      [None] * len(request.memories) if request.memory_temperatures else [])  # fmt: skip
+        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None, [])
         if request.token_logprobs:
             raise InvalidRequestError(
                 "per-token top alternatives ('logprobs' > 0) are not supported with several memories; "

@@ -24,7 +24,7 @@ from server.api.tokens import Prompt
 from server.errors import InvalidRequestError, NotFoundError
 from server.registry import MemoryInfo
 from server.request import PerplexityRequest
-from server.validation import AUTO_MEMORY
+from server.validation import AUTO_MEMORY, check_distinct
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ def auto_target(serving: Serving, model: str | None, candidates: list[str] | Non
     else:
         if len(candidates) > MAX_CANDIDATES:
             raise InvalidRequestError(f"at most {MAX_CANDIDATES} memory_candidates", param="memory_candidates")
-        if len(set(candidates)) < len(candidates):
-            dup = next(n for n in candidates if candidates.count(n) > 1)
-            raise InvalidRequestError(f"memory {dup!r} is named twice in 'memory_candidates'", param="memory_candidates")
+        check_distinct(candidates, "memory_candidates")
         infos = tuple(_candidate(serving, name) for name in candidates)
     return Target(model or serving.model_name, None, auto=infos)
 

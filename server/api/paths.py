@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePath
 
-from memories.models import is_hub_id
+from memories.models import is_hub_id, split_revision
 from server.errors import MemoryLoadError, PermissionDeniedError
 
 
@@ -44,10 +44,11 @@ def confine(path: str, root: Path | None, allow_hub: bool = False) -> str:
 def _hub_id_under(path: str, root: Path) -> bool:
     """An `org/name[@revision]` hub id that names nothing under the root (a relative path that exists there is
     a directory; a bare `name` under a root is a directory name, so a missing one is "does not exist")."""
-    if "/" not in path.partition("@")[0] or not is_hub_id(path):
+    repo = split_revision(path)[0]
+    if "/" not in repo or not is_hub_id(path):
         return False
     try:
-        return not (root / path.partition("@")[0]).exists()
+        return not (root / repo).exists()
     except (OSError, ValueError):
         return False
 

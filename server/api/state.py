@@ -36,7 +36,7 @@ from server.loader import LoadedModel, load_base
 from server.metrics import Metrics
 from server.observer import MetricsObserver
 from server.registry import MemoryInfo, MemoryRegistry
-from server.validation import request_context
+from server.validation import check_distinct, request_context
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ class Serving:
                         f"`model` names memory {model_memory.name!r} but `memory` lists several; with several "
                         "memories `model` is the base (or omitted)", param="memory",
                     )  # fmt: skip
-                if len(set(memory)) < len(memory):
-                    dup = next(n for n in memory if memory.count(n) > 1)
-                    raise InvalidRequestError(f"memory {dup!r} is named twice in 'memory'", param="memory")
+                check_distinct(memory, "memory")
                 infos = tuple(self.registry.get(name) for name in memory)  # NotFoundError(param="memory")
                 return Target(model or self.model_name, None, infos)
         if not memory_given:
