@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,7 +37,7 @@ class Server:
 
 @contextmanager
 def serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     cmd = [*_memdec(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     with log.open("w") as out:

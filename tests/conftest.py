@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from server.config import ModelConfig
+from server.config import MemorySpec, ModelConfig, ServerConfig
 from server.loader import LoadedModel, load_base
 from server.registry import MemoryRegistry
 from testkit.models import build_chat_model, build_memory, build_model, build_tokenizer
 from testkit.server import Server, serve
 from testkit.text import sample_text
-from tests.api_harness import load_hf
+from tests.api_harness import InProcessServer, load_hf
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -84,6 +84,17 @@ class HFReference:
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def med_law_server(zoo: TinyZoo) -> Iterator[InProcessServer]:
+    """The tiny base served in process with the memories "med" (Llama) and "law" (Qwen2, padded vocabulary)."""
+    config = ServerConfig(
+        model=ModelConfig(str(zoo.base)),
+        memories=(MemorySpec("med", str(zoo.mem_llama)), MemorySpec("law", str(zoo.mem_qwen_padded))),
+    )
+    with InProcessServer(config) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

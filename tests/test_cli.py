@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
 from server import cli
 from server.config import DEFAULT_SPECULATIVE_TOKENS, MemorySpec
+from testkit.server import free_port
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -125,9 +125,7 @@ def test_bad_chat_template_file_fails_before_loading(tmp_path, capsys):
 
 
 def test_unloadable_model_exits_1_with_the_reason(tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     missing = tmp_path / "no-such-model"
     code = cli.main(["serve", "--model", str(missing), "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"])
     assert code == 1
@@ -135,9 +133,7 @@ def test_unloadable_model_exits_1_with_the_reason(tmp_path, capsys):
 
 
 def test_unloadable_startup_memory_exits_1(zoo, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["serve", "--model", str(zoo.base), "--memory", f"alien={zoo.mem_foreign}", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "error"]  # fmt: skip
     assert cli.main(argv) == 1

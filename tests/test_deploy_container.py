@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from testkit.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("MEMDEC_TEST_IMAGE", "localhost/memdec:cpu-test")
@@ -63,12 +64,6 @@ def image() -> str:
     assert res.returncode == 0, f"image build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
     print(f"\nimage {IMAGE} built in {time.monotonic() - t0:.0f} s")
     return IMAGE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

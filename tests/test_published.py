@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from memories.manifest import PAPER_ALPHA, read_manifest, tokenizer_fingerprint
 from server import cli
 from server.config import MemorySpec, ModelConfig, ServerConfig, read_registry_file
 from testkit.models import build_tokenizer
+from testkit.server import free_port
 from testkit.text import sample_text
 from tests.api_harness import InProcessServer, assert_error, ids_of, load_hf
 
@@ -288,9 +288,7 @@ def test_pickled_memory_is_refused_with_the_import_command(published, capsys):
             err = assert_error(s.post("/v1/memories", {"name": "bio", "path": path}), 400, "path", "pickled_weights")
             assert "memdec memory import" in err["message"], err
         assert memory_cards(s) == {}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     argv = ["serve", "--model", str(published.base), "--memory", f"bio={published.qwen_bin}", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "error"]  # fmt: skip
     assert cli.main(argv) == 1

@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 
-from server.config import EngineConfig, MemorySpec, ModelConfig, ServerConfig
+from server.config import EngineConfig
 from server.engine import Engine
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
-from tests.api_harness import InProcessServer
 from tests.engine_helpers import assert_clean, logprobs_of, prompt, run, tokens_of
 
 # rid, text, [(memory, alpha, temperature)], tokens
@@ -201,23 +200,13 @@ def test_perplexity_of_two_memories_equals_the_formula(setup):
         assert registry.users(name) == 0
 
 
-@pytest.fixture(scope="module")
-def server(zoo):
-    config = ServerConfig(
-        model=ModelConfig(str(zoo.base)),
-        memories=(MemorySpec("med", str(zoo.mem_llama)), MemorySpec("law", str(zoo.mem_qwen_padded))),
-    )
-    with InProcessServer(config) as s:
-        yield s
-
-
-def test_api_several_memories(server, ref):
+def test_api_several_memories(med_law_server, ref):
     """Completions, chat and perplexity accept a memory list; the response echoes it; echo log-probs follow
     the mixture (checked against the HF reference models)."""
     text = "The court held that"
     body = {"prompt": text, "memory": ["med", "law"], "alpha": [0.3, 0.4], "max_tokens": 0, "echo": True, "logprobs": 0,
             "memory_temperature": [1.0, 1.0]}  # fmt: skip
-    r = server.post("/v1/completions", body)
+    r = med_law_server.post("/v1/completions", body)
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["memory"] == ["med", "law"] and data["alpha"] == [0.3, 0.4]
@@ -230,12 +219,12 @@ def test_api_several_memories(server, ref):
     want = torch.log(p.gather(-1, t[0, 1:, None]).squeeze(-1)).tolist()
     got = data["choices"][0]["logprobs"]["token_logprobs"][1:]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
-    chat = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+    chat = med_law_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
                                                 "memory": ["law", "med"], "alpha": [0.5, 0.5]})  # fmt: skip
     assert chat.status_code in (200, 400), chat.text  # 400 only when the base has no chat template
     if chat.status_code == 200:
         assert chat.json()["memory"] == ["law", "med"]
-    ppl = server.post("/v1/perplexity", {"input": text, "memory": ["med", "law"], "alpha": [0.3, 0.4]})
+    ppl = med_law_server.post("/v1/perplexity", {"input": text, "memory": ["med", "law"], "alpha": [0.3, 0.4]})
     assert ppl.status_code == 200, ppl.text
     pj = ppl.json()
     assert pj["memory"] == ["med", "law"] and pj["alpha"] == [0.3, 0.4] and pj["overall"]["memory_nll"] is None
