@@ -8,9 +8,42 @@ from collections.abc import Callable
 import torch
 
 from memories.mixing import mix_logprobs
+from server.config import EngineConfig
 from server.engine import Engine
 from server.output import OutputProcessor
 from server.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
+
+
+class Recorder:
+    """An engine observer that sums what the metrics are made of: speculation per memory, prefix-cache
+    lookups per cache (tokens) and preemptions; every other hook is a no-op."""
+
+    def __init__(self) -> None:
+        self.drafted: dict[str, int] = {}
+        self.accepted: dict[str, int] = {}
+        self.queries: dict[str, int] = {}
+        self.hits: dict[str, int] = {}
+        self.preemptions = 0
+
+    def on_speculation(self, memory: str, drafted: int, accepted: int) -> None:
+        self.drafted[memory] = self.drafted.get(memory, 0) + drafted
+        self.accepted[memory] = self.accepted.get(memory, 0) + accepted
+
+    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
+        self.queries[cache] = self.queries.get(cache, 0) + queries
+        self.hits[cache] = self.hits.get(cache, 0) + hits
+
+    def on_kv_cache(self, usage: float, preemptions: int) -> None:
+        self.preemptions += preemptions
+
+    def __getattr__(self, name):  # the other hooks
+        return lambda *a, **k: None
+
+
+def engine_for(setup, observer=None, **kw) -> Engine:
+    """An engine on the `setup` fixture's base and registry with these EngineConfig fields."""
+    base, registry = setup
+    return Engine(base, registry, EngineConfig(**kw), observer=observer)
 
 
 def run(

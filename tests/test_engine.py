@@ -21,6 +21,7 @@ from tests.engine_helpers import (
     assert_pages_owned_once,
     chi_square,
     chi_square_critical,
+    engine_for,
     greedy,
     host_reads,
     logprobs_of,
@@ -30,11 +31,6 @@ from tests.engine_helpers import (
     tokens_of,
     worst_error,
 )
-
-
-def engine_for(setup, **kw) -> Engine:
-    base, registry = setup
-    return Engine(base, registry, EngineConfig(**kw))
 
 
 @pytest.mark.parametrize("memory", [None, "med", "law"])

@@ -15,8 +15,10 @@ from server.kv import ModelKV
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from tests.engine_helpers import (
+    Recorder,
     assert_clean,
     assert_pages_owned_once,
+    engine_for,
     greedy,
     logprobs_of,
     prompt,
@@ -27,30 +29,6 @@ from tests.engine_helpers import (
 )
 
 SYSTEM = "The court held that the patient was given a dose of the statute and the contract. " * 3
-
-
-class Lookups:
-    """An engine observer that sums prefix-cache lookups per cache (the metrics' source) and preemptions."""
-
-    def __init__(self) -> None:
-        self.queries: dict[str, int] = {}
-        self.hits: dict[str, int] = {}
-        self.preemptions = 0
-
-    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
-        self.queries[cache] = self.queries.get(cache, 0) + queries
-        self.hits[cache] = self.hits.get(cache, 0) + hits
-
-    def on_kv_cache(self, usage: float, preemptions: int) -> None:
-        self.preemptions += preemptions
-
-    def __getattr__(self, name):  # the other hooks
-        return lambda *a, **k: None
-
-
-def engine_for(setup, observer=None, **kw) -> Engine:
-    base, registry = setup
-    return Engine(base, registry, EngineConfig(**kw), observer=observer)
 
 
 def checked(engine: Engine, chunked: list[bool]):
@@ -101,7 +79,7 @@ def test_outputs_match_the_reference_with_prefix_caching_and_chunked_prefill_on_
     vocab = base.vocab_size
     reqs, join = shared_workload(base, vocab)
     assert len(reqs["s1"].prompt_token_ids) > 40  # several chunks of 16 and many 4-token blocks
-    lookups, chunked = Lookups(), []
+    lookups, chunked = Recorder(), []
     engine = engine_for(setup, lookups, block_size=4, **CONFIGS[config])
     out = run(engine, join.pop(0), join, after_step=checked(engine, chunked))
     specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in SHARED]
@@ -160,7 +138,7 @@ def test_unloaded_memory_blocks_are_never_served(setup, zoo):
     or the same one) computes its prompt anew — the base's blocks are still shared."""
     base, _ = setup
     registry = MemoryRegistry(base)
-    lookups = Lookups()
+    lookups = Recorder()
     engine = Engine(base, registry, EngineConfig(block_size=4), observer=lookups)
     registry.load("med", str(zoo.mem_llama), prepare=engine.prepare_memory)
     vocab = base.vocab_size
@@ -210,7 +188,7 @@ def test_eviction_under_a_small_cache_reuses_nothing_wrong_and_leaks_nothing(set
     join: dict[int, list] = {}
     for rid, *_, at in specs:
         join.setdefault(at, []).append(reqs[rid])
-    lookups = Lookups()
+    lookups = Recorder()
     engine = engine_for(setup, lookups, block_size=2, num_gpu_blocks_override=48, max_num_seqs=4, max_num_batched_tokens=8)
     out = run(engine, join.pop(0), join, after_step=assert_pages_owned_once)
     assert worst_error(out, [(rid, ids, m, a, n) for rid, ids, m, a, n, _ in specs], setup) <= 1e-4

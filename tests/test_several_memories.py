@@ -14,7 +14,7 @@ from server.config import EngineConfig
 from server.engine import Engine
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
-from tests.engine_helpers import assert_clean, logprobs_of, prompt, run, tokens_of
+from tests.engine_helpers import Recorder, assert_clean, logprobs_of, prompt, run, tokens_of
 
 # rid, text, [(memory, alpha, temperature)], tokens
 ROWS = [
@@ -231,29 +231,12 @@ def test_api_several_memories(med_law_server, ref):
     assert abs(pj["overall"]["nll"] - (-sum(want) / len(want))) <= 1e-4
 
 
-class _Count:
-    """Engine observer: preemptions and prefix-cache hits per cache."""
-
-    def __init__(self) -> None:
-        self.preemptions = 0
-        self.hits: dict[str, int] = {}
-
-    def __getattr__(self, name):
-        return lambda *a: None
-
-    def on_kv_cache(self, usage: float, preemptions: int) -> None:
-        self.preemptions += preemptions
-
-    def on_prefix_cache(self, cache: str, queries: int, hits: int) -> None:
-        self.hits[cache] = self.hits.get(cache, 0) + hits
-
-
 def test_preemption_keeps_the_mixture(setup):
     """With pages for barely a few rows, multi-memory rows are preempted (pages freed in every model's cache)
     and recomputed; every step is still the formula."""
     base, _ = setup
     reqs = all_requests(base)
-    count = _Count()
+    count = Recorder()
     engine = Engine(*setup, EngineConfig(block_size=2, num_gpu_blocks_override=50), observer=count)
     out = run(engine, list(reqs.values()))
     assert count.preemptions > 0
@@ -263,7 +246,7 @@ def test_preemption_keeps_the_mixture(setup):
 
 def test_prefix_cache_serves_every_memory_of_a_repeated_request(setup):
     base, _ = setup
-    count = _Count()
+    count = Recorder()
     engine = Engine(*setup, EngineConfig(block_size=4), observer=count)
     first = run(engine, list(all_requests(base).values()))
     count.hits.clear()

@@ -10,15 +10,16 @@ import math
 import pytest
 import torch
 
-from server.config import EngineConfig
 from server.engine import Engine
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
 from tests.engine_helpers import (
+    Recorder,
     assert_clean,
     assert_pages_owned_once,
     chi_square,
     chi_square_critical,
+    engine_for,
     greedy,
     host_reads,
     logprobs_of,
@@ -29,33 +30,8 @@ from tests.engine_helpers import (
 )
 
 
-class Counts:
-    """An engine observer that sums the speculation counters per memory (the metrics' source)."""
-
-    def __init__(self) -> None:
-        self.drafted: dict[str, int] = {}
-        self.accepted: dict[str, int] = {}
-        self.preemptions = 0
-
-    def on_speculation(self, memory: str, drafted: int, accepted: int) -> None:
-        self.drafted[memory] = self.drafted.get(memory, 0) + drafted
-        self.accepted[memory] = self.accepted.get(memory, 0) + accepted
-
-    def on_kv_cache(self, usage: float, preemptions: int) -> None:
-        self.preemptions += preemptions
-
-    def __getattr__(self, name):  # the other hooks
-        return lambda *a, **k: None
-
-
 def spec_engine(setup, k: int, observer=None, adaptive: bool = False, **kw) -> Engine:
-    base, registry = setup
-    return Engine(base, registry, EngineConfig(speculative_tokens=k, speculative_adaptive=adaptive, **kw), observer=observer)
-
-
-def plain_engine(setup, **kw) -> Engine:
-    base, registry = setup
-    return Engine(base, registry, EngineConfig(**kw))
+    return engine_for(setup, observer, speculative_tokens=k, speculative_adaptive=adaptive, **kw)
 
 
 MIXED = [  # rid, text, memory, alpha, tokens, extra request fields
@@ -87,10 +63,10 @@ def test_greedy_tokens_equal_plain_decoding_and_logprobs_equal_the_reference(set
     vocab = base.vocab_size
     reqs = mixed_requests(base, logprobs=vocab)
     first, later = [reqs[r] for r in "abcde"], {3: [reqs["f"], reqs["g"]], 5: [reqs["h"]]}
-    counts = Counts()
+    counts = Recorder()
     engine = spec_engine(setup, k, counts, block_size=2)
     spec = run(engine, first, later, after_step=assert_pages_owned_once)  # draft pages too: one owner each
-    plain = run(plain_engine(setup, block_size=2), first, later)
+    plain = run(engine_for(setup, block_size=2), first, later)
     for rid in reqs:
         assert tokens_of(spec[rid]) == tokens_of(plain[rid]), rid
     specs = [(rid, r.prompt_token_ids, r.memory, r.alpha, r.params.max_tokens) for rid, r in reqs.items()]
@@ -105,7 +81,7 @@ def test_stop_ids_stop_strings_and_max_tokens_inside_accepted_runs(setup):
     rest of the run is rolled back (the engine is clean, a later request is unaffected)."""
     base, _ = setup
     ids = prompt(base, "Once upon a time")
-    free = run(plain_engine(setup), [greedy("f", ids, n=24, memory="med", alpha=1.0)])["f"]
+    free = run(engine_for(setup), [greedy("f", ids, n=24, memory="med", alpha=1.0)])["f"]
     toks, text = tokens_of(free), "".join(o.new_text for o in free)
     stop_id = next(t for t in toks[4:] if t not in toks[:4])  # its first appearance is past a round's start
     stop = next(text[i : i + 3] for i in range(len(text) // 2, len(text) - 3) if text[i : i + 3].strip() and text.index(text[i : i + 3]) == i)
@@ -116,7 +92,7 @@ def test_stop_ids_stop_strings_and_max_tokens_inside_accepted_runs(setup):
     }
     engine = spec_engine(setup, 4)
     spec = run(engine, list(cases.values()))
-    plain = run(plain_engine(setup), list(cases.values()))
+    plain = run(engine_for(setup), list(cases.values()))
     for rid in cases:
         assert tokens_of(spec[rid]) == tokens_of(plain[rid]), rid
         assert "".join(o.new_text for o in spec[rid]) == "".join(o.new_text for o in plain[rid])
@@ -156,7 +132,7 @@ def test_seeded_requests_are_reproducible_whatever_the_rounds(setup):
     crowd = [GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=20, temperature=1.0), m, 0.5)
              for i, m in enumerate(["med", "law", "fin", None, "med"])]  # fmt: skip
     runs.append(tokens_of(run(spec_engine(setup, 3), [*crowd[:3], req], {1: crowd[3:]})["s"]))
-    counts = Counts()
+    counts = Recorder()
     tight = spec_engine(setup, 3, counts, block_size=2, num_gpu_blocks_override=60)
     runs.append(tokens_of(run(tight, [*crowd, req])["s"]))
     assert counts.preemptions > 0
@@ -206,7 +182,7 @@ def test_first_two_sampled_tokens_follow_the_exact_mixture(setup, alpha, params)
     base, _ = setup
     ids = prompt(base, "The patient was")
     n = 3000
-    counts = Counts()
+    counts = Recorder()
     engine = spec_engine(setup, 1, counts, max_num_seqs=256)
     reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True, **params), "med", alpha) for i in range(n)]
     out = run(engine, reqs)
