@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from memories.crosseval import CROSS_SOURCE, IN_SOURCE, ppl_at
 from memories.evaluate import relative_curve
-from memories.manifest import read_manifest, write_manifest
+from memories.jsonfile import read_json
+from memories.manifest import Manifest, read_manifest, write_manifest
 
 MEMORIES = {"biomed": "biomedical", "legal": "legal", "finance": "finance"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -51,10 +53,6 @@ def _strip_files(value: Any) -> Any:
     return value
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _row(text: dict[str, Any], alpha: float) -> dict[str, Any]:
     """One text's numbers at the memory's α (and at the text's own best α)."""
     at = ppl_at(text, alpha)
@@ -63,21 +61,36 @@ def _row(text: dict[str, Any], alpha: float) -> dict[str, Any]:
             "best_alpha": text["best_alpha"], "best_ppl": text["best_ppl"]}
 
 
-def _domain_results(work: Path, name: str, domain: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Domain:
+    """What the recipe left for one domain, read once: the shipped memory's manifest (its α and its
+    evaluation on the base), its evaluation on base-small, and the leave-one-source-out reports."""
+
+    name: str
+    domain: str
+    manifest: Manifest
+    small: dict[str, Any]
+    folds: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, work: Path, name: str, domain: str) -> _Domain:
+        folds = [read_json(p) for p in sorted((work / "loso" / domain).glob("without-*/evaluation.json"))]
+        return cls(name, domain, read_manifest(work / "memories" / name),
+                   read_json(work / "eval-small" / name / "evaluation.json"), folds)  # fmt: skip
+
+
+def _domain_results(work: Path, d: _Domain) -> dict[str, Any]:
     """Cross-source (each leave-one-source-out memory on the source it never saw, at the domain's α) and
     in-source (the shipped memory on each of its sources, both bases) numbers of one domain."""
-    alpha = read_manifest(work / "memories" / name).alpha
-    folds = sorted((work / "loso" / domain).glob("without-*/evaluation.json"))
+    domain, alpha = d.domain, d.manifest.alpha
     cross, fold_in = [], []
-    for path in folds:
-        rep = _read(path)
+    for rep in d.folds:
         for t in (t for t in rep["texts"] if t["kind"] == CROSS_SOURCE):
             # The α check: the same memory on fresh text of the source it never saw (its train lines).
-            check = _read(work / "eval-alpha-check" / f"{domain}-{t['label']}" / "evaluation.json")["texts"][0]
+            check = read_json(work / "eval-alpha-check" / f"{domain}-{t['label']}" / "evaluation.json")["texts"][0]
             cross.append({**_row(t, alpha), "fresh_text": _row(check, alpha)})
         fold_in += [_row(t, alpha) for t in rep["texts"] if t["kind"] == IN_SOURCE]
-    shipped = read_manifest(work / "memories" / name).evaluation
-    small = _read(work / "eval-small" / name / "evaluation.json")
+    shipped, small = d.manifest.evaluation, d.small
     return {
         "domain": domain, "alpha": alpha,
         "cross_source": cross,  # the held-out source of each leave-one-source-out memory
@@ -88,11 +101,11 @@ def _domain_results(work: Path, name: str, domain: str) -> dict[str, Any]:
 
 
 def _specificity(work: Path, name: str) -> list[dict[str, Any]]:
-    rep = _read(work / "eval-specificity" / name / "evaluation.json")
+    rep = read_json(work / "eval-specificity" / name / "evaluation.json")
     return [_row(t, rep["alpha"]) for t in rep["texts"]]
 
 
-def _plot(domain: str, name: str, work: Path, alpha: float, path: Path) -> None:
+def _plot(d: _Domain, path: Path) -> None:
     """Two panels on one axis (perplexity relative to the base alone): in-source, the shipped memory on each
     of its domain's sources; cross-source, each leave-one-source-out memory on the source it never saw."""
     import matplotlib
@@ -101,15 +114,14 @@ def _plot(domain: str, name: str, work: Path, alpha: float, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
+    domain, name, alpha = d.domain, d.name, d.manifest.alpha
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9), dpi=100, sharey=True)
-    small = _read(work / "eval-small" / name / "evaluation.json")
-    for label, rep, style in (("base", read_manifest(work / "memories" / name).evaluation, "-"),
-                              ("base-small", small, "--")):  # fmt: skip
+    for label, rep, style in (("base", d.manifest.evaluation, "-"), ("base-small", d.small, "--")):
         for i, t in enumerate(rep["texts"]):
             a, p = relative_curve(t)
             left.plot(a, p, style, color=f"C{i}", marker="o", markersize=2.5, label=f"{t['label']}, {label} + {name}")
-    for path_ in sorted((work / "loso" / domain).glob("without-*/evaluation.json")):
-        for t in (t for t in _read(path_)["texts"] if t["kind"] == CROSS_SOURCE):
+    for fold in d.folds:
+        for t in (t for t in fold["texts"] if t["kind"] == CROSS_SOURCE):
             a, p = relative_curve(t)
             right.plot(a, p, marker="o", markersize=2.5, label=f"{t['label']} (memory never saw it)")
     for ax, title in ((left, f"in-source: {name} on {domain} valid.txt"),
@@ -145,7 +157,7 @@ def main() -> None:
     _copy_tokenizer(work / "tokenizer", dest / "tokenizer")
     params = {"base": _half(work / "base-f16", dest / "base"),
               "base-small": _half(work / "base-small-f16", dest / "base-small")}
-    general = _read(work / "eval-general" / "evaluation.json")["texts"][0]
+    general = read_json(work / "eval-general" / "evaluation.json")["texts"][0]
     results: dict[str, Any] = {
         "general": {"base_ppl": general["base_ppl"], "base_small_ppl": general["memory_ppl"],
                     "tokens_scored": general["tokens_scored"]},
@@ -155,16 +167,16 @@ def main() -> None:
     }
     (dest / "plots").mkdir(exist_ok=True)
     for name, domain in MEMORIES.items():
-        src = work / "memories" / name
-        params[name] = _half(src, dest / "memories" / name)
-        manifest = read_manifest(src)
-        results["memories"][name] = _domain_results(work, name, domain)
+        d = _Domain.read(work, name, domain)
+        params[name] = _half(work / "memories" / name, dest / "memories" / name)
+        manifest = d.manifest
+        results["memories"][name] = _domain_results(work, d)
         # The manifest keeps where its α came from: the held-out sources of the leave-one-source-out builds.
         evaluation = {**_strip_files(manifest.evaluation),
                       "leave_one_source_out": results["memories"][name]["cross_source"]}
         write_manifest(dest / "memories" / name, manifest.replace(base_model="demo/base", evaluation=evaluation))
         results["specificity"][name] = _specificity(work, name)
-        _plot(domain, name, work, manifest.alpha, dest / "plots" / f"{domain}.png")
+        _plot(d, dest / "plots" / f"{domain}.png")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (dest / "results.md").write_text(tables(results), encoding="utf-8")
     for top in ("tokenizer", "base", "base-small", "memories", "plots", "results.json", "results.md"):
