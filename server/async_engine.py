@@ -91,6 +91,18 @@ class AsyncEngine:
         while time.monotonic() < deadline and self.is_alive and (self._streams or self._jobs or self.num_waiting):
             await asyncio.sleep(0.05)
 
+    def die(self, error: EngineDeadError) -> None:
+        """From another thread, when the engine cannot go on and its thread may never return (a tensor-parallel
+        rank died or hangs, and the engine thread waits in a collective): every caller gets `error` now."""
+        self._dead = error
+        with self._lock:
+            streams = list(self._streams)
+        for rid in streams:
+            self._deliver(rid, error)
+        for future in list(self._jobs.values()):
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(error)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
