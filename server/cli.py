@@ -304,7 +304,9 @@ def _file_error(config: ServerConfig) -> str | None:
         return str(exc)
     if config.memory_root is not None and not config.memory_root.is_dir():
         return f"--memory-root {config.memory_root} is not a directory"
-    return None
+    from server.distributed import check_devices
+
+    return check_devices(config.model, config.parallel)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

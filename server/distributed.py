@@ -80,6 +80,26 @@ class Group:
     control: dist.ProcessGroup  # gloo: step descriptors (host objects)
 
 
+def check_devices(model: ModelConfig, parallel: ParallelConfig) -> str | None:
+    """What keeps this machine from running `parallel`, if anything (checked before anything starts)."""
+    n = parallel.tensor_parallel_size
+    if n == 1:
+        return None
+    if not dist.is_available():
+        return "--tensor-parallel-size needs a torch build with torch.distributed"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if model.device not in ("auto", "cuda", "cpu"):
+        return f"--tensor-parallel-size {n} places rank r on cuda:r: use --device auto, cuda or cpu, not {model.device}"
+    if gpus and model.device == "cpu":
+        # transformers' sharded loading binds each rank to the machine's accelerator.
+        return f"--tensor-parallel-size {n} on CPU processes is for machines without GPUs (this one has {gpus})"
+    if gpus and n > gpus:
+        return f"--tensor-parallel-size {n} needs {n} GPUs, this machine has {gpus}"
+    if model.device == "cuda" and not gpus:
+        return "--device cuda: no GPU found"
+    return None
+
+
 def open_store(world_size: int) -> dist.TCPStore:
     """Rank 0's rendezvous, on a port the OS picks (workers learn it from their command line)."""
     return dist.TCPStore(HOST, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)

@@ -255,7 +255,7 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
         base.model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), logits_to_keep=1)
     torch.cuda.synchronize(device)
     activation = torch.cuda.max_memory_allocated(device) - before
-    geometry = KVGeometry.of(base.model.config, base.dtype)
+    geometry = KVGeometry.of(base.model.config, base.dtype, base.tensor_parallel.world_size if base.tensor_parallel else 1)
     # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4

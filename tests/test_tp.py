@@ -12,11 +12,13 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,6 +103,9 @@ def test_sharded_outputs_match_unsharded(servers):
     for g, w in zip(got, want, strict=True):
         _close(g, w)
     assert got[3]["choices"][0]["logprobs"]["token_logprobs"][0] is None  # echo: the prompt's log-probs came back
+    # The memories drafted, so the base's speculative verify ran sharded too (beside plain decode steps).
+    drafted = [ln for ln in httpx.get(tp.url + "/metrics").text.splitlines() if ln.startswith("memdec_spec_draft_tokens_total")]
+    assert any(float(ln.split()[-1]) > 0 for ln in drafted), drafted
     # The server runs as 2 processes: rank 0 and one worker (its child).
     children = psutil.Process(tp.proc.pid).children()
     assert [c.cmdline()[1:3] for c in children] == [["-m", "server.tp"]]
@@ -179,6 +184,25 @@ def test_killed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path):
     assert "rank 1" in s.logs()
     for p in descendants:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_worker_dies_with_rank_0():
+    """Rank 0 killed outright (SIGKILL: no handler runs): its worker goes too, never an orphan."""
+    worker = ("import sys, time; from server.distributed import die_with_parent; die_with_parent(int(sys.argv[1])); "
+              "print('ready', flush=True); time.sleep(120)")  # fmt: skip
+    rank0 = ("import os, subprocess, sys; w = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); "
+             "print(w.pid, flush=True); w.wait()")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", rank0, worker], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "ready"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_watchdog_sees_a_hung_forward():
