@@ -106,6 +106,17 @@ def test_sharded_outputs_match_unsharded(servers):
     # The memories drafted, so the base's speculative verify ran sharded too (beside plain decode steps).
     drafted = [ln for ln in httpx.get(tp.url + "/metrics").text.splitlines() if ln.startswith("memdec_spec_draft_tokens_total")]
     assert any(float(ln.split()[-1]) > 0 for ln in drafted), drafted
+    # The first prompt again: its full blocks are now cached, so the sharded base serves them from its prefix cache.
+    def hits() -> float:
+        lines = httpx.get(tp.url + "/metrics").text.splitlines()
+        return float(next(ln for ln in lines if ln.startswith('memdec_prefix_cache_hits_total{cache="base"}')).split()[-1])
+
+    before = hits()
+    endpoint, body, _ = REQUESTS[0]
+    again = [httpx.post(s.url + endpoint, json={"temperature": 0, **body}, timeout=120).json() for s in (tp, ref)]
+    _close(*again)
+    _close(again[0], got[0])
+    assert hits() > before
     # The server runs as 2 processes: rank 0 and one worker (its child).
     children = psutil.Process(tp.proc.pid).children()
     assert [c.cmdline()[1:3] for c in children] == [["-m", "server.tp"]]
