@@ -167,10 +167,13 @@ def test_sigterm_drains_then_stops_every_rank(servers):
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_killed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path):
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_failed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path, how):
+    """A worker killed (SIGKILL) or hung (SIGSTOP) mid-stream: the client gets an error, /health answers 503,
+    the server exits with code 3 within the timeout plus slack, and no process is left."""
     args = ["--model", str(zoo.llama_base), "--tensor-parallel-size", "2", "--tensor-parallel-timeout", str(TIMEOUT),
             "--log-level", "warning"]  # fmt: skip
-    with serve(args, tmp_path / "kill.log") as s:
+    with serve(args, tmp_path / f"{how}.log") as s:
         descendants = psutil.Process(s.proc.pid).children(recursive=True)
         assert len(descendants) == 1
         lines: list[str] = []
@@ -178,21 +181,28 @@ def test_killed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path):
         reader = threading.Thread(target=_stream, args=(s.url, lines, started))
         reader.start()
         assert started.wait(60)
-        descendants[0].kill()  # rank 1, mid-stream
+        if how == "killed":
+            descendants[0].kill()  # rank 1, mid-stream
+        else:
+            descendants[0].suspend()  # alive, but never joins the next collective
         t0 = time.monotonic()
-        try:
-            code = s.proc.wait(TIMEOUT + 10)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the server did not exit after a rank died:\n" + s.logs()[-3000:])
+        health = set()
+        while s.proc.poll() is None and time.monotonic() - t0 < TIMEOUT + 10:
+            with suppress(httpx.TransportError):
+                health.add(httpx.get(s.url + "/health", timeout=1).status_code)
+            time.sleep(0.05)
         elapsed = time.monotonic() - t0
+        if s.proc.poll() is None:
+            pytest.fail(f"the server did not exit after a rank {how}:\n" + s.logs()[-3000:])
         reader.join(30)
-    assert code == FAILURE_EXIT_CODE, s.logs()[-3000:]
+    assert s.proc.returncode == FAILURE_EXIT_CODE, s.logs()[-3000:]
     assert elapsed < TIMEOUT + 5
+    assert 503 in health, health
     events = [line for line in lines if line]
     # An error event, or a stream cut short: never a silent hang, never a complete answer.
     assert any('"error"' in e for e in events) or events[-1] != "data: [DONE]", events[-3:]
     assert not any('"finish_reason":"length"' in e for e in events)
-    assert "rank 1" in s.logs()
+    assert ("rank 1" if how == "killed" else "a rank hangs") in s.logs()
     for p in descendants:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
 
