@@ -497,6 +497,7 @@ class ModelRunner:
             last.append(len(keep) - 1)
         # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
         single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
+        in_single = set(single)
         singles = None
         if single:
             nblk = max(kv.blocks_for(spans[i][1]) for i in single)
@@ -507,7 +508,7 @@ class ModelRunner:
         inputs = PrefillInputs(
             ids=ids, pos=pos, pages=kv.host_tables[slots, pos // kv.block_size],
             segments=list(zip(starts.tolist(), lengths, strict=True)), cached=[b for b, _ in spans],
-            context=[kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in single else None
+            context=[kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in in_single else None
                      for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))],
             singles=singles,
             keep=np.asarray(keep or [len(ids) - 1], dtype=np.int64),  # earlier chunks only: one, unused
