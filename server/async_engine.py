@@ -210,6 +210,9 @@ class AsyncEngine:
         except Exception as exc:  # a bug in one step fails that step's requests, not the server
             log.exception("engine step failed")
             result = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        finally:
+            if self.base.tensor_parallel is not None:  # for its watchdog: the step's base forwards are done
+                self.base.tensor_parallel.step_ended()
         self._dispatch(result)
 
     def _drain_inbox(self, block: bool) -> None:

@@ -92,8 +92,10 @@ class ShardedBase:
         self.world_size = group.world_size
         self.workers = workers or []
         self._lock = threading.Lock()
-        self._busy_since: float | None = None  # a base operation started and its device work may not be done
-        self._done: torch.cuda.Event | None = None  # recorded after the operation's launches (CUDA)
+        # When the step's latest base operation started; None between steps. The engine thread clears it after the
+        # step (`step_ended`), whose host sync lies behind it; the watchdog only reads it, and never calls into CUDA
+        # (a query from another thread while a memory's graphs are captured would break the capture).
+        self._busy_since: float | None = None
         self.failure: str | None = None
 
     # -- both sides ----------------------------------------------------------------------------------
@@ -106,24 +108,24 @@ class ShardedBase:
     # -- rank 0 ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lockstep(self) -> Iterator[None]:
-        """Around each base operation on rank 0: it counts as in flight (for the watchdog) until its device
-        work is done, and any exception in it is fatal: the other ranks may be waiting in a collective
-        that rank 0 will never join, so the ranks are out of step for good."""
+        """Around each base operation on rank 0: from here to the end of the step (its host sync waits for
+        every rank's forward) it counts as in flight for the watchdog, and any exception in it is fatal: the
+        other ranks may be waiting in a collective that rank 0 will never join, so the ranks are out of step
+        for good."""
         if self.failure is not None:
             raise TensorParallelError(self.failure)
         with self._lock:
-            self._busy_since, self._done = time.monotonic(), None
+            self._busy_since = time.monotonic()
         try:
             yield
         except BaseException as exc:
             self.fail(f"base forward failed under tensor parallelism: {type(exc).__name__}: {exc}")
             raise
+
+    def step_ended(self) -> None:
+        """The engine thread finished a step (or its failure): no base work of it is in flight any more."""
         with self._lock:
-            if self.group.device.type == "cuda":
-                self._done = torch.cuda.Event()
-                self._done.record()
-            else:
-                self._busy_since = None
+            self._busy_since = None
 
     def fail(self, message: str) -> None:
         if self.failure is None:
@@ -139,9 +141,6 @@ class ShardedBase:
             return self.failure
         with self._lock:
             if self._busy_since is None:
-                return None
-            if self._done is not None and self._done.query():
-                self._busy_since = self._done = None
                 return None
             late = time.monotonic() - self._busy_since
         if late > timeout:

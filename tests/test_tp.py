@@ -235,6 +235,7 @@ def test_watchdog_sees_a_hung_forward():
     def forward() -> None:
         with shards.lockstep():
             release.wait(5)
+        shards.step_ended()
 
     t = threading.Thread(target=forward)
     t.start()
