@@ -27,10 +27,10 @@ other GPU's memory on copies whose outputs only rank 0 mixes. So hot-swap, per-m
 containment, the side stream and memory decode graphs are rank 0's business and unchanged; workers never
 hear of memories.
 
-Failure: rank 0's `Watchdog` polls the workers and the base's forwards. A worker that exits, a base
-forward (or its device work) unfinished after `--tensor-parallel-timeout` seconds, or a collective that
-raises, is fatal: callers get an error, /health answers 503, and rank 0 exits non-zero within the bound
-plus a second's grace (`os._exit`: a thread stuck in a collective cannot be joined). Workers die with
+Failure: rank 0's watchdog thread (`TensorParallel`) polls the workers and the step in flight every
+0.2 s. A worker that exits, a step whose base forwards (device work included: the step ends with its host
+sync) are unfinished after `--tensor-parallel-timeout` seconds, or a base operation that raises, is fatal:
+callers get an error, /health answers 503, and rank 0 exits with code 3 within the bound plus a second's grace (`os._exit`: a thread stuck in a collective cannot be joined). Workers die with
 rank 0 (`server/distributed.py`). SIGTERM drains as without tensor parallelism, then stops the workers.
 """
 
