@@ -110,6 +110,9 @@ def build() -> dict[str, Any]:
               unit="short", w=4, h=4, kind="stat")  # fmt: skip
     lay.panel("Memories loaded", [{"expr": f"max(memdec_memories_loaded{{{SEL}}})", "legendFormat": "loaded"}],
               unit="short", w=4, h=4, kind="stat")  # fmt: skip
+    lay.panel("GPUs per server (tensor parallel)",
+              [{"expr": f"max(memdec_tensor_parallel_size{{{SEL}}})", "legendFormat": "ranks"}], unit="short", w=4, h=4,
+              kind="stat", description="Processes each server's base is sharded over; rank 0 reports for all of them.")  # fmt: skip
     lay.panel(
         "Generated tokens/s",
         [{"expr": f"sum(rate(memdec_generation_tokens_total{{{MEM_SEL}}}[{RATE}]))", "legendFormat": "tokens/s"}],

@@ -91,6 +91,18 @@ class AsyncEngine:
         while time.monotonic() < deadline and self.is_alive and (self._streams or self._jobs or self.num_waiting):
             await asyncio.sleep(0.05)
 
+    def die(self, error: EngineDeadError) -> None:
+        """From another thread, when the engine cannot go on and its thread may never return (a tensor-parallel
+        rank died or hangs, and the engine thread waits in a collective): every caller gets `error` now."""
+        self._dead = error
+        with self._lock:
+            streams = list(self._streams)
+        for rid in streams:
+            self._deliver(rid, error)
+        for future in list(self._jobs.values()):
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(error)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
@@ -198,6 +210,9 @@ class AsyncEngine:
         except Exception as exc:  # a bug in one step fails that step's requests, not the server
             log.exception("engine step failed")
             result = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        finally:
+            if self.base.tensor_parallel is not None:  # for its watchdog: the step's base forwards are done
+                self.base.tensor_parallel.step_ended()
         self._dispatch(result)
 
     def _drain_inbox(self, block: bool) -> None:

@@ -27,6 +27,7 @@ from server.config import (
     EngineConfig,
     MemorySpec,
     ModelConfig,
+    ParallelConfig,
     RegistryFileError,
     ServerConfig,
     read_registry_file,
@@ -129,6 +130,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _speculative_tokens(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_SPECULATIVE_TOKENS:
@@ -203,6 +211,13 @@ def add_serve_parser(subparsers: Any) -> None:
                         "from measured speed); 0 = off; a request opts out with \"speculative\": false")
     p.add_argument("--speculative-fixed", action="store_true",
                    help="always draft K tokens instead of adapting (benchmarks, tests)")
+    parallel = ParallelConfig()
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=parallel.tensor_parallel_size, metavar="N",
+                   help="shard the base by attention heads over N processes, one per GPU (cuda:0..N-1; on a machine "
+                        "without GPUs, N CPU processes over gloo); memdec starts them itself. Memories run on rank 0")
+    p.add_argument("--tensor-parallel-timeout", type=_positive_float, default=parallel.timeout, metavar="SECONDS",
+                   help="a tensor-parallel rank that dies, or leaves a base forward unfinished this long, brings the "
+                        "server down: requests in flight get an error, /health 503, exit code 3")
     p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
@@ -254,6 +269,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             speculative_tokens=args.speculative_tokens,
             speculative_adaptive=not args.speculative_fixed,
         ),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.tensor_parallel_timeout),
         memories=tuple(args.memory),
         registry_file=args.registry,
         served_model_name=args.served_model_name,
@@ -288,7 +304,9 @@ def _file_error(config: ServerConfig) -> str | None:
         return str(exc)
     if config.memory_root is not None and not config.memory_root.is_dir():
         return f"--memory-root {config.memory_root} is not a directory"
-    return None
+    from server.distributed import check_devices
+
+    return check_devices(config.model, config.parallel)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

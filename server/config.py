@@ -67,6 +67,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (`server/tp.py`): the base sharded by heads over this many processes, one per GPU."""
+
+    tensor_parallel_size: int = 1  # vLLM's --tensor-parallel-size
+    # A rank that dies or leaves a step unfinished this long brings the server down (503, errors, exit non-zero).
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.timeout <= 0:
+            raise ValueError("the tensor-parallel timeout must be > 0 seconds")
+
+
+@dataclass(frozen=True)
 class MemorySpec:
     name: str
     path: str
@@ -77,6 +92,7 @@ class MemorySpec:
 class ServerConfig:
     model: ModelConfig
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memories: tuple[MemorySpec, ...] = ()
     registry_file: Path | None = None
     served_model_name: str | None = None  # default: `default_served_name(model.model)`

@@ -67,12 +67,15 @@ class KVGeometry:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     @classmethod
-    def of(cls, config: PretrainedConfig, dtype: torch.dtype) -> KVGeometry:
+    def of(cls, config: PretrainedConfig, dtype: torch.dtype, shards: int = 1) -> KVGeometry:
+        """`shards` > 1: one tensor-parallel rank's share, whose attention holds kv_heads / shards heads."""
         cfg = config.get_text_config()
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+        if kv_heads % shards:
+            raise ValueError(f"{kv_heads} key/value heads do not split over {shards} tensor-parallel ranks")
+        return cls(cfg.num_hidden_layers, kv_heads // shards, head_dim, dtype)
 
 
 class PagePool:
@@ -384,6 +387,17 @@ class ModelKV:
     def pages_held(self) -> list[int]:
         """Every page this model's slots hold (host view), for bookkeeping checks."""
         return [int(p) for slot in range(self.num_slots) for p in self.host_tables[slot, : self.host_blocks[slot]]]
+
+    def pending_updates(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, int]]:
+        """What the next `flush` applies (new pages, table entries, lengths): under tensor parallelism rank 0
+        sends them to the other ranks, whose caches mirror the base's tables (`queue_updates`)."""
+        return list(self._new_pages), list(self._table_updates), dict(self._length_updates)
+
+    def queue_updates(self, new_pages: list[int], table_updates: list[tuple[int, int, int]], lengths: dict[int, int]) -> None:
+        """Another rank's `pending_updates`, to apply with `flush` (a tensor-parallel rank's base cache)."""
+        self._new_pages.extend(new_pages)
+        self._table_updates.extend(table_updates)
+        self._length_updates.update(lengths)
 
     @property
     def pending(self) -> bool:

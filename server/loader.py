@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from memories.models import (
     ModelLoadError,
     check_vocab,
     context_length,
     eos_token_ids,
+    has_safetensors,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    resolve_source,
 )
 from memories.models import load_causal_lm as _load_model
 from server.config import ModelConfig
+
+if TYPE_CHECKING:
+    from server.tp import ShardedBase
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_base", "load_causal_lm", "load_tokenizer"]
 
@@ -37,6 +43,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
+    # Rank 0's handle on the other tensor-parallel ranks when the base is sharded (`server/tp.py`); None otherwise.
+    tensor_parallel: ShardedBase | None = None
 
 
 def load_causal_lm(
@@ -45,9 +53,11 @@ def load_causal_lm(
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase,
     max_model_len: int | None = None,
+    sharded: bool = False,
 ) -> LoadedModel:
-    """Load for serving with `tokenizer` (the base's): its output layer must cover the vocabulary."""
-    model = _load_model(path, device, dtype)
+    """Load for serving with `tokenizer` (the base's): its output layer must cover the vocabulary.
+    `sharded`: this process's tensor-parallel share (torch.distributed is initialised; `load_sharded`)."""
+    model = load_sharded(path, dtype) if sharded else _load_model(path, device, dtype)
     model.requires_grad_(False)
     vocab = len(tokenizer)
     check_vocab(model, vocab, path)
@@ -64,10 +74,30 @@ def load_causal_lm(
     )
 
 
-def load_base(cfg: ModelConfig, max_model_len: int | None = None) -> LoadedModel:
+def load_sharded(path: str, dtype: torch.dtype) -> PreTrainedModel:
+    """This rank's share of a causal LM under transformers' own tensor-parallel plan (`tp_plan="auto"`): q/k/v
+    and gate/up column-parallel (whole heads per rank), o and down row-parallel with an all-reduce, lm_head
+    column-parallel with its logits gathered on every rank; each rank reads only its slices of the weights."""
+    local = resolve_source(path)
+    if not has_safetensors(local):  # the same refusal as unsharded loads give (pickles are never opened)
+        return _load_model(path, torch.device("meta"), dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True, tp_plan="auto")
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path!r} sharded for tensor parallelism: {exc}") from exc
+    if not getattr(model, "_tp_plan", None):
+        raise ModelLoadError(f"{path!r} ({type(model).__name__}) has no tensor-parallel plan in transformers")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_base(cfg: ModelConfig, max_model_len: int | None = None, sharded: bool = False) -> LoadedModel:
+    """`sharded`: this rank's share under tensor parallelism, on the device torch.distributed bound it to."""
     device = resolve_device(cfg.device)
+    if sharded and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(cfg.dtype, device)
-    loaded = load_causal_lm(cfg.model, device, dtype, load_tokenizer(cfg.model), max_model_len)
+    loaded = load_causal_lm(cfg.model, device, dtype, load_tokenizer(cfg.model), max_model_len, sharded=sharded)
     log.info(
         "base %s: %.1fM params, vocab %d, context %d, %s on %s",
         cfg.model, loaded.num_parameters / 1e6, loaded.vocab_size, loaded.max_model_len, dtype, device,

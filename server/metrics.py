@@ -86,6 +86,7 @@ GAUGES: tuple[str, ...] = (
     "memdec_batch_size",
     "memdec_kv_cache_usage_perc",
     "memdec_cuda_graph_capture_seconds",
+    "memdec_tensor_parallel_size",
 )
 
 
@@ -191,6 +192,11 @@ class Metrics:
         self.prefix_cache_hits = counter(
             "prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed), by cache.", ("cache",)
         )
+        self.tensor_parallel_size = gauge(
+            "tensor_parallel_size",
+            "Processes (GPUs) the base is sharded over. Rank 0 serves every metric for all of them: one server, one target.",
+        )
+        self.tensor_parallel_size.set(1)
         self.auto_memory_choices = counter(
             "auto_memory_choices", 'Memories chosen for `"memory": "auto"` requests (`none`: the base alone).', mem
         )

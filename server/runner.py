@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,6 +198,40 @@ class StepLogits:
         return {"base_forward": self.timers[0].seconds(), "memory_forward": self.timers[1].seconds()}
 
 
+@dataclass(frozen=True)
+class PrefillInputs:
+    """One packed prefill forward as host arrays (`PrefillContext`'s fields before upload). Under tensor
+    parallelism rank 0 sends exactly this to the other ranks, which run the same forward on their heads."""
+
+    ids: np.ndarray  # [N] token ids, packed
+    pos: np.ndarray  # [N] positions
+    pages: np.ndarray  # [N] page receiving each token's keys/values
+    segments: list[tuple[int, int]]  # (start, length) per chunk in the packed row
+    cached: list[int]  # per segment: tokens already cached before it
+    context: list[np.ndarray | None]  # per segment continuing a cache (not a single): its block table
+    singles: tuple[frozenset[int], np.ndarray, np.ndarray, np.ndarray] | None  # `SingleTokens`' fields
+    keep: np.ndarray  # [K] packed positions whose logits are kept
+
+
+def prefill_forward(lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+    """The packed forward of `inputs` on `lm` over its cache `kv`: logits [K, V] of the kept positions."""
+    singles = None
+    if inputs.singles is not None:
+        segments, starts, tables, lengths = inputs.singles
+        singles = SingleTokens(segments, up(starts), up(tables), up(lengths))
+    ctx = PrefillContext(kv, up(inputs.pages), up(inputs.pos % kv.block_size), inputs.segments, cached=inputs.cached,
+                         context=[None if c is None else up(c) for c in inputs.context], singles=singles)  # fmt: skip
+    out = lm.model(
+        input_ids=up(inputs.ids).unsqueeze(0),  # [1, N]
+        position_ids=up(inputs.pos).unsqueeze(0),
+        attention_mask=ctx.attention_mask,
+        use_cache=False,
+        logits_to_keep=up(inputs.keep),
+        memdec_ctx=ctx,
+    )
+    return out.logits[0, :, : lm.vocab_size]
+
+
 def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, block_tokens: int) -> int:
     """The KV budget in pages: `--num-gpu-blocks-override`, else measured on CUDA, else sized on CPU.
 
@@ -221,7 +255,7 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
         base.model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), logits_to_keep=1)
     torch.cuda.synchronize(device)
     activation = torch.cuda.max_memory_allocated(device) - before
-    geometry = KVGeometry.of(base.model.config, base.dtype)
+    geometry = KVGeometry.of(base.model.config, base.dtype, base.tensor_parallel.world_size if base.tensor_parallel else 1)
     # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4
@@ -261,9 +295,14 @@ class ModelRunner:
         self.config = config
         self.device = base.device
         self.num_slots = config.max_num_seqs
-        base_geometry = KVGeometry.of(base.model.config, base.dtype)
+        # Tensor parallelism: the base is sharded by heads over ranks that run its every forward with this one
+        # (server/tp.py); this rank's cache holds its own key/value heads, and every rank must agree on the pages.
+        self.shards = base.tensor_parallel
+        base_geometry = self._geometry(None, base)
         page_bytes = page_bytes_for(base_geometry, config.block_size)
         num_pages = default_num_pages(base, config, page_bytes, config.block_size)
+        if self.shards is not None:
+            num_pages = self.shards.agree_on_pages(num_pages)
         self.pool = PagePool(num_pages, page_bytes, self.device)
         self.upload = Uploader(self.device)
         # Each slot's last sampled token: the next decode step's input, written by the sampler on the device.
@@ -288,7 +327,7 @@ class ModelRunner:
         if lm.dtype != self.base.dtype:
             raise ValueError(f"model dtype {lm.dtype} differs from the base's {self.base.dtype}")
         use_paged_attention(lm.model)
-        geometry = KVGeometry.of(lm.model.config, lm.dtype)
+        geometry = self._geometry(key, lm)
         scratch = SCRATCH_PAGE if key is None else self.pool.take_scratch()  # one per model: see server/kv.py
         try:
             # A fresh view per load: its prefix-cache table starts empty, so a memory reloaded under the same name
@@ -307,6 +346,14 @@ class ModelRunner:
             log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),
                      key or "the base", state.capture_seconds)
         return state.capture_seconds
+
+    def _geometry(self, key: ModelKey, lm: LoadedModel) -> KVGeometry:
+        """A model's KV per token on this rank: the base's own heads under tensor parallelism (memories run whole)."""
+        return KVGeometry.of(lm.model.config, lm.dtype, self.shards.world_size if key is None and self.shards else 1)
+
+    def _lockstep(self) -> AbstractContextManager[None]:
+        """Around a base forward: under tensor parallelism a failure there is the whole server's (`server/tp.py`)."""
+        return self.shards.lockstep() if self.shards is not None else nullcontext()
 
     def has_model(self, key: ModelKey, lm: LoadedModel) -> bool:
         state = self.models.get(key)
@@ -399,8 +446,11 @@ class ModelRunner:
 
     def flush(self) -> None:
         """Apply pending KV table changes and last-token rewrites on the device (start of a step)."""
-        for state in self.models.values():
+        for key, state in self.models.items():
             if state.kv.pending:
+                if key is None and self.shards is not None:
+                    with self._lockstep():
+                        self.shards.flush(state.kv.pending_updates())
                 state.kv.flush(self.upload)
         if self._token_updates:
             t = self.upload(np.asarray(list(self._token_updates.items()), dtype=np.int64).T.copy())  # [2, n]
@@ -432,7 +482,6 @@ class ModelRunner:
         ids = np.concatenate([np.asarray(c.seq.token_ids[b:e], dtype=np.int64) for (c, _), (b, e) in zip(todo, spans, strict=True)])
         pos = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in spans])  # [N]
         slots = np.repeat(np.asarray([c.seq.row for c, _ in todo], dtype=np.int64), lengths)
-        pages = kv.host_tables[slots, pos // kv.block_size]
         keep: list[int] = []  # packed positions whose logits we need
         last: list[int] = []  # index into `keep` of each kept row's last position
         echo: dict[int, tuple[int, int]] = {}
@@ -446,37 +495,31 @@ class ModelRunner:
             else:
                 keep.append(start + n - 1)
             last.append(len(keep) - 1)
-        up = self.upload
-        cached = [b for b, _ in spans]
         # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
         single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
+        in_single = set(single)
         singles = None
         if single:
             nblk = max(kv.blocks_for(spans[i][1]) for i in single)
             slot_ids = [todo[i][0].seq.row for i in single]
-            singles = SingleTokens(
-                frozenset(single),
-                up(starts[single].astype(np.int64)),
-                up(kv.host_tables[slot_ids, :nblk].copy()),  # past a row's blocks: its scratch entries, masked
-                up(np.asarray([spans[i][1] for i in single], dtype=np.int64)),
-            )
-        context = [up(kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy()) if b and i not in (singles.segments if singles else ()) else None
-                   for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))]  # fmt: skip
-        ctx = PrefillContext(kv, up(pages), up(pos % kv.block_size), list(zip(starts.tolist(), lengths, strict=True)),
-                             cached=cached, context=context, singles=singles)  # fmt: skip
-        out = lm.model(
-            input_ids=up(ids).unsqueeze(0),  # [1, N]
-            position_ids=up(pos).unsqueeze(0),
-            attention_mask=ctx.attention_mask,
-            use_cache=False,
-            logits_to_keep=up(np.asarray(keep or [len(ids) - 1], dtype=np.int64)),  # earlier chunks only: one, unused
-            memdec_ctx=ctx,
-        )
+            singles = (frozenset(single), starts[single].astype(np.int64),
+                       kv.host_tables[slot_ids, :nblk].copy(),  # past a row's blocks: its scratch entries, masked
+                       np.asarray([spans[i][1] for i in single], dtype=np.int64))  # fmt: skip
+        inputs = PrefillInputs(
+            ids=ids, pos=pos, pages=kv.host_tables[slots, pos // kv.block_size],
+            segments=list(zip(starts.tolist(), lengths, strict=True)), cached=[b for b, _ in spans],
+            context=[kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in in_single else None
+                     for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))],
+            singles=singles,
+            keep=np.asarray(keep or [len(ids) - 1], dtype=np.int64),  # earlier chunks only: one, unused
+        )  # fmt: skip
+        if key is None and self.shards is not None:
+            self.shards.prefill(inputs)  # the other ranks run the same forward on their heads
+        logits = prefill_forward(lm, kv, inputs, self.upload)  # [K, V]
         if not last:
             return None, {}
-        logits = out.logits[0, :, : self.base.vocab_size]  # [K, V]
         prompt = {row: logits[a : a + n] for row, (a, n) in echo.items()}
-        return logits[up(np.asarray(last, dtype=np.int64))], prompt
+        return logits[self.upload(np.asarray(last, dtype=np.int64))], prompt
 
     def prefill(self, batch: RowBatch | None, chunks: list[PrefillChunk]) -> StepLogits:
         """Forwards over this step's prompt chunks; `batch` holds the sequences whose last chunk this is, in
@@ -517,7 +560,7 @@ class ModelRunner:
 
         def run_base() -> None:
             nonlocal base_logits
-            with base_timer:
+            with base_timer, self._lockstep():
                 base_logits, echo = self._prefill_model(None, chunks, rows)
             for row, lp in echo.items():
                 prompt.setdefault(row, {})[None] = lp
@@ -544,7 +587,9 @@ class ModelRunner:
 
         def run_base() -> None:
             nonlocal base_logits
-            with base_timer:
+            with base_timer, self._lockstep():
+                if self.shards is not None:
+                    self.shards.decode(self.tokens, batch.slots, longest(None, batch.slots))
                 base_logits = self.models[None].graphs.run(batch.slots_dev, len(batch.seqs), longest(None, batch.slots))
 
         self._parallel(run_base, run_memories)
@@ -598,8 +643,11 @@ class ModelRunner:
             nonlocal base_logits
             assert base.verify is not None
             longest = int(base.kv.host_lengths[batch.slots].max()) + t
-            with verify_timer:
-                base_logits = base.verify.run(batch.slots_dev, ids, plan.k_dev + 1, longest)
+            with verify_timer, self._lockstep():
+                valid = plan.k_dev + 1
+                if self.shards is not None:
+                    self.shards.verify(batch.slots, ids, valid, longest)
+                base_logits = base.verify.run(batch.slots_dev, ids, valid, longest)
 
         self._parallel(run_base, run_memories)
         assert base_logits is not None
@@ -669,7 +717,10 @@ class ModelRunner:
                     result[key] = exc
 
         def run_base() -> None:
-            result[None] = scorer(self.base.model, ids, windows, vocab)
+            with self._lockstep():
+                if self.shards is not None:
+                    self.shards.score(ids, windows, distributions)
+                result[None] = scorer(self.base.model, ids, windows, vocab)
 
         self._parallel(run_base, run_memory)
         return result

@@ -374,3 +374,86 @@ def test_dashboard_uses_only_defined_metrics_and_all_of_them(tmp_path: Path):
     # The check catches a broken expression.
     with pytest.raises(AssertionError):
         promql_check({"bad": "sum by (memory) (rate(memdec_generation_tokens_total[1m]"}, tmp_path)
+
+
+# -- Tensor parallelism (issue 20) -------------------------------------------------------------------
+
+TP_OVERLAY = DEPLOY / "k8s-tensor-parallel"
+
+
+def _strategic_merge(base: Any, patch: Any) -> Any:
+    """Kubernetes' strategic merge for what the overlay patches: maps merge, lists of named maps merge by
+    name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _strategic_merge(base.get(k), v) for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
+        merged = {x["name"]: x for x in base}
+        for x in patch:
+            merged[x["name"]] = _strategic_merge(merged.get(x["name"]), x)
+        return list(merged.values())
+    return patch
+
+
+def tp_deployment() -> dict[str, Any]:
+    kust = yaml.safe_load((TP_OVERLAY / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["../k8s"]
+    (patch_ref,) = kust["patches"]
+    patch = load_all(TP_OVERLAY / patch_ref["path"])[0]
+    assert (patch["kind"], patch["metadata"]["name"]) == ("Deployment", "memdec")
+    return _strategic_merge(k8s_docs()[("Deployment", "memdec")], patch)
+
+
+def test_tensor_parallel_pod_has_its_gpus_and_shared_memory():
+    dep = tp_deployment()
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    args = serve_parser().parse_args(["serve", *c["args"]])
+    n = args.tensor_parallel_size
+    assert n > 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == n
+    # The overlay keeps the base deployment's flags and mounts; only TP's own change.
+    base_c = k8s_docs()[("Deployment", "memdec")]["spec"]["template"]["spec"]["containers"][0]
+    base_args = serve_parser().parse_args(["serve", *base_c["args"]])
+
+    def common(a: Any) -> dict[str, Any]:
+        return {k: v for k, v in vars(a).items() if not k.startswith("tensor_parallel")}
+
+    assert common(args) == common(base_args)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and int(shm["sizeLimit"].removesuffix("Gi")) >= 16  # NCCL needs room
+    assert set(volumes) == {v["name"] for v in k8s_docs()[("Deployment", "memdec")]["spec"]["template"]["spec"]["volumes"]}
+    # No surge pod: it would need N more GPUs.
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    kv.validate(dep, "1.29.0", strict=True)
+
+
+def test_tensor_parallel_kustomize_build():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not found: `kubectl kustomize deploy/k8s-tensor-parallel` not checked")
+    res = run([kubectl, "kustomize", str(TP_OVERLAY)])
+    assert res.returncode == 0, res.stderr
+    (built,) = [d for d in yaml.safe_load_all(res.stdout) if d and d["kind"] == "Deployment"]
+    mine = tp_deployment()  # what the tests above checked: kustomize builds the same pod
+    for dep in (built, mine):
+        dep["spec"]["template"]["spec"]["volumes"].sort(key=lambda v: v["name"])
+        dep["spec"]["template"]["spec"]["containers"][0].pop("image")
+    assert built["spec"] == mine["spec"]
+
+
+def test_tensor_parallel_compose_overlay():
+    files = ("docker-compose.yml", "docker-compose.models.yml", "docker-compose.tp.yml")
+    dc = shutil.which("docker-compose")
+    if dc:
+        res = run([dc, *[a for f in files for a in ("-f", str(DEPLOY / f))], "config", "-q"], cwd=DEPLOY)
+        assert res.returncode == 0, res.stderr
+    mem = compose(*files)["services"]["memdec"]
+    command = [a.replace("${MEMDEC_BASE_DIR:-base}", "base").replace("${MEMDEC_TP:-2}", "2") for a in mem["command"]]
+    args = serve_parser().parse_args(["serve", *command])
+    assert args.tensor_parallel_size == 2 and args.model.startswith("/models/")
+    assert int(mem["shm_size"].removesuffix("gb")) >= 16
+    (gpus,) = mem["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["driver"] == "nvidia" and gpus["count"] == "all" and "gpu" in gpus["capabilities"]

@@ -47,6 +47,8 @@ SPEC = {
     "memdec_prefix_cache_queries": ("counter", {"cache"}),
     "memdec_prefix_cache_hits": ("counter", {"cache"}),
     "memdec_auto_memory_choices": ("counter", {"memory"}),
+    # Issue 20: tensor parallelism (rank 0 serves the whole server's metrics).
+    "memdec_tensor_parallel_size": ("gauge", set()),
 }
 
 

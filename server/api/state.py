@@ -36,6 +36,7 @@ from server.loader import LoadedModel, load_base
 from server.metrics import Metrics
 from server.observer import MetricsObserver
 from server.registry import MemoryInfo, MemoryRegistry
+from server.tp import TensorParallel
 from server.validation import check_distinct, request_context
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,16 @@ class ServingState:
         self.error: str | None = None
         self.serving: Serving | None = None  # set once loaded; routes take it from `ready()`
         self.metrics = Metrics()  # exists before loading, so /metrics answers (and counts loads) from the start
+        self.metrics.tensor_parallel_size.set(config.parallel.tensor_parallel_size)
         self.on_failure: Callable[[str], None] | None = None  # the CLI stops the server with it
+        self.parallel: TensorParallel | None = None  # the other ranks, with --tensor-parallel-size > 1
         self._task: asyncio.Task | None = None
         self._persist_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
+        if self.config.parallel.tensor_parallel_size > 1:  # the workers start loading their shares now, beside ours
+            self.parallel = TensorParallel(self.config.model, self.config.engine, self.config.parallel, self._parallel_failed)
         self._task = asyncio.get_running_loop().create_task(self._load(), name="memdec-load")
 
     async def _load(self) -> None:
@@ -173,7 +178,10 @@ class ServingState:
                 names = {s.name for s in listed}
                 specs = tuple(s for s in specs if s.name not in names)
             specs = specs + listed
-        base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
+        if self.parallel is not None:
+            base = await asyncio.to_thread(self.parallel.load_base, config.model, config.engine.max_model_len)
+        else:
+            base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
         registry = MemoryRegistry(base, on_loaded=self.metrics.memory_loaded, on_freed=self.metrics.memory_unloaded)
         for spec in specs:
             with self.counting_load():
@@ -186,6 +194,14 @@ class ServingState:
         return Serving(
             self.served_model_name, self.created, base, registry, engine, TokenStrings(base.tokenizer), template
         )
+
+    def _parallel_failed(self, reason: str) -> None:
+        """A tensor-parallel rank died or hangs (the watchdog's thread; the process exits right after): every
+        caller gets the error and /health fails."""
+        if self.serving is not None:
+            self.serving.engine.die(EngineDeadError(f"the engine has stopped: {reason}", code="engine_dead"))
+        else:
+            self.error, self.phase = reason, Phase.FAILED
 
     def begin_shutdown(self) -> None:
         """Refuse new work at once (503); in-flight requests go on. Safe to call from a signal handler."""
@@ -201,6 +217,8 @@ class ServingState:
         if self.serving is not None:
             await self.serving.engine.drain(self.config.shutdown_timeout)
             await asyncio.to_thread(self.serving.engine.shutdown)
+        if self.parallel is not None:  # after the engine: no step is in flight
+            await asyncio.to_thread(self.parallel.stop)
 
     def persist_registry(self) -> None:
         """With --persist-registry, write every loaded memory (name, source, alpha) to the registry file,
