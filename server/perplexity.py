@@ -114,7 +114,8 @@ class PerplexityJob:
         if self.router is not None and mem_lp is not None:
             weights = self.router.log_weights(base_lp, mem_lp)
         if self.wants_distributions:
-            self._keep_top(d, base_lp, mem_lp, weights)
+            if self.top_k:
+                self._keep_top(d, base_lp, mem_lp, weights)
             targets = torch.stack([ids[w.score_from : w.end] for w in windows]).unsqueeze(-1)  # [B, S, 1]
             base_lp = base_lp.gather(-1, targets).squeeze(-1)
             mem_lp = mem_lp.gather(-1, targets).squeeze(-1) if mem_lp is not None else None

@@ -286,6 +286,13 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
             per_token.append(ref[pos - w.begin - 1, ids[pos]].item())
     assert abs(server_nll + sum(per_token) / len(per_token)) <= 1e-4
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token, strict=True)) <= 1e-4
+    # Without per-token answers (the plain request), and through the HTTP-sized defaults: the same NLL.
+    engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), memory="rmed", routed=True, context_length=context,
+                                            stride=stride))  # fmt: skip
+    while not (result := engine.step()).jobs:
+        pass
+    assert result.jobs[0].error is None
+    assert abs(result.jobs[0].result.documents[0].mixed[0].mean_nll - server_nll) <= 1e-6
     assert registry.users("rmed") == 0
 
 
