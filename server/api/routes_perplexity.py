@@ -55,6 +55,9 @@ is null (there is no one memory alone), and per-token `logprobs` give the base a
 For an input that fits in one window, `perplexity` equals exp of minus the mean of
 `token_logprobs[1:]` from `/v1/completions` with `echo: true, max_tokens: 0, logprobs: 0`.
 
+`alpha: "auto"` (one memory that ships a router): alpha is set at every scored token by the memory's learned
+router from both models' distributions there (`alpha` in the answer is "auto"; `alphas` is null).
+
 Per token (`logprobs`): each document's `logprobs` object lists every scored token's log-prob under the
 base, the memory alone and the mixture, and with `logprobs: k > 0` each model's top k alternatives with
 both models' log-probs, so a client can mix them at any alpha without asking again.
