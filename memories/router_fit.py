@@ -302,6 +302,8 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
             print(f"[memdec] {w}", flush=True)
     mem_model = load_causal_lm(job.memory, base.device, base.dtype)
     vocab = len(base.tokenizer)
+    # The fixed α the router starts from and is compared with: --alpha when given, else the manifest's.
+    alpha = job.eval.alpha if job.eval.alpha is not None else manifest.alpha
 
     def scored(label: str, path: str, max_tokens: int | None) -> Scored:
         tokens, _ = tokenize_corpus(base.tokenizer, path, max_tokens, progress=False)
@@ -315,12 +317,12 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
         fitted = {**router.config.fitted, "taken_from": str(job.from_dir)}
     else:
         fit_texts = [scored(lab, p, job.max_tokens) for lab, p in job.texts]
-        router, selection = fit_router(fit_texts, manifest.alpha, job.fit, progress)
+        router, selection = fit_router(fit_texts, alpha, job.fit, progress)
         fitted = {"memory": str(job.memory), "texts": [{"label": lab, "file": str(Path(p).resolve()), "tokens": len(s.base)}
                                                        for (lab, p), s in zip(job.texts, fit_texts, strict=True)],
-                  "start_alpha": manifest.alpha, "selection": selection}  # fmt: skip
+                  "start_alpha": alpha, "selection": selection}  # fmt: skip
     router.config = RouterConfig(hidden=router.config.hidden, fitted=fitted)
-    evals = [evaluate_router(router, scored(lab, p, job.eval.max_tokens), job.eval.alphas, manifest.alpha)
+    evals = [evaluate_router(router, scored(lab, p, job.eval.max_tokens), job.eval.alphas, alpha)
              for lab, p in job.eval_texts]  # fmt: skip
     report = {"memory": manifest.name, "domain": manifest.domain, "hidden": router.config.hidden,
               "fitted": fitted, "texts": evals, "warnings": warnings,
