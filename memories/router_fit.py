@@ -37,7 +37,7 @@ from memories.perplexity import (
     window_batches,
     window_settings,
 )
-from memories.router import Router, RouterConfig, features, mixture_nll
+from memories.router import FEATURES, Router, RouterConfig, features, mixture_nll
 
 REPORT_JSON = "router-evaluation.json"
 REPORT_PNG = "router-evaluation.png"
@@ -118,16 +118,18 @@ def fixed_nll(s: Scored, alpha: float) -> float:
 
 
 def fit_router(
-    texts: Sequence[Scored], start_alpha: float, config: FitConfig = FitConfig(), progress: bool = True
+    texts: Sequence[Scored], start_alpha: float, config: FitConfig = FitConfig(), progress: bool = True,
+    features: tuple[str, ...] = FEATURES,
 ) -> tuple[Router, dict[str, Any]]:
     """The candidate router with the lowest mixture NLL on the held-out split of the fitting texts, and a summary
-    (each candidate's numbers, and the best fixed α's on the same split for comparison)."""
+    (each candidate's numbers, and the best fixed α's on the same split for comparison). `features` names the
+    columns of the texts' `x` (other than FEATURES only in offline experiments: the server reads FEATURES)."""
     fit, select = _split(texts, config.select_fraction)
     mean, std = fit.x.mean(0), fit.x.std(0).clamp_min(1e-3)
     candidates: list[dict[str, Any]] = []
     for hidden in config.hidden:
         torch.manual_seed(config.seed)
-        router = Router(RouterConfig(hidden=hidden))
+        router = Router(RouterConfig(features=features, hidden=hidden))
         router.mean.copy_(mean)
         router.std.copy_(std)
         router.start_at(start_alpha)  # the fixed α the toolkit recommends: the router departs only where it helps
@@ -170,7 +172,7 @@ def fit_router(
         "select_start_alpha_ppl": math.exp(fixed_nll(select, start_alpha)),
     }
     router = chosen["router"]
-    router.config = RouterConfig(hidden=chosen["hidden"], fitted=router.config.fitted)
+    router.config = RouterConfig(features=features, hidden=chosen["hidden"], fitted=router.config.fitted)
     return router.eval().requires_grad_(False), summary
 
 
