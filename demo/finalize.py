@@ -25,6 +25,7 @@ from memories.manifest import Manifest, read_manifest, write_manifest
 MEMORIES = {"biomed": "biomedical", "legal": "legal", "finance": "finance"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "memdec.json", *TOKENIZER_FILES)
+ROUTER_FILES = ("router.safetensors", "router.json")  # a memory's router (demo/routers.sh), when it has one
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -42,6 +43,21 @@ def _half(src: Path, dst: Path) -> int:
     model.save_pretrained(dst, safe_serialization=True)
     _copy_tokenizer(src, dst)
     return sum(p.numel() for p in model.parameters())
+
+
+def _copy_router(src: Path, dst: Path) -> bool:
+    """The router files of memory `src` (if it has one) into `dst`, and its manifest entry into dst's manifest
+    (file paths stripped). False when `src` has none (dst is left as it is)."""
+    entry = read_manifest(src).router if (src / "memdec.json").is_file() else None
+    if not entry:
+        return False
+    for name in ROUTER_FILES:
+        shutil.copyfile(src / name, dst / name)
+        (dst / name).chmod(0o644)
+    write_manifest(dst, read_manifest(dst).replace(router=_strip_files(entry)))
+    config = read_json(dst / "router.json")
+    (dst / "router.json").write_text(json.dumps(_strip_files(config), indent=2) + "\n", encoding="utf-8")
+    return True
 
 
 def _strip_files(value: Any) -> Any:
@@ -146,6 +162,8 @@ def main() -> None:
     p.add_argument("--work", type=Path)
     p.add_argument("--dest", type=Path)
     p.add_argument("--half", type=Path, nargs=2, metavar=("SRC", "DST"), help="only save SRC as float16 in DST")
+    p.add_argument("--routers", action="store_true",
+                   help="only copy the memories' routers (demo/routers.sh) into DEST's memories and manifests")
     a = p.parse_args()
     if a.half:
         _half(*a.half)
@@ -153,6 +171,11 @@ def main() -> None:
     if a.work is None or a.dest is None:
         p.error("--work and --dest are required")
     work, dest = a.work, a.dest
+    if a.routers:
+        for name in MEMORIES:
+            if _copy_router(work / "memories" / name, dest / "memories" / name):
+                print(f"router of {name} copied into {dest / 'memories' / name}")
+        return
     dest.mkdir(parents=True, exist_ok=True)
     _copy_tokenizer(work / "tokenizer", dest / "tokenizer")
     params = {"base": _half(work / "base-f16", dest / "base"),
@@ -175,6 +198,7 @@ def main() -> None:
         evaluation = {**_strip_files(manifest.evaluation),
                       "leave_one_source_out": results["memories"][name]["cross_source"]}
         write_manifest(dest / "memories" / name, manifest.replace(base_model="demo/base", evaluation=evaluation))
+        _copy_router(work / "memories" / name, dest / "memories" / name)
         results["specificity"][name] = _specificity(work, name)
         _plot(d, dest / "plots" / f"{domain}.png")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

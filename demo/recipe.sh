@@ -137,6 +137,9 @@ done
 t "$MEMDEC" memory eval --base "$WORK/base-f16" --memory "$WORK/base-small-f16" --valid "$DATA/general/valid.txt" \
   --eval-max-tokens "$EVAL_TOKENS" --report-dir "$WORK/eval-general" --no-update-manifest --quiet
 
+# Routers ("alpha": "auto"), fitted on held-out sources: demo/routers.sh (also runnable on its own).
+t env MEMDEC_DEMO_WORK="$WORK" MEMDEC_DATA="$DATA" MEMDEC="$MEMDEC" "$REPO/demo/routers.sh"
+
 t "$PY" "$REPO/demo/finalize.py" --work "$WORK" --dest "$DEST"
 echo "[time] $(( $(date +%s) - START )) s: total" | tee -a "$TIMES"
 }

@@ -32,6 +32,7 @@ DESCRIPTION = """Build a memory decoder for a domain:
   eval       held-out perplexity of base, memory and mixture over α; writes the best α to memdec.json
   build      all of the above with cached stages; --holdout-source keeps whole sources out and chooses α on them
   alpha      α for a memory built from every source, from leave-one-source-out builds
+  router     fit a per-token router (α_t from both models' distributions) on held-out text; "alpha": "auto"
   tokenizer  train a byte-level BPE tokenizer (for base models trained from scratch)
   import     make a published checkpoint (pytorch_model.bin, or safetensors without manifest) a memory"""
 
@@ -318,6 +319,43 @@ def cmd_alpha(a: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled(arg: str) -> tuple[str, str]:
+    """[LABEL=]PATH as (label, path); the label defaults to the file's stem (its source's name in the demo)."""
+    label, sep, path = arg.partition("=")
+    return (label, path) if sep and label else (Path(arg).stem, arg)
+
+
+@_handles_errors
+def cmd_router(a: argparse.Namespace) -> int:
+    from memories.router_fit import REPORT_JSON, REPORT_PNG, RouterJob, run
+
+    if a.from_dir and a.text:
+        raise UsageError("--from takes another memory's router: give no --text to fit on")
+    job = RouterJob(
+        memory=Path(a.memory), base=a.base, texts=tuple(_labelled(t) for t in a.text or []),
+        eval_texts=tuple(_labelled(t) for t in a.eval_text or []), from_dir=Path(a.from_dir) if a.from_dir else None,
+        max_tokens=a.max_tokens, eval=_eval_config(a), allow_in_source=a.allow_in_source,
+        report_dir=Path(a.report_dir) if a.report_dir else None, device=a.device, dtype=a.dtype,
+    )  # fmt: skip
+    report = run(job, progress=not a.quiet)
+    sel = report["fitted"].get("selection")
+    print(f"\n== router for {report['memory']} (hidden {report['hidden']}"
+          + (f", taken from {report['fitted']['taken_from']})" if "taken_from" in report["fitted"] else ")"))
+    if sel:
+        print(f"  fitting texts' held-out split ({sel['positions_select']} positions): router {sel['select_router_ppl']:.2f}, "
+              f"best fixed α {sel['select_best_fixed_alpha']:.2f} {sel['select_best_fixed_ppl']:.2f}, "
+              f"start α {report['fitted']['start_alpha']:.2f} {sel['select_start_alpha_ppl']:.2f}")
+    print(f"  {'text':<24} {'tokens':>7} {'base':>9} {'best α':>7} {'best':>9} {'rec α':>6} {'rec':>9} {'router':>9} {'mean α':>7} {'×best':>7}")
+    for t in report["texts"]:
+        print(f"  {t['label'][:24]:<24} {t['tokens_scored']:>7} {t['base_ppl']:>9.2f} {t['best_alpha']:>7.2f} "
+              f"{t['best_ppl']:>9.2f} {t['recommended_alpha']:>6.2f} {t['recommended_ppl']:>9.2f} {t['router_ppl']:>9.2f} "
+              f"{t['router_mean_alpha']:>7.2f} {t['router_vs_best']:>7.3f}")
+    out = Path(a.report_dir or a.memory)
+    print(f"  saved                    {Path(a.memory) / 'router.safetensors'} (recorded in memdec.json)")
+    print(f"  report                   {out / REPORT_JSON} {out / REPORT_PNG}  ({report['seconds']} s)")
+    return 0
+
+
 @_handles_errors
 def cmd_build(a: argparse.Namespace) -> int:
     from memories.build import build
@@ -469,6 +507,27 @@ def _register_model_stages(sub: Any) -> None:
                                    "source with --alpha.")
     p.add_argument("reports", nargs="+", metavar="evaluation.json")
     p.set_defaults(func=cmd_alpha)
+
+    p = sub.add_parser("router", help="fit a per-token router for \"alpha\": \"auto\" on held-out text",
+                       description="Fit a small router (α_t from both models' next-token distributions at each position) "
+                                   "on text from sources the memory's datastore never saw, by the mixture's NLL; compare "
+                                   "it with every fixed α on --eval-text; save it in the memory and its memdec.json.")
+    p.add_argument("--memory", required=True, help="the memory directory (the router is saved into it)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--text", action="append", default=None, metavar="[LABEL=]PATH",
+                   help="fitting text from a source the datastore never saw (label: its source; default the file's "
+                        "stem); repeatable. Its last 20%% chooses among candidate routers")
+    p.add_argument("--eval-text", action="append", default=None, metavar="[LABEL=]PATH",
+                   help="evaluation text (never fitted on): router vs every fixed α; repeatable")
+    p.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                   help="take DIR's router (e.g. a leave-one-source-out build's) instead of fitting one")
+    p.add_argument("--max-tokens", type=int, default=None, help="fit on the first N tokens of each --text")
+    p.add_argument("--allow-in-source", action="store_true",
+                   help="fit on text the manifest records as one of the datastore's sources (warned; not advised)")
+    p.add_argument("--report-dir", default=None, help="where router-evaluation.json/.png go (default: the memory)")
+    _add_eval(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_router)
 
     p = sub.add_parser("build", help="datastore → index → targets → train → eval, cached")
     p.add_argument("--base", required=True)

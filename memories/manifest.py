@@ -52,6 +52,9 @@ class Manifest:
     corpus: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # The learned per-token router (`memories.router`), when one was fitted: its files inside the memory
+    # directory, its features and how it did. Empty: no router (`"alpha": "auto"` is refused).
+    router: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memories.mixing import memory_logprobs, mix_many, mix_terms
+from memories.router import routed_mix
 from server.config import EngineConfig
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
@@ -39,7 +40,7 @@ from server.request import (
     PerplexityResult,
     TokenLogprob,
 )
-from server.runner import ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
+from server.runner import MemoryGroup, ModelRunner, RowBatch, SpecLogits, SpecPlan, StepLogits
 from server.sampler import DRAFT, Drafts, accept, propose, sample, speculative_uniforms, top_logprobs
 from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
 from server.sequence import MemoryUse, Sequence
@@ -134,6 +135,22 @@ class _Round:
     logprobs: dict[tuple[int, int], TokenLogprob]  # (row, position) -> log-prob and top alternatives
 
 
+def no_router_message(name: str) -> str:
+    return (f"memory {name!r} has no router: \"alpha\": \"auto\" needs one (fit it with `memdec memory router`); "
+            "give a number instead")
+
+
+def _mix_group(g: MemoryGroup, mixed: torch.Tensor, base_lp: torch.Tensor, mem_lp: torch.Tensor) -> torch.Tensor:
+    """Add one memory group's share to its rows' mixture so far ([b, V], or [b, T, V] in a round): αᵢ·pᵢ at each
+    row's fixed α, or, for `"alpha": "auto"` rows, α_t from the memory's router on the base's own log-probs
+    `base_lp` and the memory's (one batched call for the whole group; their base weight is 1 so far)."""
+    log_alpha = g.log_alpha.view(-1, *([1] * (mem_lp.dim() - 1)))  # [b, 1] or [b, 1, 1]
+    if g.router is None:
+        return mix_terms(mixed, mem_lp, log_alpha)
+    routed = g.routed.view_as(log_alpha) if g.routed is not None else None
+    return routed_mix(g.router, base_lp, mem_lp, mixed, routed, log_alpha if routed is not None else None)
+
+
 class Engine:
     def __init__(
         self,
@@ -194,7 +211,7 @@ class Engine:
         memory_len, memories = None, []
         for name, alpha, _ in request.mixture:
             memory_len = min(memory_len or self.max_model_len, self.registry.get(name).max_model_len)  # NotFoundError when unknown
-            if alpha > 0.0:
+            if alpha > 0.0 or request.routed:
                 memories.append(self.registry.loaded(name))
         validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
         total = len(request.prompt_token_ids) + request.params.max_tokens
@@ -215,9 +232,13 @@ class Engine:
         uses: list[MemoryUse] = []  # every memory it mixes in (α > 0), each held until the sequence retires
         try:
             for name, alpha, temperature in request.mixture:
-                if alpha > 0.0:
+                if alpha > 0.0 or request.routed:
                     memory = self.registry.acquire(name)  # NotFoundError when unknown or retiring
-                    uses.append(MemoryUse(name, memory, alpha, temperature))
+                    router = self.registry.router(name) if request.routed else None
+                    if request.routed and router is None:
+                        self.registry.release(name)
+                        raise InvalidRequestError(no_router_message(name), param="alpha", code="memory_has_no_router")
+                    uses.append(MemoryUse(name, memory, 0.0 if request.routed else alpha, temperature, router))
                     self.prepare_memory(name, memory)  # normally done when it was loaded
         except Exception:
             for use in uses:
@@ -241,9 +262,12 @@ class Engine:
                 memories.append(memory)
                 max_len = request_context(max_len, memory.max_model_len)
             context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
+            router = self.registry.router(held[0]) if request.routed else None
+            if request.routed and router is None:
+                raise InvalidRequestError(no_router_message(held[0]), param="alpha", code="memory_has_no_router")
             for name, memory in zip(held, memories, strict=True):
                 self.prepare_memory(name, memory)
-            job = PerplexityJob(request, self.base, memories, context, stride)
+            job = PerplexityJob(request, self.base, memories, context, stride, router)
         except Exception:
             for name in held:
                 self.registry.release(name)
@@ -503,7 +527,7 @@ class Engine:
         """Mix at every verified position, run each position's acceptance test and residual draw, and end
         each row's run at its first rejection (or its last draft); the step's one host sync is here."""
         b, t = len(rows.seqs), plan.k + 1
-        logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
+        base_lp = logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
         if rows.log_base_weight is not None:
             logp = logp + rows.log_base_weight.unsqueeze(-1)  # (1 − Σ αᵢ)·p_base, in logs
         q = torch.zeros_like(logp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
@@ -511,11 +535,11 @@ class Engine:
         for g in rows.groups:
             # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real.
             buf = logits.drafts[g.name]
-            log_a = g.log_alpha.unsqueeze(-1)  # [b, 1, 1]
             if g.whole_batch:
-                logp = mix_terms(logp, buf.logp, log_a)
+                logp = _mix_group(g, logp, base_lp, buf.logp)
             else:
-                logp.index_copy_(0, g.rows_dev, mix_terms(logp.index_select(0, g.rows_dev), buf.logp, log_a))
+                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), buf.logp)
+                logp.index_copy_(0, g.rows_dev, mixed)
             drafts.index_copy_(0, g.rows_dev, buf.tokens)
             if q is not None and buf.probs is not None:
                 q.index_copy_(0, g.rows_dev, buf.probs)
@@ -590,7 +614,7 @@ class Engine:
         return self._decode_batch[1]
 
     def _mix_and_sample(self, rows: RowBatch, logits: StepLogits, is_prefill: bool) -> _Sampled:
-        logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
+        base_lp = logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
         if rows.log_base_weight is not None:
             logp = logp + rows.log_base_weight  # (1 − Σ αᵢ)·p_base, in logs; then each memory's αᵢ·pᵢ is added
         mem_lps: dict[str, torch.Tensor] = {}
@@ -600,9 +624,10 @@ class Engine:
                 continue
             mem_lp = mem_lps[g.name] = memory_logprobs(mem, g.temperature)  # [b, V] log softmax(mem / T)
             if g.whole_batch:
-                logp = mix_terms(logp, mem_lp, g.log_alpha)
+                logp = _mix_group(g, logp, base_lp, mem_lp)
             else:
-                logp.index_copy_(0, g.rows_dev, mix_terms(logp.index_select(0, g.rows_dev), mem_lp, g.log_alpha))
+                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), mem_lp)
+                logp.index_copy_(0, g.rows_dev, mixed)
         counter = None
         if rows.sampling.any_sampled:
             # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
@@ -670,7 +695,10 @@ class Engine:
                 continue
             seq = rows.seqs[i]
             lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
-            if seq.memories:
+            use = seq.memories[0] if seq.memories else None
+            if use is not None and use.router is not None:  # "alpha": "auto": one memory, α per prompt position
+                lp = routed_mix(use.router, lp, memory_logprobs(by_model[use.name], use.temperature))
+            elif seq.memories:
                 lp = mix_many(lp, [(memory_logprobs(by_model[m.name], m.temperature), m.alpha) for m in seq.memories])
             targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
             chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]

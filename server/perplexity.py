@@ -18,6 +18,7 @@ import torch
 
 from memories.mixing import mix_logprobs, mix_many
 from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
+from memories.router import Router
 from server.loader import LoadedModel
 from server.request import (
     DocumentPerplexity,
@@ -53,8 +54,12 @@ class _TokenLog:
 class PerplexityJob:
     """One request's windows, in batches, and its running sums (on the device)."""
 
-    def __init__(self, request: PerplexityRequest, base: LoadedModel, memories: list[LoadedModel], context: int, stride: int) -> None:
+    def __init__(self, request: PerplexityRequest, base: LoadedModel, memories: list[LoadedModel], context: int, stride: int,
+                 router: Router | None = None) -> None:  # fmt: skip
         self.request = request
+        # `"alpha": "auto"`: the memory's router sets α at every position, from both whole distributions (the
+        # toolkit's `memdec memory router` evaluation applies the same `Router.log_weights` to the same windows).
+        self.router = router if request.routed else None
         self.memories = memories  # held from the registry while the job lives, one per name of `memory_names`
         self.memory_names = request.memory_names if memories else ()
         # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights.
@@ -68,7 +73,7 @@ class PerplexityJob:
         zeros = torch.zeros(len(request.documents), dtype=torch.float64)
         self._base_nll = zeros.clone().to(self.device)  # [D]
         self._mem_nll = zeros.clone().to(self.device)  # [D]
-        num_mixtures = 1 if self.several and not self.separately else len(request.alphas)
+        num_mixtures = 1 if (self.several and not self.separately) or self.router is not None else len(request.alphas)
         self._mixed_nll = torch.zeros(len(request.documents), num_mixtures, dtype=torch.float64).to(self.device)  # [D, A]
         self._counts = [0] * len(request.documents)
         self._num_windows = [0] * len(request.documents)
@@ -105,8 +110,12 @@ class PerplexityJob:
             self._add_several(base_lp, mem_lp)
             return
         d, ids, windows = self.current
+        weights = None  # the router's (log α_t, log(1 − α_t)) [B, S]
+        if self.router is not None and mem_lp is not None:
+            weights = self.router.log_weights(base_lp, mem_lp)
         if self.wants_distributions:
-            self._keep_top(d, base_lp, mem_lp)
+            if self.top_k:
+                self._keep_top(d, base_lp, mem_lp, weights)
             targets = torch.stack([ids[w.score_from : w.end] for w in windows]).unsqueeze(-1)  # [B, S, 1]
             base_lp = base_lp.gather(-1, targets).squeeze(-1)
             mem_lp = mem_lp.gather(-1, targets).squeeze(-1) if mem_lp is not None else None
@@ -114,7 +123,10 @@ class PerplexityJob:
         mixed = None
         if mem_lp is not None:
             self._mem_nll[d] -= mem_lp.double().sum()
-            mixed = mix_logprobs(base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas)  # [A, B*S]
+            if weights is not None:
+                mixed = torch.logaddexp(weights[0] + mem_lp, weights[1] + base_lp).flatten().unsqueeze(0)  # [1, B*S]
+            else:
+                mixed = mix_logprobs(base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas)  # [A, B*S]
             self._mixed_nll[d] -= mixed.double().sum(dim=-1)
         if self._tokens is not None:
             parts = self._tokens[d].parts
@@ -145,7 +157,8 @@ class PerplexityJob:
         self._counts[d] += base_lp.numel()
         self.current = next(self._batches, None)
 
-    def _keep_top(self, d: int, base: torch.Tensor, mem: torch.Tensor | None) -> None:
+    def _keep_top(self, d: int, base: torch.Tensor, mem: torch.Tensor | None,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         """Each model's top k of this batch ([B, S, V] log-probs), with both models' log-probs of every one."""
         assert self._tokens is not None
         k = min(self.top_k, base.shape[-1])
@@ -157,7 +170,10 @@ class PerplexityJob:
         parts["top_base"].append(base.gather(-1, ids).flatten(0, 1))
         if mem is not None:
             parts["top_memory"].append(mem.gather(-1, ids).flatten(0, 1))
-            if len(self._alphas):
+            if weights is not None:  # the router's α_t of each position, for each of its candidates
+                log_a, log_1ma = (w.flatten().unsqueeze(-1) for w in weights)  # [B*S, 1]
+                parts["top_mixed"].append(torch.logaddexp(log_a + parts["top_memory"][-1], log_1ma + parts["top_base"][-1]))
+            elif len(self._alphas):
                 parts["top_mixed"].append(mix_logprobs(parts["top_base"][-1], parts["top_memory"][-1], self._alphas[0]))
 
     def result(self) -> PerplexityResult:

@@ -23,6 +23,7 @@ from memories.manifest import (
     tokenizer_fingerprint,
 )
 from memories.models import TOKENIZER_FILES, PickledWeightsError, VocabularyError, resolve_source
+from memories.router import Router, RouterError, load_router
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
 from server.validation import check_alpha, check_memory_name
@@ -55,6 +56,7 @@ class MemoryInfo:
     # False only for a memory with neither a tokenizer nor a manifest (a published checkpoint as it is): its
     # embedding covers the base vocabulary and its special-token ids agree, but no token->id map was compared.
     tokenizer_verified: bool = True
+    router: bool = False  # it ships a learned per-token router: requests may ask for "alpha": "auto"
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Entry:
     loaded: LoadedModel
     users: int = 0
     retiring: bool = False
+    router: Router | None = None  # its learned per-token router (`memories.router`), on the base's device
 
 
 # Readies a freshly loaded memory for serving (the engine lays out its KV view and captures its graphs).
@@ -153,6 +156,13 @@ class MemoryRegistry:
         loaded.name_or_path = path
         if not verified:
             self._check_unverified(name, path, loaded)
+        router = None
+        if manifest is not None and manifest.router:
+            try:
+                router = load_router(directory, manifest.router, self.base.device)
+            except RouterError as exc:  # a manifest that names a router promises one: never serve it half
+                raise MemoryLoadError(f"memory {name!r}: {str(exc).replace(str(directory), path)}", param="path",
+                                      code="router_load_failed") from exc  # fmt: skip
         default_alpha = manifest.alpha if manifest else PAPER_ALPHA
         info = MemoryInfo(
             name=name,
@@ -166,8 +176,9 @@ class MemoryRegistry:
             description=manifest.description if manifest else "",
             temperature=manifest.temperature if manifest else DEFAULT_TEMPERATURE,
             tokenizer_verified=verified,
+            router=router is not None,
         )
-        return _Entry(info=info, loaded=loaded)
+        return _Entry(info=info, loaded=loaded, router=router)
 
     def _mismatch(self, name: str, path: str, why: str) -> MemoryLoadError:
         return MemoryLoadError(
@@ -225,6 +236,11 @@ class MemoryRegistry:
         """The model of a loaded (not retiring) memory; NotFoundError otherwise."""
         with self._lock:
             return self._live(name).loaded
+
+    def router(self, name: str) -> Router | None:
+        """A loaded memory's router (None: it has none); NotFoundError when it is not loaded."""
+        with self._lock:
+            return self._live(name).router
 
     def list(self) -> list[MemoryInfo]:
         with self._lock:

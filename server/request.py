@@ -56,6 +56,8 @@ class GenerationRequest:
     memories: tuple[str, ...] = ()
     alphas: tuple[float, ...] = ()
     memory_temperatures: tuple[float, ...] = ()
+    # `"alpha": "auto"`: the memory's learned router sets α at every position (one memory; `alpha` is unused).
+    routed: bool = False
 
     @property
     def mixture(self) -> tuple[tuple[str, float, float], ...]:
@@ -128,6 +130,8 @@ class PerplexityRequest:
     # With `memories`: score each memory's own mixture α·pᵢ + (1 − α)·p_base at alphas[i] (one score per memory,
     # for choosing among them: `"memory": "auto"`) instead of one mixture of them all.
     separately: bool = False
+    # `"alpha": "auto"`: one memory, its learned router sets α at every scored position (`alphas` is empty).
+    routed: bool = False
 
     @property
     def memory_names(self) -> tuple[str, ...]:
@@ -142,8 +146,8 @@ class PerplexityRequest:
 
     @property
     def wants_distributions(self) -> bool:
-        """Top alternatives need both models' whole next-token distributions, not only the targets'."""
-        return bool(self.token_logprobs)
+        """Top alternatives, and the router's features, need both models' whole next-token distributions."""
+        return bool(self.token_logprobs) or self.routed
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,10 @@ class MemoryGroup:
     log_alpha: torch.Tensor  # [b, 1] log α, computed once per batch
     temperature: torch.Tensor | None  # [b, 1] memory temperature per row; None when every row's is 1
     whole_batch: bool  # every row of the batch, in order: mixing needs no gather or scatter
+    # `"alpha": "auto"` rows: the memory's router (None when no row of the group uses it) and which rows do
+    # ([b, 1] bool; None when all of them do, so mixing needs no select).
+    router: Any = None
+    routed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -385,10 +390,13 @@ class ModelRunner:
             alpha = up(np.asarray([m.alpha for _, m in uses], dtype=np.float32))
             temps = [m.temperature for _, m in uses]
             temperature = None if all(t == 1.0 for t in temps) else up(np.asarray(temps, dtype=np.float32)).unsqueeze(1)
+            routed = [m.router is not None for _, m in uses]
+            router = next((m.router for _, m in uses if m.router is not None), None)
             groups.append(MemoryGroup(
                 name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,
                 up(np.asarray(group_slots, dtype=np.int64)), alpha, torch.log(alpha).unsqueeze(1),
-                temperature, whole_batch=len(rows) == len(seqs),
+                temperature, whole_batch=len(rows) == len(seqs), router=router,
+                routed=up(np.asarray(routed)).unsqueeze(1) if router is not None and not all(routed) else None,
             ))
         log_base_weight = None
         if groups:  # log(1 − Σ αᵢ) in float64 on the host (exact −inf at 0), then float32

@@ -11,6 +11,7 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.loader import LoadedModel
 from server.request import EngineOutput, FinishReason, GenerationRequest, TokenLogprob
@@ -40,8 +41,9 @@ class MemoryUse:
 
     name: str
     lm: LoadedModel
-    alpha: float
+    alpha: float  # 0 when routed: the router's α_t is applied when mixing, and the base keeps weight 1 here
     temperature: float = 1.0
+    router: Any = None  # `memories.router.Router` of an `"alpha": "auto"` request (α per token), else None
 
 
 class Sequence:
@@ -65,7 +67,9 @@ class Sequence:
         self.base_weight = max(0.0, 1.0 - sum(m.alpha for m in self.memories))
         # May the memory draft for the base (when the engine speculates)? Only with one memory at alpha > 0:
         # a row with several memories decodes plainly (speculation drafts from one distribution).
-        self.speculative = request.speculative and len(self.memories) == 1
+        # Nor with a router ("alpha": "auto"): it decodes plainly (its drafts would be exact, but the acceptance
+        # rule's bound and the engine's drafting cost model assume a fixed α; not measured yet).
+        self.speculative = request.speculative and len(self.memories) == 1 and self.memories[0].router is None
         self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)
         self.spec_tests = 0.0
         # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a random one.

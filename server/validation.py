@@ -49,6 +49,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 # The metrics use these as label values (the base alone, overflow), so no memory may be called so; nor "auto",
 # which asks the server to choose the memory (`"memory": "auto"`).
 AUTO_MEMORY = "auto"
+AUTO_ALPHA = "auto"  # `"alpha": "auto"`: the memory's learned router sets α at every position
 RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS | {AUTO_MEMORY}
 
 
@@ -74,6 +75,25 @@ def memory_temperature(requested: float | None, memory: Any | None) -> float:
 
 MAX_MEMORIES = 8  # memories mixed in one request
 ALPHA_SUM_SLACK = 1e-6  # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
+
+
+def check_routed(alpha: object, memory: Any | None, several: bool) -> bool:
+    """Whether a request asks for `"alpha": "auto"`, checked: one memory (`memory`: its MemoryInfo, None without
+    one; `several`: a list of them was named), and one that ships a router. Several memories have no rule for
+    sharing one α_t between routers, so they are refused rather than guessed."""
+    if alpha != AUTO_ALPHA:
+        return False
+    if several:
+        raise InvalidRequestError('"alpha": "auto" takes one memory: several memories need a list of numbers',
+                                  param="alpha")  # fmt: skip
+    if memory is None:
+        raise InvalidRequestError('"alpha": "auto" needs a memory (\'memory\' or a memory as \'model\')', param="alpha")
+    if not memory.router:
+        raise InvalidRequestError(
+            f"memory {memory.name!r} has no router: \"alpha\": \"auto\" needs one (fit it with `memdec memory "
+            "router`); give a number instead", param="alpha", code="memory_has_no_router",
+        )  # fmt: skip
+    return True
 
 
 def check_distinct(names: list[str], param: str) -> None:
@@ -275,6 +295,8 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
     check_token_ids(ids, vocab_size, "prompt")
     check_alpha(request.alpha)
     check_memory_temperature(request.memory_temperature)
+    if request.routed and (request.memories or request.memory is None):
+        raise InvalidRequestError('"alpha": "auto" takes exactly one memory', param="alpha")
     if request.memories:
         check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None, [])
     check_context(len(ids), request.params.max_tokens, max_len)
@@ -296,6 +318,8 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
     for alpha in request.alphas:
         check_alpha(alpha)
     check_memory_temperature(request.memory_temperature)
+    if request.routed and (request.memories or request.memory is None or request.alphas):
+        raise InvalidRequestError('"alpha": "auto" takes one memory and no other alpha', param="alpha")
     if request.memories and request.separately:
         if len(set(request.memories)) < len(request.memories) or len(request.alphas) != len(request.memories):
             raise InvalidRequestError("each memory once, with one alpha each", param="memory")

@@ -159,3 +159,12 @@ def test_zero_flag_serve_without_a_demo_is_a_clear_error(monkeypatch, tmp_path, 
     with pytest.raises(SystemExit):
         cli.main(["serve"])
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_shipped_routers_load_with_their_memories(bases):
+    """A shipped memory whose manifest names a router (demo/routers.sh) serves "alpha": "auto"; one without doesn't."""
+    for _, registry in bases.values():
+        for name in MEMORIES:
+            manifest = json.loads((DEMO / "memories" / name / "memdec.json").read_text())
+            assert registry.get(name).router == bool(manifest.get("router")), name
+    assert all(bases["base"][1].get(n).router for n in ("biomed", "legal"))

@@ -21,10 +21,12 @@ from server.config import ServerConfig
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, SamplingParams
 from server.validation import (
+    AUTO_ALPHA,
     AUTO_MEMORY,
     MAX_PROMPTS,
     check_at_most,
     check_neutral,
+    check_routed,
     check_several,
     check_stop_strings,
     check_stream_options,
@@ -54,7 +56,7 @@ class Plan:
     id: str
     created: int
     target: Target
-    alpha: float | list[float] | None
+    alpha: float | list[float] | str | None  # "auto": the memory's router
     prompts: list[Prompt]
     requests: list[GenerationRequest]  # choice index i = prompt (i // n), sample (i % n)
     n: int
@@ -95,13 +97,17 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
     check_stream_options(body.stream_options is not None, body.stream)
 
 
-def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | None]:
+def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | str | None]:
     """The model and memory (or memories) a request runs on, and its alpha (None without a memory; one per
     memory, a list, with several). A `"memory": "auto"` target is settled by `settle` once the prompts are known."""
     check_candidates_field(body.memory, body.memory_candidates)
     if body.memory == AUTO_MEMORY:
         return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), None
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
+    if check_routed(body.alpha, target.memory, bool(target.memories)):
+        if isinstance(body.memory_temperature, list) and len(body.memory_temperature) != 1:
+            raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
+        return target, AUTO_ALPHA
     if target.memories:
         alphas, _ = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
         return target, list(alphas)
@@ -119,8 +125,8 @@ def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, flo
 
 
 async def settle(
-    state: ServingState, resolved: tuple[Target, float | list[float] | None], prompts: list[Prompt]
-) -> tuple[tuple[Target, float | list[float] | None], dict[str, str]]:
+    state: ServingState, resolved: tuple[Target, float | list[float] | str | None], prompts: list[Prompt]
+) -> tuple[tuple[Target, float | list[float] | str | None], dict[str, str]]:
     """An auto target becomes the chosen memory at its default α (or the base alone); others pass as they are.
     Returns the resolved target and the headers the response carries."""
     target, alpha = resolved
@@ -158,7 +164,7 @@ def build_plan(
     body: SamplingRequest,
     serving: Serving,
     config: ServerConfig,
-    resolved: tuple[Target, float | list[float] | None],
+    resolved: tuple[Target, float | list[float] | str | None],
     prompts: list[Prompt],
     asked: Asked,
     id_prefix: str,
@@ -188,7 +194,8 @@ def build_plan(
                     prompt_token_ids=prompt.token_ids,
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
                     memory=target.memory.name if target.memory else None,
-                    alpha=float(alpha) if alpha is not None and not isinstance(alpha, list) else 0.0,
+                    alpha=float(alpha) if isinstance(alpha, float | int) else 0.0,
+                    routed=alpha == AUTO_ALPHA,
                     memory_temperature=temperature,
                     speculative=body.speculative,
                     **several,
@@ -206,7 +213,7 @@ def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], fir
     log.info(
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
         request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
-        first.memory or list(first.memories) or None, first.alpha if first.memory else list(first.alphas) or None, body.stream,
+        first.memory or list(first.memories) or None, "auto" if first.routed else first.alpha if first.memory else list(first.alphas) or None, body.stream,
     )  # fmt: skip
     if log_prompts:
         log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])

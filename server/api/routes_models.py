@@ -43,6 +43,7 @@ def memory_card(serving: Serving, info: MemoryInfo) -> dict[str, Any]:
         description=info.description,
         temperature=info.temperature,
         tokenizer_verified=info.tokenizer_verified,
+        router=info.router,
     ).model_dump()
 
 

@@ -20,7 +20,14 @@ from server.api.token_logprobs import logprobs_object
 from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
 from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
-from server.validation import AUTO_MEMORY, check_at_most, check_several, memory_temperature
+from server.validation import (
+    AUTO_ALPHA,
+    AUTO_MEMORY,
+    check_at_most,
+    check_routed,
+    check_several,
+    memory_temperature,
+)
 
 router = APIRouter()
 
@@ -47,6 +54,9 @@ is null (there is no one memory alone), and per-token `logprobs` give the base a
 
 For an input that fits in one window, `perplexity` equals exp of minus the mean of
 `token_logprobs[1:]` from `/v1/completions` with `echo: true, max_tokens: 0, logprobs: 0`.
+
+`alpha: "auto"` (one memory that ships a router): alpha is set at every scored token by the memory's learned
+router from both models' distributions there (`alpha` in the answer is "auto"; `alphas` is null).
 
 Per token (`logprobs`): each document's `logprobs` object lists every scored token's log-prob under the
 base, the memory alone and the mixture, and with `logprobs: k > 0` each model's top k alternatives with
@@ -141,7 +151,10 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     alpha_is_list = isinstance(body.alpha, list)
     several: dict = {}
     alphas: list[float]
-    if target.memories:  # several memories: one mixture, `alpha` one weight per memory
+    routed = check_routed(body.alpha, target.memory, bool(target.memories))
+    if routed:  # the memory's router: one mixture, α per scored token
+        alphas = []
+    elif target.memories:  # several memories: one mixture, `alpha` one weight per memory
         weights, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
         alphas = list(weights)
         several = {"memories": tuple(m.name for m in target.memories), "memory_temperatures": temps}
@@ -152,7 +165,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     elif body.alpha is None:
         alphas = [target.memory.alpha]
     else:
-        alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]
+        alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]  # type: ignore[list-item]
     check_at_most(body.logprobs, state.config.max_logprobs, "logprobs")
     docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size, "input")
     job = PerplexityRequest(
@@ -167,6 +180,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         first_window=body.first_window,
         max_windows=body.max_windows,
         token_logprobs=body.logprobs,
+        routed=routed,
     )
     started = time.monotonic()
     try:
@@ -192,7 +206,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
             "created": int(time.time()),
             "model": target.model,
             "memory": target.memory_field,
-            "alpha": (alphas if alpha_is_list or several else alphas[0]) if with_memory else None,
+            "alpha": AUTO_ALPHA if routed else (alphas if alpha_is_list or several else alphas[0]) if with_memory else None,
             "context_length": result.context_length,
             "stride": result.stride,
             "data": data,

@@ -26,6 +26,7 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 Alpha = Annotated[StrictFloat, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
+AutoAlpha = Literal["auto"]  # the memory's learned router sets α at every position
 MemoryList = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_MEMORIES)]
 MemoryTemperature = Annotated[StrictFloat, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
 MemoryTemperatureList = Annotated[list[MemoryTemperature], Field(min_length=1, max_length=MAX_MEMORIES)]
@@ -73,10 +74,11 @@ class SamplingRequest(_Body):
         f"list of up to {MAX_MEMORIES} distinct names mixes them all: p = sum(alpha_i * p_i) + (1 - sum(alpha_i)) * "
         "p_base (then `alpha` is required, one weight per memory).",
     )
-    alpha: Alpha | AlphaList | None = Field(
+    alpha: Alpha | AlphaList | AutoAlpha | None = Field(
         None,
         description="Weight of the memory in [0, 1]; default: the memory's manifest value. With several memories: "
-        "a list, one weight per memory in `memory` order, summing to at most 1 (required).",
+        "a list, one weight per memory in `memory` order, summing to at most 1 (required). \"auto\": the memory's "
+        "learned router sets alpha at every token (one memory, which must ship a router; see its model card).",
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
@@ -203,10 +205,11 @@ class PerplexityRequestBody(_Body):
         description="A loaded memory's name; null = the base model alone. A list of several distinct names scores "
         "their mixture sum(alpha_i * p_i) + (1 - sum(alpha_i)) * p_base (then `alpha` is required: one weight per memory).",
     )
-    alpha: Alpha | AlphaList | None = Field(
+    alpha: Alpha | AlphaList | AutoAlpha | None = Field(
         None,
         description="Memory weight(s) in [0, 1]; with one memory a list scores every value in one pass. Default: the "
-        "manifest's. With several memories: one weight per memory (one mixture), summing to at most 1.",
+        "manifest's. With several memories: one weight per memory (one mixture), summing to at most 1. \"auto\": the "
+        "memory's learned router sets alpha at every scored token (one memory with a router).",
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
@@ -284,7 +287,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     memory: str | list[str] | None = None
-    alpha: float | list[float] | None = None
+    alpha: float | list[float] | str | None = None
 
 
 class ChatLogprobAlternative(BaseModel):
@@ -322,7 +325,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     memory: str | list[str] | None = None
-    alpha: float | list[float] | None = None
+    alpha: float | list[float] | str | None = None
 
 
 class TokenizeResponse(BaseModel):
@@ -406,7 +409,7 @@ class PerplexityResponse(BaseModel):
     created: int
     model: str
     memory: str | list[str] | None
-    alpha: float | list[float] | None
+    alpha: float | list[float] | str | None
     context_length: int
     stride: int
     data: list[PerplexityDocument]
@@ -430,6 +433,9 @@ class ModelCard(BaseModel):
         default=None,
         description="A memory's token->id map was compared with the base's (false: it ships neither tokenizer nor "
         "manifest, so only its vocabulary size and special-token ids were checked).",
+    )
+    router: bool | None = Field(
+        default=None, description='A memory ships a learned per-token router: requests may ask for "alpha": "auto".'
     )
 
 

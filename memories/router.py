@@ -1,0 +1,202 @@
+"""The learned per-token router: α_t from both models' next-token distributions at each position.
+
+p_t = α_t·p_mem + (1 − α_t)·p_base with α_t = σ(f(x_t)), where x_t are a few summary statistics of the two
+log-distributions at position t (entropies, top-1 log-probs, top-1 agreement, each model's log-prob of the
+other's top token, KL(p_mem ‖ p_base)) and f is a tiny MLP (or a logistic regression with `hidden` = 0).
+
+This module is the ONE implementation of the router: the toolkit's fitting and evaluation
+(`memories.router_fit`), the server's perplexity jobs and the engine's mixing path all call `Router.log_weights`
+on log-distributions, so `"alpha": "auto"` serves exactly what the toolkit measured. The features need only
+the two models' logits (no hidden states), so the engine computes them where it already mixes, for the whole
+batch at once, with no extra forward output and no host sync.
+
+On disk, inside the memory directory: `router.safetensors` (the tensors) and `router.json` (features, shape,
+version, where it was fitted and how it did), recorded in the manifest's `router` entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTER_CONFIG = "router.json"
+ROUTER_VERSION = 1
+# The features, in the order the router's first layer reads them. A router naming others is refused at load.
+FEATURES = (
+    "base_entropy",
+    "memory_entropy",
+    "base_max_logprob",
+    "memory_max_logprob",
+    "top1_agree",
+    "memory_logprob_of_base_top",
+    "base_logprob_of_memory_top",
+    "kl_memory_base",
+)
+# Log-probs below this are zero probability for every feature; clamping keeps 0·(−inf) out of the sums.
+_LOG_FLOOR = -1e4
+
+
+class RouterError(ValueError):
+    """A router file is missing, corrupt or of another version or shape."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """What `router.json` says about the tensors beside it (plus free-form provenance and numbers)."""
+
+    features: tuple[str, ...] = FEATURES
+    hidden: int = 16  # 0: logistic regression on the features
+    version: int = ROUTER_VERSION
+    fitted: dict[str, Any] = field(default_factory=dict)  # texts, memory, settings, selection numbers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "features": list(self.features)}
+
+
+def features(base_logp: torch.Tensor, mem_logp: torch.Tensor) -> torch.Tensor:
+    """[..., F] float32 features of two log-distributions [..., V] (float32, the same positions)."""
+    b, m = base_logp.float().clamp_min(_LOG_FLOOR), mem_logp.float().clamp_min(_LOG_FLOOR)
+    pb, pm = b.exp(), m.exp()
+    b_max, b_top = b.max(dim=-1)
+    m_max, m_top = m.max(dim=-1)
+    return torch.stack(
+        [
+            -(pb * b).sum(-1),
+            -(pm * m).sum(-1),
+            b_max,
+            m_max,
+            (b_top == m_top).float(),
+            m.gather(-1, b_top.unsqueeze(-1)).squeeze(-1),
+            b.gather(-1, m_top.unsqueeze(-1)).squeeze(-1),
+            (pm * (m - b)).sum(-1),
+        ],
+        dim=-1,
+    )
+
+
+class Router(nn.Module):
+    """α_t = σ(net((x − mean) / std)); `log_weights` gives (log α_t, log(1 − α_t)) exactly, via log-sigmoid."""
+
+    mean: torch.Tensor  # [F] feature standardisation, fitted with the router
+    std: torch.Tensor  # [F]
+
+    def __init__(self, config: RouterConfig = RouterConfig()) -> None:
+        super().__init__()
+        self.config = config
+        n = len(config.features)
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("std", torch.ones(n))
+        if config.hidden:
+            self.net: nn.Module = nn.Sequential(nn.Linear(n, config.hidden), nn.Tanh(), nn.Linear(config.hidden, 1))
+        else:
+            self.net = nn.Linear(n, 1)
+
+    def start_at(self, alpha: float) -> None:
+        """Output `alpha` everywhere (last layer's weights 0, bias logit(α)): fitting starts from the fixed α."""
+        last = self.net[-1] if isinstance(self.net, nn.Sequential) else self.net
+        assert isinstance(last, nn.Linear)
+        a = min(max(alpha, 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(float(torch.logit(torch.tensor(a))))
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        """[...] router logits of features [..., F]."""
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+    def log_weights(self, base_logp: torch.Tensor, mem_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log α_t, log(1 − α_t)), each [...], for log-distributions [..., V]."""
+        z = self.logit(features(base_logp, mem_logp))
+        return nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)
+
+    def mixed_targets(
+        self, base_logp: torch.Tensor, mem_logp: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base, memory, mixture log-probs of `targets` [...], α_t [...]) from log-distributions [..., V]."""
+        log_a, log_1ma = self.log_weights(base_logp, mem_logp)
+        base_t = base_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mem_t = mem_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return base_t, mem_t, torch.logaddexp(log_a + mem_t, log_1ma + base_t), log_a.exp()
+
+
+def routed_mix(router: Router, base_logp: torch.Tensor, mem_logp: torch.Tensor, weighted: torch.Tensor | None = None,
+               routed: torch.Tensor | None = None, fixed_log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixture's log-distribution [..., V] with the router's α_t at every position, from both models' log-
+    distributions [..., V]. The engine's form: `weighted` is the mixture so far (the base's log-probs already
+    weighted, for rows whose α is fixed) and `routed` [..., 1] (bool) picks the rows that use the router; the
+    others get `fixed_log_alpha` [..., 1], so one call serves a whole memory group."""
+    log_a, log_1ma = (t.unsqueeze(-1) for t in router.log_weights(base_logp, mem_logp))  # [..., 1]
+    if routed is not None:
+        assert weighted is not None and fixed_log_alpha is not None
+        log_a = torch.where(routed, log_a, fixed_log_alpha)
+        log_1ma = torch.where(routed, log_1ma, torch.zeros_like(log_1ma))  # fixed rows: base already weighted
+    return torch.logaddexp(log_1ma + (base_logp if weighted is None else weighted), log_a + mem_logp)
+
+
+def mixture_nll(z: torch.Tensor, base_t: torch.Tensor, mem_t: torch.Tensor) -> torch.Tensor:
+    """Mean −log(σ(z)·p_mem(y) + σ(−z)·p_base(y)) from router logits and the targets' log-probs: the objective."""
+    ls = nn.functional.logsigmoid
+    return -torch.logaddexp(ls(z) + mem_t, ls(-z) + base_t).mean()
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_router(router: Router, directory: str | Path) -> dict[str, Any]:
+    """Write router.safetensors and router.json into `directory`; returns the manifest's `router` entry."""
+    from safetensors.torch import save_file
+
+    from memories.jsonfile import write_json
+
+    directory = Path(directory)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
+    tmp = directory / (ROUTER_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / ROUTER_WEIGHTS)
+    write_json(directory / ROUTER_CONFIG, router.config.to_dict())
+    return {"weights": ROUTER_WEIGHTS, "config": ROUTER_CONFIG, "features": list(router.config.features),
+            "hidden": router.config.hidden, "version": router.config.version}  # fmt: skip
+
+
+def load_router(directory: str | Path, entry: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> Router:
+    """The router a manifest's `router` entry names (default file names when None), on `device`, in eval mode;
+    RouterError naming the file when it is missing, unreadable, of another version, or its tensors do not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    entry = entry or {}
+    config_path = directory / str(entry.get("config", ROUTER_CONFIG))
+    weights_path = directory / str(entry.get("weights", ROUTER_WEIGHTS))
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise RouterError(f"the manifest names a router but {path} is missing")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        config = RouterConfig(features=tuple(data["features"]), hidden=int(data["hidden"]),
+                              version=int(data["version"]), fitted=dict(data.get("fitted", {})))  # fmt: skip
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RouterError(f"{config_path} is not a router config: {exc}") from None
+    if config.version != ROUTER_VERSION:
+        raise RouterError(f"{config_path}: router version {config.version}, this server reads {ROUTER_VERSION}")
+    if config.features != FEATURES:
+        raise RouterError(f"{config_path}: features {list(config.features)} are not this server's {list(FEATURES)}")
+    if config.hidden < 0:
+        raise RouterError(f"{config_path}: hidden must be >= 0")
+    router = Router(config)
+    try:
+        tensors = load_file(str(weights_path))
+        router.load_state_dict(tensors, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise RouterError(f"{weights_path} does not hold this router's tensors: {str(exc).splitlines()[0]}") from None
+    if not all(torch.isfinite(t).all() for t in router.state_dict().values()):
+        raise RouterError(f"{weights_path} holds non-finite values")
+    return router.to(device).eval().requires_grad_(False)
