@@ -128,8 +128,10 @@ class Scheduler:
         """Cached pages of the sequence's prefix, per model. Echo (prompt log-prob) requests bypass the cache:
         they need every prompt position's logits, which only a full computation gives. Hits stop before the
         prompt's last token: it is always computed (its logits give the first new token) and, as the point a
-        rollback may return to, it must lie in a private page."""
-        if seq.wants_prompt_logprobs:
+        rollback may return to, it must lie in a private page. Rows routed with context features bypass it too:
+        their advantage EMAs need both models' log-probs at every position, which a cached prefix does not keep
+        (so after a preemption they recompute from the start, and their state with it)."""
+        if seq.wants_prompt_logprobs or seq.context_routed:
             return {k: [] for k in seq.model_keys}
         limit = seq.num_prompt_tokens - 1
         return {k: (kv := self.kv_of(k)).match(seq.token_ids, limit // kv.block_size) for k in seq.model_keys}
@@ -155,7 +157,7 @@ class Scheduler:
             kv.reserve(slot, n, lazy=True)  # zeroed chunk by chunk (`ModelKV.set_length`)
             kv.set_length(slot, len(hits[key]) * kv.block_size)
             cached.append(len(hits[key]) * kv.block_size)
-            if not seq.wants_prompt_logprobs and kv.prefix_caching:
+            if not (seq.wants_prompt_logprobs or seq.context_routed) and kv.prefix_caching:
                 self.prefix_stats.append(PrefixStats("base" if key is None else "memory", n, cached[-1]))
         seq.prefill_len = n
         seq.num_computed = min(cached)
