@@ -92,7 +92,8 @@ def advantage_emas(advantage: torch.Tensor, decays: tuple[float, ...], state: to
     token per decode step) compute the same numbers however the text is cut."""
     a = advantage.double()
     lead, n = a.shape[:-1], a.shape[-1]
-    d = torch.tensor(decays, dtype=torch.float64, device=a.device)  # [K]
+    # [K] filled on the device (torch.tensor(list, device=cuda) would copy from the host and wait for the stream)
+    d = torch.stack([torch.full((), k, dtype=torch.float64, device=a.device) for k in decays])
     s = torch.zeros(*lead, len(decays), dtype=torch.float64, device=a.device) if state is None else state.double()
     outs = []
     for c0 in range(0, n, _SCAN_CHUNK):
