@@ -299,6 +299,8 @@ class Engine:
         """
         if seq.slot is None or seq.is_finished:
             raise ValueError("only a running sequence can be rolled back")
+        if seq.context_routed:  # its advantage EMAs hold the forgotten tokens; no caller needs to undo them (yet)
+            raise ValueError("a row routed with context features cannot be rolled back")
         seq.rollback(num_tokens)
         for key in seq.model_keys:
             self.runner.kv(key).truncate(seq.row, num_tokens - 1)  # the last token is the next input, not cached

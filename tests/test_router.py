@@ -342,6 +342,8 @@ def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
         m = torch.log_softmax(registry.loaded("cmed").model(t).logits[0, :, : base.vocab_size].double(), -1)
     want = _hand_emas([(m[s, full[s + 1]] - b[s, full[s + 1]]).item() for s in range(len(full) - 1)], DECAYS)[-1]
     assert (state - want).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="context"):  # its state would keep the forgotten tokens
+        engine.rollback(seq, len(ids))
     while engine.has_unfinished():
         out["r"] += [o for o in engine.step().outputs if o.request_id == "r"]
     fresh = run(Engine(base, registry, config), [r])
