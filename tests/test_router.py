@@ -65,14 +65,19 @@ def _with_router(src: Path, dst: Path, router: Router | None) -> Path:
     shutil.copytree(src, dst)
     if router is not None:
         entry = save_router(router, dst)
+        if not router.context_decays:  # written as routers were before context features: no `context_decays` key
+            entry.pop("context_decays")
+            config = json.loads((dst / ROUTER_CONFIG).read_text())
+            config.pop("context_decays")
+            (dst / ROUTER_CONFIG).write_text(json.dumps(config))
         write_manifest(dst, read_manifest(dst).replace(router=entry))
     return dst
 
 
 @pytest.fixture(scope="module")
 def routed(zoo, tmp_path_factory):
-    """The zoo's base with "rmed" (Llama, MLP router), "rlaw" (Qwen2, padded vocabulary, logistic router) and
-    "med" (no router)."""
+    """The zoo's base with "rmed" (Llama, MLP router), "rlaw" (Qwen2, padded vocabulary, logistic router) — both
+    router files as they were written before context features — and "med" (no router)."""
     root = tmp_path_factory.mktemp("routed")
     base = load_base(ModelConfig(str(zoo.base)))
     registry = MemoryRegistry(base)
