@@ -6,8 +6,8 @@ and per memory ([slots, K] float64) and advances them with `memories.router.adva
 recurrence the toolkit runs over a whole text:
 
 - a prompt chunk: every position whose next token is known (all but the prompt's last) adds its target's
-  log-probs of both models (`ModelRunner._prefill_model` keeps those positions' logits, a chunk's worth at
-  most); a chunk from position 0 starts from zero, so a re-admitted (preempted) row recomputes its state
+  log-probs of both models (`ModelRunner._prefill_model` keeps those positions' logits; the scheduler caps
+  such chunks at `CONTEXT_CHUNK_TOKENS`); a chunk from position 0 starts from zero, so a re-admitted (preempted) row recomputes its state
   with its prompt and generated tokens, and a slot's previous occupant leaves nothing behind;
 - each new token (decode step, prefill's first token, a speculative round's one token of a routed row, which
   never drafts): the whole batch's rows of the memory at once, on the device, no host sync.

@@ -198,7 +198,7 @@ class StepLogits:
     timers: tuple[_Timer, _Timer]  # base, memories
     failed_chunks: dict[int, str] = field(default_factory=dict)  # seq_id of a failed non-final prompt chunk -> error
     # Context-routed prompt chunks: seq_id -> model -> [n, V] logits at each of the chunk's positions (the engine
-    # reduces them at once to the targets' log-probs for the row's advantage EMAs; a chunk's worth at most).
+    # reduces them at once to the targets' log-probs for the row's advantage EMAs; CONTEXT_CHUNK_TOKENS at most).
     scored: dict[int, dict[ModelKey, torch.Tensor]] = field(default_factory=dict)
 
     def forward_seconds(self) -> dict[str, float]:

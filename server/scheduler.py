@@ -31,6 +31,10 @@ from server.sequence import Sequence, Status
 
 # Pages kept free when admitting, so a new prefill does not force the next decode step to preempt.
 WATERMARK = 0.01
+# Positions per step of a prompt routed by a router with context features: the runner keeps every position's
+# logits of such a chunk in each model ([n, V]; 512 × 152k bfloat16 ≈ 156 MB), so its chunks are capped, even
+# with chunked prefill off (its state carries across chunks). Echo rows run whole as before.
+CONTEXT_CHUNK_TOKENS = 512
 
 
 class StepKind(enum.Enum):
@@ -214,6 +218,8 @@ class Scheduler:
         def take(seq: Sequence, start: dict[str | None, int]) -> int:
             remaining = seq.prefill_len - seq.num_computed
             n = remaining if whole(seq) else min(remaining, budget)
+            if seq.context_routed and not seq.wants_prompt_logprobs:
+                n = min(n, CONTEXT_CHUNK_TOKENS)
             end = seq.num_computed + n
             chunks.append(PrefillChunk(seq, start, end))
             for key, cached in start.items():

@@ -324,6 +324,32 @@ def test_context_router_steps_equal_the_reference_in_a_mixed_batch(routed, confi
     assert registry.users("cmed") == registry.users("claw") == 0
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["chunked-prefill-off", "chunked-prefill-on"])
+def test_context_prompts_run_in_capped_chunks(routed, monkeypatch, chunked):
+    """A context-routed prompt keeps every position's logits, so its chunks are capped (CONTEXT_CHUNK_TOKENS),
+    even with chunked prefill off; the state carries across them and every token equals the reference."""
+    import server.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "CONTEXT_CHUNK_TOKENS", 5)
+    base, registry, root = routed
+    engine = Engine(base, registry, EngineConfig(block_size=4, enable_chunked_prefill=chunked))
+    reqs = [_routed(base, "a", LONG, "cmed", 5), _routed(base, "b", TEXT, "claw", 4),
+            GenerationRequest("c", prompt(base, LONG), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "cmed", 0.5)]
+    sizes: list[int] = []
+    original = engine.runner.prefill
+
+    def prefill(rows, chunks):
+        sizes.extend(c.end - c.start[None] for c in chunks if c.seq.context_routed and not c.decode)
+        return original(rows, chunks)
+
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    out = run(engine, reqs)
+    assert max(sizes) == 5 and len(sizes) >= len(reqs[0].prompt_token_ids) // 5
+    for r in reqs[:2]:
+        _check_routed(out, r, base, registry, root)
+    assert_clean(engine)
+
+
 def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
     """A prompt whose prefix an earlier request cached (same memory, fixed α) is still computed whole for a
     context-routed row: its EMAs need every position's log-probs. Its state after the prompt equals the hand
