@@ -506,7 +506,7 @@ class ModelRunner:
                     echo[row] = scored[c.seq.seq_id]
             elif row is None:
                 continue
-            elif c.seq.wants_prompt_logprobs:
+            elif c.seq.wants_prompt_logprobs and not c.decode:  # an echo row decoding in a MIXED step: its next token only
                 assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
                 echo[row] = (len(keep), n)
                 keep.extend(range(start, start + n))
