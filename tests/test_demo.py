@@ -94,12 +94,7 @@ def test_memory_lowers_perplexity_on_its_domain(bases, base, name):
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="no ../shared/data")
-@pytest.mark.parametrize("domain", [
-    "biomedical", "legal",
-    # Known gap of this demo (docs/demo.md, "Specificity"): on FOMC minutes the legal memory at α = 0.55 edges
-    # out the finance memory at its α = 0.35. Strict: the day it passes, this mark must go.
-    pytest.param("finance", marks=pytest.mark.xfail(strict=True, reason="legal memory edges out finance on FOMC text")),
-])  # fmt: skip
+@pytest.mark.parametrize("domain", ["biomedical", "legal", "finance"])
 def test_each_domain_is_served_best_by_its_own_memory(bases, domain):
     """Memories are specialists: on a domain's text, its own memory at its α gives a lower perplexity than
     either other memory at theirs (what the memory lens and `memory: auto` rely on to tell them apart)."""
