@@ -54,6 +54,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from bench.speculative import SpecCounts, domain_prompts
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.mixing import mix_logprobs
+from memories.router import DEFAULT_CONTEXT_DECAYS, Router, RouterConfig, save_router
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -107,7 +108,11 @@ def real_shape_models(root: Path, small: bool) -> tuple[str, str]:
         tok.save_pretrained(path)
         paths.append(str(path))
         del model
-    write_manifest(Path(paths[1]), Manifest(name="memory", domain="bench", alpha=0.6, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
+    # A router with context features, so "alpha": "auto" rows (their per-row state included) run in the sync check.
+    router = Router(RouterConfig.with_context(DEFAULT_CONTEXT_DECAYS, hidden=16))
+    entry = save_router(router, paths[1])
+    write_manifest(Path(paths[1]), Manifest(name="memory", domain="bench", alpha=0.6, tokenizer_fingerprint=tokenizer_fingerprint(tok),
+                                            router=entry))  # fmt: skip
     return paths[0], paths[1]
 
 
@@ -255,6 +260,9 @@ def mixed_batch(vocab: int, batch: int, n: int, prompt_len: int = 100) -> list[G
         if i % 3 == 2:  # sampled, with top-p and log-probs
             params = SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True, logprobs=5)
             reqs.append(GenerationRequest(f"s{i}", prompt, params, "memory", 0.6))
+        elif i == 1:  # "alpha": "auto" with a context router: its EMAs advance on the device every step
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=5)
+            reqs.append(GenerationRequest(f"r{i}", prompt, params, "memory", routed=True))
         else:
             reqs.append(greedy(f"g{i}", prompt, n, "memory" if i % 3 == 0 else None, 0.6))
     return reqs

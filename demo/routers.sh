@@ -10,7 +10,9 @@
 # documents of S) and on the other domains' and general valid text (sources neither the memory nor the router
 # saw). The shipped memory saw every source of its domain, so no text of its domain is held out from it: it
 # takes the router of its first fold (docs/demo.md says why) and is judged on the same other-domain texts.
-# Cached: a router newer than its memory's weights (and, for a shipped one, than the fold's router) is kept.
+# Routers read the context features (the toolkit's default; ROUTER_CONTEXT=0 fits 8-feature ones, --no-context).
+# Cached: a router newer than its memory's weights (and, for a shipped one, than the fold's router) and of the
+# kind asked for is kept, so an older 8-feature router is refitted.
 set -euo pipefail
 
 main() {
@@ -21,10 +23,16 @@ MEMDEC=${MEMDEC:-$REPO/.venv/bin/memdec}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FIT_TOKENS=${FIT_TOKENS:-60000}       # fitting tokens (the held-out source's valid lines; the last 20% select)
 ROUTER_EVAL_TOKENS=${ROUTER_EVAL_TOKENS:-20000}  # tokens of each evaluation text
+ROUTER_CONTEXT=${ROUTER_CONTEXT:-1}
+context_args=(); [ "$ROUTER_CONTEXT" = 1 ] || context_args=(--no-context)
 declare -A NAME=([biomedical]=biomed [legal]=legal [finance]=finance)
 declare -A SOURCES=([biomedical]="medquad pubmedqa" [legal]="scotus-opinions us-code"
                     [finance]="fomc-minutes sec-10k-risk-factors")
-fresh() { [ -f "$1/router.safetensors" ] && [ "$1/router.safetensors" -nt "$1/model.safetensors" ] && [ "$1/router.safetensors" -nt "$2" ]; }
+has_context() { grep -q advantage_ema "$1/router.json"; }
+fresh() {
+  [ -f "$1/router.safetensors" ] && [ "$1/router.safetensors" -nt "$1/model.safetensors" ] && [ "$1/router.safetensors" -nt "$2" ] &&
+    { if [ "$ROUTER_CONTEXT" = 1 ]; then has_context "$1"; else ! has_context "$1"; fi; }
+}
 domains=("$@")
 [ ${#domains[@]} -gt 0 ] || domains=(biomedical legal finance)
 for domain in "${domains[@]}"; do
@@ -39,7 +47,7 @@ for domain in "${domains[@]}"; do
     fresh "$fold" "$fold/model.safetensors" && { echo "[memdec] router $domain without $src: up to date"; continue; }
     "$MEMDEC" memory router --memory "$fold" --base "$WORK/base-f16" --text "$src=$WORK/data/$domain/valid/$src.txt" \
       --max-tokens "$FIT_TOKENS" --eval-text "$src-train=$WORK/data/$domain/train/$src.txt" "${others[@]}" \
-      --eval-max-tokens "$ROUTER_EVAL_TOKENS" --report-dir "$WORK/routers/$domain-without-$src" --quiet
+      --eval-max-tokens "$ROUTER_EVAL_TOKENS" --report-dir "$WORK/routers/$domain-without-$src" --quiet "${context_args[@]}"
   done
   [ -n "$first" ] || { echo "routers: $domain has no leave-one-source-out memory" >&2; exit 2; }
   shipped=$WORK/memories/$name

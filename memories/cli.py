@@ -327,7 +327,7 @@ def _labelled(arg: str) -> tuple[str, str]:
 
 @_handles_errors
 def cmd_router(a: argparse.Namespace) -> int:
-    from memories.router_fit import REPORT_JSON, REPORT_PNG, RouterJob, run
+    from memories.router_fit import REPORT_JSON, REPORT_PNG, FitConfig, RouterJob, run
 
     if a.from_dir and a.text:
         raise UsageError("--from takes another memory's router: give no --text to fit on")
@@ -336,10 +336,11 @@ def cmd_router(a: argparse.Namespace) -> int:
         eval_texts=tuple(_labelled(t) for t in a.eval_text or []), from_dir=Path(a.from_dir) if a.from_dir else None,
         max_tokens=a.max_tokens, eval=_eval_config(a), allow_in_source=a.allow_in_source,
         report_dir=Path(a.report_dir) if a.report_dir else None, device=a.device, dtype=a.dtype,
+        fit=FitConfig(context_decays=() if a.no_context else FitConfig.context_decays),
     )  # fmt: skip
     report = run(job, progress=not a.quiet)
     sel = report["fitted"].get("selection")
-    print(f"\n== router for {report['memory']} (hidden {report['hidden']}"
+    print(f"\n== router for {report['memory']} (hidden {report['hidden']}, context decays {report['context_decays'] or 'none'}"
           + (f", taken from {report['fitted']['taken_from']})" if "taken_from" in report["fitted"] else ")"))
     if sel:
         print(f"  fitting texts' held-out split ({sel['positions_select']} positions): router {sel['select_router_ppl']:.2f}, "
@@ -525,6 +526,9 @@ def _register_model_stages(sub: Any) -> None:
     p.add_argument("--allow-in-source", action="store_true",
                    help="fit on text the manifest records as one of the datastore's sources (warned; not advised)")
     p.add_argument("--report-dir", default=None, help="where router-evaluation.json/.png go (default: the memory)")
+    p.add_argument("--no-context", action="store_true",
+                   help="fit on the 8 distribution features only, without the context features (moving averages of "
+                        "the memory's advantage on the preceding tokens, decays 0.9 and 0.99; the default)")
     _add_eval(p)
     _add_device(p)
     p.set_defaults(func=cmd_router)

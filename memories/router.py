@@ -4,6 +4,13 @@ p_t = α_t·p_mem + (1 − α_t)·p_base with α_t = σ(f(x_t)), where x_t are a
 log-distributions at position t (entropies, top-1 log-probs, top-1 agreement, each model's log-prob of the
 other's top token, KL(p_mem ‖ p_base)) and f is a tiny MLP (or a logistic regression with `hidden` = 0).
 
+A router may also read *context features* (`RouterConfig.context_decays`): exponential moving averages of the
+memory's advantage log p_mem(y_s) − log p_base(y_s) over the tokens y_s *before* position t (the prompt and
+the tokens already emitted when serving), one per decay. They tell the router how the memory has been doing
+on this text so far. `advantage_emas` is the one definition of that recurrence: the toolkit runs it over a
+whole text, `/v1/perplexity` over each batch of windows, the engine over each prompt chunk and each new token,
+carrying the state [rows, decays] in between. Routers without them (older files) read the 8 features alone.
+
 This module is the ONE implementation of the router: the toolkit's fitting and evaluation
 (`memories.router_fit`), the server's perplexity jobs and the engine's mixing path all call `Router.log_weights`
 on log-distributions, so `"alpha": "auto"` serves exactly what the toolkit measured. The features need only
@@ -38,6 +45,8 @@ FEATURES = (
     "base_logprob_of_memory_top",
     "kl_memory_base",
 )
+# The context features' decays that `memdec memory router` fits with unless told otherwise (`--no-context`).
+DEFAULT_CONTEXT_DECAYS = (0.9, 0.99)
 # Log-probs below this are zero probability for every feature; clamping keeps 0·(−inf) out of the sums.
 _LOG_FLOOR = -1e4
 
@@ -54,18 +63,62 @@ class RouterConfig:
     hidden: int = 16  # 0: logistic regression on the features
     version: int = ROUTER_VERSION
     fitted: dict[str, Any] = field(default_factory=dict)  # texts, memory, settings, selection numbers
+    context_decays: tuple[float, ...] = ()  # one advantage EMA per decay, after FEATURES (none: an older router)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "features": list(self.features)}
+        return {**asdict(self), "features": list(self.features), "context_decays": list(self.context_decays)}
+
+    @staticmethod
+    def with_context(decays: tuple[float, ...], **kw: Any) -> RouterConfig:
+        """A config reading FEATURES and one advantage EMA per decay (in that order)."""
+        return RouterConfig(features=feature_names(decays), context_decays=tuple(decays), **kw)
 
 
-def features(base_logp: torch.Tensor, mem_logp: torch.Tensor) -> torch.Tensor:
-    """[..., F] float32 features of two log-distributions [..., V] (float32, the same positions)."""
+def feature_names(decays: tuple[float, ...]) -> tuple[str, ...]:
+    return FEATURES + tuple(f"advantage_ema_{d}" for d in decays)
+
+
+_SCAN_CHUNK = 128  # positions per step of the EMA scan: a [C, C] weight matrix per decay, then the carry
+
+
+def advantage_emas(advantage: torch.Tensor, decays: tuple[float, ...], state: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The context features: e_k[i] = decay_k·e_k[i−1] + (1 − decay_k)·a[i−1], e_k[0] = state_k (0 when None).
+
+    advantage: [..., N] log p_mem(y_i) − log p_base(y_i) at positions i (in text order); state: [..., K] the EMAs
+    before position 0. Returns (the EMAs *before* each position [..., N, K] float32, the state after the last
+    [..., K] float64). Computed in float64, in chunks (a [C, C] weighted sum each, no Python per position), so
+    the toolkit (whole texts), the perplexity endpoint (batches of windows) and the engine (prompt chunks, one
+    token per decode step) compute the same numbers however the text is cut."""
+    a = advantage.double()
+    lead, n = a.shape[:-1], a.shape[-1]
+    # [K] filled on the device (torch.tensor(list, device=cuda) would copy from the host and wait for the stream)
+    d = torch.stack([torch.full((), k, dtype=torch.float64, device=a.device) for k in decays])
+    s = torch.zeros(*lead, len(decays), dtype=torch.float64, device=a.device) if state is None else state.double()
+    outs = []
+    for c0 in range(0, n, _SCAN_CHUNK):
+        x = a[..., c0 : c0 + _SCAN_CHUNK]  # [..., C]
+        c = x.shape[-1]
+        i = torch.arange(c, device=a.device, dtype=torch.float64)
+        lag = i[:, None] - 1 - i[None, :]  # [C, C] i − 1 − j
+        w = torch.where(lag >= 0, (1 - d)[:, None, None] * d[:, None, None] ** lag.clamp_min(0), 0.0)  # [K, C, C]
+        before = d[:, None] ** i[None, :]  # [K, C] decay^i: the carried state's weight at position i
+        e = torch.einsum("kij,...j->...ik", w, x) + s.unsqueeze(-2) * before.T  # [..., C, K]
+        outs.append(e)
+        last = (1 - d) * d ** (c - 1 - i[:, None])  # [C, K] each position's weight in the state after the chunk
+        s = s * d**c + torch.einsum("jk,...j->...k", last, x)
+    e = torch.cat(outs, dim=-2) if outs else a.new_zeros(*lead, 0, len(decays))
+    return e.float(), s
+
+
+def features(base_logp: torch.Tensor, mem_logp: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., F] float32 features of two log-distributions [..., V] (float32, the same positions), followed by the
+    context features `context` [..., K] when given (broadcast over trailing positions: [b, K] for [b, T, V])."""
     b, m = base_logp.float().clamp_min(_LOG_FLOOR), mem_logp.float().clamp_min(_LOG_FLOOR)
     pb, pm = b.exp(), m.exp()
     b_max, b_top = b.max(dim=-1)
     m_max, m_top = m.max(dim=-1)
-    return torch.stack(
+    x = torch.stack(
         [
             -(pb * b).sum(-1),
             -(pm * m).sum(-1),
@@ -78,6 +131,11 @@ def features(base_logp: torch.Tensor, mem_logp: torch.Tensor) -> torch.Tensor:
         ],
         dim=-1,
     )
+    if context is None:
+        return x
+    while context.dim() < x.dim():  # [b, K] for positions [b, T]: the same state at every position of a row
+        context = context.unsqueeze(-2)
+    return torch.cat([x, context.float().expand(*x.shape[:-1], context.shape[-1])], dim=-1)
 
 
 class Router(nn.Module):
@@ -97,6 +155,10 @@ class Router(nn.Module):
         else:
             self.net = nn.Linear(n, 1)
 
+    @property
+    def context_decays(self) -> tuple[float, ...]:
+        return self.config.context_decays
+
     def start_at(self, alpha: float) -> None:
         """Output `alpha` everywhere (last layer's weights 0, bias logit(α)): fitting starts from the fixed α."""
         last = self.net[-1] if isinstance(self.net, nn.Sequential) else self.net
@@ -110,28 +172,35 @@ class Router(nn.Module):
         """[...] router logits of features [..., F]."""
         return self.net((x - self.mean) / self.std).squeeze(-1)
 
-    def log_weights(self, base_logp: torch.Tensor, mem_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log α_t, log(1 − α_t)), each [...], for log-distributions [..., V]."""
-        z = self.logit(features(base_logp, mem_logp))
+    def log_weights(self, base_logp: torch.Tensor, mem_logp: torch.Tensor, context: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(log α_t, log(1 − α_t)), each [...], for log-distributions [..., V] and, for a router with context
+        features, their EMAs before each position [..., K] (`advantage_emas`)."""
+        if (context is None) != (not self.config.context_decays):
+            raise ValueError(f"this router reads {len(self.config.context_decays)} context features; got "
+                             f"{'none' if context is None else context.shape[-1]}")
+        z = self.logit(features(base_logp, mem_logp, context))
         return nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)
 
     def mixed_targets(
-        self, base_logp: torch.Tensor, mem_logp: torch.Tensor, targets: torch.Tensor
+        self, base_logp: torch.Tensor, mem_logp: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base, memory, mixture log-probs of `targets` [...], α_t [...]) from log-distributions [..., V]."""
-        log_a, log_1ma = self.log_weights(base_logp, mem_logp)
+        log_a, log_1ma = self.log_weights(base_logp, mem_logp, context)
         base_t = base_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         mem_t = mem_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return base_t, mem_t, torch.logaddexp(log_a + mem_t, log_1ma + base_t), log_a.exp()
 
 
 def routed_mix(router: Router, base_logp: torch.Tensor, mem_logp: torch.Tensor, weighted: torch.Tensor | None = None,
-               routed: torch.Tensor | None = None, fixed_log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+               routed: torch.Tensor | None = None, fixed_log_alpha: torch.Tensor | None = None,
+               context: torch.Tensor | None = None) -> torch.Tensor:
     """The mixture's log-distribution [..., V] with the router's α_t at every position, from both models' log-
     distributions [..., V]. The engine's form: `weighted` is the mixture so far (the base's log-probs already
     weighted, for rows whose α is fixed) and `routed` [..., 1] (bool) picks the rows that use the router; the
-    others get `fixed_log_alpha` [..., 1], so one call serves a whole memory group."""
-    log_a, log_1ma = (t.unsqueeze(-1) for t in router.log_weights(base_logp, mem_logp))  # [..., 1]
+    others get `fixed_log_alpha` [..., 1], so one call serves a whole memory group. `context`: the rows' context
+    features (`Router.log_weights`), for a router that reads them."""
+    log_a, log_1ma = (t.unsqueeze(-1) for t in router.log_weights(base_logp, mem_logp, context))  # [..., 1]
     if routed is not None:
         assert weighted is not None and fixed_log_alpha is not None
         log_a = torch.where(routed, log_a, fixed_log_alpha)
@@ -161,7 +230,8 @@ def save_router(router: Router, directory: str | Path) -> dict[str, Any]:
     tmp.replace(directory / ROUTER_WEIGHTS)
     write_json(directory / ROUTER_CONFIG, router.config.to_dict())
     return {"weights": ROUTER_WEIGHTS, "config": ROUTER_CONFIG, "features": list(router.config.features),
-            "hidden": router.config.hidden, "version": router.config.version}  # fmt: skip
+            "hidden": router.config.hidden, "version": router.config.version,
+            "context_decays": list(router.config.context_decays)}  # fmt: skip
 
 
 def load_router(directory: str | Path, entry: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> Router:
@@ -181,14 +251,19 @@ def load_router(directory: str | Path, entry: dict[str, Any] | None = None, devi
         data = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
+        decays = tuple(float(d) for d in data.get("context_decays", ()))  # absent in older routers: none
         config = RouterConfig(features=tuple(data["features"]), hidden=int(data["hidden"]),
-                              version=int(data["version"]), fitted=dict(data.get("fitted", {})))  # fmt: skip
+                              version=int(data["version"]), fitted=dict(data.get("fitted", {})),
+                              context_decays=decays)  # fmt: skip
     except (ValueError, KeyError, TypeError) as exc:
         raise RouterError(f"{config_path} is not a router config: {exc}") from None
     if config.version != ROUTER_VERSION:
         raise RouterError(f"{config_path}: router version {config.version}, this server reads {ROUTER_VERSION}")
-    if config.features != FEATURES:
-        raise RouterError(f"{config_path}: features {list(config.features)} are not this server's {list(FEATURES)}")
+    if not all(0.0 < d < 1.0 for d in config.context_decays):
+        raise RouterError(f"{config_path}: context decays must lie in (0, 1)")
+    if config.features != feature_names(config.context_decays):
+        raise RouterError(f"{config_path}: features {list(config.features)} are not this server's "
+                          f"{list(feature_names(config.context_decays))}")
     if config.hidden < 0:
         raise RouterError(f"{config_path}: hidden must be >= 0")
     router = Router(config)

@@ -14,6 +14,7 @@ routers and stops their training; the evaluation texts are never used for either
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -37,7 +38,14 @@ from memories.perplexity import (
     window_batches,
     window_settings,
 )
-from memories.router import FEATURES, Router, RouterConfig, features, mixture_nll
+from memories.router import (
+    DEFAULT_CONTEXT_DECAYS,
+    Router,
+    RouterConfig,
+    advantage_emas,
+    features,
+    mixture_nll,
+)
 
 REPORT_JSON = "router-evaluation.json"
 REPORT_PNG = "router-evaluation.png"
@@ -50,7 +58,8 @@ PATIENCE = 8  # evaluations without improvement before a candidate stops
 
 @dataclass(frozen=True)
 class Scored:
-    """One text scored by both models: per position, the router's features [N, F] and the targets' log-probs [N]."""
+    """One text scored by both models: per position (in text order), the router's distribution features [N, 8]
+    and the targets' log-probs [N]. The context features are computed from the latter (`router_inputs`)."""
 
     label: str
     x: torch.Tensor
@@ -67,6 +76,15 @@ class FitConfig:
     max_steps: int = MAX_STEPS
     select_fraction: float = SELECT_FRACTION
     seed: int = 0
+    context_decays: tuple[float, ...] = DEFAULT_CONTEXT_DECAYS  # () fits an 8-feature router (--no-context)
+
+
+def router_inputs(s: Scored, decays: tuple[float, ...]) -> torch.Tensor:
+    """[N, 8 + K] what a router with these context decays reads at each position of a scored text: the
+    distribution features and the memory's advantage EMAs over the text's preceding positions."""
+    if not decays:
+        return s.x
+    return torch.cat([s.x, advantage_emas(s.memory - s.base, decays)[0]], dim=-1)
 
 
 @torch.inference_mode()
@@ -119,17 +137,18 @@ def fixed_nll(s: Scored, alpha: float) -> float:
 
 def fit_router(
     texts: Sequence[Scored], start_alpha: float, config: FitConfig = FitConfig(), progress: bool = True,
-    features: tuple[str, ...] = FEATURES,
 ) -> tuple[Router, dict[str, Any]]:
     """The candidate router with the lowest mixture NLL on the held-out split of the fitting texts, and a summary
-    (each candidate's numbers, and the best fixed α's on the same split for comparison). `features` names the
-    columns of the texts' `x` (other than FEATURES only in offline experiments: the server reads FEATURES)."""
+    (each candidate's numbers, and the best fixed α's on the same split for comparison). The context features
+    are computed over each whole text before it is split (they only look back)."""
+    decays = config.context_decays
+    texts = [dataclasses.replace(t, x=router_inputs(t, decays)) for t in texts]
     fit, select = _split(texts, config.select_fraction)
     mean, std = fit.x.mean(0), fit.x.std(0).clamp_min(1e-3)
     candidates: list[dict[str, Any]] = []
     for hidden in config.hidden:
         torch.manual_seed(config.seed)
-        router = Router(RouterConfig(features=features, hidden=hidden))
+        router = Router(RouterConfig.with_context(decays, hidden=hidden))
         router.mean.copy_(mean)
         router.std.copy_(std)
         router.start_at(start_alpha)  # the fixed α the toolkit recommends: the router departs only where it helps
@@ -172,14 +191,14 @@ def fit_router(
         "select_start_alpha_ppl": math.exp(fixed_nll(select, start_alpha)),
     }
     router = chosen["router"]
-    router.config = RouterConfig(features=features, hidden=chosen["hidden"], fitted=router.config.fitted)
+    router.config = RouterConfig.with_context(decays, hidden=chosen["hidden"], fitted=router.config.fitted)
     return router.eval().requires_grad_(False), summary
 
 
 def evaluate_router(router: Router, s: Scored, alphas: Sequence[float], recommended: float) -> dict[str, Any]:
     """One text: base, memory alone, each fixed α of the grid, the recommended α, and the router."""
     with torch.no_grad():
-        z = router.logit(s.x)
+        z = router.logit(router_inputs(s, router.context_decays))
         router_nll = float(mixture_nll(z, s.base, s.memory))
         mean_alpha = float(torch.sigmoid(z).mean())
     curve = [{"alpha": float(a), "ppl": math.exp(fixed_nll(s, a))} for a in alphas]
@@ -323,10 +342,11 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
         fitted = {"memory": str(job.memory), "texts": [{"label": lab, "file": str(Path(p).resolve()), "tokens": len(s.base)}
                                                        for (lab, p), s in zip(job.texts, fit_texts, strict=True)],
                   "start_alpha": alpha, "selection": selection}  # fmt: skip
-    router.config = RouterConfig(hidden=router.config.hidden, fitted=fitted)
+    router.config = RouterConfig.with_context(router.context_decays, hidden=router.config.hidden, fitted=fitted)
     evals = [evaluate_router(router, scored(lab, p, job.eval.max_tokens), job.eval.alphas, alpha)
              for lab, p in job.eval_texts]  # fmt: skip
     report = {"memory": manifest.name, "domain": manifest.domain, "hidden": router.config.hidden,
+              "context_decays": list(router.context_decays),
               "fitted": fitted, "texts": evals, "warnings": warnings,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     entry = save_router(router, job.memory)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from memories.mixing import memory_logprobs, mix_many, mix_terms
-from memories.router import routed_mix
+from memories.router import advantage_emas, routed_mix
 from server.config import EngineConfig
+from server.context import ContextState, prompt_targets, target_logprobs
 from server.errors import InvalidRequestError, NotFoundError
 from server.kv import KVGeometry
 from server.loader import LoadedModel
@@ -140,15 +141,17 @@ def no_router_message(name: str) -> str:
             "give a number instead")
 
 
-def _mix_group(g: MemoryGroup, mixed: torch.Tensor, base_lp: torch.Tensor, mem_lp: torch.Tensor) -> torch.Tensor:
+def _mix_group(g: MemoryGroup, mixed: torch.Tensor, base_lp: torch.Tensor, mem_lp: torch.Tensor,
+               context: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Add one memory group's share to its rows' mixture so far ([b, V], or [b, T, V] in a round): αᵢ·pᵢ at each
     row's fixed α, or, for `"alpha": "auto"` rows, α_t from the memory's router on the base's own log-probs
-    `base_lp` and the memory's (one batched call for the whole group; their base weight is 1 so far)."""
+    `base_lp` and the memory's (one batched call for the whole group; their base weight is 1 so far), and the
+    rows' context features [b, K] when the router reads them (`ContextState`)."""
     log_alpha = g.log_alpha.view(-1, *([1] * (mem_lp.dim() - 1)))  # [b, 1] or [b, 1, 1]
     if g.router is None:
         return mix_terms(mixed, mem_lp, log_alpha)
     routed = g.routed.view_as(log_alpha) if g.routed is not None else None
-    return routed_mix(g.router, base_lp, mem_lp, mixed, routed, log_alpha if routed is not None else None)
+    return routed_mix(g.router, base_lp, mem_lp, mixed, routed, log_alpha if routed is not None else None, context)
 
 
 class Engine:
@@ -169,6 +172,7 @@ class Engine:
                                    chunked_prefill=self.config.enable_chunked_prefill)  # fmt: skip
         self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
         self._plan: tuple[tuple[int, tuple[int, ...]], SpecPlan] | None = None  # ((version, k per row), plan)
+        self.context = ContextState(self.config.max_num_seqs, self.runner.device)  # routers' advantage EMAs per row
         k = self.config.speculative_tokens
         self.speculation = SpeculationController(k, self.config.speculative_adaptive) if k else None
         if observer is not None:
@@ -295,6 +299,8 @@ class Engine:
         """
         if seq.slot is None or seq.is_finished:
             raise ValueError("only a running sequence can be rolled back")
+        if seq.context_routed:  # its advantage EMAs hold the forgotten tokens; no caller needs to undo them (yet)
+            raise ValueError("a row routed with context features cannot be rolled back")
         seq.rollback(num_tokens)
         for key in seq.model_keys:
             self.runner.kv(key).truncate(seq.row, num_tokens - 1)  # the last token is the next input, not cached
@@ -411,6 +417,7 @@ class Engine:
             outputs, stats = self._decode_step(batch, time.perf_counter(), c0)
             return outputs + failed, stats
         t1 = time.perf_counter()
+        self._advance_prompts(list(batch.prefill), logits)
         sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's one host sync
         self.runner.step_done()
         outputs = self._after_prompts(list(batch.prefill), rows, logits)
@@ -448,6 +455,7 @@ class Engine:
         except Exception as exc:  # the base failed: this step's newcomers fail, running streams go on
             return self._base_failed(seqs, exc), None
         t1 = time.perf_counter()
+        self._advance_prompts(chunks, logits)
         if rows is not None:
             sampled = self._mix_and_sample(rows, logits, True)  # ends with the step's host sync
         else:
@@ -535,10 +543,11 @@ class Engine:
         for g in rows.groups:
             # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real.
             buf = logits.drafts[g.name]
+            context = self._group_context(g)  # routed rows never draft: only their position 0 is real
             if g.whole_batch:
-                logp = _mix_group(g, logp, base_lp, buf.logp)
+                logp = _mix_group(g, logp, base_lp, buf.logp, context)
             else:
-                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), buf.logp)
+                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), buf.logp, context)
                 logp.index_copy_(0, g.rows_dev, mixed)
             drafts.index_copy_(0, g.rows_dev, buf.tokens)
             if q is not None and buf.probs is not None:
@@ -558,6 +567,9 @@ class Engine:
         emitted = (~stop).long().cumprod(dim=1).sum(dim=1) + 1  # [B]
         last = (emitted - 1).unsqueeze(1)  # [B, 1]
         self.runner.tokens.index_copy_(0, rows.slots_dev, tokens.gather(1, last).squeeze(1))  # the next input
+        for g in rows.groups:  # a routed row emits one token, at position 0 (it does not draft)
+            if g.name in logits.drafts:
+                self._advance_context(g, tokens[:, 0], base_lp[:, 0], logits.drafts[g.name].logp[:, 0])
         wanted = [tokens, emitted, ok.gather(1, last).squeeze(1)]
         if rows.logprob_rows:
             lp = logp.index_select(0, rows.logprob_rows_dev)  # [W, T, V]
@@ -623,10 +635,11 @@ class Engine:
             if mem is None:  # the memory failed: its rows are failed below
                 continue
             mem_lp = mem_lps[g.name] = memory_logprobs(mem, g.temperature)  # [b, V] log softmax(mem / T)
+            context = self._group_context(g)
             if g.whole_batch:
-                logp = _mix_group(g, logp, base_lp, mem_lp)
+                logp = _mix_group(g, logp, base_lp, mem_lp, context)
             else:
-                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), mem_lp)
+                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), mem_lp, context)
                 logp.index_copy_(0, g.rows_dev, mixed)
         counter = None
         if rows.sampling.any_sampled:
@@ -638,6 +651,9 @@ class Engine:
         else:
             tokens = sample(logp, rows.sampling, counter)  # [B]
         self.runner.tokens.index_copy_(0, rows.slots_dev, tokens)  # the next decode step's input
+        for g in rows.groups:  # routed rows' EMAs take the new token's log-probs (on the device, whole groups)
+            if g.name in mem_lps:
+                self._advance_context(g, tokens, base_lp, mem_lps[g.name])
         wanted: list[torch.Tensor] = [tokens]
         if rows.logprob_rows:
             lp = logp.index_select(0, rows.logprob_rows_dev)  # [W, V]
@@ -670,6 +686,36 @@ class Engine:
             ))
         return _Sampled(tok, logprobs, prompt, host[-1] if accepted is not None else None)
 
+    def _group_context(self, g: MemoryGroup) -> torch.Tensor | None:
+        """[b, K] the group's rows' advantage EMAs when its router reads context features, else None."""
+        if g.router is None or not g.router.context_decays:
+            return None
+        return self.context.rows(g.name, g.router.context_decays, g.slots_dev)
+
+    def _advance_context(self, g: MemoryGroup, tokens: torch.Tensor, base_lp: torch.Tensor, mem_lp: torch.Tensor) -> None:
+        """The group's rows took `tokens` [B] (whole batch) at distributions base_lp [B, V] and mem_lp [b, V] (the
+        group's rows): advance their EMAs on the device. Fixed-α rows of the group advance too (unread, harmless)."""
+        if g.router is None or not g.router.context_decays:
+            return
+        if not g.whole_batch:
+            tokens, base_lp = tokens.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev)
+        y = tokens.unsqueeze(-1)  # [b, 1]
+        self.context.advance(g.name, g.router.context_decays, g.slots_dev, base_lp.gather(-1, y).squeeze(-1),
+                             mem_lp.gather(-1, y).squeeze(-1))  # fmt: skip
+
+    def _advance_prompts(self, chunks: list[PrefillChunk], logits: StepLogits) -> None:
+        """Context-routed prompt chunks: their positions' targets' log-probs advance the rows' EMAs (from zero
+        for a chunk at position 0), before the last chunk's position is mixed. One chunk at a time, on the device."""
+        for c in chunks:
+            by_model = logits.scored.get(c.seq.seq_id)
+            use = c.seq.memories[0] if c.seq.memories else None
+            if by_model is None or use is None or use.router is None or use.name not in by_model or None not in by_model:
+                continue  # not context-routed, or a model failed (the row fails)
+            start = c.start[None]
+            targets = self.runner.upload(prompt_targets(c.seq.token_ids, start, c.end))  # [n]
+            base_t, mem_t = target_logprobs(by_model[None], by_model[use.name], use.temperature, targets)
+            self.context.prompt(use.name, use.router.context_decays, c.seq.row, start, base_t, mem_t)
+
     def _virtual_draft(
         self, rows: RowBatch, mem_lps: dict[str, torch.Tensor], logp: torch.Tensor, counter: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,11 +742,17 @@ class Engine:
             seq = rows.seqs[i]
             lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
             use = seq.memories[0] if seq.memories else None
+            targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
             if use is not None and use.router is not None:  # "alpha": "auto": one memory, α per prompt position
-                lp = routed_mix(use.router, lp, memory_logprobs(by_model[use.name], use.temperature))
+                mem_lp = memory_logprobs(by_model[use.name], use.temperature)  # [T, V]
+                context = None
+                if use.router.context_decays:  # each position's EMAs over the prompt before it; the last: all
+                    d = (mem_lp[:-1].gather(-1, targets.unsqueeze(-1)) - lp[:-1].gather(-1, targets.unsqueeze(-1))).squeeze(-1)
+                    before, after = advantage_emas(d, use.router.context_decays)
+                    context = torch.cat([before, after.float().unsqueeze(0)])  # [T, K]
+                lp = routed_mix(use.router, lp, mem_lp, context=context)
             elif seq.memories:
                 lp = mix_many(lp, [(memory_logprobs(by_model[m.name], m.temperature), m.alpha) for m in seq.memories])
-            targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
             chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]
             top_v, top_i = top_logprobs(lp[:-1], seq.params.prompt_logprobs or 0)
             out[i] = [chosen, top_v, top_i]

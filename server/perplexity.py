@@ -18,7 +18,8 @@ import torch
 
 from memories.mixing import mix_logprobs, mix_many
 from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
-from memories.router import Router
+from memories.router import Router, advantage_emas
+from server.errors import InvalidRequestError
 from server.loader import LoadedModel
 from server.request import (
     DocumentPerplexity,
@@ -60,6 +61,10 @@ class PerplexityJob:
         # `"alpha": "auto"`: the memory's router sets α at every position, from both whole distributions (the
         # toolkit's `memdec memory router` evaluation applies the same `Router.log_weights` to the same windows).
         self.router = router if request.routed else None
+        if self.router is not None and self.router.context_decays and request.first_window:
+            # Its context features average over every scored position before each one, from the document's start.
+            raise InvalidRequestError('"alpha": "auto" with this memory\'s router (context features) scores a document '
+                                      "from its first window: first_window must be 0", param="first_window")
         self.memories = memories  # held from the registry while the job lives, one per name of `memory_names`
         self.memory_names = request.memory_names if memories else ()
         # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights.
@@ -78,6 +83,8 @@ class PerplexityJob:
         self._counts = [0] * len(request.documents)
         self._num_windows = [0] * len(request.documents)
         self._offsets = [0] * len(request.documents)  # first scored position of each document's range
+        # A context router's advantage EMAs [K] after each document's positions so far (None: before its first).
+        self._context: list[torch.Tensor | None] = [None] * len(request.documents)
         self._tokens = [_TokenLog() for _ in request.documents] if request.token_logprobs is not None else None
         self._batches = self._all_batches(base.vocab_size)
         self.current: tuple[int, torch.Tensor, list[Window]] | None = next(self._batches, None)
@@ -112,7 +119,13 @@ class PerplexityJob:
         d, ids, windows = self.current
         weights = None  # the router's (log α_t, log(1 − α_t)) [B, S]
         if self.router is not None and mem_lp is not None:
-            weights = self.router.log_weights(base_lp, mem_lp)
+            context = None
+            if self.router.context_decays:  # the windows' scored positions, in text order: the toolkit's sequence
+                targets = torch.stack([ids[w.score_from : w.end] for w in windows]).unsqueeze(-1)  # [B, S, 1]
+                adv = (mem_lp.gather(-1, targets) - base_lp.gather(-1, targets)).flatten()  # [B*S]
+                before, self._context[d] = advantage_emas(adv, self.router.context_decays, self._context[d])
+                context = before.view(*targets.shape[:2], -1)  # [B, S, K]
+            weights = self.router.log_weights(base_lp, mem_lp, context)
         if self.wants_distributions:
             if self.top_k:
                 self._keep_top(d, base_lp, mem_lp, weights)

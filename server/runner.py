@@ -197,6 +197,9 @@ class StepLogits:
     failed: dict[int, str]  # batch row -> error message
     timers: tuple[_Timer, _Timer]  # base, memories
     failed_chunks: dict[int, str] = field(default_factory=dict)  # seq_id of a failed non-final prompt chunk -> error
+    # Context-routed prompt chunks: seq_id -> model -> [n, V] logits at each of the chunk's positions (the engine
+    # reduces them at once to the targets' log-probs for the row's advantage EMAs; CONTEXT_CHUNK_TOKENS at most).
+    scored: dict[int, dict[ModelKey, torch.Tensor]] = field(default_factory=dict)
 
     def forward_seconds(self) -> dict[str, float]:
         """Per-phase device time; on CUDA call it only after the step's host sync (events are done)."""
@@ -475,7 +478,8 @@ class ModelRunner:
 
         rows[i]: the batch row of chunk i when it is its prompt's last (its last position's logits are
         kept), None for an earlier chunk (nothing is kept). Returns the kept rows' last-position logits
-        [b, V] in chunk order, and echo rows' [T, V] (an echo prompt runs whole, from position 0).
+        [b, V] in chunk order, echo rows' [T, V] (an echo prompt runs whole, from position 0), and context-routed
+        prompt chunks' [n, V] at every position (by seq_id; `Sequence.context_routed`).
         """
         state = self.models[key]
         kv, lm = state.kv, state.lm
@@ -483,7 +487,7 @@ class ModelRunner:
         todo = [(c, r) for c, r in zip(chunks, rows, strict=True) if c.start[key] < c.end]
         assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
         if not todo:
-            return None, {}
+            return None, {}, {}
         spans = [(c.start[key], c.end) for c, _ in todo]
         lengths = [e - b for b, e in spans]
         starts = np.cumsum([0, *lengths[:-1]])
@@ -493,16 +497,23 @@ class ModelRunner:
         keep: list[int] = []  # packed positions whose logits we need
         last: list[int] = []  # index into `keep` of each kept row's last position
         echo: dict[int, tuple[int, int]] = {}
+        scored: dict[int, tuple[int, int]] = {}
         for (c, row), start, n in zip(todo, starts, lengths, strict=True):
-            if row is None:
+            if c.seq.context_routed and not c.decode:  # every position: its target's log-prob feeds the EMAs
+                scored[c.seq.seq_id] = (len(keep), n)
+                keep.extend(range(start, start + n))
+                if c.seq.wants_prompt_logprobs and row is not None:
+                    echo[row] = scored[c.seq.seq_id]
+            elif row is None:
                 continue
-            if c.seq.wants_prompt_logprobs:
+            elif c.seq.wants_prompt_logprobs and not c.decode:  # an echo row decoding in a MIXED step: its next token only
                 assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
                 echo[row] = (len(keep), n)
                 keep.extend(range(start, start + n))
             else:
                 keep.append(start + n - 1)
-            last.append(len(keep) - 1)
+            if row is not None:
+                last.append(len(keep) - 1)
         # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
         single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
         in_single = set(single)
@@ -524,10 +535,11 @@ class ModelRunner:
         if key is None and self.shards is not None:
             self.shards.prefill(inputs)  # the other ranks run the same forward on their heads
         logits = prefill_forward(lm, kv, inputs, self.upload)  # [K, V]
+        chunk_logits = {seq_id: logits[a : a + n] for seq_id, (a, n) in scored.items()}
         if not last:
-            return None, {}
+            return None, {}, chunk_logits
         prompt = {row: logits[a : a + n] for row, (a, n) in echo.items()}
-        return logits[self.upload(np.asarray(last, dtype=np.int64))], prompt
+        return logits[self.upload(np.asarray(last, dtype=np.int64))], prompt, chunk_logits
 
     def prefill(self, batch: RowBatch | None, chunks: list[PrefillChunk]) -> StepLogits:
         """Forwards over this step's prompt chunks; `batch` holds the sequences whose last chunk this is, in
@@ -540,6 +552,7 @@ class ModelRunner:
         failed_chunks: dict[int, str] = {}
         mem_out: dict[str, torch.Tensor] = {}
         prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
+        scored: dict[int, dict[ModelKey, torch.Tensor]] = {}
         base_logits: torch.Tensor | None = None
         by_memory: dict[str, list[int]] = {}
         for i, c in enumerate(chunks):
@@ -551,7 +564,7 @@ class ModelRunner:
                 mem_rows = [rows[i] for i in idx]
                 try:
                     with mem_timer:
-                        logits, echo = self._prefill_model(name, [chunks[i] for i in idx], mem_rows)
+                        logits, echo, chunk_logits = self._prefill_model(name, [chunks[i] for i in idx], mem_rows)
                 except Exception as exc:  # contained: only this memory's sequences fail
                     log.exception("memory %s prefill failed", name)
                     message = f"memory forward failed: {type(exc).__name__}: {exc}"
@@ -565,18 +578,22 @@ class ModelRunner:
                     mem_out[name] = self._to_main(logits)
                 for row, lp in echo.items():
                     prompt.setdefault(row, {})[name] = self._to_main(lp)
+                for seq_id, lp in chunk_logits.items():
+                    scored.setdefault(seq_id, {})[name] = self._to_main(lp)
 
         def run_base() -> None:
             nonlocal base_logits
             with base_timer, self._lockstep():
-                base_logits, echo = self._prefill_model(None, chunks, rows)
+                base_logits, echo, chunk_logits = self._prefill_model(None, chunks, rows)
             for row, lp in echo.items():
                 prompt.setdefault(row, {})[None] = lp
+            for seq_id, lp in chunk_logits.items():
+                scored.setdefault(seq_id, {})[None] = lp
 
         self._parallel(run_base, run_memories)
         if base_logits is None:  # no prompt ended in this step
             base_logits = torch.empty(0, self.base.vocab_size, device=self.device)
-        return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer), failed_chunks)
+        return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer), failed_chunks, scored)
 
     def decode(self, batch: RowBatch) -> StepLogits:
         base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)

@@ -31,6 +31,10 @@ from server.sequence import Sequence, Status
 
 # Pages kept free when admitting, so a new prefill does not force the next decode step to preempt.
 WATERMARK = 0.01
+# Positions per step of a prompt routed by a router with context features: the runner keeps every position's
+# logits of such a chunk in each model ([n, V]; 512 × 152k bfloat16 ≈ 156 MB), so its chunks are capped, even
+# with chunked prefill off (its state carries across chunks). Echo rows run whole as before.
+CONTEXT_CHUNK_TOKENS = 512
 
 
 class StepKind(enum.Enum):
@@ -128,8 +132,10 @@ class Scheduler:
         """Cached pages of the sequence's prefix, per model. Echo (prompt log-prob) requests bypass the cache:
         they need every prompt position's logits, which only a full computation gives. Hits stop before the
         prompt's last token: it is always computed (its logits give the first new token) and, as the point a
-        rollback may return to, it must lie in a private page."""
-        if seq.wants_prompt_logprobs:
+        rollback may return to, it must lie in a private page. Rows routed with context features bypass it too:
+        their advantage EMAs need both models' log-probs at every position, which a cached prefix does not keep
+        (so after a preemption they recompute from the start, and their state with it)."""
+        if seq.wants_prompt_logprobs or seq.context_routed:
             return {k: [] for k in seq.model_keys}
         limit = seq.num_prompt_tokens - 1
         return {k: (kv := self.kv_of(k)).match(seq.token_ids, limit // kv.block_size) for k in seq.model_keys}
@@ -155,7 +161,7 @@ class Scheduler:
             kv.reserve(slot, n, lazy=True)  # zeroed chunk by chunk (`ModelKV.set_length`)
             kv.set_length(slot, len(hits[key]) * kv.block_size)
             cached.append(len(hits[key]) * kv.block_size)
-            if not seq.wants_prompt_logprobs and kv.prefix_caching:
+            if not (seq.wants_prompt_logprobs or seq.context_routed) and kv.prefix_caching:
                 self.prefix_stats.append(PrefixStats("base" if key is None else "memory", n, cached[-1]))
         seq.prefill_len = n
         seq.num_computed = min(cached)
@@ -212,6 +218,8 @@ class Scheduler:
         def take(seq: Sequence, start: dict[str | None, int]) -> int:
             remaining = seq.prefill_len - seq.num_computed
             n = remaining if whole(seq) else min(remaining, budget)
+            if seq.context_routed and not seq.wants_prompt_logprobs:
+                n = min(n, CONTEXT_CHUNK_TOKENS)
             end = seq.num_computed + n
             chunks.append(PrefillChunk(seq, start, end))
             for key, cached in start.items():

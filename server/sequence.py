@@ -70,6 +70,9 @@ class Sequence:
         # Nor with a router ("alpha": "auto"): it decodes plainly (its drafts would be exact, but the acceptance
         # rule's bound and the engine's drafting cost model assume a fixed α; not measured yet).
         self.speculative = request.speculative and len(self.memories) == 1 and self.memories[0].router is None
+        # A router with context features ("alpha": "auto"): the engine carries the memory's advantage EMAs for this
+        # row, from every prompt position's target log-probs, so the prefix cache cannot serve it (`Scheduler._lookup`).
+        self.context_routed = any(m.router is not None and m.router.context_decays for m in self.memories)
         self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)
         self.spec_tests = 0.0
         # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a random one.

@@ -16,6 +16,7 @@ from server.output import IncrementalDetokenizer
 from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
+from server.scheduler import StepKind
 from tests.engine_helpers import (
     assert_clean,
     assert_pages_owned_once,
@@ -93,6 +94,25 @@ def test_mixed_distribution_matches_full_forward_reference_under_churn(setup, co
     ref_specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in specs]
     worst = worst_error(out, ref_specs, setup)
     assert 0.0 < worst <= 1e-4, worst  # > 0: the two paths are really different computations
+    assert_clean(engine)
+
+
+def test_an_echo_row_decoding_in_a_mixed_step_does_not_fail_the_prompts_beside_it(setup):
+    """An echo request with max_tokens > 0 decodes as a one-token segment of a MIXED step once its prompt ran;
+    that segment is its next token only (its prompt log-probs were sent), so a prompt chunk beside it runs (it
+    used to trip the echo assertion: the step's prompts failed, and under tensor parallelism the server)."""
+    base, registry = setup
+    engine = Engine(base, registry, EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True))
+    echo = GenerationRequest("e", prompt(base, "The court"), SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1), "med", 0.5)
+    other = greedy("x", prompt(base, "The patient was given a dose of the drug and"), n=3, memory="med", alpha=0.5)
+    kinds = []
+    step = engine.step
+    engine.step = lambda: kinds.append((r := step()).kind) or r  # type: ignore[method-assign]
+    out = run(engine, [echo], join={1: [other]})
+    assert StepKind.MIXED in kinds
+    assert all(o.finish_reason in (None, FinishReason.LENGTH) for outs in out.values() for o in outs)
+    assert tokens_of(out["x"]) == tokens_of(run(engine_for(setup), [other])["x"])
+    assert out["e"][0].prompt_logprobs is not None
     assert_clean(engine)
 
 

@@ -44,12 +44,28 @@ def _args(zoo: Any) -> list[str]:
             *FLAGS, "--tensor-parallel-timeout", str(TIMEOUT)]  # fmt: skip
 
 
+def _context_routed(src: Path, dst: Path) -> Path:
+    """A copy of memory `src` with a router that reads context features (its EMAs are rank 0's state)."""
+    import shutil
+
+    from memories.manifest import read_manifest, write_manifest
+    from memories.router import Router, RouterConfig, save_router
+
+    shutil.copytree(src, dst)
+    torch.manual_seed(0)
+    entry = save_router(Router(RouterConfig.with_context((0.5, 0.9), hidden=4)), dst)
+    write_manifest(dst, read_manifest(dst).replace(router=entry))
+    return dst
+
+
 @pytest.fixture(scope="module")
 def servers(zoo: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
     """(sharded over 2 processes, unsharded reference), started together."""
     logs = tmp_path_factory.mktemp("tp")
+    cmed = _context_routed(zoo.mem_llama, logs / "cmed")
+    args = [*_args(zoo), "--memory", f"cmed={cmed}"]
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(stack.enter_context, serve([*_args(zoo), "--tensor-parallel-size", str(n)], logs / f"tp{n}.log"))
+        futures = [pool.submit(stack.enter_context, serve([*args, "--tensor-parallel-size", str(n)], logs / f"tp{n}.log"))
                    for n in (2, 1)]  # fmt: skip
         tp, ref = (f.result() for f in futures)
         yield tp, ref
@@ -81,6 +97,9 @@ REQUESTS: list[tuple[str, dict[str, Any], float]] = [  # (endpoint, body, start 
     ("/v1/completions", {"prompt": PROMPT, "memory": "law", "max_tokens": 6, "echo": True, "logprobs": 1}, 0.6),
     ("/v1/completions", {"prompt": PROMPT[:30], "memory": "med", "max_tokens": 8, "speculative": False, "logprobs": 1}, 0.9),
     ("/v1/perplexity", {"input": PROMPT * 4, "memory": "med", "alpha": [0.2, 0.6], "context_length": 32, "logprobs": 1}, 0.2),
+    # A router with context features: chunked prompt (no prefix cache), per-row EMAs on rank 0, and perplexity.
+    ("/v1/completions", {"prompt": PROMPT * 2, "memory": "cmed", "alpha": "auto", "max_tokens": 8, "logprobs": 1}, 0.4),
+    ("/v1/perplexity", {"input": PROMPT * 4, "memory": "cmed", "alpha": "auto", "context_length": 32, "logprobs": 1}, 0.5),
 ]
 
 
