@@ -45,27 +45,30 @@ def _half(src: Path, dst: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _copy_router(src: Path, dst: Path) -> bool:
+def _copy_router(work: Path, src: Path, dst: Path) -> bool:
     """The router files of memory `src` (if it has one) into `dst`, and its manifest entry into dst's manifest
-    (file paths stripped). False when `src` has none (dst is left as it is)."""
+    (work-dir paths made portable: `_strip_files`). False when `src` has none (dst is left as it is)."""
     entry = read_manifest(src).router if (src / "memdec.json").is_file() else None
     if not entry:
         return False
     for name in ROUTER_FILES:
         shutil.copyfile(src / name, dst / name)
         (dst / name).chmod(0o644)
-    write_manifest(dst, read_manifest(dst).replace(router=_strip_files(entry)))
+    write_manifest(dst, read_manifest(dst).replace(router=_strip_files(entry, work)))
     config = read_json(dst / "router.json")
-    (dst / "router.json").write_text(json.dumps(_strip_files(config), indent=2) + "\n", encoding="utf-8")
+    (dst / "router.json").write_text(json.dumps(_strip_files(config, work), indent=2) + "\n", encoding="utf-8")
     return True
 
 
-def _strip_files(value: Any) -> Any:
-    """A report without its `file` paths: the recipe's work dir means nothing to a user of the shipped demo."""
+def _strip_files(value: Any, work: Path | None = None) -> Any:
+    """A report without its `file` paths, and other paths into the recipe's work dir (a router's fold memory)
+    relative to it: the work dir means nothing to a user of the shipped demo."""
     if isinstance(value, dict):
-        return {k: _strip_files(v) for k, v in value.items() if k != "file"}
+        return {k: _strip_files(v, work) for k, v in value.items() if k != "file"}
     if isinstance(value, list):
-        return [_strip_files(v) for v in value]
+        return [_strip_files(v, work) for v in value]
+    if work is not None and isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(work):
+        return str(Path(value).relative_to(work))
     return value
 
 
@@ -170,10 +173,10 @@ def main() -> None:
         return
     if a.work is None or a.dest is None:
         p.error("--work and --dest are required")
-    work, dest = a.work, a.dest
+    work, dest = a.work.resolve(), a.dest  # resolved: paths into it are made relative (`_strip_files`)
     if a.routers:
         for name in MEMORIES:
-            if _copy_router(work / "memories" / name, dest / "memories" / name):
+            if _copy_router(work, work / "memories" / name, dest / "memories" / name):
                 print(f"router of {name} copied into {dest / 'memories' / name}")
         return
     dest.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ def main() -> None:
         evaluation = {**_strip_files(manifest.evaluation),
                       "leave_one_source_out": results["memories"][name]["cross_source"]}
         write_manifest(dest / "memories" / name, manifest.replace(base_model="demo/base", evaluation=evaluation))
-        _copy_router(work / "memories" / name, dest / "memories" / name)
+        _copy_router(work, work / "memories" / name, dest / "memories" / name)
         results["specificity"][name] = _specificity(work, name)
         _plot(d, dest / "plots" / f"{domain}.png")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
