@@ -417,12 +417,19 @@ def test_echo_of_a_context_router_follows_its_emas(routed):
     r = GenerationRequest("e", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
                           prompt_logprobs=3, logprobs=base.vocab_size), "claw", routed=True)  # fmt: skip
     out = run(engine, [r])
-    plps = out["e"][0].prompt_logprobs
+    _check_echo(out, r, base, registry, root, "claw")
+    _check_routed(out, r, base, registry, root)
+
+
+def _check_echo(out, r: GenerationRequest, base, registry, root, name: str, top: int = 0) -> None:
+    """The prompt log-probs of echo request `r` (and, with `top`, its top alternatives) against the reference."""
+    plps = out[r.request_id][0].prompt_logprobs
     ids = list(r.prompt_token_ids)
-    ref = _reference(base, registry, root, "claw", ids)
+    ref = _reference(base, registry, root, name, ids)
     for t in range(1, len(ids)):
         assert abs(plps[t].logprob - ref[t - 1, ids[t]].item()) <= 1e-4
-    _check_routed(out, r, base, registry, root)
+        if top:
+            assert [i for i, _ in plps[t].top] == ref[t - 1].topk(top).indices.tolist()
 
 
 def test_routed_rows_do_not_draft_and_echo_follows_the_router(routed):
@@ -433,12 +440,7 @@ def test_routed_rows_do_not_draft_and_echo_follows_the_router(routed):
     assert not seq.speculative and seq.base_weight == 1.0
     engine.abort_request("e")
     out = run(engine, [r])
-    plps = out["e"][0].prompt_logprobs
-    ids = list(r.prompt_token_ids)
-    ref = _reference(base, registry, root, "rmed", ids)
-    for t in range(1, len(ids)):
-        assert abs(plps[t].logprob - ref[t - 1, ids[t]].item()) <= 1e-4
-        assert [i for i, _ in plps[t].top] == ref[t - 1].topk(3).indices.tolist()
+    _check_echo(out, r, base, registry, root, "rmed", top=3)
 
 
 def test_engine_refuses_auto_alpha_without_a_router(routed):
