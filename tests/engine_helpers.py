@@ -126,6 +126,15 @@ def logprobs_of(outs: list[RequestOutput]):
     return [lp for o in outs for lp in (o.new_logprobs or ())]
 
 
+def dense_logp(lp, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A position's returned log-probs (`lp.top`, asked for the whole vocabulary) as a dense [V] vector; tokens
+    not returned (zero probability) are −inf."""
+    out = torch.full((vocab,), float("-inf"), dtype=dtype)
+    ids, vals = zip(*lp.top, strict=True)
+    out[list(ids)] = torch.tensor(vals, dtype=dtype)
+    return out
+
+
 @torch.no_grad()
 def reference_logp(base_model, mem_model, context: list[int], alpha: float, vocab: int) -> torch.Tensor:
     """Mixed next-token log-probs [V] from one full forward of each model over the whole context."""
@@ -162,9 +171,7 @@ def worst_error(out, specs, setup) -> float:
         lps = logprobs_of(out[rid])
         assert len(lps) == n, rid
         for lp in lps:
-            engine_logp = torch.full((vocab,), float("-inf"))
-            top_ids, vals = zip(*lp.top, strict=True)
-            engine_logp[list(top_ids)] = torch.tensor(vals)
+            engine_logp = dense_logp(lp, vocab)
             ref = reference_logp(base.model, mem_model, context, alpha, vocab)
             # Where both are −inf the difference is NaN, which `max` would silently skip: compare the supports
             # exactly, the values where they are finite.

@@ -22,6 +22,7 @@ from tests.engine_helpers import (
     assert_pages_owned_once,
     chi_square,
     chi_square_critical,
+    dense_logp,
     engine_for,
     greedy,
     host_reads,
@@ -286,9 +287,7 @@ def test_rollback_truncates_both_caches_exactly(setup):
     assert seq.token_ids[: len(first)] == first  # greedy: the same tokens again
     context = first[:keep]
     for lp in lps[-(len(seq.token_ids) - keep) :]:
-        got = torch.full((vocab,), float("-inf"))
-        top_ids, vals = zip(*lp.top, strict=True)
-        got[list(top_ids)] = torch.tensor(vals)
+        got = dense_logp(lp, vocab)
         ref = reference_logp(base.model, registry.loaded("med").model, context, 0.7, vocab)
         assert (got - ref).abs().max().item() <= 1e-4
         context.append(lp.token_id)
@@ -445,9 +444,7 @@ def test_cuda_streams_path_matches_cpu_reference(zoo):
     context = list(ids)
     for lp in logprobs_of(out["a"]):
         ref = reference_logp(base.model, mem, context, 0.6, base.vocab_size).cpu()
-        ids_, vals = zip(*lp.top, strict=True)
-        got = torch.full((base.vocab_size,), float("-inf"))
-        got[list(ids_)] = torch.tensor(vals)
+        got = dense_logp(lp, base.vocab_size)
         assert (got - ref).abs().max().item() < 1e-3
         context.append(lp.token_id)
 

@@ -18,6 +18,7 @@ from tests.engine_helpers import (
     assert_clean,
     chi_square,
     chi_square_critical,
+    dense_logp,
     logprobs_of,
     prompt,
     run,
@@ -65,9 +66,7 @@ def worst(out, reqs, setup) -> float:
         lps = logprobs_of(out[rid])
         assert len(lps) == r.params.max_tokens
         for lp in lps:
-            got = torch.full((vocab,), float("-inf"))
-            ids, vals = zip(*lp.top, strict=True)
-            got[list(ids)] = torch.tensor(vals)
+            got = dense_logp(lp, vocab)
             err = max(err, (got - reference(base.model, mem, context, r.alpha, r.memory_temperature, vocab)).abs().max().item())
             context.append(lp.token_id)
     return err

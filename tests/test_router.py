@@ -41,7 +41,7 @@ from server.loader import load_base
 from server.registry import MemoryRegistry
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
 from tests.api_harness import InProcessServer
-from tests.engine_helpers import assert_clean, host_reads, logprobs_of, prompt, run
+from tests.engine_helpers import assert_clean, dense_logp, host_reads, logprobs_of, prompt, run
 
 TEXT = "The patient was given a dose of the statute on inflation, and the court held that the dose was"
 
@@ -285,9 +285,7 @@ def _check_routed(out, r: GenerationRequest, base, registry, root) -> None:
     assert len(lps) == r.params.max_tokens
     for lp in lps:
         ref = _reference(base, registry, root, r.memory, ctx)[-1]
-        got = torch.full_like(ref, float("-inf"))
-        ids, vals = zip(*lp.top, strict=True)
-        got[list(ids)] = torch.tensor(vals, dtype=torch.float64)
+        got = dense_logp(lp, ref.numel(), ref.dtype)
         assert (got - ref).abs().max().item() <= 1e-4, r.request_id
         assert lp.token_id == int(ref.argmax())
         ctx.append(lp.token_id)

@@ -14,7 +14,7 @@ from server.config import EngineConfig
 from server.engine import Engine
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
-from tests.engine_helpers import Recorder, assert_clean, logprobs_of, prompt, run, tokens_of
+from tests.engine_helpers import Recorder, assert_clean, dense_logp, logprobs_of, prompt, run, tokens_of
 
 # rid, text, [(memory, alpha, temperature)], tokens
 ROWS = [
@@ -60,9 +60,7 @@ def worst(out, reqs, setup) -> float:
         lps = logprobs_of(out[rid])
         assert len(lps) == n, rid
         for lp in lps:
-            got = torch.full((vocab,), float("-inf"))
-            ids, vals = zip(*lp.top, strict=True)
-            got[list(ids)] = torch.tensor(vals)
+            got = dense_logp(lp, vocab)
             ref = reference(base, registry, context, mixture)
             finite = torch.isfinite(ref)
             assert torch.equal(finite, torch.isfinite(got)), rid
