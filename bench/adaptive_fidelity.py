@@ -1,5 +1,6 @@
 """Issue 17's fidelity targets for `"memory": "auto"` and several memories, measured on the demo through a real
-server (`memdec serve` with no flags serves `demo/`), with the official API only.
+server (`memdec serve` with no flags serves `demo/`: the demo base, SmolLM2-135M-Instruct from GGUF, and its
+memories), with the official API only.
 
 - **Automatic choice, in domain.** 256-token snippets of each domain's `valid.txt` sent as prompts with
   `"memory": "auto"`: how often the choice (the response's `memory` field) is that domain's memory.
@@ -15,7 +16,7 @@ server (`memdec serve` with no flags serves `demo/`), with the official API only
   average of the two single-memory mixtures (p = ½(α_a·p_a + (1−α_a)·p_base) + ½(α_b·p_b + (1−α_b)·p_base)),
   a rule fixed before measuring.
 
-    python -m bench.adaptive_fidelity [--snippets 40] [--mixed-tokens 5000]   # ~5 min on two cores
+    python -m bench.adaptive_fidelity [--snippets 40] [--mixed-tokens 5000]
 
 Writes bench/results/adaptive_fidelity.json.
 """
@@ -28,9 +29,9 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from transformers import AutoTokenizer
 
-from bench.common import DEMO, ROOT, write_result
+from bench.common import ROOT, demo_base_path, write_result
+from memories.models import load_tokenizer
 from testkit.server import serve
 
 DATA = ROOT.parent / "shared" / "data"
@@ -81,7 +82,10 @@ def main() -> None:
     ap.add_argument("--snippets", type=int, default=40, help="256-token snippets per domain and of general text")
     ap.add_argument("--mixed-tokens", type=int, default=5000, help="tokens of each two-domain text")
     args = ap.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(DEMO / "base")
+    base = demo_base_path()
+    if base is None:
+        raise SystemExit(2)
+    tokenizer = load_tokenizer(base)  # the demo base's, from its GGUF file: the ids the server reads
     log = Path(tempfile.mkdtemp(prefix="memdec-fidelity-")) / "server.log"
     out: dict = {"snippet_tokens": SNIPPET, "snippets": args.snippets}
     with serve([], log) as server, httpx.Client(base_url=server.url, timeout=600) as client:

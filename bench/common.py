@@ -1,7 +1,8 @@
-"""Shared bits of the benchmarks: machine description, tiny models, result files."""
+"""Shared bits of the benchmarks: machine description, tiny models, the demo's base, result files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -49,15 +50,34 @@ def tiny_models(size: str = "tiny") -> dict[str, Path]:
     return {"base": base, "memory": mem}
 
 
+@functools.cache
+def demo_base_path() -> str | None:
+    """The demo's base: the SmolLM2-135M-Instruct GGUF file pinned in demo/base.json (`server.demo`), installed
+    and its sha256 checked. None, after printing why, when it is not installed (or is not the pinned file)."""
+    from server.demo import DemoNotFoundError, demo_base
+
+    try:
+        return str(demo_base(DEMO))
+    except DemoNotFoundError as exc:
+        print(f"demo base not installed: skipped ({exc})", flush=True)
+        return None
+
+
 def model_sets(labels: str) -> Iterator[tuple[str, str, str]]:
-    """(label, base dir, memory dir) for each comma-separated label: `tiny`/`small` are built on the
-    spot from configs, `demo` is the shipped demo (its first memory), skipped when absent."""
+    """(label, base path, memory dir) for each comma-separated label: `tiny`/`small` are built on the spot
+    from configs, `demo` is the shipped demo (its GGUF base and its first memory), skipped when either is absent."""
+    from server.demo import demo_memories
+
     for label in labels.split(","):
         if label == "demo":
-            if not (DEMO / "base").is_dir():
-                print("demo models not present: skipped")
+            base = demo_base_path()
+            if base is None:
                 continue
-            yield label, str(DEMO / "base"), str(sorted((DEMO / "memories").iterdir())[0])
+            memories = demo_memories(DEMO)
+            if not memories:
+                print(f"no demo memory in {DEMO / 'memories'}: skipped", flush=True)
+                continue
+            yield label, base, memories[0].path
         else:
             paths = tiny_models(label)
             yield label, str(paths["base"]), str(paths["memory"])

@@ -14,8 +14,9 @@ Join/leave (the `deep` set, whose context is long enough): with 8 rows decoding 
 and of 1,000 tokens, the time of the step in which a 16-token request joins (its prefill), and of
 ending one row (abort + the next step's batch upkeep). Neither should grow with the others' context.
 
-`demo` is the shipped demo (base + biomed); `deep` is built here: a random-init Qwen2 with the depth of
-Qwen2.5-0.5B (24 layers) at a small width, and a 6-layer memory, on the demo's tokenizer.
+`demo` is the shipped demo (its base, SmolLM2-135M-Instruct from GGUF, + biomed); `deep` is built here: a
+random-init Qwen2 with the depth of Qwen2.5-0.5B (24 layers) at a small width, and a 6-layer memory, on the
+demo base's tokenizer (49,152 tokens).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from bench.common import DEMO, write_result
+from bench.common import DEMO, demo_base_path, write_result
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
@@ -52,8 +53,8 @@ class PhaseLog:
         return lambda *a, **k: None
 
 
-def deep_models(root: Path) -> tuple[str, str]:
-    tok = load_tokenizer(str(DEMO / "tokenizer"))
+def deep_models(root: Path, tokenizer_from: str) -> tuple[str, str]:
+    tok = load_tokenizer(tokenizer_from)  # the demo base's: a GGUF file carries its tokenizer
     paths = []
     for name, layers, hidden in (("deep-base", 24, 256), ("deep-mem", 6, 128)):
         torch.manual_seed(len(paths))
@@ -72,10 +73,18 @@ def deep_models(root: Path) -> tuple[str, str]:
 
 def model_sets(labels: str, root: Path):
     for label in labels.split(","):
+        base = demo_base_path() if label in ("demo", "deep") else None
         if label == "demo":
-            yield label, str(DEMO / "base"), str(DEMO / "memories" / "biomed")
+            memory = DEMO / "memories" / "biomed"
+            if base is not None and not (memory / "memdec.json").is_file():
+                print(f"no demo memory at {memory}: skipped", flush=True)
+            elif base is not None:
+                yield label, base, str(memory)
         elif label == "deep":
-            yield (label, *deep_models(root))
+            if base is None:
+                print("deep: skipped (it is built on the demo base's tokenizer)", flush=True)
+            else:
+                yield (label, *deep_models(root, base))
         else:
             raise SystemExit(f"unknown model set {label!r}")
 

@@ -2,7 +2,8 @@
 
     python -m bench.gpu_acceptance [--out DIR] [--quick] [--device cuda|cpu]
 
-Models: the shipped demo (base + biomed, legal, finance memories) and, built here from configs with
+Models: the shipped demo (its base, SmolLM2-135M-Instruct from the GGUF file pinned in demo/base.json, installed
+by `python -m server.demo install`, and its biomed, legal and finance memories) and, built here from configs with
 random weights, a base and a memory at real shapes (Qwen2.5-1.5B and Qwen2.5-0.5B: 28 and 24 layers,
 151,936-row vocabularies) on a synthetic 151,665-token tokenizer. Nothing is downloaded.
 
@@ -45,12 +46,14 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from bench.common import demo_base_path
 from bench.speculative import SpecCounts, domain_prompts
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.mixing import mix_logprobs
@@ -78,6 +81,14 @@ SPEC_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, f
 
 
 # -- models ------------------------------------------------------------------------------------------
+def demo_base() -> str:
+    """The demo base's GGUF file; an error (the part that needs it fails, the others run) when not installed."""
+    path = demo_base_path()
+    if path is None:
+        raise RuntimeError("the demo base is not installed: python -m server.demo install")
+    return path
+
+
 def synthetic_tokenizer(path: Path, size: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer of `size` tokens (t0 … t{size-2} and an EOS): real vocabulary width, no merges."""
     vocab = {f"t{i}": i for i in range(size - 1)}
@@ -202,7 +213,7 @@ def exclude_arenas_from_sanitizer() -> str | None:
 
 def churn_tokens(device: str, config: dict) -> dict[str, list[int]]:
     memories = {m: str(DEMO / "memories" / m) for m in DEMO_MEMORIES}
-    engine, _ = engine_with(str(DEMO / "base"), memories, device, "float32", max_num_seqs=8, block_size=4, **config)
+    engine, _ = engine_with(demo_base(), memories, device, "float32", max_num_seqs=8, block_size=4, **config)
     arena = engine.runner.pool.arena
     _ARENAS.append((arena.data_ptr(), arena.data_ptr() + arena.numel()))
     first, join = churn_workload(engine.base.vocab_size)
@@ -390,8 +401,11 @@ def _reference_logp(base_model, mem_model, context: list[int], alpha: float, voc
 
 
 def bf16_errors(base_dir: str, memories: dict[str, str], device: str, requests: list[GenerationRequest]) -> dict:
+    """Served bfloat16 mixed log-probs of `requests` against float32 references, over the whole vocabulary (every
+    request is served with `logprobs` = the base's vocabulary size, whatever it asked for)."""
     engine, registry = engine_with(base_dir, memories, device, "bfloat16", max_num_seqs=8)
     vocab = engine.base.vocab_size
+    requests = [replace(r, params=replace(r.params, logprobs=vocab)) for r in requests]
     _, logprobs = drive(engine, requests)
     ref_base = load_base(ModelConfig(base_dir, dtype="float32", device=device))
     ref_mems = {name: load_base(ModelConfig(path, dtype="float32", device=device)).model for name, path in memories.items()}
@@ -414,11 +428,10 @@ def bf16_errors(base_dir: str, memories: dict[str, str], device: str, requests: 
 
 def part_bf16(base_dir: str, mem_dir: str, device: str) -> dict:
     demo_mems = {m: str(DEMO / "memories" / m) for m in DEMO_MEMORIES}
-    demo_reqs = [greedy(f"d{i}", tuple(range(5 + i, 40 + 3 * i)), 8, m, a, logprobs=8192)
+    demo_reqs = [greedy(f"d{i}", tuple(range(5 + i, 40 + 3 * i)), 8, m, a)
                  for i, (m, a) in enumerate(zip(DEMO_MEMORIES, (0.8, 0.5, 0.9), strict=True))]  # fmt: skip
-    real_vocab = 151665 if device == "cuda" else 2000
-    real_reqs = [greedy(f"r{i}", tuple(range(5 + i, 70 + i)), 6, "memory", 0.6, logprobs=real_vocab) for i in range(2)]
-    return {"demo": bf16_errors(str(DEMO / "base"), demo_mems, device, demo_reqs),
+    real_reqs = [greedy(f"r{i}", tuple(range(5 + i, 70 + i)), 6, "memory", 0.6) for i in range(2)]
+    return {"demo": bf16_errors(demo_base(), demo_mems, device, demo_reqs),
             "real_shapes": bf16_errors(base_dir, {"memory": mem_dir}, device, real_reqs)}  # fmt: skip
 
 
@@ -529,7 +542,7 @@ SPEC_KS = (1, 2, 4, 6)
 def demo_acceptance(device: str) -> dict:
     """Per-token acceptance β of the demo pair (biomed) at α 0.6 on this device, 64 tokens x 8 rows: with one
     draft per round (K = 1) kept drafts / drafts is β itself (with more, drafts after a rejection count too)."""
-    base = load_base(ModelConfig(str(DEMO / "base"), dtype="float32", device=device))
+    base = load_base(ModelConfig(demo_base(), dtype="float32", device=device))
     registry = MemoryRegistry(base)
     registry.load("biomed", str(DEMO / "memories" / "biomed"))
     prompts = domain_prompts(base.tokenizer, "biomedical", 8)  # held-out text, or the synthetic kind

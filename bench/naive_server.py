@@ -1,6 +1,6 @@
 """The baseline a user would write by hand: FastAPI + HF `generate` per request, base model only.
 
-    python -m bench.naive_server --model DIR --port 8001
+    python -m bench.naive_server --model DIR_OR_FILE.gguf --port 8001
 
 FastAPI runs the sync endpoint in its thread pool, so concurrent requests each run their own
 `generate` call: no batching across requests, no memory.
@@ -14,7 +14,9 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
+
+from memories.models import is_gguf_path, load_causal_lm, load_tokenizer
 
 
 class Completion(BaseModel):
@@ -24,10 +26,12 @@ class Completion(BaseModel):
 
 
 def create_app(model_dir: str) -> FastAPI:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # float32 as memdec uses on a CPU: the demo ships float16 weights, which CPUs run far slower.
-    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype).eval()
+    tokenizer = load_tokenizer(model_dir)  # a directory's, or the one inside a GGUF file
+    if is_gguf_path(model_dir):  # the demo base: dequantized to float32, as memdec loads it on a CPU
+        model = load_causal_lm(model_dir, "cpu", torch.float32)
+    else:  # float32 as memdec uses on a CPU: half-precision weights run far slower there
+        dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype).eval()
     app = FastAPI()
 
     @app.get("/ready")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import model_sets, write_result
+from memories.models import load_causal_lm, load_tokenizer
 from memories.perplexity import sliding_windows
 from testkit.server import serve
 from testkit.text import sample_text
@@ -45,12 +45,12 @@ def reference(base, mem, ids: list[int], context: int, stride: int, alpha: float
 
 
 def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, alphas: list[float], repeats: int) -> dict:
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir)  # a directory's, or the one inside the demo base's GGUF file
     text = sample_text("biomedical", tokens * 8)
     ids = tok(text).input_ids[:tokens]
-    # float32 as memdec uses on a CPU (the demo ships float16 weights, which CPUs run far slower).
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    mem = AutoModelForCausalLM.from_pretrained(mem_dir, dtype=torch.float32).eval()
+    # float32 as memdec uses on a CPU (the demo's GGUF base is dequantized to it, as memdec loads it).
+    base = load_causal_lm(base_dir, "cpu", torch.float32)
+    mem = load_causal_lm(mem_dir, "cpu", torch.float32)
     context = min(context, base.config.max_position_embeddings if hasattr(base.config, "max_position_embeddings") else context)
     stride = context // 2
     vocab = len(tok)

@@ -1,4 +1,5 @@
-"""Speculative mixing vs plain mixing vs the base alone, side by side on the demo models.
+"""Speculative mixing vs plain mixing vs the base alone, side by side on the demo models (the demo base,
+SmolLM2-135M-Instruct from GGUF, and its memories).
 
     python -m bench.speculative [--batch 1,8] [--tokens 64] [--k 1,2,3,4,6] [--repeats 3] [--memories biomed,legal,finance]
 
@@ -23,7 +24,7 @@ from collections import Counter
 
 import torch
 
-from bench.common import DEMO, ROOT, write_result
+from bench.common import DEMO, ROOT, demo_base_path, write_result
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -143,7 +144,10 @@ def main() -> None:
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch.split(",")]
     ks = [int(k) for k in args.k.split(",")]
-    base = load_base(ModelConfig(str(DEMO / "base")))
+    base_path = demo_base_path()
+    if base_path is None:
+        raise SystemExit(2)
+    base = load_base(ModelConfig(base_path))
     registry = MemoryRegistry(base)
     names = args.memories.split(",")
     for name in names:

@@ -37,11 +37,12 @@ def _hash(payload: Any) -> str:
 
 
 def _model_identity(path: str) -> Any:
-    """A local model directory by its files' sizes and mtimes; a hub id by name."""
+    """A local model directory by its files' sizes and mtimes, a GGUF file by its own; a hub id by name."""
     p = Path(path)
-    if not p.is_dir():
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    if not files:
         return path
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 @dataclass

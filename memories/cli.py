@@ -134,6 +134,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     m.add_argument("--intermediate-size", type=int, default=SPEC.intermediate_size, help="0: 8/3 of the hidden size")
     m.add_argument("--max-len", type=int, default=SPEC.max_len, help="position table size of a new model")
     m.add_argument("--untied", action="store_true", help="separate input and output embeddings")
+    m.add_argument("--init-embeddings-from", default=SPEC.embeddings_from, metavar="MODEL",
+                   help="start the embedding from MODEL's (the base's), projected onto its top --hidden-size "
+                        "singular directions (default: random)")
 
 
 def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -186,7 +189,8 @@ def _spec(a: argparse.Namespace) -> ModelSpec | None:
     if a.init_from:
         return None
     return ModelSpec(arch=a.arch, hidden_size=a.hidden_size, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                     intermediate_size=a.intermediate_size, max_len=a.max_len, tie_embeddings=not a.untied)
+                     intermediate_size=a.intermediate_size, max_len=a.max_len, tie_embeddings=not a.untied,
+                     embeddings_from=a.init_embeddings_from)
 
 
 def _eval_config(a: argparse.Namespace) -> EvalConfig:

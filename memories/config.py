@@ -99,6 +99,9 @@ class ModelSpec:
     intermediate_size: int = 0  # 0: 8/3·hidden rounded up to a multiple of 32 (Llama's ratio)
     max_len: int = 1024
     tie_embeddings: bool = True
+    # A model of the same tokenizer (the base) whose input embedding, projected onto its top `hidden_size`
+    # singular directions, starts the new model's embedding (and tied output layer); None: random.
+    embeddings_from: str | None = None
 
 
 @dataclass(frozen=True)

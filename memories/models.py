@@ -1,7 +1,8 @@
 """The one model loader, for the server and the toolkit: devices, dtypes, tokenizers, causal LMs (local
-directories or cached hub ids) and their context length.
+directories, cached hub ids, or GGUF files: `memories.gguf`) and their context length.
 
-Weights load from safetensors only and no repository code ever runs (`trust_remote_code=False`). Every
+Weights load from safetensors or GGUF only (never a pickle) and no repository code ever runs
+(`trust_remote_code=False`). Every
 failure to load is a ModelLoadError with the path in its message, so the toolkit's CLI prints one line
 and the server answers a 4xx (or stops at start-up) instead of leaking a transformers exception.
 """
@@ -44,9 +45,13 @@ IMPORT_HINT = "convert it once with `memdec memory import SOURCE OUT --base BASE
 
 
 def looks_local(source: str) -> bool:
-    """A path the user meant as a local directory: it exists, or it is spelt like a path."""
+    """A path the user meant as a local directory or GGUF file: it exists, or it is spelt like a path."""
     try:
-        return source.startswith(("/", "./", "../", "~", ".")) or Path(source).expanduser().exists()
+        return (
+            source.startswith(("/", "./", "../", "~", "."))
+            or source.lower().endswith(".gguf")
+            or Path(source).expanduser().exists()
+        )
     except (OSError, ValueError):
         return True  # unusable as a path, and no hub id either: `_check_path` explains
 
@@ -88,8 +93,13 @@ def hub_offline() -> bool:
 def resolve_source(source: str | Path, patterns: tuple[str, ...] = HUB_SERVE_FILES) -> Path:
     """The local directory of a model: `source` itself when it is a directory, else the snapshot of hub id
     `org/name[@revision]` in the Hugging Face cache (fetched when not cached and not offline, the files
-    matching `patterns` only), as transformers resolves it. ModelLoadError when neither works."""
+    matching `patterns` only), as transformers resolves it. A GGUF model is its file, checked by
+    `gguf.inspect`. ModelLoadError when none of these works."""
     source = str(source)
+    if is_gguf_path(source):
+        from memories import gguf  # imported here: it imports this module's ModelLoadError
+
+        return gguf.inspect(source).path
     if not is_hub_id(source):
         _check_path(source)
         path = Path(source).expanduser()
@@ -113,6 +123,11 @@ def resolve_source(source: str | Path, patterns: tuple[str, ...] = HUB_SERVE_FIL
             reason = f"it is not in {where} and fetching it failed ({type(exc).__name__}: {str(exc)[:300]})"
         raise ModelLoadError(f"{source!r} is neither a local directory nor a hub model memdec can reach: {reason}") from None
     return Path(snapshot)
+
+
+def is_gguf_path(source: str | Path) -> bool:
+    """A GGUF model: a local file named *.gguf (memories.gguf)."""
+    return str(source).lower().endswith(".gguf")
 
 
 def has_safetensors(directory: Path) -> bool:
@@ -180,8 +195,12 @@ def _check_path(path: str) -> None:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a local directory or hub id (`resolve_source`)."""
+    """The tokenizer of a local directory or hub id (`resolve_source`), or the one inside a GGUF file."""
     source = str(path)
+    if is_gguf_path(source):
+        from memories import gguf
+
+        return gguf.load_tokenizer(source)
     directory = resolve_source(source)
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
@@ -192,9 +211,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def load_causal_lm(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
-    """A causal LM (local directory or hub id, `resolve_source`) from safetensors weights, on `device`, in
-    eval mode. Pickled weights are refused with the command that converts them."""
+    """A causal LM (local directory or hub id, `resolve_source`) from safetensors weights, or a GGUF file's
+    weights dequantized to `dtype`, on `device`, in eval mode. Pickled weights are refused with the command
+    that converts them."""
     source = str(path)
+    if is_gguf_path(source):
+        from memories import gguf
+
+        model = gguf.load_model(source, dtype)
+        move(model, device)
+        return model.eval()
     local = resolve_source(source)
     if not has_safetensors(local):
         pickled = pickled_weights(local) or sorted(local.glob("pytorch_model*.bin.index.json"))

@@ -28,6 +28,7 @@ from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.models import (
     context_length,
     embedding_rows,
+    is_gguf_path,
     load_causal_lm,
     load_tokenizer,
     move,
@@ -77,17 +78,42 @@ def new_model(spec: ModelSpec, tokenizer: Any, seed: int) -> PreTrainedModel:
         eos_token_id=eos,
     )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if spec.embeddings_from is not None:
+        _project_embeddings(model, spec.embeddings_from, tokenizer)
+    return model
+
+
+def _check_same_tokenizer(path: str | Path, tokenizer: Any) -> None:
+    if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(tokenizer):
+        raise TrainError(f"{path} uses a different tokenizer from the base model; cannot be its memory")
+
+
+@torch.no_grad()
+def _project_embeddings(model: PreTrainedModel, source: str, tokenizer: Any) -> None:
+    """Start `model`'s embedding from `source`'s, E·V_r, V_r its top-r right singular vectors (r = the new
+    hidden size): the rank-r map that keeps the most of E's rows, so that tokens the source model embeds
+    alike start alike — a 49k-token vocabulary is more than a few hundred training steps can learn from
+    random. Tied output layers follow; the transformer layers stay random."""
+    _check_same_tokenizer(source, tokenizer)
+    theirs_layer: Any = load_causal_lm(source).get_input_embeddings()
+    theirs = theirs_layer.weight.float()[: len(tokenizer)]  # [V, H_src]
+    mine_layer: Any = model.get_input_embeddings()
+    mine = mine_layer.weight  # [V', r]
+    r = mine.shape[1]
+    if r > theirs.shape[1]:
+        raise TrainError(f"--init-embeddings-from {source}: its embedding has {theirs.shape[1]} dimensions, "
+                         f"fewer than the new model's hidden size {r}")  # fmt: skip
+    _, _, vh = torch.linalg.svd(theirs, full_matrices=False)  # vh [H_src, H_src], rows by singular value
+    mine[: len(tokenizer)] = (theirs @ vh[:r].T).to(mine.dtype)  # [V, r]
 
 
 def init_model(init_from: str | Path | None, spec: ModelSpec | None, tokenizer: Any, seed: int) -> PreTrainedModel:
     """The memory's starting point: an existing HF directory, or a new model from `spec`."""
     if init_from is not None:
         path = Path(init_from)
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            theirs = tokenizer_fingerprint(load_tokenizer(path))
-            if theirs != tokenizer_fingerprint(tokenizer):
-                raise TrainError(f"{path} uses a different tokenizer from the base model; cannot be its memory")
+        if is_gguf_path(path) or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            _check_same_tokenizer(path, tokenizer)
         model = load_causal_lm(path)
         rows = embedding_rows(model.get_input_embeddings())
         if rows < len(tokenizer):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +22,6 @@ from server.config import (
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPES,
     MAX_SPECULATIVE_TOKENS,
-    PLAIN_CHAT_TEMPLATE,
     EngineConfig,
     MemorySpec,
     ModelConfig,
@@ -32,60 +30,20 @@ from server.config import (
     ServerConfig,
     read_registry_file,
 )
+from server.demo import DEMO_ENV, DEMO_MODEL_NAME, DemoNotFoundError, demo_base, demo_memories, find_demo
 
 log = logging.getLogger("memdec")
 
-DEMO_ENV = "MEMDEC_DEMO_DIR"
-DEMO_MODEL_NAME = "memdec-demo"  # the zero-flag demo's base in the API (never the server's path to it)
-
-
-class DemoNotFoundError(ValueError):
-    """`memdec serve` got no --model and there is no demo to fall back on."""
-
-
-def find_demo(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
-    """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold base/."""
-    configured = (os.environ if environ is None else environ).get(DEMO_ENV)
-    root = Path(configured) if configured else (cwd or Path.cwd()) / "demo"
-    if not (root / "base" / "config.json").is_file():
-        where = f"{DEMO_ENV}={configured}" if configured else f"{root} (./demo, no {DEMO_ENV} set)"
-        raise DemoNotFoundError(
-            f"no --model given and no demo model at {where}; pass --model DIR_OR_HUB_ID, or point {DEMO_ENV} "
-            "at a directory holding base/ and memories/<name>/ (`make demo-models` builds one)"
-        )
-    return root.resolve()
-
-
-def demo_memories(root: Path) -> list[MemorySpec]:
-    """Every memory directory (one with a memdec.json) under <demo>/memories, by name; α from its manifest."""
-    mem_dir = root / "memories"
-    if not mem_dir.is_dir():
-        return []
-    return [MemorySpec(name=p.name, path=str(p)) for p in sorted(mem_dir.iterdir()) if (p / "memdec.json").is_file()]
-
-
-def has_chat_template(model_dir: Path) -> bool:
-    """Whether a local model directory's tokenizer brings its own chat template."""
-    if (model_dir / "chat_template.jinja").is_file():
-        return True
-    try:
-        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(config, dict) and config.get("chat_template"))
-
 
 def apply_demo_defaults(args: argparse.Namespace) -> None:
-    """Zero-flag `memdec serve`: without --model, serve the demo's base and all its memories (before any
-    --memory) as `memdec-demo`, with memdec's plain chat template unless the demo base has its own."""
+    """Zero-flag `memdec serve`: without --model, serve the demo's base (its pinned GGUF, with the file's own
+    chat template) and all its memories (before any --memory) as `memdec-demo`."""
     if args.model is not None:
         return
     root = find_demo()
-    args.model = str(root / "base")
+    args.model = str(demo_base(root))
     args.memory = [*demo_memories(root), *args.memory]
     args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
-    if args.chat_template is None and not has_chat_template(root / "base"):
-        args.chat_template = PLAIN_CHAT_TEMPLATE
 
 
 def parse_memory_spec(text: str) -> MemorySpec:
@@ -158,12 +116,14 @@ def add_serve_parser(subparsers: Any) -> None:
         description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
     )
     p.add_argument("--model", default=None,
-                   help="base model: local HF directory or hub id (org/name[@revision], through the HF cache; "
-                        "safetensors only); default: the demo, "
-                        f"${DEMO_ENV} or ./demo (its base/ and every memory under memories/)")
+                   help="base model: local HF directory (safetensors), FILE.gguf (dequantized to --dtype) or hub id "
+                        "(org/name[@revision], through the HF cache); default: the demo, "
+                        f"${DEMO_ENV} or ./demo (the base pinned in its base.json and every memory under memories/)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="load the tokenizer (and its chat template) from here instead of from --model (vLLM's flag)")
     p.add_argument(
         "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=SOURCE[:ALPHA]",
-        help="load a memory at start-up (repeatable): a directory or a hub id (org/name[@revision]); ALPHA "
+        help="load a memory at start-up (repeatable): a directory, FILE.gguf or a hub id (org/name[@revision]); ALPHA "
              "overrides its manifest's default (0.55 for a memory without a manifest)",
     )  # fmt: skip
     p.add_argument("--registry", type=Path, default=None, metavar="FILE",
@@ -255,7 +215,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     apply_demo_defaults(args)
     memory_root = args.memory_root.resolve() if args.memory_root is not None else None
     return ServerConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer),
         engine=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -304,6 +264,15 @@ def _file_error(config: ServerConfig) -> str | None:
         return str(exc)
     if config.memory_root is not None and not config.memory_root.is_dir():
         return f"--memory-root {config.memory_root} is not a directory"
+    from memories.gguf import inspect as inspect_gguf
+    from memories.models import ModelLoadError, is_gguf_path
+
+    for source in (config.model.model, config.model.tokenizer, *(m.path for m in config.memories)):
+        if source is not None and is_gguf_path(source):  # a GGUF's header is checked in milliseconds
+            try:
+                inspect_gguf(source)
+            except ModelLoadError as exc:
+                return str(exc)
     from server.distributed import check_devices
 
     return check_devices(config.model, config.parallel)

@@ -15,15 +15,13 @@ from typing import Any
 from memories.config import DTYPE_CHOICES as DTYPES
 from memories.mixing import check_alpha
 
-# Shipped with the package: the zero-flag demo's chat template (its base has none of its own).
-PLAIN_CHAT_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "plain.jinja"
-
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str  # hub id or local directory
+    model: str  # hub id, local directory or GGUF file
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA when supported
     device: str = "auto"  # auto = cuda when available
+    tokenizer: str | None = None  # where the tokenizer comes from instead of `model` (vLLM's --tokenizer)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,9 +113,12 @@ class ServerConfig:
 
 def default_served_name(model: str) -> str:
     """The base model's name in the API when --served-model-name is absent: a hub id as given, a local
-    directory by its own name, so that no client ever needs (or sees) a path on the server."""
+    directory by its own name, a GGUF file by its name without `.gguf`, so that no client ever needs (or sees)
+    a path on the server."""
     path = Path(model)
-    return path.resolve().name if path.is_dir() else model
+    if path.is_dir():
+        return path.resolve().name
+    return path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") and path.is_file() else model
 
 
 class RegistryFileError(ValueError):

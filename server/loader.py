@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from memories.gguf import inspect as inspect_gguf
 from memories.models import (
     ModelLoadError,
     check_vocab,
     context_length,
     eos_token_ids,
     has_safetensors,
+    is_gguf_path,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -43,6 +45,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
+    weights_format: str = "safetensors"  # or "gguf" (then dequantized to `dtype` at load)
+    quantization: str | None = None  # a GGUF file's type (Q4_1, Q8_0, F16 …): what the weights were stored as
     # Rank 0's handle on the other tensor-parallel ranks when the base is sharded (`server/tp.py`); None otherwise.
     tensor_parallel: ShardedBase | None = None
 
@@ -61,6 +65,7 @@ def load_causal_lm(
     model.requires_grad_(False)
     vocab = len(tokenizer)
     check_vocab(model, vocab, path)
+    gguf = inspect_gguf(path) if is_gguf_path(path) else None
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -71,6 +76,8 @@ def load_causal_lm(
         device=device,
         dtype=dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),
+        weights_format="gguf" if gguf else "safetensors",
+        quantization=gguf.quantization if gguf else None,
     )
 
 
@@ -78,6 +85,8 @@ def load_sharded(path: str, dtype: torch.dtype) -> PreTrainedModel:
     """This rank's share of a causal LM under transformers' own tensor-parallel plan (`tp_plan="auto"`): q/k/v
     and gate/up column-parallel (whole heads per rank), o and down row-parallel with an all-reduce, lm_head
     column-parallel with its logits gathered on every rank; each rank reads only its slices of the weights."""
+    if is_gguf_path(path):
+        raise ModelLoadError(f"{path}: tensor parallelism loads safetensors shards; a GGUF base serves on one device")
     local = resolve_source(path)
     if not has_safetensors(local):  # the same refusal as unsharded loads give (pickles are never opened)
         return _load_model(path, torch.device("meta"), dtype)
@@ -97,7 +106,8 @@ def load_base(cfg: ModelConfig, max_model_len: int | None = None, sharded: bool 
     if sharded and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(cfg.dtype, device)
-    loaded = load_causal_lm(cfg.model, device, dtype, load_tokenizer(cfg.model), max_model_len, sharded=sharded)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    loaded = load_causal_lm(cfg.model, device, dtype, tokenizer, max_model_len, sharded=sharded)
     log.info(
         "base %s: %.1fM params, vocab %d, context %d, %s on %s",
         cfg.model, loaded.num_parameters / 1e6, loaded.vocab_size, loaded.max_model_len, dtype, device,

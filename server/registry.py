@@ -22,7 +22,13 @@ from memories.manifest import (
     read_manifest,
     tokenizer_fingerprint,
 )
-from memories.models import TOKENIZER_FILES, PickledWeightsError, VocabularyError, resolve_source
+from memories.models import (
+    TOKENIZER_FILES,
+    PickledWeightsError,
+    VocabularyError,
+    is_gguf_path,
+    resolve_source,
+)
 from memories.router import Router, RouterError, load_router
 from server.errors import ConflictError, MemoryLoadError, NotFoundError, ServiceUnavailableError
 from server.loader import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer
@@ -57,6 +63,8 @@ class MemoryInfo:
     # embedding covers the base vocabulary and its special-token ids agree, but no token->id map was compared.
     tokenizer_verified: bool = True
     router: bool = False  # it ships a learned per-token router: requests may ask for "alpha": "auto"
+    weights_format: str = "safetensors"  # or "gguf"
+    quantization: str | None = None  # a GGUF file's type
 
 
 @dataclass
@@ -177,6 +185,8 @@ class MemoryRegistry:
             temperature=manifest.temperature if manifest else DEFAULT_TEMPERATURE,
             tokenizer_verified=verified,
             router=router is not None,
+            weights_format=loaded.weights_format,
+            quantization=loaded.quantization,
         )
         return _Entry(info=info, loaded=loaded, router=router)
 
@@ -193,7 +203,7 @@ class MemoryRegistry:
         token->id map. True when something was compared; False when the memory ships neither (then
         `_check_unverified` applies once the weights are loaded)."""
         fingerprints = {"manifest": manifest_fingerprint} if manifest_fingerprint else {}
-        if any((directory / f).exists() for f in TOKENIZER_FILES):
+        if is_gguf_path(directory) or any((directory / f).exists() for f in TOKENIZER_FILES):
             try:
                 fingerprints["tokenizer"] = tokenizer_fingerprint(load_tokenizer(str(directory)))
             except ModelLoadError as exc:

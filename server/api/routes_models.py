@@ -28,6 +28,8 @@ def base_card(serving: Serving) -> dict[str, Any]:
         created=serving.created,
         root=serving.base.name_or_path,
         max_model_len=serving.context_of(None),
+        format=serving.base.weights_format,
+        quantization=serving.base.quantization,
     ).model_dump()
 
 
@@ -44,6 +46,8 @@ def memory_card(serving: Serving, info: MemoryInfo) -> dict[str, Any]:
         temperature=info.temperature,
         tokenizer_verified=info.tokenizer_verified,
         router=info.router,
+        format=info.weights_format,
+        quantization=info.quantization,
     ).model_dump()
 
 

@@ -437,6 +437,11 @@ class ModelCard(BaseModel):
     router: bool | None = Field(
         default=None, description='A memory ships a learned per-token router: requests may ask for "alpha": "auto".'
     )
+    format: str = Field(default="safetensors", description='How the weights were stored: "safetensors" or "gguf".')
+    quantization: str | None = Field(
+        default=None, description="A GGUF file's quantization type (Q4_1, Q8_0, F16 …); its weights are dequantized "
+        "to the serving dtype.",
+    )
 
 
 class ModelList(BaseModel):
