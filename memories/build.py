@@ -58,9 +58,17 @@ class StageCache:
         self.records: list[StageRecord] = []
 
     def run(
-        self, name: str, settings: dict[str, Any], outputs_exist: Callable[[], bool], fn: Callable[[], dict]
+        self,
+        name: str,
+        settings: dict[str, Any],
+        outputs_exist: Callable[[], bool],
+        fn: Callable[[], dict],
+        every_rank: bool = True,
     ) -> StageRecord:
+        """Run or skip stage `name` on every rank (rank 0 decides and its summary is broadcast), or with
+        `every_rank=False` on rank 0 alone (the evaluation, after the other ranks have ended)."""
         key = _hash(settings)
+        share = distributed.broadcast if every_rank else (lambda obj, _what: obj)
         marker = self.dir / f"{name}.json"
         main = distributed.world().is_main
         cached = None
@@ -68,7 +76,7 @@ class StageCache:
             saved = read_json(marker)
             if saved.get("key") == key and outputs_exist():
                 cached = saved.get("summary", {})
-        cached = distributed.broadcast(cached, f"deciding whether {name} is cached")
+        cached = share(cached, f"deciding whether {name} is cached")
         if cached is not None:
             rec = StageRecord(name, key, True, 0.0, cached)
             self._say(f"[memdec] {name}: cached ({key}), skipped")
@@ -78,7 +86,7 @@ class StageCache:
             marker.unlink(missing_ok=True)
         self._say(f"[memdec] {name}: running ({key})")
         started = time.perf_counter()
-        summary = distributed.broadcast(fn(), f"finishing {name}")  # rank 0's summary is the stage's
+        summary = share(fn(), f"finishing {name}")  # rank 0's summary is the stage's
         seconds = round(time.perf_counter() - started, 2)
         if main:
             write_json(marker, {"key": key, "settings": settings, "summary": summary, "seconds": seconds})
@@ -122,7 +130,7 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
                        **dataclasses.asdict(config.eval)}
         title = f"{config.name}: held-out perplexity ({config.domain})"
         ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(),
-                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title))
+                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title), every_rank=False)
     _write_manifest(config, ds_rec, idx_rec, tg_rec, ev_rec)
     return cache.records  # fmt: skip
 

@@ -48,13 +48,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tok = build_tokenizer(root / "tok")
     base = build_model(root / "base", tok, "llama", hidden=32, layers=2, seed=1, max_len=256)
     corpus = write_corpus(root / "train.txt", 60, seed=1)
-    paths = {"root": root, "base": base, "corpus": corpus, "one": root / "one"}
+    valid = write_corpus(root / "valid.txt", 8, seed=2)
+    paths = {"root": root, "base": base, "corpus": corpus, "valid": valid, "one": root / "one"}
     assert main([*_build(paths, paths["one"])]) == 0
     return paths
 
 
 def _build(paths: dict[str, Path], out: Path) -> list[str]:
     return ["memory", "build", "--base", str(paths["base"]), "--corpus", str(paths["corpus"]), "--out", str(out),
+            "--valid", str(paths["valid"]), "--alphas", "0.5", "--eval-max-tokens", "300",
             "--name", "tiny", *STAGES, *MEMORY, *TRAIN, "--quiet"]  # fmt: skip
 
 
@@ -79,8 +81,8 @@ def test_build_on_two_processes_equals_one(tiny: dict[str, Path]) -> None:
     two = tiny["root"] / "two"
     run = _torchrun(_build(tiny, two))
     assert run.returncode == 0, run.stderr[-3000:]
-    # Rank 0 alone reports: each stage line once.
-    for stage in ("datastore", "index", "targets", "train"):
+    # Rank 0 alone reports: each stage line once; it evaluates after the others have ended.
+    for stage in ("datastore", "index", "targets", "train", "eval"):
         assert run.stdout.count(f"[memdec] {stage}: running") == 1, run.stdout
     one_work, two_work = Path(f"{tiny['one']}.work"), Path(f"{two}.work")
     _same_files(one_work, two_work)
@@ -98,6 +100,9 @@ def test_build_on_two_processes_equals_one(tiny: dict[str, Path]) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_allclose(wb[k], wa[k], rtol=0, atol=1e-5)
+    ea, eb = (json.loads((d / "evaluation.json").read_text()) for d in (tiny["one"], two))
+    assert eb["base_ppl"] == ea["base_ppl"]
+    assert eb["memory_ppl"] == pytest.approx(ea["memory_ppl"], rel=1e-4)
     # No shard bookkeeping is left behind once a stage is complete.
     assert not list(two_work.rglob("*.shards"))
 
@@ -133,6 +138,19 @@ def test_training_stopped_on_two_processes_resumes_on_one(tiny: dict[str, Path])
     assert (out / "checkpoint" / "trainer_state.json").is_file() and not (out / "model.safetensors").exists()
     assert main([*train, "--resume"]) == 0  # one process, no torchrun
     np.testing.assert_allclose(_losses(out), _losses(tiny["one"]), rtol=0, atol=1e-5)
+
+
+def test_datastore_command_on_two_processes_equals_one(tiny: dict[str, Path]) -> None:
+    """`memory datastore` on its own, with its flat index beside the keys (index shards merged by rank 0)."""
+    args = ["memory", "datastore", "--base", str(tiny["base"]), "--corpus", str(tiny["corpus"]), "--context", "48",
+            "--batch-size", "3", "--index", "flat", "--quiet"]  # fmt: skip
+    one, two = tiny["root"] / "ds-one", tiny["root"] / "ds-two"
+    assert main([*args, "--out", str(one)]) == 0
+    run = _torchrun([*args, "--out", str(two)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("== datastore") == 1  # one summary, rank 0's
+    for name in ("keys.npy", "values.npy", "tokens.npy", "index.faiss"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
