@@ -60,7 +60,9 @@ def _handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
                 distributed.require_one_process(getattr(a, "memory_command", "this command"))
             return fn(a)
         except distributed.DistributedError as exc:
-            print(f"memdec memory: error: {exc}", file=sys.stderr)
+            print(f"memdec memory: error: {exc}", file=sys.stderr, flush=True)
+            if isinstance(exc, distributed.LostPeers):
+                distributed.linger()
             return 1
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"memdec memory: error: {who}{exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ KILL_ENV = "MEMDEC_KILL_AT"
 
 class DistributedError(RuntimeError):
     """The ranks of a torchrun launch cannot go on together: a peer stopped, or the launch is unsupported."""
+
+
+class LostPeers(DistributedError):
+    """A collective failed because another rank stopped (exited, crashed or was killed)."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,8 @@ def _collective(what: str, fn: Callable[[], T]) -> T:
         raise lost_peers(what, exc) from exc
 
 
-def lost_peers(what: str, exc: BaseException) -> DistributedError:
-    return DistributedError(
+def lost_peers(what: str, exc: BaseException) -> LostPeers:
+    return LostPeers(
         f"{world()}: the other ranks went away while {what} (one of them failed or was killed; "
         f"torchrun's summary names it): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     )
@@ -157,6 +162,17 @@ def all_sum(values: torch.Tensor, what: str) -> torch.Tensor:
         return values
     _collective(what, lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM))
     return values
+
+
+# Long enough for torchrun's monitor (every 0.1 s by default) to see the rank that died.
+LINGER_S = 30.0
+
+
+def linger() -> None:
+    """After LostPeers, wait for torchrun to stop this rank: its summary's root cause is then the rank that
+    failed first, not this one, which only noticed (a rank that exits on its own first can be blamed)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(LINGER_S)
 
 
 def fault_point(stage: str, units_done: int) -> None:

@@ -60,10 +60,10 @@ def _build(paths: dict[str, Path], out: Path) -> list[str]:
             "--name", "tiny", *STAGES, *MEMORY, *TRAIN, "--quiet"]  # fmt: skip
 
 
-def _torchrun(args: list[str], env: dict[str, str] | None = None, nproc: int = 2) -> subprocess.CompletedProcess:  # fmt: skip
-    """`torchrun --standalone` (a free rendezvous port) running `memdec memory …` from this checkout."""
+def _torchrun(args: list[str], env: dict[str, str] | None = None, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:  # fmt: skip
+    """`torchrun --standalone` (a free rendezvous port), two processes running `memdec memory …` from this checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *launcher,
            "-m", "memories.cli", *args]  # fmt: skip
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
 
@@ -109,12 +109,20 @@ def test_build_on_two_processes_equals_one(tiny: dict[str, Path]) -> None:
 
 def test_killed_rank_stops_the_launch_and_a_rerun_finishes_it(tiny: dict[str, Path]) -> None:
     out = tiny["root"] / "killed"
-    killed = _torchrun(_build(tiny, out), env={KILL_ENV: "datastore:1:2"})
+    # torchrun looks at its workers every 10 s here (0.1 s by default), so rank 0 meets its peer's absence
+    # itself, at the barrier after its own shards, before torchrun would stop it.
+    killed = _torchrun(
+        _build(tiny, out), env={KILL_ENV: "datastore:1:2"}, launcher=("--monitor-interval", "10")
+    )
     assert killed.returncode != 0
-    # torchrun's summary: the root cause is rank 1, killed by SIGKILL.
+    # torchrun's summary: the root cause is rank 1, killed by SIGKILL; rank 0 says what it was waiting for.
     root_cause = killed.stderr[killed.stderr.index("Root Cause") :]
     named = re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", root_cause)
     assert named, killed.stderr[-2000:]
+    assert (
+        "memdec memory: error: rank 0 of 2: the other ranks went away while computing datastore keys"
+        in killed.stderr
+    )
     shards = Path(f"{out}.work") / "datastore" / "datastore.shards"
     done = len([p for p in shards.glob("*.json") if p.name != "plan.json"])
     assert done >= 2  # rank 1's two shards at least, and rank 0's until it was stopped
