@@ -78,10 +78,11 @@ def build_index_sharded(
     """`build_index` across the ranks of torch.distributed, saved to `out_dir`; returns its info.
 
     Rank 0 trains the index once (the same seeded sample as one process) and saves it empty; every rank
-    adds its shards' rows to a copy of it (ids = row numbers) saved under index.shards/; rank 0 merges
-    them in row order. Flat and IVF-PQ encode each key on its own, whatever else is added with it, so the
-    merged index holds one process's codes and ids and searches alike. Finished shards are recorded
-    (memories.shards) for a re-run after a failure.
+    encodes its shards' rows with it (faiss `sa_encode`: the coarse list and PQ code of each key, or the raw
+    vector for Flat) into index.shards/; rank 0 adds the codes in row order (`add_sa_codes`, ids = row
+    numbers). A key's code depends on the trained index alone, never on the keys encoded with it, so the
+    result is one process's index, byte for byte. Finished shards are recorded (memories.shards) for a
+    re-run after a failure.
     """
     out_dir = Path(out_dir)
     w = distributed.world()
@@ -99,26 +100,23 @@ def build_index_sharded(
 
     ledger.open(prepare=train, intact=lambda: (ledger.dir / "trained.json").is_file())
     info = read_json(ledger.dir / "trained.json")
+    trained = faiss.read_index(str(ledger.dir / "trained.faiss"))
     shards = row_shards(len(keys))
     mine = ledger.pending(len(shards))
     bar = tqdm(mine, desc=f"index ({info['kind']})", unit="shard", disable=not (progress and w.is_main))
     for done, i in enumerate(bar, start=1):
         a, b = shards[i]
-        part = faiss.read_index(str(ledger.dir / "trained.faiss"))
-        if info["kind"] == "flat":
-            part.add(_as_f32(keys[a:b]))  # a flat index's ids are its row order: merged in shard order below
-        else:
-            part.add_with_ids(_as_f32(keys[a:b]), np.arange(a, b, dtype=np.int64))
-        faiss.write_index(part, str(ledger.dir / f"{i:05d}.faiss"))
+        np.save(ledger.dir / f"{i:05d}.codes.npy", trained.sa_encode(_as_f32(keys[a:b])))  # [rows, code bytes]
         ledger.finish(i, {"rows": [a, b]})
         distributed.fault_point("index", done)
-    distributed.barrier("adding keys to the index")
+    distributed.barrier("encoding keys for the index")
     if w.is_main:
-        index = faiss.read_index(str(ledger.dir / "trained.faiss"))
-        for i in range(len(shards)):
-            index.merge_from(faiss.read_index(str(ledger.dir / f"{i:05d}.faiss")), 0)
+        for i, (a, b) in enumerate(shards):
+            codes = np.load(ledger.dir / f"{i:05d}.codes.npy")
+            # A flat index's ids are its row order; IVF lists carry them.
+            trained.add_sa_codes(codes, None if info["kind"] == "flat" else np.arange(a, b, dtype=np.int64))
         info["seconds"] = round(time.perf_counter() - started, 2)
-        save_index(index, info, out_dir)
+        save_index(trained, info, out_dir)
         ledger.remove()
     return distributed.broadcast(info, "merging the index")
 
