@@ -4,8 +4,8 @@ The reference is the one-process build of the same command: a datastore, index a
 byte-equal, training losses within 1e-5 at the same global batch (3 sequences: shares of 2 and 1, so the
 loss weighting matters) with gradient accumulation (DDP's no_sync path). A rank SIGKILLed mid-datastore
 must fail the launch with torchrun's summary naming it, and a re-run must finish only the unfinished
-shards to the same bytes; a training run stopped at world size 2 must resume in one process onto the
-one-process trajectory.
+shards to the same bytes, at the same world size or another; a training run stopped at world size 2 must
+resume in one process onto the one-process trajectory.
 """
 
 from __future__ import annotations
@@ -134,6 +134,37 @@ def test_killed_rank_stops_the_launch_and_a_rerun_finishes_it(tiny: dict[str, Pa
     assert match and int(match[1]) == done and int(match[2]) > done, rerun.stdout
     _same_files(Path(f"{tiny['one']}.work"), Path(f"{out}.work"))
     np.testing.assert_allclose(_losses(out), _losses(tiny["one"]), rtol=0, atol=1e-5)
+
+
+def test_targets_killed_on_two_processes_finish_on_one(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """Shard boundaries do not depend on the world size: a targets stage cut short on two processes is
+    finished by one, which reuses the finished shards rather than searching them again (one of them is
+    overwritten here, and its overwritten rows are what comes out) and computes the rest."""
+    out = tiny["root"] / "targets-killed"
+    killed = _torchrun(_build(tiny, out), env={KILL_ENV: "targets:1:3"})
+    assert killed.returncode != 0 and "datastore: running" in killed.stdout
+    shards = Path(f"{out}.work") / "targets" / "targets.shards"
+    finished = sorted(p for p in shards.glob("*.json") if p.name != "plan.json")
+    assert len(finished) >= 3
+    reused = json.loads(finished[-1].read_text())  # {"rows": [a, b], "nnz": …}
+    probs_file = finished[-1].with_suffix(".prob")
+    probs_file.write_bytes(np.full(reused["nnz"], 0.5, np.float16).tobytes())
+
+    assert main(_build(tiny, out)) == 0  # one process, no torchrun
+    printed = capsys.readouterr().out
+    assert "datastore: cached" in printed and "index: cached" in printed
+    match = re.search(r"targets: (\d+) of (\d+) shards done by an earlier run", printed)
+    assert match and int(match[1]) == len(finished) and int(match[2]) > len(finished), printed
+    ref, got = (Path(f"{d}.work") / "targets" for d in (tiny["one"], out))
+    offsets = np.load(ref / "offsets.npy")
+    lo, hi = offsets[reused["rows"][0]], offsets[reused["rows"][1]]
+    want = np.load(ref / "probs.npy").copy()
+    want[lo:hi] = 0.5  # the reused shard as overwritten; every other row searched again or kept, unchanged
+    assert hi > lo and np.array_equal(np.load(got / "probs.npy"), want)
+    for name in ("offsets.npy", "token_ids.npy"):
+        assert (ref / name).read_bytes() == (got / name).read_bytes()
 
 
 def test_training_stopped_on_two_processes_resumes_on_one(tiny: dict[str, Path]) -> None:
