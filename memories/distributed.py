@@ -146,16 +146,6 @@ def broadcast(obj: T, what: str) -> T:
     return box[0]
 
 
-def gather(obj: T, what: str) -> list[T]:
-    """Every rank's `obj`, in rank order, on every rank."""
-    w = world()
-    if not w.distributed:
-        return [obj]
-    out: list[Any] = [None] * w.size
-    _collective(what, lambda: dist.all_gather_object(out, obj, group=_cpu_group))
-    return out
-
-
 def all_sum(values: torch.Tensor, what: str) -> torch.Tensor:
     """Element-wise sum over ranks of a small tensor (on the default group's device)."""
     if not world().distributed:
