@@ -4,6 +4,11 @@ Every stage has a cache key: the hash of its own settings plus the key of the st
 A stage whose marker (`<work>/stages/<stage>.json`) holds the current key and whose outputs exist is
 skipped; changing a setting re-runs that stage and everything downstream. Training checkpoints live
 under a directory named after the train stage's key, so an interrupted build resumes its training.
+
+Under torchrun every rank runs `build`: rank 0 alone reads and writes the markers and says what runs, and
+its decision and summary are broadcast, so all ranks run the same stages and hold the same records.
+Datastore, index, targets and train run on every rank (memories.distributed); the held-out evaluation
+and the manifest are rank 0's, the other ranks ending after training.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memories import distributed
 from memories.config import BuildConfig
 from memories.corpus import corpus_identity
 from memories.crosseval import CROSS_SOURCE, IN_SOURCE, Text
 from memories.evaluate import recommended_alpha
 from memories.jsonfile import read_json, write_json
 from memories.manifest import Manifest, read_manifest, write_manifest
-from memories.models import model_id
+from memories.models import model_id, model_identity
 from memories.sources import FILES, holdout_split, load_spec
 from memories.stages import Base, datastore_stage, eval_stage, index_stage, targets_stage, train_stage
 
@@ -34,15 +40,6 @@ __all__ = ["BuildConfig", "StageRecord", "build"]
 def _hash(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _model_identity(path: str) -> Any:
-    """A local model directory by its files' sizes and mtimes, a GGUF file by its own; a hub id by name."""
-    p = Path(path)
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-    if not files:
-        return path
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 @dataclass
@@ -61,29 +58,45 @@ class StageCache:
         self.records: list[StageRecord] = []
 
     def run(
-        self, name: str, settings: dict[str, Any], outputs_exist: Callable[[], bool], fn: Callable[[], dict]
+        self,
+        name: str,
+        settings: dict[str, Any],
+        outputs_exist: Callable[[], bool],
+        fn: Callable[[], dict],
+        every_rank: bool = True,
     ) -> StageRecord:
+        """Run or skip stage `name` on every rank (rank 0 decides and its summary is broadcast), or with
+        `every_rank=False` on rank 0 alone (the evaluation, after the other ranks have ended)."""
         key = _hash(settings)
+        share = distributed.broadcast if every_rank else (lambda obj, _what: obj)
         marker = self.dir / f"{name}.json"
-        if marker.is_file():
+        main = distributed.world().is_main
+        cached = None
+        if main and marker.is_file():
             saved = read_json(marker)
             if saved.get("key") == key and outputs_exist():
-                rec = StageRecord(name, key, True, 0.0, saved.get("summary", {}))
-                self._say(f"[memdec] {name}: cached ({key}), skipped")
-                self.records.append(rec)
-                return rec
-        marker.unlink(missing_ok=True)
+                cached = saved.get("summary", {})
+        cached = share(cached, f"deciding whether {name} is cached")
+        if cached is not None:
+            rec = StageRecord(name, key, True, 0.0, cached)
+            self._say(f"[memdec] {name}: cached ({key}), skipped")
+            self.records.append(rec)
+            return rec
+        if main:
+            marker.unlink(missing_ok=True)
         self._say(f"[memdec] {name}: running ({key})")
         started = time.perf_counter()
-        summary = fn()
+        summary = share(fn(), f"finishing {name}")  # rank 0's summary is the stage's
         seconds = round(time.perf_counter() - started, 2)
-        write_json(marker, {"key": key, "settings": settings, "summary": summary, "seconds": seconds})
+        if main:
+            write_json(marker, {"key": key, "settings": settings, "summary": summary, "seconds": seconds})
         rec = StageRecord(name, key, False, seconds, summary)
         self.records.append(rec)
         return rec
 
     def _say(self, msg: str) -> None:
-        print(msg, flush=True)  # one line per stage even when progress bars are off
+        if distributed.world().is_main:
+            print(msg, flush=True)  # one line per stage even when progress bars are off
 
 
 def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
@@ -94,8 +107,10 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
     base = Base(config.base, config.datastore.device, config.datastore.dtype)
     ds_dir, idx_dir, tg_dir = work / "datastore", work / "index", work / "targets"
     dsc = config.datastore
-    corpus, texts = _inputs(config)
-    ds_settings = {"base": _model_identity(config.base), "corpus": corpus_identity(corpus),
+    # Rank 0 alone writes the held-out split's files; the others take its paths.
+    inputs = _inputs(config) if distributed.world().is_main else None
+    corpus, texts = distributed.broadcast(inputs, "splitting sources")  # type: ignore[misc]
+    ds_settings = {"base": model_identity(config.base), "corpus": corpus_identity(corpus),
                    "max_tokens": dsc.max_tokens, "context": dsc.context, "stride": dsc.stride, "dtype": str(base.dtype)}
     ds_rec = cache.run("datastore", ds_settings, lambda: (ds_dir / "datastore.json").is_file(),
                        lambda: datastore_stage(base, corpus, ds_dir, dsc, progress))
@@ -107,13 +122,15 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
     tg_rec = cache.run("targets", tg_settings, lambda: (tg_dir / "targets.json").is_file(),
                        lambda: targets_stage(ds_dir, idx_dir, tg_dir, config.targets, config.index, progress))
     tr_rec = _train(cache, config, base, tg_rec.key, progress)
+    if not distributed.world().is_main:
+        return cache.records  # evaluation and the manifest are rank 0's
     ev_rec = None
     if texts:
         ev_settings = {"train": tr_rec.key, "texts": [(t.label, t.kind, corpus_identity(t.path)) for t in texts],
                        **dataclasses.asdict(config.eval)}
         title = f"{config.name}: held-out perplexity ({config.domain})"
         ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(),
-                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title))
+                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title), every_rank=False)
     _write_manifest(config, ds_rec, idx_rec, tg_rec, ev_rec)
     return cache.records  # fmt: skip
 
@@ -138,11 +155,11 @@ def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str,
     settings = {
         "targets": targets_key,
         "train": config.train.trajectory_dict(),
-        "init_from": _model_identity(config.init_from) if config.init_from else None,
+        "init_from": model_identity(config.init_from) if config.init_from else None,
         "spec": dataclasses.asdict(config.spec) if config.spec and not config.init_from else None,
     }
     ckpt_dir = work / f"checkpoint-{_hash(settings)}"
-    for stale in work.glob("checkpoint-*"):
+    for stale in work.glob("checkpoint-*") if distributed.world().is_main else ():
         if stale.name not in (ckpt_dir.name, ckpt_dir.name + ".old", ckpt_dir.name + ".tmp"):
             shutil.rmtree(stale, ignore_errors=True)
 

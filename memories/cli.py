@@ -42,27 +42,52 @@ class UsageError(ValueError):
 
 
 def _handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input (paths, settings, mismatched tokenizers) ends with a one-line message and exit code 2."""
+    """Bad input (paths, settings, mismatched tokenizers) ends with a one-line message and exit code 2; under
+    torchrun the message names the rank, and ranks that lost their peers end with exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(a: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
+        from memories import distributed
+
         bars_were_on = hf_logging.is_progress_bar_enabled()
         if getattr(a, "quiet", False):
             hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
+        who = f"{distributed.launched()}: " if distributed.launched().distributed else ""
         try:
+            if not getattr(fn, "across_processes", False):
+                distributed.require_one_process(getattr(a, "memory_command", "this command"))
             return fn(a)
+        except distributed.DistributedError as exc:
+            print(f"memdec memory: error: {exc}", file=sys.stderr, flush=True)
+            if isinstance(exc, distributed.LostPeers):
+                distributed.linger()
+            return 1
         except (ValueError, FileNotFoundError, OSError) as exc:
-            print(f"memdec memory: error: {exc}", file=sys.stderr)
+            print(f"memdec memory: error: {who}{exc}", file=sys.stderr)
             return 2
         except ImportError as exc:  # a server-only install: faiss and matplotlib come with the extra
-            print(f"memdec memory: error: {exc.name} is missing; install memdec[toolkit]", file=sys.stderr)
+            print(f"memdec memory: error: {who}{exc.name} is missing; install memdec[toolkit]", file=sys.stderr)
             return 2
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
 
+    return wrapper
+
+
+def _across_processes(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A stage that runs on every rank of a torchrun launch (memories.distributed); in one process without it."""
+
+    @functools.wraps(fn)
+    def wrapper(a: argparse.Namespace) -> int:
+        from memories import distributed
+
+        with distributed.session():
+            return fn(a)
+
+    wrapper.across_processes = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -200,6 +225,10 @@ def _eval_config(a: argparse.Namespace) -> EvalConfig:
 
 
 def _summary(title: str, rows: dict[str, Any]) -> None:
+    from memories import distributed
+
+    if not distributed.world().is_main:  # one summary per launch: rank 0's
+        return
     print(f"\n== {title}")
     for key, value in rows.items():
         print(f"  {key:<22} {value}")
@@ -219,18 +248,20 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
 
 
 @_handles_errors
+@_across_processes
 def cmd_datastore(a: argparse.Namespace) -> int:
     from memories.stages import Base, datastore_stage, index_stage
 
     out = Path(a.out)
     ds = datastore_stage(Base(a.base, a.device, a.dtype), a.corpus, out, _datastore_config(a), not a.quiet)
     info = index_stage(out, out, _index_config(a), not a.quiet)  # the index lives beside the keys
-    _summary("datastore", {"entries": ds["entries"], "key dim": ds["dim"], "documents": ds["corpus_stats"]["documents"],
+    _summary("datastore", {"entries": ds["entries"], "key dim": ds["dim"], "documents": ds["corpus_stats"].get("documents"),
                            "index": info["kind"], "out": a.out, "seconds": ds["seconds"] + info["seconds"]})
     return 0
 
 
 @_handles_errors
+@_across_processes
 def cmd_targets(a: argparse.Namespace) -> int:
     from memories.stages import targets_stage
 
@@ -241,6 +272,7 @@ def cmd_targets(a: argparse.Namespace) -> int:
 
 
 @_handles_errors
+@_across_processes
 def cmd_train(a: argparse.Namespace) -> int:
     from memories.manifest import Manifest, tokenizer_fingerprint
     from memories.models import load_tokenizer, model_id
@@ -362,6 +394,7 @@ def cmd_router(a: argparse.Namespace) -> int:
 
 
 @_handles_errors
+@_across_processes
 def cmd_build(a: argparse.Namespace) -> int:
     from memories.build import build
 

@@ -5,6 +5,7 @@ Layout of a datastore directory (all `.npy`, memory-mapped on read):
   keys.npy     float16 [N-1, H] keys[i] = last-MLP input at position i, having seen tokens[..i]
   values.npy   int32  [N-1]    values[i] = tokens[i + 1]
   datastore.json               metadata; written last, so its presence means the store is complete
+  datastore.shards/            while it is being built: which shards are done (memories.shards)
 Entry i therefore lines up with input position i of the token stream, which is how training finds the
 kNN target of every position it predicts.
 """
@@ -21,9 +22,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from memories import distributed
 from memories.hooks import capture_mlp_input
 from memories.jsonfile import read_marker, write_json
 from memories.perplexity import Window, sliding_windows, window_batches
+from memories.shards import ShardLedger, digest, group_units
 
 META_NAME = "datastore.json"
 
@@ -77,45 +80,72 @@ def _write_keys(keys: np.ndarray, hidden: torch.Tensor, w: Window) -> int:
 @torch.inference_mode()
 def build_datastore(
     model: PreTrainedModel,
-    tokens: np.ndarray,
+    tokens: np.ndarray | None,
     out_dir: str | Path,
     *,
     context: int,
     stride: int,
     batch_size: int = 8,
     meta: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Datastore:
     """Run `model` over `tokens` in sliding windows and write every position's key and value.
 
     Windows follow the perplexity protocol: each position gets a key exactly once, computed in the
     window that gives it the most left context (at least context - stride tokens once past the start).
+
+    Under torch.distributed (memories.distributed) the forward batches, the same ones one process makes,
+    are grouped into shards dealt out to the ranks; each rank writes its rows into the one memmapped
+    keys.npy rank 0 laid out, so the files are byte-identical to one process's whatever the world size.
+    Only rank 0 needs `tokens` (the others read tokens.npy once it is written). Finished shards are
+    recorded (memories.shards), so a re-run after a failure computes only the others; `identity` (the base
+    model's files, its dtype) joins the token stream and the window settings in what a shard must match.
     """
     if stride >= context:
         # The position just before a window's first token would get no key (its hidden state lies outside
         # every window), leaving a zero row that kNN search would then return.
         raise DatastoreError(f"stride ({stride}) must be smaller than the window ({context}) for a datastore")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    w = distributed.world()
     device = next(model.parameters()).device
-    n = int(len(tokens))
     dim = int(model.config.hidden_size)
-    np.save(out_dir / "tokens.npy", np.asarray(tokens, dtype=np.int32))
-    np.save(out_dir / "values.npy", np.asarray(tokens[1:], dtype=np.int32))
-    keys = np.lib.format.open_memmap(out_dir / "keys.npy", mode="w+", dtype=np.float16, shape=(n - 1, dim))
+    ledger = ShardLedger(out_dir, "datastore", {})
+    if w.is_main:
+        if tokens is None:
+            raise ValueError("rank 0 needs the token stream")
+        tokens = np.asarray(tokens, dtype=np.int32)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+        ledger.identity = {"tokens": digest(tokens), "num_tokens": len(tokens), "dim": dim, "context": context,
+                           "stride": stride, "batch_size": batch_size, **(identity or {})}  # fmt: skip
+    ledger.open(prepare=lambda: _lay_out(out_dir, tokens, dim), intact=lambda: _laid_out(out_dir, dim))
+    if tokens is None:
+        tokens = np.load(out_dir / "tokens.npy", mmap_mode="r")
+    n = int(len(tokens))
+    batches = list(window_batches(sliding_windows(n, context, stride), max_windows=batch_size))
+    shards = group_units([sum(win.end - win.score_from for win in b) for b in batches])
+    mine = ledger.pending(len(shards))
+    keys = np.load(out_dir / "keys.npy", mmap_mode="r+")  # [N-1, H] float16, rows disjoint between ranks
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)  # [N]
     started = time.perf_counter()
-    bar = tqdm(total=n - 1, desc="datastore", unit="key", disable=not progress)
+    todo = sum(win.end - win.score_from for i in mine for b in batches[slice(*shards[i])] for win in b)
+    bar = tqdm(total=todo, desc="datastore", unit="key", disable=not (progress and w.is_main))
     with capture_mlp_input(model) as capture:
-        for batch in window_batches(sliding_windows(n, context, stride), max_windows=batch_size):
-            # Only the hook's capture is needed: keep a single position's logits.
-            model(input_ids=torch.stack([ids[w.begin : w.end] for w in batch]), logits_to_keep=1)  # [B, T]
-            for row, w in zip(capture.take(), batch, strict=True):  # the hook's [B, T, H]
-                bar.update(_write_keys(keys, row, w))
+        for done, i in enumerate(mine, start=1):
+            written = 0
+            for batch in batches[slice(*shards[i])]:
+                # Only the hook's capture is needed: keep a single position's logits.
+                model(input_ids=torch.stack([ids[win.begin : win.end] for win in batch]), logits_to_keep=1)  # [B, T]
+                for row, win in zip(capture.take(), batch, strict=True):  # the hook's [B, T, H]
+                    written += _write_keys(keys, row, win)
+            keys.flush()  # the marker below promises these rows are on disk
+            ledger.finish(i, {"keys": written})
+            bar.update(written)
+            distributed.fault_point("datastore", done)
     bar.close()
-    keys.flush()
     del keys
+    distributed.barrier("computing datastore keys")
     info = {
         "num_entries": n - 1,
         "num_tokens": n,
@@ -125,5 +155,27 @@ def build_datastore(
         "seconds": round(time.perf_counter() - started, 2),
         **(meta or {}),
     }
-    write_json(out_dir / META_NAME, info)
+    if w.is_main:
+        write_json(out_dir / META_NAME, info)
+        ledger.remove()
+    distributed.barrier("finishing the datastore")
     return Datastore(out_dir, info)
+
+
+def _lay_out(out_dir: Path, tokens: np.ndarray | None, dim: int) -> None:
+    """tokens.npy, values.npy and an all-zero keys.npy of the final shape, for the ranks to fill."""
+    assert tokens is not None
+    n = len(tokens)
+    np.save(out_dir / "tokens.npy", tokens)
+    np.save(out_dir / "values.npy", np.asarray(tokens[1:], dtype=np.int32))
+    np.lib.format.open_memmap(out_dir / "keys.npy", mode="w+", dtype=np.float16, shape=(n - 1, dim)).flush()
+
+
+def _laid_out(out_dir: Path, dim: int) -> bool:
+    """The files `_lay_out` makes are there with the right shapes (a plan without them is not resumed)."""
+    try:
+        keys = np.load(out_dir / "keys.npy", mmap_mode="r")
+        tokens = np.load(out_dir / "tokens.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return keys.shape == (len(tokens) - 1, dim) and (out_dir / "values.npy").is_file()

@@ -287,3 +287,13 @@ def model_id(path: str | Path) -> str:
     """How a model is named in manifests: the resolved directory when local, else the hub id as given."""
     p = Path(path)
     return str(p.resolve()) if p.exists() else str(path)
+
+
+def model_identity(path: str) -> Any:
+    """A local model directory by its files' sizes and mtimes, a GGUF file by its own; a hub id by name (cache
+    keys)."""
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    if not files:
+        return path
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]

@@ -13,22 +13,33 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from memories import distributed
 from memories.config import DatastoreConfig, EvalConfig, IndexConfig, ModelSpec, TargetsConfig, TrainConfig
 from memories.corpus import corpus_files, tokenize_corpus
 from memories.crosseval import Text, combine
 from memories.datastore import Datastore, build_datastore
 from memories.evaluate import evaluate, write_report
-from memories.knn import build_index, load_index, save_index, set_nprobe, to_gpu_if_available
+from memories.knn import (
+    INDEX_NAME,
+    build_index,
+    build_index_sharded,
+    load_index,
+    save_index,
+    set_nprobe,
+    to_gpu_if_available,
+)
 from memories.manifest import Manifest, tokenizer_fingerprint
 from memories.models import (
     context_length,
     load_causal_lm,
     load_tokenizer,
     model_id,
+    model_identity,
     resolve_device,
     resolve_dtype,
 )
 from memories.perplexity import window_settings
+from memories.shards import files_identity
 from memories.targets import SparseTargets, build_targets
 from memories.train import TrainError, TrainResult, train
 
@@ -53,19 +64,30 @@ class Base:
 
 
 def datastore_stage(base: Base, corpus: str, out: Path, config: DatastoreConfig, progress: bool) -> dict[str, Any]:
-    """Keys (the base's last-MLP inputs) and values (next tokens) over the corpus."""
-    tokens, stats = tokenize_corpus(base.tokenizer, corpus, config.max_tokens, progress=progress)
+    """Keys (the base's last-MLP inputs) and values (next tokens) over the corpus. Under torch.distributed
+    rank 0 tokenizes the corpus and every rank forwards its shards of windows (memories.datastore); the
+    summary that counts is rank 0's (the others have no corpus statistics)."""
+    stats = None
+    tokens = None
+    if distributed.world().is_main:
+        tokens, stats = tokenize_corpus(base.tokenizer, corpus, config.max_tokens, progress=progress)
     context, stride = window_settings(context_length(base.model), config.context, config.stride, clamp=True)
     meta = {"base_model": model_id(base.path), "tokenizer_fingerprint": base.fingerprint,
-            "corpus": [str(p) for p in corpus_files(corpus)], "corpus_stats": stats.to_dict()}  # fmt: skip
+            "corpus": [str(p) for p in corpus_files(corpus)], "corpus_stats": stats.to_dict() if stats else {}}  # fmt: skip
+    identity = {"base": model_identity(base.path), "dtype": str(base.dtype)}
     ds = build_datastore(base.model, tokens, out, context=context, stride=stride, batch_size=config.batch_size,
-                         meta=meta, progress=progress)  # fmt: skip
-    return {"entries": ds.size, "dim": ds.dim, "corpus_stats": stats.to_dict(), "seconds": ds.meta["seconds"]}
+                         meta=meta, identity=identity, progress=progress)  # fmt: skip
+    return {"entries": ds.size, "dim": ds.dim, "corpus_stats": meta["corpus_stats"], "seconds": ds.meta["seconds"]}
 
 
 def index_stage(datastore: Path, out: Path, config: IndexConfig, progress: bool) -> dict[str, Any]:
-    """A faiss index over the datastore's keys."""
-    index, info = build_index(Datastore.open(datastore).keys(), config, progress=progress)
+    """A faiss index over the datastore's keys: built in one process, or trained once and filled by every
+    rank under torch.distributed (memories.knn.build_index_sharded), with the same search results."""
+    ds = Datastore.open(datastore)
+    if distributed.world().distributed:
+        identity = {"keys": files_identity(datastore / "keys.npy")}
+        return build_index_sharded(ds.keys(), config, out, identity, progress=progress)
+    index, info = build_index(ds.keys(), config, progress=progress)
     save_index(index, info, out)
     return info
 
@@ -73,13 +95,16 @@ def index_stage(datastore: Path, out: Path, config: IndexConfig, progress: bool)
 def targets_stage(
     datastore: Path, index_dir: Path, out: Path, config: TargetsConfig, index: IndexConfig, progress: bool
 ) -> dict[str, Any]:
-    """Sparse kNN distributions for every datastore position, searched with `index`'s nprobe and device."""
+    """Sparse kNN distributions for every datastore position, searched with `index`'s nprobe and device.
+    Under torch.distributed every rank loads the index (on its own GPU where there is one) and searches its
+    shards of query rows (memories.targets)."""
     ds = Datastore.open(datastore)
     faiss_index, info = load_index(index_dir)
     set_nprobe(faiss_index, index.nprobe)
     faiss_index = to_gpu_if_available(faiss_index, index.use_gpu)
+    identity = {"inputs": files_identity(datastore / "keys.npy", index_dir / INDEX_NAME), "nprobe": index.nprobe}
     tg = build_targets(faiss_index, ds.keys(), ds.values(), out, k=config.k, temperature=config.temperature,
-                       batch_size=config.batch_size, progress=progress,
+                       batch_size=config.batch_size, progress=progress, identity=identity,
                        meta={"index": info, "datastore": str(datastore)})  # fmt: skip
     return {key: tg.meta[key] for key in ("num_rows", "nnz", "k", "temperature", "mean_support", "seconds")}
 

@@ -7,7 +7,9 @@ stored, CSR-style:
   token_ids.npy  int32   [nnz]  sorted within a row
   probs.npy      float16 [nnz]  summing to 1 per row (up to float16 rounding)
   targets.json   metadata; written last
-Rows are streamed to disk batch by batch; no vocabulary-sized array exists at any point.
+Rows are streamed to disk batch by batch; no vocabulary-sized array exists at any point. While the stage
+runs, `targets.shards/` holds each shard's rows (memories.shards); the files above are the same whatever
+the number of processes that searched them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from memories import distributed
 from memories.jsonfile import read_marker, write_json
 from memories.knn import search_excluding_self
+from memories.shards import ShardLedger, row_shards
 
 META_NAME = "targets.json"
 
@@ -74,37 +78,46 @@ def build_targets(
     temperature: float = 1.0,
     batch_size: int = 1024,
     meta: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> SparseTargets:
-    """Search every key's neighbours (itself excluded) and stream sparse p_kNN rows to `out_dir`."""
+    """Search every key's neighbours (itself excluded) and stream sparse p_kNN rows to `out_dir`.
+
+    The query rows are cut into shards of whole search batches (the batches one process makes, so every
+    search is the same call), dealt out to the ranks under torch.distributed. Each shard streams its rows
+    to `targets.shards/<i>.*`; once all are done they are stitched by offsets into the same files one
+    process writes, each rank copying its own shards into place. Finished shards are recorded
+    (memories.shards): a re-run after a failure searches only the others. `identity` (the index's and
+    keys' files) joins k, τ and the batch size in what a shard must match.
+    """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_NAME).unlink(missing_ok=True)
+    w = distributed.world()
     n = len(keys)
     k = min(k, n - 1)
     if k < 1:
         raise ValueError("the datastore needs at least 2 entries to find neighbours")
+    if w.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / META_NAME).unlink(missing_ok=True)
+    ledger = ShardLedger(out_dir, "targets", {"num_rows": int(n), "k": int(k), "temperature": float(temperature),
+                                              "batch_size": int(batch_size), **(identity or {})})  # fmt: skip
+    ledger.open()
     values = np.asarray(values, dtype=np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
+    shards = row_shards(n, batch_size)
+    mine = ledger.pending(len(shards))
     started = time.perf_counter()
-    tok_path, prob_path = out_dir / "token_ids.bin", out_dir / "probs.bin"
-    with tok_path.open("wb") as ftok, prob_path.open("wb") as fprob:
-        for start in tqdm(range(0, n, batch_size), desc=f"targets (k={k})", disable=not progress):
-            stop = min(n, start + batch_size)
-            dist, ids = search_excluding_self(index, keys[start:stop], np.arange(start, stop), k)
-            counts, toks, probs = knn_distribution(dist, ids, values, temperature)
-            offsets[start + 1 : stop + 1] = counts
-            ftok.write(toks.tobytes())
-            fprob.write(probs.astype(np.float16).tobytes())
-    np.cumsum(offsets, out=offsets)
-    nnz = int(offsets[-1])
-    # Re-wrap the raw streams as .npy so readers memory-map them with dtype and shape attached.
-    _raw_to_npy(tok_path, out_dir / "token_ids.npy", np.int32, nnz)
-    _raw_to_npy(prob_path, out_dir / "probs.npy", np.float16, nnz)
-    np.save(out_dir / "offsets.npy", offsets)
-    sizes = np.diff(offsets)
+    bar = tqdm(total=sum(shards[i][1] - shards[i][0] for i in mine), desc=f"targets (k={k})", unit="row",
+               disable=not (progress and w.is_main))  # fmt: skip
+    for done, i in enumerate(mine, start=1):
+        _search_shard(index, keys, values, ledger, i, shards[i], k, temperature, batch_size)
+        bar.update(shards[i][1] - shards[i][0])
+        distributed.fault_point("targets", done)
+    bar.close()
+    distributed.barrier("searching neighbours")
+    nnz = _stitch(out_dir, ledger, len(shards))
+    sizes = np.diff(np.load(out_dir / "offsets.npy"))
     info = {
         "num_rows": int(n),
         "nnz": nnz,
@@ -117,20 +130,62 @@ def build_targets(
         "seconds": round(time.perf_counter() - started, 2),
         **(meta or {}),
     }
-    write_json(out_dir / META_NAME, info)
+    if w.is_main:
+        write_json(out_dir / META_NAME, info)
+        ledger.remove()
+    distributed.barrier("finishing the targets")
     return SparseTargets.open(out_dir)
 
 
-def _raw_to_npy(raw: Path, dest: Path, dtype: type, count: int) -> None:
-    """Prefix a raw array file with an .npy header, copying in blocks (the file can be large)."""
-    arr = np.lib.format.open_memmap(dest, mode="w+", dtype=dtype, shape=(count,))
-    src = np.memmap(raw, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
-    block = 1 << 24
-    for start in range(0, count, block):
-        arr[start : start + block] = src[start : start + block]
-    arr.flush()
-    del arr, src
-    raw.unlink()
+def _search_shard(
+    index: Any, keys: np.ndarray, values: np.ndarray, ledger: ShardLedger, i: int, rows: tuple[int, int],
+    k: int, temperature: float, batch_size: int,
+) -> None:  # fmt: skip
+    """Rows [a, b)'s sparse p_kNN streamed to targets.shards/<i>.tok, .prob and .counts.npy, then its marker."""
+    a, b = rows
+    base = ledger.dir / f"{i:05d}"
+    counts = np.zeros(b - a, dtype=np.int64)
+    nnz = 0
+    with open(f"{base}.tok", "wb") as ftok, open(f"{base}.prob", "wb") as fprob:
+        for start in range(a, b, batch_size):
+            stop = min(b, start + batch_size)
+            dist, ids = search_excluding_self(index, keys[start:stop], np.arange(start, stop), k)
+            row_counts, toks, probs = knn_distribution(dist, ids, values, temperature)
+            counts[start - a : stop - a] = row_counts
+            ftok.write(toks.tobytes())
+            fprob.write(probs.astype(np.float16).tobytes())
+            nnz += len(toks)
+    np.save(f"{base}.counts.npy", counts)
+    ledger.finish(i, {"rows": [a, b], "nnz": nnz})
+
+
+def _stitch(out_dir: Path, ledger: ShardLedger, num_shards: int) -> int:
+    """The shards' rows as offsets.npy, token_ids.npy and probs.npy; returns nnz. Rank 0 lays the files
+    out from every shard's counts; each rank then copies its shards' entries in at their offsets."""
+    w = distributed.world()
+    nnz_of = [int(ledger.info(i)["nnz"]) for i in range(num_shards)]
+    first = np.concatenate([[0], np.cumsum(nnz_of)]).astype(np.int64)  # [S+1] first entry of each shard
+    nnz = int(first[-1])
+    if w.is_main:
+        counts = np.concatenate([np.load(ledger.dir / f"{i:05d}.counts.npy") for i in range(num_shards)])
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        np.save(out_dir / "offsets.npy", offsets)
+        for name, dtype in (("token_ids.npy", np.int32), ("probs.npy", np.float16)):
+            np.lib.format.open_memmap(out_dir / name, mode="w+", dtype=dtype, shape=(nnz,)).flush()
+    distributed.barrier("laying out the targets")
+    if nnz:  # an empty array cannot be memory-mapped (and has nothing to copy)
+        for name, ext, dtype in (("token_ids.npy", "tok", np.int32), ("probs.npy", "prob", np.float16)):
+            dest = np.load(out_dir / name, mmap_mode="r+")
+            for i in w.assigned(num_shards):
+                if nnz_of[i]:
+                    src = np.memmap(ledger.dir / f"{i:05d}.{ext}", dtype=dtype, mode="r", shape=(nnz_of[i],))
+                    dest[first[i] : first[i + 1]] = src
+                    del src
+            dest.flush()
+            del dest
+    distributed.barrier("stitching the targets")
+    return nnz
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,19 @@ Sequences are consecutive `seq_len` slices of the stream; sequence s covers inpu
 [s·L, (s+1)·L), whose labels are the next tokens and whose kNN targets are datastore rows with the
 same position numbers. The data order of every epoch is a permutation drawn from (seed, epoch), so
 a resumed run finds its place from the step count alone.
+
+Under torch.distributed (torchrun; memories.distributed) the model is wrapped in DDP and every flag keeps
+its one-process meaning: a micro-batch is still `batch_size` sequences of the same schedule, each rank
+taking a contiguous share of them, and each rank's loss is its share of the whole micro-batch's averages
+(memories.loss.BatchTotals), so the averaged gradients, the logged losses and hence the trajectory are
+those of one process up to float summation order (for a model without dropout: dropout masks would come
+from each rank's own RNG). Rank 0 alone writes checkpoints and the model; a checkpoint holds nothing of
+the world size, so a run resumes at any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -21,9 +30,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from memories import distributed
 from memories.config import ModelSpec, TrainConfig
 from memories.jsonfile import read_json, write_json
-from memories.loss import memory_loss
+from memories.loss import BatchTotals, memory_loss
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.models import (
     context_length,
@@ -244,11 +254,14 @@ class _Run:
     vocab_size: int  # len(tokenizer): logits beyond it are embedding padding
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+    ddp: torch.nn.Module | None = None  # the DDP wrapper of `model` under torch.distributed
     start_step: int = 0
     history: dict[str, list[float]] = field(default_factory=lambda: {"losses": [], "kl": [], "ce": []})
 
     def checkpoint(self, ckpt_dir: Path, step: int) -> None:
         assert self.optimizer is not None
+        if not distributed.world().is_main:  # every rank holds the same weights and optimizer state
+            return
         save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler,
                         {"run": self.identity, "step": step, **self.history})
 
@@ -286,15 +299,19 @@ def train(
     _run_steps(run, end_step, ckpt_dir, progress)
     steps_done = max(run.start_step, end_step)
     seconds = time.perf_counter() - started
+    main = distributed.world().is_main
     if steps_done < run.total:
         run.checkpoint(ckpt_dir, steps_done)
+        distributed.barrier("saving the training checkpoint")
         return TrainResult(out_dir, steps_done, run.total, False, run.history["losses"], seconds,
                            run.tokens_seen(steps_done))
-    _save(run, out_dir, tokenizer, manifest)
+    if main:
+        _save(run, out_dir, tokenizer, manifest)
     if keep_checkpoint:
         run.checkpoint(ckpt_dir, steps_done)
-    else:
+    elif main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier("saving the trained memory")
     return TrainResult(out_dir, steps_done, run.total, True, run.history["losses"], seconds,
                        run.tokens_seen(steps_done))
 
@@ -318,6 +335,10 @@ def _plan(
     model = init_model(init_from, spec, tokenizer, config.seed)
     data = TrainData(tokens, targets if config.beta > 0 else None, context_length(model, config.seq_len))
     schedule = Schedule(data.num_sequences, config.batch_size, config.seed)
+    w = distributed.world()
+    if schedule.batch_size < w.size:
+        raise TrainError(f"a micro-batch of {schedule.batch_size} sequences cannot be shared by {w.size} processes; "
+                         "raise --train-batch-size (it is the global batch) or launch fewer")
     total = config.max_steps or max(1, math.ceil(config.epochs * schedule.per_epoch / config.grad_accum))
     warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
     identity = {
@@ -345,6 +366,14 @@ def _start(run: _Run, found: Path | None) -> None:
         run.history = {"losses": saved["losses"], "kl": saved.get("kl", []), "ce": saved.get("ce", [])}
     move(run.model, run.device)
     run.model.train()
+    if distributed.world().distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP averages gradients over ranks; each rank's loss is scaled by the world size (in _step) so the
+        # average is the sum of the ranks' shares, i.e. the whole micro-batch's gradient.
+        on_gpu = run.device.type == "cuda"
+        ids = [run.device.index if run.device.index is not None else torch.cuda.current_device()] if on_gpu else None
+        run.ddp = DistributedDataParallel(run.model, device_ids=ids)
     run.optimizer = torch.optim.AdamW(_param_groups(run.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, _lr_lambda(run.total, run.warmup, config.min_lr_ratio)
@@ -358,23 +387,32 @@ def _start(run: _Run, found: Path | None) -> None:
 
 
 def _step(run: _Run, step: int) -> tuple[float, float, float]:
-    """One optimizer step over `grad_accum` micro-batches: (loss, kl, ce) averaged over them."""
+    """One optimizer step over `grad_accum` micro-batches: (loss, kl, ce) averaged over them (and over the
+    whole micro-batch when ranks share it)."""
     config, vocab = run.config, run.vocab_size
     assert run.optimizer is not None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    w = distributed.world()
     loss = kl = ce = 0.0
     for a in range(config.grad_accum):
-        micro = run.data.batch(run.schedule.micro_batch(step * config.grad_accum + a))
+        seqs = run.schedule.micro_batch(step * config.grad_accum + a)
+        micro = run.data.batch(np.array_split(seqs, w.size)[w.rank])  # this rank's contiguous share
         batch = {k: v.to(run.device) for k, v in micro.items()}
-        with autocast:
-            logits = run.model(input_ids=batch["input_ids"]).logits  # [B, L, V']
-        parts = memory_loss(
-            logits[..., :vocab], batch["labels"], batch.get("knn_ids"), batch.get("knn_probs"), config.beta
-        )
-        (parts.loss / config.grad_accum).backward()
+        totals = _totals(micro, len(seqs) * run.data.seq_len, run) if w.distributed else None
+        # DDP all-reduces the gradients at every backward unless told to wait for the last micro-batch.
+        wait = run.ddp is not None and a < config.grad_accum - 1
+        with run.ddp.no_sync() if wait else contextlib.nullcontext():  # type: ignore[union-attr,operator]
+            with autocast:
+                logits = (run.ddp or run.model)(input_ids=batch["input_ids"]).logits  # [B, L, V']
+            parts = memory_loss(logits[..., :vocab], batch["labels"], batch.get("knn_ids"), batch.get("knn_probs"),
+                                config.beta, totals)  # fmt: skip
+            (parts.loss * w.size / config.grad_accum).backward()
         loss += parts.loss.item() / config.grad_accum
         kl += parts.kl.item() / config.grad_accum
         ce += parts.ce.item() / config.grad_accum
+    if w.distributed:  # the ranks' shares summed: the whole micro-batches' values, as one process logs them
+        shares = torch.tensor([loss, kl, ce], dtype=torch.float64, device=_reduce_device(run))
+        loss, kl, ce = distributed.all_sum(shares, "training").cpu().tolist()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -382,10 +420,23 @@ def _step(run: _Run, step: int) -> tuple[float, float, float]:
     return loss, kl, ce
 
 
+def _totals(micro: dict[str, torch.Tensor], positions: int, run: _Run) -> BatchTotals:
+    """The whole micro-batch's counts, from this rank's share and the others' (one small all-reduce)."""
+    mine = (micro["knn_probs"].sum(-1) > 0).sum() if "knn_probs" in micro else torch.tensor(0)
+    with_target = distributed.all_sum(mine.to(_reduce_device(run), torch.float32), "training")
+    return BatchTotals(positions, with_target.to(run.device))
+
+
+def _reduce_device(run: _Run) -> torch.device:
+    """Where collectives on the default group run: NCCL takes CUDA tensors, gloo CPU ones."""
+    return run.device if run.device.type == "cuda" else torch.device("cpu")
+
+
 def _run_steps(run: _Run, end_step: int, ckpt_dir: Path, progress: bool) -> None:
     """Steps start_step..end_step, with a checkpoint every `save_every` steps."""
     history = run.history
-    bar = tqdm(total=run.total, initial=run.start_step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=run.total, initial=run.start_step, desc="train", unit="step",
+               disable=not (progress and distributed.world().is_main))
     running = history["losses"][-1] if history["losses"] else None
     for step in range(run.start_step, end_step):
         loss, kl, ce = _step(run, step)
