@@ -1,8 +1,8 @@
-"""Copy the recipe's final models into demo/ as float16 safetensors, with plots and results tables.
+"""Copy the recipe's memories into demo/ as float16 safetensors, with plots and results tables.
 
-Reads the recipe work dir (base, base-small, memories/<name>, loso/<domain>/without-<source>,
-eval-small/<name>, eval-specificity/<name>, eval-general) and writes
-<dest>/{tokenizer,base,base-small,memories/<name>,plots/<domain>.png,results.json,results.md}.
+Reads the recipe work dir (memories/<name>, loso/<domain>/without-<source>, eval-alpha-check/<domain>-<source>,
+eval-specificity/<name>, times.txt) and writes <dest>/{memories/<name>,plots/<domain>.png,results.json,results.md}.
+The base is not copied: it is the registry file pinned in <dest>/base.json.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from memories.manifest import Manifest, read_manifest, write_manifest
 
 MEMORIES = {"biomed": "biomedical", "legal": "legal", "finance": "finance"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "memdec.json", *TOKENIZER_FILES)
+GENERAL = "general"  # the specificity evaluation's general-text label (recipe.sh)
+BASE_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf (demo/base.json)"  # what the shipped manifests name as their base
 ROUTER_FILES = ("router.safetensors", "router.json")  # a memory's router (demo/routers.sh), when it has one
 
 
@@ -83,24 +84,22 @@ def _row(text: dict[str, Any], alpha: float) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Domain:
     """What the recipe left for one domain, read once: the shipped memory's manifest (its α and its
-    evaluation on the base), its evaluation on base-small, and the leave-one-source-out reports."""
+    evaluation on the base) and the leave-one-source-out reports."""
 
     name: str
     domain: str
     manifest: Manifest
-    small: dict[str, Any]
     folds: list[dict[str, Any]]
 
     @classmethod
     def read(cls, work: Path, name: str, domain: str) -> _Domain:
         folds = [read_json(p) for p in sorted((work / "loso" / domain).glob("without-*/evaluation.json"))]
-        return cls(name, domain, read_manifest(work / "memories" / name),
-                   read_json(work / "eval-small" / name / "evaluation.json"), folds)  # fmt: skip
+        return cls(name, domain, read_manifest(work / "memories" / name), folds)
 
 
 def _domain_results(work: Path, d: _Domain) -> dict[str, Any]:
     """Cross-source (each leave-one-source-out memory on the source it never saw, at the domain's α) and
-    in-source (the shipped memory on each of its sources, both bases) numbers of one domain."""
+    in-source (the shipped memory on each of its sources) numbers of one domain."""
     domain, alpha = d.domain, d.manifest.alpha
     cross, fold_in = [], []
     for rep in d.folds:
@@ -109,14 +108,19 @@ def _domain_results(work: Path, d: _Domain) -> dict[str, Any]:
             check = read_json(work / "eval-alpha-check" / f"{domain}-{t['label']}" / "evaluation.json")["texts"][0]
             cross.append({**_row(t, alpha), "fresh_text": _row(check, alpha)})
         fold_in += [_row(t, alpha) for t in rep["texts"] if t["kind"] == IN_SOURCE]
-    shipped, small = d.manifest.evaluation, d.small
     return {
-        "domain": domain, "alpha": alpha,
+        "domain": domain,
+        "alpha": alpha,
         "cross_source": cross,  # the held-out source of each leave-one-source-out memory
         "loso_in_source": fold_in,  # the same memories on their own source's valid text
-        "in_source": {"base": [_row(t, alpha) for t in shipped["texts"]],
-                      "base-small": [_row(t, alpha) for t in small["texts"]]},
-    }  # fmt: skip
+        "in_source": [_row(t, alpha) for t in d.manifest.evaluation["texts"]],
+    }
+
+
+def _stage_times(work: Path) -> list[str]:
+    """The recipe's `[time]` lines (seconds per stage), as it wrote them."""
+    path = work / "times.txt"
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 def _specificity(work: Path, name: str) -> list[dict[str, Any]]:
@@ -135,10 +139,9 @@ def _plot(d: _Domain, path: Path) -> None:
 
     domain, name, alpha = d.domain, d.name, d.manifest.alpha
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9), dpi=100, sharey=True)
-    for label, rep, style in (("base", d.manifest.evaluation, "-"), ("base-small", d.small, "--")):
-        for i, t in enumerate(rep["texts"]):
-            a, p = relative_curve(t)
-            left.plot(a, p, style, color=f"C{i}", marker="o", markersize=2.5, label=f"{t['label']}, {label} + {name}")
+    for i, t in enumerate(d.manifest.evaluation["texts"]):
+        a, p = relative_curve(t)
+        left.plot(a, p, color=f"C{i}", marker="o", markersize=2.5, label=f"{t['label']}, base + {name}")
     for fold in d.folds:
         for t in (t for t in fold["texts"] if t["kind"] == CROSS_SOURCE):
             a, p = relative_curve(t)
@@ -180,17 +183,9 @@ def main() -> None:
                 print(f"router of {name} copied into {dest / 'memories' / name}")
         return
     dest.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(work / "tokenizer", dest / "tokenizer")
-    params = {"base": _half(work / "base-f16", dest / "base"),
-              "base-small": _half(work / "base-small-f16", dest / "base-small")}
-    general = read_json(work / "eval-general" / "evaluation.json")["texts"][0]
-    results: dict[str, Any] = {
-        "general": {"base_ppl": general["base_ppl"], "base_small_ppl": general["memory_ppl"],
-                    "tokens_scored": general["tokens_scored"]},
-        "parameters": params,
-        "memories": {},
-        "specificity": {},
-    }
+    params: dict[str, int] = {}
+    results: dict[str, Any] = {"parameters": params, "memories": {}, "specificity": {}, "general": {},
+                               "stage_times": _stage_times(work)}  # fmt: skip
     (dest / "plots").mkdir(exist_ok=True)
     for name, domain in MEMORIES.items():
         d = _Domain.read(work, name, domain)
@@ -200,20 +195,22 @@ def main() -> None:
         # The manifest keeps where its α came from: the held-out sources of the leave-one-source-out builds.
         evaluation = {**_strip_files(manifest.evaluation),
                       "leave_one_source_out": results["memories"][name]["cross_source"]}
-        write_manifest(dest / "memories" / name, manifest.replace(base_model="demo/base", evaluation=evaluation))
+        write_manifest(dest / "memories" / name, manifest.replace(base_model=BASE_MODEL, evaluation=evaluation))
         _copy_router(work, work / "memories" / name, dest / "memories" / name)
-        results["specificity"][name] = _specificity(work, name)
+        rows = _specificity(work, name)
+        results["specificity"][name] = [r for r in rows if r["source"] != GENERAL]
+        results["general"][name] = next(r for r in rows if r["source"] == GENERAL)
         _plot(d, dest / "plots" / f"{domain}.png")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (dest / "results.md").write_text(tables(results), encoding="utf-8")
-    for top in ("tokenizer", "base", "base-small", "memories", "plots", "results.json", "results.md"):
+    for top in ("memories", "plots", "results.json", "results.md"):
         for f in [dest / top, *(dest / top).rglob("*")]:
             f.chmod(0o755 if f.is_dir() else 0o644)  # transformers may write weights as 0600
     print(tables(results))
 
 
 def _pct(x: float) -> str:
-    return f"{x:+.0f}%".replace("-", "−")
+    return f"{x:+.1f}%".replace("-", "−")  # a real base moves by a few percent: one decimal
 
 
 def tables(r: dict[str, Any]) -> str:
@@ -237,23 +234,19 @@ def tables(r: dict[str, Any]) -> str:
             out.append(f"| {m['domain']} | {row['source']} | {row['base_ppl']:.1f} | {row['memory_ppl']:.1f} "
                        f"| {row['mixture_ppl']:.1f} | {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
     out += ["", "### In-source: the shipped memories (every source of their domain) on each source's valid text", "",
-            "| memory | source | α | base | memory alone | base + memory | change | base-small | base-small + memory | change |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            "| memory | source | α | base | memory alone | base + memory | change | best α |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["memories"].items():
-        for b, s in zip(m["in_source"]["base"], m["in_source"]["base-small"], strict=True):
-            out.append(f"| {name} | {b['source']} | {m['alpha']:.2f} | {b['base_ppl']:.1f} | {b['memory_ppl']:.1f} "
-                       f"| **{b['mixture_ppl']:.1f}** | {_pct(b['change_pct'])} | {s['base_ppl']:.1f} "
-                       f"| **{s['mixture_ppl']:.1f}** | {_pct(s['change_pct'])} |")
-    out += ["", "### Specificity: each shipped memory at its α on the other domains' valid.txt", "",
-            "| memory | text | base | base + memory at α | change |", "|---|---|---:|---:|---:|"]
+        for row in m["in_source"]:
+            out.append(f"| {name} | {row['source']} | {m['alpha']:.2f} | {row['base_ppl']:.1f} | {row['memory_ppl']:.1f} "
+                       f"| **{row['mixture_ppl']:.1f}** | {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
+    out += ["", "### Specificity: each shipped memory at its α on the other domains' valid.txt, and on general text",
+            "", "| memory | text | base | base + memory at α | change |", "|---|---|---:|---:|---:|"]
     for name, rows in r["specificity"].items():
-        for row in rows:
+        for row in [*rows, r["general"][name]]:
             out.append(f"| {name} | {row['source']} | {row['base_ppl']:.1f} | {row['mixture_ppl']:.1f} "
                        f"| {_pct(row['change_pct'])} |")
-    g, p = r["general"], r["parameters"]
-    out += ["", f"General text (general/valid.txt, {g['tokens_scored']} tokens): base {g['base_ppl']:.1f}, "
-                f"base-small {g['base_small_ppl']:.1f}.",
-            "Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in p.items()) + "."]  # fmt: skip
+    out += ["", "Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in r["parameters"].items()) + "."]
     return "\n".join(out) + "\n"
 
 

@@ -20,9 +20,10 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 DATA=${MEMDEC_DATA:-$(cd "$REPO/.." && pwd)/shared/data}
 WORK=${MEMDEC_DEMO_WORK:-$(cd "$REPO/.." && pwd)/runs/demo-recipe}
 MEMDEC=${MEMDEC:-$REPO/.venv/bin/memdec}
+BASE=${BASE:-$("${PY:-$REPO/.venv/bin/python}" -m server.demo locate --demo "$REPO/demo")}  # the demo base (GGUF)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-FIT_TOKENS=${FIT_TOKENS:-60000}       # fitting tokens (the held-out source's valid lines; the last 20% select)
-ROUTER_EVAL_TOKENS=${ROUTER_EVAL_TOKENS:-20000}  # tokens of each evaluation text
+FIT_TOKENS=${FIT_TOKENS:-20000}       # fitting tokens (the held-out source's valid lines; the last 20% select)
+ROUTER_EVAL_TOKENS=${ROUTER_EVAL_TOKENS:-5000}  # tokens of each evaluation text
 ROUTER_CONTEXT=${ROUTER_CONTEXT:-1}
 context_args=(); [ "$ROUTER_CONTEXT" = 1 ] || context_args=(--no-context)
 declare -A NAME=([biomedical]=biomed [legal]=legal [finance]=finance)
@@ -45,14 +46,14 @@ for domain in "${domains[@]}"; do
     [ -f "$fold/model.safetensors" ] || continue
     first=${first:-$fold}
     fresh "$fold" "$fold/model.safetensors" && { echo "[memdec] router $domain without $src: up to date"; continue; }
-    "$MEMDEC" memory router --memory "$fold" --base "$WORK/base-f16" --text "$src=$WORK/data/$domain/valid/$src.txt" \
+    "$MEMDEC" memory router --memory "$fold" --base "$BASE" --text "$src=$WORK/data/$domain/valid/$src.txt" \
       --max-tokens "$FIT_TOKENS" --eval-text "$src-train=$WORK/data/$domain/train/$src.txt" "${others[@]}" \
       --eval-max-tokens "$ROUTER_EVAL_TOKENS" --report-dir "$WORK/routers/$domain-without-$src" --quiet "${context_args[@]}"
   done
   [ -n "$first" ] || { echo "routers: $domain has no leave-one-source-out memory" >&2; exit 2; }
   shipped=$WORK/memories/$name
   fresh "$shipped" "$first/router.safetensors" && { echo "[memdec] router $name: up to date"; continue; }
-  "$MEMDEC" memory router --memory "$shipped" --base "$WORK/base-f16" --from "$first" \
+  "$MEMDEC" memory router --memory "$shipped" --base "$BASE" --from "$first" \
     --eval-text "$domain-in-source=$DATA/$domain/valid.txt" "${others[@]}" --eval-max-tokens "$ROUTER_EVAL_TOKENS" \
     --report-dir "$WORK/routers/$name" --quiet
 done
