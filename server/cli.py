@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from memories.mixing import check_alpha
+from memories.quantize import SCHEMES as QUANTIZATION_SCHEMES
 from server.config import (
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPES,
@@ -143,6 +144,10 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=_port, default=defaults.port)
     p.add_argument("--dtype", choices=DTYPES, default=defaults.model.dtype, help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", default=defaults.model.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--quantization", "-q", choices=QUANTIZATION_SCHEMES, default=defaults.model.quantization,
+                   help="weight-only quantization of the base's and every memory's linear layers on a CPU (vLLM's "
+                        "flag): int4 or int8 with bfloat16 activations; auto: a GGUF base in its file's precision "
+                        "(Q4_* -> int4, Q8_0 -> int8), anything else unquantized; none: the --dtype weights")
     p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
                    help="tokens per engine step (decode rows first, then prompt chunks); with chunked prefill a "
@@ -215,7 +220,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     apply_demo_defaults(args)
     memory_root = args.memory_root.resolve() if args.memory_root is not None else None
     return ServerConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer),
+        model=ModelConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            tokenizer=args.tokenizer,
+            quantization=args.quantization,
+        ),
         engine=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -14,6 +14,7 @@ from typing import Any
 
 from memories.config import DTYPE_CHOICES as DTYPES
 from memories.mixing import check_alpha
+from memories.quantize import SCHEMES as QUANTIZATION_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,15 @@ class ModelConfig:
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA when supported
     device: str = "auto"  # auto = cuda when available
     tokenizer: str | None = None  # where the tokenizer comes from instead of `model` (vLLM's --tokenizer)
+    # Weight-only quantization on a CPU (vLLM's --quantization; memories.quantize): auto = a GGUF base in its
+    # file's precision (Q4_* → int4, Q8_0 → int8), anything else unquantized. Memories follow the base's scheme.
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION_SCHEMES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_SCHEMES}, got {self.quantization!r}")
 
 
 MAX_SPECULATIVE_TOKENS = 16  # past this a round's verify costs more than any acceptance rate repays

@@ -24,6 +24,7 @@ from memories.models import (
     resolve_source,
 )
 from memories.models import load_causal_lm as _load_model
+from memories.quantize import QuantizationError, auto_scheme, check_scheme, quantize_model
 from server.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     weights_format: str = "safetensors"  # or "gguf" (then dequantized to `dtype` at load)
     quantization: str | None = None  # a GGUF file's type (Q4_1, Q8_0, F16 …): what the weights were stored as
+    # What the linear layers run in when serving (memories.quantize): "int8", "int4", or None (`dtype`).
+    serving_quantization: str | None = None
     # Rank 0's handle on the other tensor-parallel ranks when the base is sharded (`server/tp.py`); None otherwise.
     tensor_parallel: ShardedBase | None = None
 
@@ -58,26 +61,40 @@ def load_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     max_model_len: int | None = None,
     sharded: bool = False,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load for serving with `tokenizer` (the base's): its output layer must cover the vocabulary.
-    `sharded`: this process's tensor-parallel share (torch.distributed is initialised; `load_sharded`)."""
+    `sharded`: this process's tensor-parallel share (torch.distributed is initialised; `load_sharded`).
+    `quantization`: a scheme of `memories.quantize` ("auto" resolves from the file and the device)."""
+    gguf = inspect_gguf(path) if is_gguf_path(path) else None
+    scheme = auto_scheme(device, gguf.quantization if gguf else None) if quantization == "auto" else quantization
+    try:
+        check_scheme(scheme, device)
+    except QuantizationError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    if sharded and scheme != "none":
+        raise ModelLoadError(f"{path}: --quantization {scheme} runs on one CPU; tensor parallelism shards float weights")
     model = load_sharded(path, dtype) if sharded else _load_model(path, device, dtype)
     model.requires_grad_(False)
     vocab = len(tokenizer)
     check_vocab(model, vocab, path)
-    gguf = inspect_gguf(path) if is_gguf_path(path) else None
+    num_parameters = sum(p.numel() for p in model.parameters())  # counted before packing changes the tensors
+    if scheme != "none":
+        summary = quantize_model(model, scheme)
+        log.info("%s: %s", path, summary.describe())
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name_or_path=path,
         vocab_size=vocab,
         max_model_len=context_length(model, max_model_len),
-        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_parameters=num_parameters,
         device=device,
         dtype=dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),
         weights_format="gguf" if gguf else "safetensors",
         quantization=gguf.quantization if gguf else None,
+        serving_quantization=None if scheme == "none" else scheme,
     )
 
 
@@ -107,9 +124,12 @@ def load_base(cfg: ModelConfig, max_model_len: int | None = None, sharded: bool 
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    loaded = load_causal_lm(cfg.model, device, dtype, tokenizer, max_model_len, sharded=sharded)
+    loaded = load_causal_lm(
+        cfg.model, device, dtype, tokenizer, max_model_len, sharded=sharded, quantization=cfg.quantization
+    )
     log.info(
-        "base %s: %.1fM params, vocab %d, context %d, %s on %s",
+        "base %s: %.1fM params, vocab %d, context %d, %s on %s%s",
         cfg.model, loaded.num_parameters / 1e6, loaded.vocab_size, loaded.max_model_len, dtype, device,
-    )  # fmt: skip
+        f", {loaded.serving_quantization} weights" if loaded.serving_quantization else "",
+    )  # fmt: skip - one line per log argument would hide the message
     return loaded

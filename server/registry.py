@@ -65,6 +65,7 @@ class MemoryInfo:
     router: bool = False  # it ships a learned per-token router: requests may ask for "alpha": "auto"
     weights_format: str = "safetensors"  # or "gguf"
     quantization: str | None = None  # a GGUF file's type
+    serving_quantization: str | None = None  # "int8" / "int4" when its linear layers run quantized
 
 
 @dataclass
@@ -154,7 +155,11 @@ class MemoryRegistry:
                 raise MemoryLoadError(str(exc), param="path") from exc
         verified = self._check_tokenizer(name, path, directory, manifest.tokenizer_fingerprint if manifest else None)
         try:
-            loaded = load_causal_lm(str(directory), self.base.device, self.base.dtype, self.base.tokenizer)
+            # A memory runs in the base's scheme: one `--quantization` says how the whole server computes.
+            scheme = self.base.serving_quantization or "none"
+            loaded = load_causal_lm(
+                str(directory), self.base.device, self.base.dtype, self.base.tokenizer, quantization=scheme
+            )
         except VocabularyError as exc:
             raise self._mismatch(name, path, str(exc).split(": ", 1)[-1]) from exc
         except PickledWeightsError as exc:
@@ -187,6 +192,7 @@ class MemoryRegistry:
             router=router is not None,
             weights_format=loaded.weights_format,
             quantization=loaded.quantization,
+            serving_quantization=loaded.serving_quantization,
         )
         return _Entry(info=info, loaded=loaded, router=router)
 

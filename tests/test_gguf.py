@@ -17,14 +17,17 @@ from transformers import AutoTokenizer
 from memories.cli import main as memory_main
 from memories.manifest import read_manifest, tokenizer_fingerprint
 from memories.models import ModelLoadError, load_causal_lm, load_tokenizer, resolve_source
+from memories.quantize import Int4Linear, Int8Linear, quantize_model
 from server import cli
 from server.config import ModelConfig
 from server.loader import load_base
+from server.registry import MemoryRegistry
 from testkit.gguf import write_gguf
 from testkit.models import CHAT_TEMPLATE, build_model
 from testkit.server import free_port
 from testkit.text import sample_text
 from tests.api_harness import ids_of, load_hf
+from tests.engine_helpers import engine_for, greedy, run, tokens_of
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_1")
 PROMPT = "The committee expects"
@@ -125,6 +128,27 @@ def test_loaded_base_reports_the_weights_format_and_quantization(g, zoo):
     assert (plain.weights_format, plain.quantization) == ("safetensors", None)
 
 
+@pytest.mark.parametrize(("qtype", "scheme"), [("Q4_1", "int4"), ("Q8_0", "int8"), ("F16", None)])
+def test_a_gguf_base_on_a_cpu_runs_in_its_files_precision_by_default(g, zoo, qtype, scheme):
+    """`--quantization auto` (the default): a 4-bit file serves int4, an 8-bit one int8, F16 its dtype; served
+    greedy tokens equal HF generate on the weights as stored, quantized the same way (the same kernels)."""
+    base = load_base(ModelConfig(str(g.base[qtype])))
+    assert base.serving_quantization == scheme
+    reference = as_stored(zoo.llama_base, qtype)
+    stored_q = reference.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    if scheme is not None:
+        quantize_model(reference, scheme)
+        layer = base.model.model.layers[0].self_attn.q_proj
+        assert isinstance(layer, Int4Linear if scheme == "int4" else Int8Linear)
+        # Q4_1 blocks re-quantize onto their own grid: only the bfloat16 scale and zero round (≤ 2^-8 relative).
+        if scheme == "int4":
+            assert (layer.weight - stored_q).abs().max().item() <= 2**-7 * stored_q.abs().max().item()
+    ids = g.tok(PROMPT)["input_ids"]
+    expected = hf_greedy(reference, ids, 12, g.tok.eos_token_id)
+    out = run(engine_for((base, MemoryRegistry(base)), block_size=4), [greedy("r", tuple(ids), n=12)])
+    assert tokens_of(out["r"]) == expected
+
+
 def test_gguf_tokenizer_encodes_and_decodes_like_the_source(g):
     mine = load_tokenizer(g.base["F32"])
     assert tokenizer_fingerprint(mine) == tokenizer_fingerprint(g.tok) and len(mine) == len(g.tok)
@@ -185,8 +209,10 @@ def test_serve_with_a_broken_gguf_exits_2_with_one_line_naming_the_file(g, kind,
 
 @pytest.fixture(scope="module")
 def served(g, live_server):
-    """`memdec serve` on the Q8_0 file with the chat template, hot-loading allowed."""
-    with live_server("gguf", ["--model", str(g.chat), "--served-model-name", "tiny", "--enable-admin"]) as s:
+    """`memdec serve` on the Q8_0 file with the chat template, hot-loading allowed; `--quantization none`: the
+    file's weights dequantized to float32 (what the references below compute with)."""
+    args = ["--model", str(g.chat), "--served-model-name", "tiny", "--enable-admin", "--quantization", "none"]
+    with live_server("gguf", args) as s:
         yield s
 
 

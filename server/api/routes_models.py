@@ -30,6 +30,7 @@ def base_card(serving: Serving) -> dict[str, Any]:
         max_model_len=serving.context_of(None),
         format=serving.base.weights_format,
         quantization=serving.base.quantization,
+        serving_quantization=serving.base.serving_quantization,
     ).model_dump()
 
 
@@ -48,6 +49,7 @@ def memory_card(serving: Serving, info: MemoryInfo) -> dict[str, Any]:
         router=info.router,
         format=info.weights_format,
         quantization=info.quantization,
+        serving_quantization=info.serving_quantization,
     ).model_dump()
 
 

@@ -439,8 +439,12 @@ class ModelCard(BaseModel):
     )
     format: str = Field(default="safetensors", description='How the weights were stored: "safetensors" or "gguf".')
     quantization: str | None = Field(
-        default=None, description="A GGUF file's quantization type (Q4_1, Q8_0, F16 …); its weights are dequantized "
-        "to the serving dtype.",
+        default=None, description="A GGUF file's quantization type (Q4_1, Q8_0, F16 …): how the weights were "
+        "stored. They are dequantized at load, then run as `serving_quantization` says.",
+    )
+    serving_quantization: str | None = Field(
+        default=None, description='What the linear layers compute in (`--quantization`): "int4" or "int8" '
+        "weight-only with bfloat16 activations, or null (the serving dtype).",
     )
 
 
