@@ -40,10 +40,10 @@ def decode_step_time(engine: Engine, batch: int, tokens: int, memory: str | None
 
 
 def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], tokens: int, repeats: int) -> list[dict]:
-    base = load_base(ModelConfig(base_path))
+    base = load_base(ModelConfig(base_path, quantization="none"))  # float, as the transformers references
     registry = MemoryRegistry(base)
     registry.load("mem", mem_path)
-    mem_as_base = load_base(ModelConfig(mem_path))
+    mem_as_base = load_base(ModelConfig(mem_path, quantization="none"))
     cfg = EngineConfig(max_num_seqs=max(batches))
     engines = {
         "base": Engine(base, registry, cfg),

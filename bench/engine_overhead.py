@@ -116,7 +116,7 @@ class BareForward:
 
 
 def overhead_rows(label: str, base_path: str, mem_path: str, batches: list[int], steps: int) -> list[dict]:
-    base = load_base(ModelConfig(base_path))
+    base = load_base(ModelConfig(base_path, quantization="none"))  # float, as the transformers references
     registry = MemoryRegistry(base)
     registry.load("mem", mem_path)
     rows = []
@@ -153,7 +153,7 @@ def overhead_rows(label: str, base_path: str, mem_path: str, batches: list[int],
 
 
 def join_leave_rows(base_path: str, mem_path: str, contexts: list[int], repeats: int = 5) -> list[dict]:
-    base = load_base(ModelConfig(base_path))
+    base = load_base(ModelConfig(base_path, quantization="none"))  # float, as the transformers references
     registry = MemoryRegistry(base)
     registry.load("mem", mem_path)
     rows = []

@@ -33,7 +33,7 @@ def ttft(engine: Engine, prompt_len: int, memory: str | None, r: int) -> float:
 
 
 def bench(label: str, base_path: str, mem_path: str, prompt_len: int, repeats: int) -> dict:
-    base = load_base(ModelConfig(base_path))
+    base = load_base(ModelConfig(base_path, quantization="none"))  # float, as the transformers references
     registry = MemoryRegistry(base)
     registry.load("mem", mem_path)
     mem_alone = load_base(ModelConfig(mem_path))

@@ -60,12 +60,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", default="biomed")
+    # none: the float32 weights docs/performance.md's table was measured with (bench/cpu_peer.py compares schemes).
+    p.add_argument("--quantization", default="none", choices=["auto", "none", "int8", "int4"])
     a = p.parse_args()
     path = demo_base_path()
     if path is None:
         raise SystemExit(2)
     batches = [int(b) for b in a.batch.split(",")]
-    base = load_base(ModelConfig(path))
+    base = load_base(ModelConfig(path, quantization=a.quantization))
     registry = MemoryRegistry(base)
     info = registry.load(a.memory, str(DEMO / "memories" / a.memory))
     alpha = info.alpha
