@@ -17,6 +17,7 @@ import time
 import torch
 
 from bench.common import model_sets, write_result
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -29,7 +30,7 @@ def decode_step_time(engine: Engine, batch: int, tokens: int, memory: str | None
     prompt = tuple(range(5, 37))
     for b in range(batch):
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        engine.add_request(GenerationRequest(f"r{b}", prompt, params, memory, alpha))
+        engine.add_request(GenerationRequest(f"r{b}", prompt, params, Mixture.single(memory, alpha)))
     engine.step()  # prefill
     t0 = time.perf_counter()
     steps = 0

@@ -33,6 +33,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from bench.common import DEMO, demo_base_path, write_result
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base, load_tokenizer
@@ -91,7 +92,7 @@ def model_sets(labels: str, root: Path):
 
 def request(rid: str, prompt_len: int, tokens: int, memory: str | None = "mem") -> GenerationRequest:
     prompt = tuple(range(5, 5 + prompt_len))
-    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), memory, 0.6)
+    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), Mixture.single(memory, 0.6))
 
 
 class BareForward:

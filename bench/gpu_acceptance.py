@@ -56,7 +56,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from bench.common import demo_base_path
 from bench.speculative import SpecCounts, domain_prompts
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
-from memories.mixing import mix_logprobs
+from memories.mixing import Mixture, mix_logprobs
 from memories.router import DEFAULT_CONTEXT_DECAYS, Router, RouterConfig, save_router
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
@@ -158,7 +158,7 @@ def drive(engine: Engine, requests: list[GenerationRequest], join: dict[int, lis
 
 
 def greedy(rid: str, prompt: tuple[int, ...], n: int, memory: str | None, alpha: float, **kw) -> GenerationRequest:
-    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
+    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), Mixture.single(memory, alpha))
 
 
 # -- (a) churn -----------------------------------------------------------------------------------------
@@ -270,10 +270,10 @@ def mixed_batch(vocab: int, batch: int, n: int, prompt_len: int = 100) -> list[G
         prompt = tuple((13 * i + 7 * t) % (vocab - 10) + 5 for t in range(prompt_len))
         if i % 3 == 2:  # sampled, with top-p and log-probs
             params = SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True, logprobs=5)
-            reqs.append(GenerationRequest(f"s{i}", prompt, params, "memory", 0.6))
+            reqs.append(GenerationRequest(f"s{i}", prompt, params, Mixture.one("memory", 0.6)))
         elif i == 1:  # "alpha": "auto" with a context router: its EMAs advance on the device every step
             params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=5)
-            reqs.append(GenerationRequest(f"r{i}", prompt, params, "memory", routed=True))
+            reqs.append(GenerationRequest(f"r{i}", prompt, params, Mixture.auto("memory")))
         else:
             reqs.append(greedy(f"g{i}", prompt, n, "memory" if i % 3 == 0 else None, 0.6))
     return reqs
@@ -416,7 +416,7 @@ def bf16_errors(base_dir: str, memories: dict[str, str], device: str, requests: 
             got = torch.full((vocab,), float("-inf"), device=device)
             ids, vals = zip(*lp.top, strict=True)
             got[list(ids)] = torch.tensor(vals, device=device)
-            ref = _reference_logp(ref_base.model, ref_mems[r.memory], context, r.alpha, vocab, device)
+            ref = _reference_logp(ref_base.model, ref_mems[r.mixture.names[0]], context, r.mixture.terms[0].alpha, vocab, device)
             tv.append(0.5 * (got.exp() - ref.exp()).abs().sum().item())
             top = ref.topk(5).indices
             top_err.append((got[top] - ref[top]).abs().max().item())
@@ -552,7 +552,7 @@ def demo_acceptance(device: str) -> dict:
         engine = Engine(base, registry, EngineConfig(max_num_seqs=8, speculative_tokens=1, speculative_adaptive=False,
                                                      num_gpu_blocks_override=1025), observer=counts)  # fmt: skip
         reqs = [GenerationRequest(f"a{i}", p, SamplingParams(max_tokens=64, temperature=temperature, seed=i, ignore_eos=True),
-                                  "biomed", 0.6) for i, p in enumerate(prompts)]  # fmt: skip
+                                  Mixture.one("biomed", 0.6)) for i, p in enumerate(prompts)]  # fmt: skip
         drive(engine, reqs)
         out[mode] = counts.accepted / max(1, counts.drafted)
     return out

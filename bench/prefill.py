@@ -15,6 +15,7 @@ import statistics
 import time
 
 from bench.common import model_sets, write_result
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -25,7 +26,7 @@ from server.request import GenerationRequest, SamplingParams
 def ttft(engine: Engine, prompt_len: int, memory: str | None, r: int) -> float:
     """Seconds from adding one prompt to its first token, on an idle engine."""
     prompt = tuple((7 * i + r) % 300 + 1 for i in range(prompt_len))
-    engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0), memory, 0.6 if memory else 0.0))
+    engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0), Mixture.single(memory, 0.6)))
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()

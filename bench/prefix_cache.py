@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from bench.common import model_sets, write_result
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -40,7 +41,7 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
 
 def _ttft(engine: Engine, rid: str, ids: tuple[int, ...]) -> float:
     """Seconds from adding one request (memory, one token) to an idle engine to its first token."""
-    engine.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0.0), "mem", ALPHA))
+    engine.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0.0), Mixture.one("mem", ALPHA)))
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -87,7 +88,7 @@ def _arrival(engine: Engine, r: int, streams: int, long_prompt: int, steady_step
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     ids = [f"s{r}-{i}" for i in range(streams)]
     for rid in ids:
-        engine.add_request(GenerationRequest(rid, _tokens(rng, 32, vocab), params, "mem", ALPHA))
+        engine.add_request(GenerationRequest(rid, _tokens(rng, 32, vocab), params, Mixture.one("mem", ALPHA)))
     last: dict[str, float] = {}
     before: list[float] = []
     during: list[float] = []
@@ -107,7 +108,7 @@ def _arrival(engine: Engine, r: int, streams: int, long_prompt: int, steady_step
         step(before)
     long_id = f"long{r}"
     engine.add_request(GenerationRequest(long_id, _tokens(rng, long_prompt, vocab), SamplingParams(max_tokens=1, temperature=0.0),
-                                         "mem", ALPHA))  # fmt: skip
+                                         Mixture.one("mem", ALPHA)))  # fmt: skip
     steps = 0
     while True:  # from its arrival to its first token
         steps += 1

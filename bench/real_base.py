@@ -20,6 +20,7 @@ import torch
 
 from bench.common import DEMO, demo_base_path, write_result
 from bench.speculative import decode_seconds, domain_prompts
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import LoadedModel, load_base
@@ -45,7 +46,7 @@ def generate_seconds(base: LoadedModel, prompts: list[tuple[int, ...]], tokens: 
 
 
 def ttft_seconds(engine: Engine, prompt: tuple[int, ...], memory: str | None, alpha: float) -> float:
-    engine.add_request(GenerationRequest("ttft", prompt, SamplingParams(max_tokens=1, temperature=0.0), memory, alpha))
+    engine.add_request(GenerationRequest("ttft", prompt, SamplingParams(max_tokens=1, temperature=0.0), Mixture.single(memory, alpha)))
     t0 = time.perf_counter()
     engine.step()
     took = time.perf_counter() - t0

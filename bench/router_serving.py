@@ -15,6 +15,7 @@ import math
 import sys
 
 from memories.corpus import tokenize_corpus
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -28,7 +29,7 @@ def main(memory: str, base_dir: str, text: str, label: str, report: str) -> None
     registry.load("m", memory)
     tokens, _ = tokenize_corpus(base.tokenizer, text, 20000, progress=False)
     engine = Engine(base, registry, EngineConfig())
-    engine.add_perplexity(PerplexityRequest("p", (tuple(int(t) for t in tokens),), memory="m", routed=True,
+    engine.add_perplexity(PerplexityRequest("p", (tuple(int(t) for t in tokens),), (Mixture.auto("m"),),
                                             context_length=512, stride=256))  # fmt: skip
     while not (result := engine.step()).jobs:
         pass

@@ -25,6 +25,7 @@ from collections import Counter
 import torch
 
 from bench.common import DEMO, ROOT, demo_base_path, write_result
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.loader import load_base
@@ -84,7 +85,7 @@ def decode_seconds(engine: Engine, prompts: list[tuple[int, ...]], tokens: int, 
     """(wall, CPU) seconds to decode `tokens` − 1 tokens per sequence after the prefill (which makes the first)."""
     for i, p in enumerate(prompts):
         params = SamplingParams(max_tokens=tokens, temperature=temperature, seed=i, ignore_eos=True)
-        engine.add_request(GenerationRequest(f"r{i}", p, params, memory, alpha))
+        engine.add_request(GenerationRequest(f"r{i}", p, params, Mixture.single(memory, alpha)))
     engine.step()  # prefill
     t0, c0 = time.perf_counter(), time.process_time()
     while engine.has_unfinished():

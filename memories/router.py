@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memories.mixing import Part, apply
+
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router.json"
 ROUTER_VERSION = 1
@@ -189,29 +191,29 @@ class Router(nn.Module):
         log_a, log_1ma = self.log_weights(base_logp, mem_logp, context)
         base_t = base_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         mem_t = mem_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return base_t, mem_t, torch.logaddexp(log_a + mem_t, log_1ma + base_t), log_a.exp()
+        return base_t, mem_t, apply(base_t, [Part(mem_t, log_a, log_1ma)]), log_a.exp()
 
 
-def routed_mix(router: Router, base_logp: torch.Tensor, mem_logp: torch.Tensor, weighted: torch.Tensor | None = None,
-               routed: torch.Tensor | None = None, fixed_log_alpha: torch.Tensor | None = None,
-               context: torch.Tensor | None = None) -> torch.Tensor:
-    """The mixture's log-distribution [..., V] with the router's α_t at every position, from both models' log-
-    distributions [..., V]. The engine's form: `weighted` is the mixture so far (the base's log-probs already
-    weighted, for rows whose α is fixed) and `routed` [..., 1] (bool) picks the rows that use the router; the
-    others get `fixed_log_alpha` [..., 1], so one call serves a whole memory group. `context`: the rows' context
-    features (`Router.log_weights`), for a router that reads them."""
+def routed_part(router: Router, base_logp: torch.Tensor, mem_logp: torch.Tensor, context: torch.Tensor | None = None,
+                routed: torch.Tensor | None = None, fixed_log_alpha: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> Part:  # fmt: skip
+    """The memory's `Part` of a mixture with the router's α_t at every position, from both models' log-
+    distributions [..., V] (the base's own, not the mixture so far: the router reads the two models). `routed`
+    [..., 1] (bool) picks the rows that use the router, the others keep `fixed_log_alpha` [..., 1] and a base that
+    `apply` weighted already, so one part serves a whole memory group of the engine. `context`: the rows' context
+    features (`Router.log_weights`), for a router that reads them; `rows`: the batch rows (`Part.rows`)."""
     log_a, log_1ma = (t.unsqueeze(-1) for t in router.log_weights(base_logp, mem_logp, context))  # [..., 1]
     if routed is not None:
-        assert weighted is not None and fixed_log_alpha is not None
+        assert fixed_log_alpha is not None
         log_a = torch.where(routed, log_a, fixed_log_alpha)
         log_1ma = torch.where(routed, log_1ma, torch.zeros_like(log_1ma))  # fixed rows: base already weighted
-    return torch.logaddexp(log_1ma + (base_logp if weighted is None else weighted), log_a + mem_logp)
+    return Part(mem_logp, log_a, log_1ma, rows)
 
 
 def mixture_nll(z: torch.Tensor, base_t: torch.Tensor, mem_t: torch.Tensor) -> torch.Tensor:
     """Mean −log(σ(z)·p_mem(y) + σ(−z)·p_base(y)) from router logits and the targets' log-probs: the objective."""
     ls = nn.functional.logsigmoid
-    return -torch.logaddexp(ls(z) + mem_t, ls(-z) + base_t).mean()
+    return -apply(base_t, [Part(mem_t, ls(z), ls(-z))]).mean()
 
 
 # ---------------------------------------------------------------- files

@@ -17,6 +17,7 @@ accepted prefix plus one token (`_speculative_step`); still one `fetch`. Rows wi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,8 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from memories.mixing import memory_logprobs, mix_many, mix_terms
-from memories.router import advantage_emas, routed_mix
+from memories.mixing import Part, apply, base_weight, memory_logprobs, no_router
+from memories.router import advantage_emas, routed_part
 from server.config import EngineConfig
 from server.context import ContextState, prompt_targets, target_logprobs
 from server.errors import InvalidRequestError, NotFoundError
@@ -47,7 +48,7 @@ from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
 from server.sequence import MemoryUse, Sequence
 from server.speculative import ROW_DECAY, SpeculationController
 from server.transfer import fetch
-from server.validation import request_context, validate_generation, validate_perplexity
+from server.validation import mixture_errors, request_context, validate_generation, validate_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +137,18 @@ class _Round:
     logprobs: dict[tuple[int, int], TokenLogprob]  # (row, position) -> log-prob and top alternatives
 
 
-def no_router_message(name: str) -> str:
-    return (f"memory {name!r} has no router: \"alpha\": \"auto\" needs one (fit it with `memdec memory router`); "
-            "give a number instead")
-
-
-def _mix_group(g: MemoryGroup, mixed: torch.Tensor, base_lp: torch.Tensor, mem_lp: torch.Tensor,
-               context: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Add one memory group's share to its rows' mixture so far ([b, V], or [b, T, V] in a round): αᵢ·pᵢ at each
-    row's fixed α, or, for `"alpha": "auto"` rows, α_t from the memory's router on the base's own log-probs
-    `base_lp` and the memory's (one batched call for the whole group; their base weight is 1 so far), and the
+def _group_part(g: MemoryGroup, base_lp: torch.Tensor, mem_lp: torch.Tensor, context: torch.Tensor | None = None) -> Part:
+    """One memory group's `Part` of its rows' mixture ([b, V], or [b, T, V] in a round): αᵢ·pᵢ at each row's
+    fixed α, or, for `"alpha": "auto"` rows, α_t from the memory's router on the base's own log-probs `base_lp`
+    [B, ...] and the memory's (one batched call for the whole group; their base weight is 1 so far), and the
     rows' context features [b, K] when the router reads them (`ContextState`)."""
     log_alpha = g.log_alpha.view(-1, *([1] * (mem_lp.dim() - 1)))  # [b, 1] or [b, 1, 1]
+    rows = None if g.whole_batch else g.rows_dev
     if g.router is None:
-        return mix_terms(mixed, mem_lp, log_alpha)
+        return Part(mem_lp, log_alpha, rows=rows)
     routed = g.routed.view_as(log_alpha) if g.routed is not None else None
-    return routed_mix(g.router, base_lp, mem_lp, mixed, routed, log_alpha if routed is not None else None, context)
+    base_rows = base_lp if rows is None else base_lp.index_select(0, rows)
+    return routed_part(g.router, base_rows, mem_lp, context, routed, log_alpha if routed is not None else None, rows)
 
 
 class Engine:
@@ -211,12 +208,13 @@ class Engine:
         return sizes
 
     def validate(self, request: GenerationRequest) -> None:
-        """Raise the client's mistake as a 4xx error; nothing is queued or acquired."""
+        """Raise the client's mistake as a 4xx error; nothing is queued or acquired. The mixture itself was
+        checked when it was built (`Mixture`): here only what it needs of the registry and the cache."""
         memory_len, memories = None, []
-        for name, alpha, _ in request.mixture:
-            memory_len = min(memory_len or self.max_model_len, self.registry.get(name).max_model_len)  # NotFoundError when unknown
-            if alpha > 0.0 or request.routed:
-                memories.append(self.registry.loaded(name))
+        for term in request.mixture.terms:
+            memory_len = min(memory_len or self.max_model_len, self.registry.get(term.memory).max_model_len)  # NotFoundError when unknown
+            if term in request.mixture.active:
+                memories.append(self.registry.loaded(term.memory))
         validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
         total = len(request.prompt_token_ids) + request.params.max_tokens
         pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memories))
@@ -233,17 +231,17 @@ class Engine:
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         self.validate(request)
-        uses: list[MemoryUse] = []  # every memory it mixes in (α > 0), each held until the sequence retires
+        uses: list[MemoryUse] = []  # the mixture's active terms, bound: each model held until the sequence retires
         try:
-            for name, alpha, temperature in request.mixture:
-                if alpha > 0.0 or request.routed:
-                    memory = self.registry.acquire(name)  # NotFoundError when unknown or retiring
-                    router = self.registry.router(name) if request.routed else None
-                    if request.routed and router is None:
-                        self.registry.release(name)
-                        raise InvalidRequestError(no_router_message(name), param="alpha", code="memory_has_no_router")
-                    uses.append(MemoryUse(name, memory, 0.0 if request.routed else alpha, temperature, router))
-                    self.prepare_memory(name, memory)  # normally done when it was loaded
+            for term in request.mixture.active:
+                memory = self.registry.acquire(term.memory)  # NotFoundError when unknown or retiring
+                router = self.registry.router(term.memory) if term.routed else None
+                if term.routed and router is None:
+                    self.registry.release(term.memory)
+                    with mixture_errors():
+                        raise no_router(term.memory)
+                uses.append(MemoryUse(term.memory, memory, term.alpha or 0.0, term.temperature, router))
+                self.prepare_memory(term.memory, memory)  # normally done when it was loaded
         except Exception:
             for use in uses:
                 self.registry.release(use.name)
@@ -268,7 +266,8 @@ class Engine:
             context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
             router = self.registry.router(held[0]) if request.routed else None
             if request.routed and router is None:
-                raise InvalidRequestError(no_router_message(held[0]), param="alpha", code="memory_has_no_router")
+                with mixture_errors():
+                    raise no_router(held[0])
             for name, memory in zip(held, memories, strict=True):
                 self.prepare_memory(name, memory)
             job = PerplexityJob(request, self.base, memories, context, stride, router)
@@ -535,23 +534,20 @@ class Engine:
         """Mix at every verified position, run each position's acceptance test and residual draw, and end
         each row's run at its first rejection (or its last draft); the step's one host sync is here."""
         b, t = len(rows.seqs), plan.k + 1
-        base_lp = logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
-        if rows.log_base_weight is not None:
-            logp = logp + rows.log_base_weight.unsqueeze(-1)  # (1 − Σ αᵢ)·p_base, in logs
-        q = torch.zeros_like(logp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
-        drafts = torch.zeros(b, t, dtype=torch.long, device=logp.device)  # [B, T]
+        base_lp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
+        q = torch.zeros_like(base_lp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
+        drafts = torch.zeros(b, t, dtype=torch.long, device=base_lp.device)  # [B, T]
+        parts = []
         for g in rows.groups:
-            # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real.
+            # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real;
+            # routed rows never draft either.
             buf = logits.drafts[g.name]
-            context = self._group_context(g)  # routed rows never draft: only their position 0 is real
-            if g.whole_batch:
-                logp = _mix_group(g, logp, base_lp, buf.logp, context)
-            else:
-                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), buf.logp, context)
-                logp.index_copy_(0, g.rows_dev, mixed)
+            parts.append(_group_part(g, base_lp, buf.logp, self._group_context(g)))
             drafts.index_copy_(0, g.rows_dev, buf.tokens)
             if q is not None and buf.probs is not None:
                 q.index_copy_(0, g.rows_dev, buf.probs)
+        log_base_weight = rows.log_base_weight.unsqueeze(-1) if rows.log_base_weight is not None else None  # [B, 1, 1]
+        logp = apply(base_lp, parts, log_base_weight)  # [B, T, V]
         pos = torch.arange(t, device=logp.device)  # [T]
         drafted = None  # [B, T] a draft at every position of every row: the common round, no mask needed
         if len(rows.spec_rows) < b or min(plan.k_rows) < plan.k:
@@ -626,21 +622,16 @@ class Engine:
         return self._decode_batch[1]
 
     def _mix_and_sample(self, rows: RowBatch, logits: StepLogits, is_prefill: bool) -> _Sampled:
-        base_lp = logp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
-        if rows.log_base_weight is not None:
-            logp = logp + rows.log_base_weight  # (1 − Σ αᵢ)·p_base, in logs; then each memory's αᵢ·pᵢ is added
+        base_lp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, V]
         mem_lps: dict[str, torch.Tensor] = {}
+        parts = []
         for g in rows.groups:
             mem = logits.memories.get(g.name)
             if mem is None:  # the memory failed: its rows are failed below
                 continue
             mem_lp = mem_lps[g.name] = memory_logprobs(mem, g.temperature)  # [b, V] log softmax(mem / T)
-            context = self._group_context(g)
-            if g.whole_batch:
-                logp = _mix_group(g, logp, base_lp, mem_lp, context)
-            else:
-                mixed = _mix_group(g, logp.index_select(0, g.rows_dev), base_lp.index_select(0, g.rows_dev), mem_lp, context)
-                logp.index_copy_(0, g.rows_dev, mixed)
+            parts.append(_group_part(g, base_lp, mem_lp, self._group_context(g)))
+        logp = apply(base_lp, parts, rows.log_base_weight)  # [B, V] (1 − Σ αᵢ)·p_base + Σ αᵢ·pᵢ, in logs
         counter = None
         if rows.sampling.any_sampled:
             # Index of the token being drawn = tokens the base has cached (its length after this step's forward).
@@ -661,8 +652,8 @@ class Engine:
             chosen = lp.gather(-1, tokens.index_select(0, rows.logprob_rows_dev).unsqueeze(-1)).squeeze(-1)  # [W]
             wanted += [chosen, top_v, top_i]
         echo = self._prompt_logprob_tensors(rows, logits) if is_prefill else {}
-        for parts in echo.values():
-            wanted += parts
+        for echoed in echo.values():
+            wanted += echoed
         if accepted is not None:
             wanted.append(accepted)
         host = fetch(*wanted)  # the one host sync of the step
@@ -740,23 +731,34 @@ class Engine:
             if i in logits.failed:
                 continue
             seq = rows.seqs[i]
-            lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
-            use = seq.memories[0] if seq.memories else None
             targets = self.runner.upload(np.asarray(seq.token_ids[1:], dtype=np.int64))  # [T-1]
-            if use is not None and use.router is not None:  # "alpha": "auto": one memory, α per prompt position
-                mem_lp = memory_logprobs(by_model[use.name], use.temperature)  # [T, V]
-                context = None
-                if use.router.context_decays:  # each position's EMAs over the prompt before it; the last: all
-                    d = (mem_lp[:-1].gather(-1, targets.unsqueeze(-1)) - lp[:-1].gather(-1, targets.unsqueeze(-1))).squeeze(-1)
-                    before, after = advantage_emas(d, use.router.context_decays)
-                    context = torch.cat([before, after.float().unsqueeze(0)])  # [T, K]
-                lp = routed_mix(use.router, lp, mem_lp, context=context)
-            elif seq.memories:
-                lp = mix_many(lp, [(memory_logprobs(by_model[m.name], m.temperature), m.alpha) for m in seq.memories])
+            lp = self._prompt_mixture(seq, by_model, targets)  # [T, V]
             chosen = lp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [T-1]
             top_v, top_i = top_logprobs(lp[:-1], seq.params.prompt_logprobs or 0)
             out[i] = [chosen, top_v, top_i]
         return out
+
+    @staticmethod
+    def _prompt_mixture(seq: Sequence, by_model: dict[str | None, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """[T, V] the mixture at every prompt position of an echo row, from each model's logits [T, V]: its fixed
+        α's, or (`"alpha": "auto"`) its router's α per position, reading, when it has context features, each
+        position's EMAs over the prompt before it (the last position's: all of it)."""
+        lp = torch.log_softmax(by_model[None].float(), dim=-1)  # [T, V]
+        parts = []
+        for use in seq.memories:
+            mem_lp = memory_logprobs(by_model[use.name], use.temperature)  # [T, V]
+            if use.router is None:
+                parts.append(Part(mem_lp, math.log(use.alpha)))
+                continue
+            context = None
+            if use.router.context_decays:
+                y = targets.unsqueeze(-1)  # [T-1, 1]
+                before, after = advantage_emas((mem_lp[:-1].gather(-1, y) - lp[:-1].gather(-1, y)).squeeze(-1),
+                                               use.router.context_decays)  # fmt: skip
+                context = torch.cat([before, after.float().unsqueeze(0)])  # [T, K]
+            parts.append(routed_part(use.router, lp, mem_lp, context))
+        w = base_weight([use.alpha for use in seq.memories])  # 1 − Σ αᵢ (1 routed: its router weighs the base)
+        return apply(lp, parts, math.log(w) if w > 0 else float("-inf"))
 
     def _postprocess(self, rows: RowBatch, logits: StepLogits, sampled: _Sampled, is_prefill: bool) -> list[EngineOutput]:
         now = time.monotonic()

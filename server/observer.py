@@ -33,7 +33,8 @@ class MetricsObserver:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival
         # Several memories: a name no memory can have ('+' is not allowed), so the label is `other` (bounded).
-        names = [name for name, alpha, _ in seq.request.mixture if alpha > 0]
+        # A routed term is labelled as the base alone, as it always was (its α is per token).
+        names = [t.memory for t in seq.request.mixture.terms if t.alpha is not None and t.alpha > 0]
         memory = "+".join(names) if names else None
         self.metrics.observe_request_finished(
             memory,

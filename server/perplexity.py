@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from memories.mixing import mix_logprobs, mix_many
+from memories.mixing import Part, apply, mix_logprobs, mix_many
 from memories.perplexity import BATCH_LOGITS, BATCH_TOKENS, Window, sliding_windows, window_batches
 from memories.router import Router, advantage_emas
 from server.errors import InvalidRequestError
@@ -67,7 +67,8 @@ class PerplexityJob:
                                       "from its first window: first_window must be 0", param="first_window")
         self.memories = memories  # held from the registry while the job lives, one per name of `memory_names`
         self.memory_names = request.memory_names if memories else ()
-        # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights.
+        # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights (or,
+        # `separately`, each memory's own mixture at its α).
         self.several = len(self.memory_names) > 1
         self.separately = self.several and request.separately
         self.context, self.stride = context, stride
@@ -137,7 +138,7 @@ class PerplexityJob:
         if mem_lp is not None:
             self._mem_nll[d] -= mem_lp.double().sum()
             if weights is not None:
-                mixed = torch.logaddexp(weights[0] + mem_lp, weights[1] + base_lp).flatten().unsqueeze(0)  # [1, B*S]
+                mixed = apply(base_lp, [Part(mem_lp, *weights)]).flatten().unsqueeze(0)  # [1, B*S]
             else:
                 mixed = mix_logprobs(base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas)  # [A, B*S]
             self._mixed_nll[d] -= mixed.double().sum(dim=-1)
@@ -185,7 +186,7 @@ class PerplexityJob:
             parts["top_memory"].append(mem.gather(-1, ids).flatten(0, 1))
             if weights is not None:  # the router's α_t of each position, for each of its candidates
                 log_a, log_1ma = (w.flatten().unsqueeze(-1) for w in weights)  # [B*S, 1]
-                parts["top_mixed"].append(torch.logaddexp(log_a + parts["top_memory"][-1], log_1ma + parts["top_base"][-1]))
+                parts["top_mixed"].append(apply(parts["top_base"][-1], [Part(parts["top_memory"][-1], log_a, log_1ma)]))
             elif len(self._alphas):
                 parts["top_mixed"].append(mix_logprobs(parts["top_base"][-1], parts["top_memory"][-1], self._alphas[0]))
 

@@ -1,9 +1,14 @@
-"""What flows into and out of the engine: plain frozen dataclasses, no HTTP and no torch."""
+"""What flows into and out of the engine: plain frozen dataclasses, no HTTP and no tensors.
+
+A request's mixture is a `memories.mixing.Mixture`, checked when it was built: the engine takes it as it is.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from memories.mixing import Mixture
 
 
 class FinishReason(str, enum.Enum):
@@ -47,25 +52,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
-    memory: str | None = None  # a registered memory name, or None for the base alone
-    alpha: float = 0.0  # weight of the memory; ignored without a memory
+    mixture: Mixture = field(default_factory=Mixture)  # the memories it mixes in (none: the base alone)
     speculative: bool = True  # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
-    memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax (then mixed)
-    # Several memories at once: p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base. When `memories` is set, `memory`, `alpha` and
-    # `memory_temperature` are unused; `alphas` and `memory_temperatures` give one value per memory.
-    memories: tuple[str, ...] = ()
-    alphas: tuple[float, ...] = ()
-    memory_temperatures: tuple[float, ...] = ()
-    # `"alpha": "auto"`: the memory's learned router sets α at every position (one memory; `alpha` is unused).
-    routed: bool = False
-
-    @property
-    def mixture(self) -> tuple[tuple[str, float, float], ...]:
-        """Every memory the request names, as (name, α, temperature) in request order (α = 0 included)."""
-        if self.memories:
-            temps = self.memory_temperatures or (1.0,) * len(self.memories)
-            return tuple(zip(self.memories, self.alphas, temps, strict=True))
-        return ((self.memory, self.alpha, self.memory_temperature),) if self.memory is not None else ()
 
 
 @dataclass(frozen=True)
@@ -112,8 +100,10 @@ class RequestOutput:
 class PerplexityRequest:
     request_id: str
     documents: tuple[tuple[int, ...], ...]
-    memory: str | None = None
-    alphas: tuple[float, ...] = ()
+    # What is scored beside the base (and each memory alone), one score per mixture, in order: a sweep of one
+    # memory's α's (one mixture per α, `memories.mixing.sweep`), one mixture of several memories, one routed
+    # memory (`"alpha": "auto"`), or several memories each alone at its own α (`"memory": "auto"`'s choice).
+    mixtures: tuple[Mixture, ...] = ()
     context_length: int | None = None
     stride: int | None = None
     # Score only windows [first_window, first_window + max_windows) of each document (None: to its end),
@@ -122,27 +112,37 @@ class PerplexityRequest:
     max_windows: int | None = None
     # Keep each scored token's log-probs (None: only the sums); k > 0 also keeps each model's top k.
     token_logprobs: int | None = None
-    memory_temperature: float = 1.0  # the memory's logits are divided by it before its softmax
-    # Several memories at once: then `alphas` are their weights (one mixture, one value per memory, not a sweep),
-    # `memory_temperatures` one temperature per memory, and `memory` and `memory_temperature` are unused.
-    memories: tuple[str, ...] = ()
-    memory_temperatures: tuple[float, ...] = ()
-    # With `memories`: score each memory's own mixture α·pᵢ + (1 − α)·p_base at alphas[i] (one score per memory,
-    # for choosing among them: `"memory": "auto"`) instead of one mixture of them all.
-    separately: bool = False
-    # `"alpha": "auto"`: one memory, its learned router sets α at every scored position (`alphas` is empty).
-    routed: bool = False
 
     @property
     def memory_names(self) -> tuple[str, ...]:
-        return self.memories or ((self.memory,) if self.memory is not None else ())
+        """Every memory the mixtures name, once each, in order."""
+        return tuple(dict.fromkeys(name for m in self.mixtures for name in m.names))
 
     @property
     def temperatures(self) -> tuple[float, ...]:
-        """One temperature per memory of `memory_names`."""
-        if self.memories:
-            return self.memory_temperatures or (1.0,) * len(self.memories)
-        return (self.memory_temperature,) if self.memory is not None else ()
+        """One temperature per memory of `memory_names` (a sweep's mixtures share their memory's)."""
+        first = {t.memory: t.temperature for m in reversed(self.mixtures) for t in m.terms}
+        return tuple(first[name] for name in self.memory_names)
+
+    @property
+    def several(self) -> bool:
+        """One mixture of several memories."""
+        return len(self.mixtures) == 1 and len(self.mixtures[0].terms) > 1
+
+    @property
+    def separately(self) -> bool:
+        """Several memories, each scored alone at its own α (one mixture each)."""
+        return len(self.mixtures) > 1 and len(self.memory_names) > 1
+
+    @property
+    def routed(self) -> bool:
+        return any(m.routed for m in self.mixtures)
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """The α's: a sweep's (one per mixture), several memories' weights (one per memory, either way they are
+        scored), none for a routed memory."""
+        return tuple(t.alpha for m in self.mixtures for t in m.terms if t.alpha is not None)
 
     @property
     def wants_distributions(self) -> bool:

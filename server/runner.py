@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from memories.mixing import memory_logprobs
 from memories.perplexity import Window, batch_distributions, batch_logprobs
+from memories.router import Router
 from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
@@ -92,7 +92,7 @@ class MemoryGroup:
     whole_batch: bool  # every row of the batch, in order: mixing needs no gather or scatter
     # `"alpha": "auto"` rows: the memory's router (None when no row of the group uses it) and which rows do
     # ([b, 1] bool; None when all of them do, so mixing needs no select).
-    router: Any = None
+    router: Router | None = None
     routed: torch.Tensor | None = None
 
 

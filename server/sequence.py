@@ -11,10 +11,13 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server.loader import LoadedModel
 from server.request import EngineOutput, FinishReason, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from memories.router import Router
 
 _ids = itertools.count()
 
@@ -37,31 +40,29 @@ class Timings:
 
 @dataclass(frozen=True)
 class MemoryUse:
-    """One memory a sequence mixes in: its model (held from the registry while the sequence lives), α > 0, T."""
+    """One active term of a sequence's mixture, bound to its model (held from the registry while the sequence
+    lives) and, for a routed term, its router: α > 0, or 0 with the router's α_t applied when mixing."""
 
     name: str
     lm: LoadedModel
     alpha: float  # 0 when routed: the router's α_t is applied when mixing, and the base keeps weight 1 here
     temperature: float = 1.0
-    router: Any = None  # `memories.router.Router` of an `"alpha": "auto"` request (α per token), else None
+    router: Router | None = None  # an `"alpha": "auto"` term's router (α per token), else None
 
 
 class Sequence:
     def __init__(
         self,
         request: GenerationRequest,
-        memories: tuple[MemoryUse, ...] | LoadedModel | None,
+        memories: tuple[MemoryUse, ...],
         eos_ids: frozenset[int],
         max_model_len: int,
     ) -> None:
         self.seq_id = next(_ids)
         self.request = request
         self.params = request.params
-        if isinstance(memories, LoadedModel):  # one memory: the request's own
-            assert request.memory is not None
-            memories = (MemoryUse(request.memory, memories, request.alpha, request.memory_temperature),)
-        # The memories it mixes in (α > 0 only), in request order; empty when the base runs alone.
-        self.memories: tuple[MemoryUse, ...] = memories or ()
+        # The active terms of its mixture (`Mixture.active`), in request order; empty when the base runs alone.
+        self.memories: tuple[MemoryUse, ...] = memories
         self.memory_names: tuple[str, ...] = tuple(m.name for m in self.memories)
         # The base's weight 1 − Σ αᵢ (in float64, clamped: the α's were checked to sum to at most 1).
         self.base_weight = max(0.0, 1.0 - sum(m.alpha for m in self.memories))

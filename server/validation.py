@@ -10,9 +10,11 @@ manifest applies exactly the same one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+from memories.mixing import AUTO_ALPHA, MAX_MEMORIES, Mixture, MixtureError  # noqa: F401 (the mixture's limits, re-exported)
 from memories.mixing import check_alpha as _alpha_rule
 from memories.mixing import check_temperature as _temperature_rule
 from memories.perplexity import WindowSettingsError, window_settings
@@ -49,7 +51,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 # The metrics use these as label values (the base alone, overflow), so no memory may be called so; nor "auto",
 # which asks the server to choose the memory (`"memory": "auto"`).
 AUTO_MEMORY = "auto"
-AUTO_ALPHA = "auto"  # `"alpha": "auto"`: the memory's learned router sets α at every position
 RESERVED_MEMORY_NAMES = RESERVED_MEMORY_LABELS | {AUTO_MEMORY}
 
 
@@ -61,39 +62,14 @@ def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = 
         raise error(str(exc), param=param) from None
 
 
-def memory_temperature(requested: float | None, memory: Any | None) -> float:
-    """A request's memory temperature: as asked, else the memory's own (its manifest's `temperature`); asking
-    without a memory is a mistake (as `alpha` is). `memory`: the target's MemoryInfo, or None."""
-    if memory is None:
-        if requested is not None:
-            raise InvalidRequestError(
-                "'memory_temperature' needs a memory ('memory' or a memory as 'model')", param="memory_temperature"
-            )
-        return 1.0
-    return float(memory.temperature) if requested is None else check_memory_temperature(requested)
-
-
-MAX_MEMORIES = 8  # memories mixed in one request
-ALPHA_SUM_SLACK = 1e-6  # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
-
-
-def check_routed(alpha: object, memory: Any | None, several: bool) -> bool:
-    """Whether a request asks for `"alpha": "auto"`, checked: one memory (`memory`: its MemoryInfo, None without
-    one; `several`: a list of them was named), and one that ships a router. Several memories have no rule for
-    sharing one α_t between routers, so they are refused rather than guessed."""
-    if alpha != AUTO_ALPHA:
-        return False
-    if several:
-        raise InvalidRequestError('"alpha": "auto" takes one memory: several memories need a list of numbers',
-                                  param="alpha")  # fmt: skip
-    if memory is None:
-        raise InvalidRequestError('"alpha": "auto" needs a memory (\'memory\' or a memory as \'model\')', param="alpha")
-    if not memory.router:
-        raise InvalidRequestError(
-            f"memory {memory.name!r} has no router: \"alpha\": \"auto\" needs one (fit it with `memdec memory "
-            "router`); give a number instead", param="alpha", code="memory_has_no_router",
-        )  # fmt: skip
-    return True
+@contextmanager
+def mixture_errors() -> Iterator[None]:
+    """A mixture's mistake (`memories.mixing.MixtureError`, raised by `Mixture`'s constructor and factories) as
+    the server's 400, its message, param and code kept: the one place the server maps them."""
+    try:
+        yield
+    except MixtureError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param, code=exc.code) from None
 
 
 def check_distinct(names: list[str], param: str) -> None:
@@ -101,45 +77,6 @@ def check_distinct(names: list[str], param: str) -> None:
     dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if dup is not None:
         raise InvalidRequestError(f"memory {dup!r} is named twice in '{param}'", param=param)
-
-
-def check_several(names: list[str], alpha: object, temperature: object, infos: list[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A request that mixes several memories (p = Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base): unique names, one α per memory
-    (required: a per-memory default would be ambiguous, since the manifests' α's each assume the memory is
-    alone and may sum past 1), Σ αᵢ <= 1, and a temperature per memory (null: each memory's own manifest
-    temperature; a number: every memory's; a list: one per memory). Returns (alphas, temperatures)."""
-    if len(names) > MAX_MEMORIES:
-        raise InvalidRequestError(f"at most {MAX_MEMORIES} memories in one request, got {len(names)}", param="memory")
-    check_distinct(names, "memory")
-    if alpha is None:
-        raise InvalidRequestError(
-            f"'alpha' is required with several memories: a list of {len(names)} weights, one per memory in "
-            "'memory' order, summing to at most 1", param="alpha",
-        )  # fmt: skip
-    if not isinstance(alpha, list | tuple) or len(alpha) != len(names):
-        got = f"{len(alpha)} values" if isinstance(alpha, list | tuple) else "a single number"
-        raise InvalidRequestError(
-            f"'alpha' must be a list of {len(names)} weights with {len(names)} memories (one per memory), got {got}",
-            param="alpha",
-        )
-    alphas = tuple(check_alpha(a) for a in alpha)
-    total = sum(alphas)
-    if total > 1.0 + ALPHA_SUM_SLACK:
-        raise InvalidRequestError(
-            f"the memories' alphas must sum to at most 1 (the base gets 1 minus their sum), got {total:g}", param="alpha"
-        )
-    if temperature is None:
-        temps = tuple(float(info.temperature) for info in infos)
-    elif isinstance(temperature, list | tuple):
-        if len(temperature) != len(names):
-            raise InvalidRequestError(
-                f"'memory_temperature' must be a number or a list of {len(names)} (one per memory), got {len(temperature)} values",
-                param="memory_temperature",
-            )
-        temps = tuple(check_memory_temperature(t) for t in temperature)
-    else:
-        temps = (check_memory_temperature(temperature),) * len(names)  # type: ignore[arg-type]
-    return alphas, temps
 
 
 def check_memory_temperature(value: float) -> float:
@@ -293,12 +230,6 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
     if not ids:
         raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
     check_token_ids(ids, vocab_size, "prompt")
-    check_alpha(request.alpha)
-    check_memory_temperature(request.memory_temperature)
-    if request.routed and (request.memories or request.memory is None):
-        raise InvalidRequestError('"alpha": "auto" takes exactly one memory', param="alpha")
-    if request.memories:
-        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None, [])
     check_context(len(ids), request.params.max_tokens, max_len)
     for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
         if n is not None and not 0 <= n <= vocab_size:
@@ -315,23 +246,21 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
         if len(doc) < 2:
             raise InvalidRequestError("each input needs at least 2 tokens to be scored", param="input")
         check_token_ids(doc, vocab_size, "input")
-    for alpha in request.alphas:
-        check_alpha(alpha)
-    check_memory_temperature(request.memory_temperature)
-    if request.routed and (request.memories or request.memory is None or request.alphas):
+    # Each mixture was checked when it was built (`Mixture`): here only how they go together.
+    if request.routed and len(request.mixtures) > 1:
         raise InvalidRequestError('"alpha": "auto" takes one memory and no other alpha', param="alpha")
-    if request.memories and request.separately:
-        if len(set(request.memories)) < len(request.memories) or len(request.alphas) != len(request.memories):
+    if request.separately:
+        if len(request.memory_names) != len(request.mixtures) or any(len(m.terms) != 1 for m in request.mixtures):
             raise InvalidRequestError("each memory once, with one alpha each", param="memory")
         if request.token_logprobs is not None:
             raise InvalidRequestError("memories scored separately give no per-token log-probs", param="logprobs")
-    elif request.memories:
-        check_several(list(request.memories), list(request.alphas), list(request.memory_temperatures) or None, [])
-        if request.token_logprobs:
-            raise InvalidRequestError(
-                "per-token top alternatives ('logprobs' > 0) are not supported with several memories; "
-                "'logprobs': 0 returns each token's base and mixed log-probs", param="logprobs",
-            )  # fmt: skip
+    elif len(request.mixtures) > 1 and any(len(m.terms) != 1 for m in request.mixtures):
+        raise InvalidRequestError("a sweep of alphas takes one memory", param="alpha")
+    elif request.several and request.token_logprobs:
+        raise InvalidRequestError(
+            "per-token top alternatives ('logprobs' > 0) are not supported with several memories; "
+            "'logprobs': 0 returns each token's base and mixed log-probs", param="logprobs",
+        )  # fmt: skip
     if request.token_logprobs is not None and not 0 <= request.token_logprobs <= vocab_size:
         raise InvalidRequestError(f"logprobs must be in [0, {vocab_size}]", param="logprobs")
     if request.first_window < 0:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from memories.mixing import mix_logprobs
+from memories.mixing import Mixture, mix_logprobs
 from server.config import EngineConfig
 from server.engine import Engine
 from server.output import OutputProcessor
@@ -151,7 +151,7 @@ def prompt(base, text: str) -> tuple[int, ...]:
 
 
 def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
-    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), memory, alpha)
+    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), Mixture.single(memory, alpha))
 
 
 def assert_clean(engine: Engine) -> None:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from memories.mixing import Mixture
 from server.async_engine import AsyncEngine
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
@@ -26,7 +27,7 @@ def setup(zoo):
 
 
 def req(rid, n=8, memory=None, alpha=0.0, seed=None, temperature=0.0):
-    return GenerationRequest(rid, (5, 6, 7, 8), SamplingParams(max_tokens=n, temperature=temperature, seed=seed, ignore_eos=True), memory, alpha)
+    return GenerationRequest(rid, (5, 6, 7, 8), SamplingParams(max_tokens=n, temperature=temperature, seed=seed, ignore_eos=True), Mixture.single(memory, alpha))
 
 
 async def collect(engine, request):

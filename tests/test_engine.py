@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
 from server.engine import Engine
 from server.errors import ConflictError, InvalidRequestError, MemoryLoadError, NotFoundError
@@ -17,6 +18,7 @@ from server.registry import MemoryRegistry
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
 from server.scheduler import StepKind
+from server.validation import mixture_errors
 from tests.engine_helpers import (
     assert_clean,
     assert_pages_owned_once,
@@ -104,7 +106,7 @@ def test_an_echo_row_decoding_in_a_mixed_step_does_not_fail_the_prompts_beside_i
     used to trip the echo assertion: the step's prompts failed, and under tensor parallelism the server)."""
     base, registry = setup
     engine = Engine(base, registry, EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True))
-    echo = GenerationRequest("e", prompt(base, "The court"), SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1), "med", 0.5)
+    echo = GenerationRequest("e", prompt(base, "The court"), SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1), Mixture.one("med", 0.5))
     other = greedy("x", prompt(base, "The patient was given a dose of the drug and"), n=3, memory="med", alpha=0.5)
     kinds = []
     step = engine.step
@@ -142,16 +144,16 @@ def test_same_result_alone_and_in_busy_batch(setup):
     base, _ = setup
     ids = prompt(base, "Once upon a time")
     sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    target = [greedy("g", ids, memory="med", alpha=0.6), GenerationRequest("s", ids, sampled, "law", 0.5)]
+    target = [greedy("g", ids, memory="med", alpha=0.6), GenerationRequest("s", ids, sampled, Mixture.one("law", 0.5))]
     alone = run(engine_for(setup), target)
     crowd = [
-        GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=8 + i, temperature=1.0), m, 0.5)
+        GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=8 + i, temperature=1.0), Mixture.single(m, 0.5))
         for i, m in enumerate(["med", "law", "fin", None, "med"])
     ]
     busy = run(engine_for(setup), crowd[:3] + target, {1: crowd[3:]})
     assert tokens_of(busy["g"]) == tokens_of(alone["g"])
     assert tokens_of(busy["s"]) == tokens_of(alone["s"])
-    other_seed = run(engine_for(setup), [GenerationRequest("s", ids, SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True), "law", 0.5)])
+    other_seed = run(engine_for(setup), [GenerationRequest("s", ids, SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True), Mixture.one("law", 0.5))])
     assert tokens_of(other_seed["s"]) != tokens_of(alone["s"])
 
 
@@ -162,7 +164,7 @@ def test_sampled_tokens_follow_the_exact_mixture(setup, params):
     base, registry = setup
     ids = prompt(base, "The court held that")
     alpha, n = 0.6, 4000
-    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=1, seed=i, ignore_eos=True, **params), "law", alpha) for i in range(n)]
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=1, seed=i, ignore_eos=True, **params), Mixture.one("law", alpha)) for i in range(n)]
     out = run(engine_for(setup), reqs)
     counts = torch.zeros(base.vocab_size)
     for r in reqs:
@@ -222,7 +224,7 @@ def test_validation_errors(setup):
         engine.add_request(greedy("x", (base.vocab_size,)))
     with pytest.raises(InvalidRequestError, match="maximum context length is 512"):
         engine.add_request(greedy("x", (1, 2, 3), n=510))
-    with pytest.raises(InvalidRequestError, match="alpha"):
+    with pytest.raises(InvalidRequestError, match="alpha"), mixture_errors():  # refused where the mixture is built
         engine.add_request(greedy("x", (1, 2), memory="med", alpha=1.5))
     with pytest.raises(NotFoundError):
         engine.add_request(greedy("x", (1, 2), memory="nope", alpha=0.5))
@@ -370,7 +372,7 @@ def test_unload_while_in_use_finishes_then_frees(setup, zoo):
 def test_echo_prompt_logprobs_are_mixed(setup):
     base, registry = setup
     ids = prompt(base, "The court held that the statute")
-    req = GenerationRequest("e", ids, SamplingParams(max_tokens=0, prompt_logprobs=3), "law", 0.4)
+    req = GenerationRequest("e", ids, SamplingParams(max_tokens=0, prompt_logprobs=3), Mixture.one("law", 0.4))
     out = run(engine_for(setup), [req])["e"]
     plps = out[0].prompt_logprobs
     assert plps[0] is None and len(plps) == len(ids) and out[-1].num_output_tokens == 0
@@ -388,7 +390,7 @@ def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
     engine = engine_for(setup, block_size=2)
     reqs = [
         greedy("a", prompt(base, "The patient was"), n=30, memory="med", alpha=0.6, logprobs=3),
-        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), "law", 0.4),
+        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), Mixture.one("law", 0.4)),
         greedy("c", prompt(base, "Once upon"), n=30),
     ]
     for r in reqs:
@@ -509,7 +511,7 @@ def test_sliding_window_layers_match_the_reference(setup, tmp_path, engine_confi
     texts = [("The patient was given a dose of the drug and", 0.5), ("The court", 1.0), ("The patient was given a dose of the drug and", 0.5)]
     reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab) for i, (text, a) in enumerate(texts)]
     out = run(engine, reqs[:2], {4: reqs[2:]}, after_step=assert_pages_owned_once)  # w2 hits w0's cached blocks
-    specs = [(r.request_id, r.prompt_token_ids, "swa", r.alpha, 12) for r in reqs]
+    specs = [(r.request_id, r.prompt_token_ids, "swa", r.mixture.terms[0].alpha, 12) for r in reqs]
     assert 0.0 < worst_error(out, specs, (base, registry)) <= 1e-4
     assert len(reqs[0].prompt_token_ids) > 8 and engine.runner.kv("swa").num_cached_blocks > 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from memories.mixing import Mixture
 from server.async_engine import AsyncEngine
 from server.config import EngineConfig, ModelConfig
 from server.loader import load_base
@@ -29,9 +30,9 @@ def test_requests_move_latency_token_and_step_metrics(zoo):
     try:
         async def main():
             reqs = [
-                GenerationRequest("a", (5, 6, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), "med", 0.5),
-                GenerationRequest("b", (5, 6), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), None, 0.0),
-                GenerationRequest("c", (8, 9), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "med", 0.0),
+                GenerationRequest("a", (5, 6, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), Mixture.one("med", 0.5)),
+                GenerationRequest("b", (5, 6), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), Mixture()),
+                GenerationRequest("c", (8, 9), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), Mixture.one("med", 0.0)),
             ]
             async def consume(r):
                 return [o async for o in engine.generate(r)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memories.mixing import Mixture
 from server.config import EngineConfig
 from server.engine import Engine
 from server.kv import ModelKV
@@ -63,9 +64,9 @@ def shared_workload(base, vocab: int):
     reqs = {rid: greedy(rid, prompt(base, SYSTEM + suffix), n=n, memory=m, alpha=a, logprobs=vocab)
             for rid, suffix, m, a, n, _ in SHARED}  # fmt: skip
     echo = GenerationRequest("echo", prompt(base, SYSTEM + "the end"), SamplingParams(max_tokens=2, temperature=0.0,
-                             prompt_logprobs=3, ignore_eos=True), "law", 0.4)  # fmt: skip
+                             prompt_logprobs=3, ignore_eos=True), Mixture.one("law", 0.4))  # fmt: skip
     sampled = GenerationRequest("seeded", prompt(base, SYSTEM + "rates"), SamplingParams(max_tokens=8, temperature=0.9,
-                                top_p=0.95, seed=7, ignore_eos=True), "med", 0.5)  # fmt: skip
+                                top_p=0.95, seed=7, ignore_eos=True), Mixture.one("med", 0.5))  # fmt: skip
     join: dict[int, list[GenerationRequest]] = {}
     for rid, *_, at in SHARED:
         join.setdefault(at, []).append(reqs[rid])
@@ -117,7 +118,7 @@ def test_speculative_mixing_with_prefix_caching_and_chunks_keeps_tokens(setup):
     reqs, _ = shared_workload(base, vocab)
     greedy_reqs = [reqs[rid] for rid in reqs]
     seeded = [GenerationRequest(f"r{i}", prompt(base, SYSTEM + f"rates {i}"), SamplingParams(max_tokens=10, temperature=1.0,
-              seed=i, ignore_eos=True), m, 0.6) for i, m in enumerate(["med", "law", "fin", "med"])]  # fmt: skip
+              seed=i, ignore_eos=True), Mixture.one(m, 0.6)) for i, m in enumerate(["med", "law", "fin", "med"])]  # fmt: skip
     plain = run(engine_for(setup, block_size=4, enable_prefix_caching=False, enable_chunked_prefill=False), greedy_reqs)
 
     def spec(**kw):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from memories.cli import main as toolkit
 from memories.config import EvalConfig
 from memories.manifest import read_manifest, write_manifest
+from memories.mixing import Mixture
 from memories.router import (
     DEFAULT_CONTEXT_DECAYS,
     FEATURES,
@@ -147,7 +148,7 @@ def _reference(base, registry, root, name: str, ids: list[int]) -> torch.Tensor:
 
 def _routed(base, rid: str, text: str, name: str, n: int, **kw) -> GenerationRequest:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=base.vocab_size, **kw)
-    return GenerationRequest(rid, prompt(base, text), params, name, routed=True)
+    return GenerationRequest(rid, prompt(base, text), params, Mixture.auto(name))
 
 
 # ---------------------------------------------------------------- files
@@ -258,7 +259,7 @@ def test_every_routed_step_equals_the_reference_in_a_mixed_batch(routed, config)
         _routed(base, "a", "The patient was given", "rmed", 8),
         _routed(base, "b", "The court held that", "rlaw", 9),
         GenerationRequest("c", prompt(base, "The dose of"), SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
-                          logprobs=base.vocab_size), "rmed", 0.6),  # fmt: skip
+                          logprobs=base.vocab_size), Mixture.one("rmed", 0.6)),  # fmt: skip
         GenerationRequest("d", prompt(base, "Once upon"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
     ]
     engine = Engine(base, registry, config)
@@ -284,7 +285,7 @@ def _check_routed(out, r: GenerationRequest, base, registry, root) -> None:
     lps = logprobs_of(out[r.request_id])
     assert len(lps) == r.params.max_tokens
     for lp in lps:
-        ref = _reference(base, registry, root, r.memory, ctx)[-1]
+        ref = _reference(base, registry, root, r.mixture.names[0], ctx)[-1]
         got = dense_logp(lp, ref.numel(), ref.dtype)
         assert (got - ref).abs().max().item() <= 1e-4, r.request_id
         assert lp.token_id == int(ref.argmax())
@@ -309,7 +310,7 @@ def test_context_router_steps_equal_the_reference_in_a_mixed_batch(routed, confi
         _routed(base, "a", LONG, "cmed", 8),
         _routed(base, "b", "The court held that", "claw", 9),
         GenerationRequest("c", prompt(base, "The dose of"), SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
-                          logprobs=base.vocab_size), "cmed", 0.6),  # fmt: skip
+                          logprobs=base.vocab_size), Mixture.one("cmed", 0.6)),  # fmt: skip
         _routed(base, "o", "The patient was given", "rmed", 6),
         GenerationRequest("d", prompt(base, "Once upon"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
         _routed(base, "j", LONG + " again", "claw", 5),
@@ -332,7 +333,7 @@ def test_context_prompts_run_in_capped_chunks(routed, monkeypatch, chunked):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4, enable_chunked_prefill=chunked))
     reqs = [_routed(base, "a", LONG, "cmed", 5), _routed(base, "b", TEXT, "claw", 4),
-            GenerationRequest("c", prompt(base, LONG), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "cmed", 0.5)]
+            GenerationRequest("c", prompt(base, LONG), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), Mixture.one("cmed", 0.5))]
     sizes: list[int] = []
     original = engine.runner.prefill
 
@@ -355,7 +356,7 @@ def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
     base, registry, root = routed
     config = EngineConfig(block_size=4)
     engine = Engine(base, registry, config)
-    warm = GenerationRequest("w", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "cmed", 0.5)
+    warm = GenerationRequest("w", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), Mixture.one("cmed", 0.5))
     run(engine, [warm])
     r = _routed(base, "r", LONG + " today", "cmed", 6)
     seq = engine.add_request(r)
@@ -413,7 +414,7 @@ def test_echo_of_a_context_router_follows_its_emas(routed):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4))
     r = GenerationRequest("e", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
-                          prompt_logprobs=3, logprobs=base.vocab_size), "claw", routed=True)  # fmt: skip
+                          prompt_logprobs=3, logprobs=base.vocab_size), Mixture.auto("claw"))  # fmt: skip
     out = run(engine, [r])
     _check_echo(out, r, base, registry, root, "claw")
     _check_routed(out, r, base, registry, root)
@@ -433,7 +434,7 @@ def _check_echo(out, r: GenerationRequest, base, registry, root, name: str, top:
 def test_routed_rows_do_not_draft_and_echo_follows_the_router(routed):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4, speculative_tokens=3))
-    r = GenerationRequest("e", prompt(base, TEXT), SamplingParams(max_tokens=0, prompt_logprobs=3), "rmed", routed=True)
+    r = GenerationRequest("e", prompt(base, TEXT), SamplingParams(max_tokens=0, prompt_logprobs=3), Mixture.auto("rmed"))
     seq = engine.add_request(r)
     assert not seq.speculative and seq.base_weight == 1.0
     engine.abort_request("e")
@@ -445,10 +446,10 @@ def test_engine_refuses_auto_alpha_without_a_router(routed):
     base, registry, _ = routed
     engine = Engine(base, registry, EngineConfig(block_size=4))
     with pytest.raises(InvalidRequestError) as exc:
-        engine.add_request(GenerationRequest("x", prompt(base, "The"), SamplingParams(max_tokens=2), "med", routed=True))
+        engine.add_request(GenerationRequest("x", prompt(base, "The"), SamplingParams(max_tokens=2), Mixture.auto("med")))
     assert exc.value.code == "memory_has_no_router" and registry.users("med") == 0
     with pytest.raises(InvalidRequestError):
-        engine.add_perplexity(PerplexityRequest("p", (prompt(base, TEXT),), memory="med", routed=True))
+        engine.add_perplexity(PerplexityRequest("p", (prompt(base, TEXT),), (Mixture.auto("med"),)))
     assert registry.users("med") == 0
     assert_clean(engine)
 
@@ -458,7 +459,7 @@ def test_one_host_read_per_decode_step_with_a_router(routed, monkeypatch):
     engine = Engine(base, registry, EngineConfig(block_size=2))
     for r in [_routed(base, "a", "The patient was", "rmed", 30), _routed(base, "c", "The court", "cmed", 30),
               GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, seed=1,
-                                ignore_eos=True), "rmed", 0.4)]:  # fmt: skip
+                                ignore_eos=True), Mixture.one("rmed", 0.4))]:  # fmt: skip
         engine.add_request(r)
     for _ in range(3):
         engine.step()
@@ -477,7 +478,7 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
     ids = list(prompt(base, " ".join([TEXT] * 3)))
     context, stride = 16, 8
     engine = Engine(base, registry, EngineConfig(block_size=4))
-    job = engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), memory="rmed", routed=True, context_length=context,
+    job = engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("rmed"),), context_length=context,
                                                   stride=stride, token_logprobs=2))  # fmt: skip
     while True:
         result = engine.step()
@@ -503,7 +504,7 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
     assert abs(server_nll + sum(per_token) / len(per_token)) <= 1e-4
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token, strict=True)) <= 1e-4
     # Without per-token answers (the plain request), and through the HTTP-sized defaults: the same NLL.
-    engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), memory="rmed", routed=True, context_length=context,
+    engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("rmed"),), context_length=context,
                                             stride=stride))  # fmt: skip
     while not (result := engine.step()).jobs:
         pass
@@ -520,7 +521,7 @@ def test_perplexity_auto_with_context_equals_the_toolkit_and_the_reference(route
     ids = list(prompt(base, " ".join([LONG] * 4)))
     context, stride = 16, 8
     engine = Engine(base, registry, EngineConfig(block_size=4))
-    engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), memory="cmed", routed=True, context_length=context,
+    engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("cmed"),), context_length=context,
                                             stride=stride, token_logprobs=2))  # fmt: skip
     while not (result := engine.step()).jobs:
         pass
@@ -548,7 +549,7 @@ def test_perplexity_auto_with_context_equals_the_toolkit_and_the_reference(route
     assert abs(doc.mixed[0].mean_nll + per_token.mean().item()) <= 1e-4
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token.tolist(), strict=True)) <= 1e-4
     with pytest.raises(InvalidRequestError) as exc:  # the EMAs start at the document's start
-        engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), memory="cmed", routed=True, context_length=context,
+        engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("cmed"),), context_length=context,
                                                 stride=stride, first_window=1))  # fmt: skip
     assert exc.value.param == "first_window"
     assert registry.users("cmed") == 0

@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
+from memories.mixing import Mixture, Term, sweep
 from server.config import EngineConfig
 from server.engine import Engine
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, PerplexityRequest, SamplingParams
+from server.validation import mixture_errors
 from tests.engine_helpers import Recorder, assert_clean, dense_logp, logprobs_of, prompt, run, tokens_of
 
 # rid, text, [(memory, alpha, temperature)], tokens
@@ -42,12 +44,8 @@ def request(base, rid, text, mixture, n, logprobs, **kw) -> GenerationRequest:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs, **kw)
     if len(mixture) == 1:
         (name, alpha, temperature), = mixture
-        return GenerationRequest(rid, prompt(base, text), params, name, alpha, memory_temperature=temperature)
-    return GenerationRequest(
-        rid, prompt(base, text), params,
-        memories=tuple(m for m, _, _ in mixture), alphas=tuple(a for _, a, _ in mixture),
-        memory_temperatures=tuple(t for _, _, t in mixture),
-    )  # fmt: skip
+        return GenerationRequest(rid, prompt(base, text), params, Mixture.one(name, alpha, temperature))
+    return GenerationRequest(rid, prompt(base, text), params, Mixture(tuple(Term(*t) for t in mixture)))
 
 
 def worst(out, reqs, setup) -> float:
@@ -140,9 +138,8 @@ def test_engine_refuses_bad_mixtures(setup):
         (("med", "law"), (0.7, 0.4), "alpha"),  # Σα > 1
         (("med", "med"), (0.3, 0.3), "memory"),
     ]:
-        with pytest.raises(InvalidRequestError) as exc:
-            engine.add_request(GenerationRequest("x", ids, SamplingParams(max_tokens=2), memories=memories, alphas=alphas,
-                                                 memory_temperatures=(1.0, 1.0)))  # fmt: skip
+        with pytest.raises(InvalidRequestError) as exc, mixture_errors():  # a mixture is refused where it is built
+            engine.add_request(GenerationRequest("x", ids, SamplingParams(max_tokens=2), Mixture.of(memories, alphas, (1.0, 1.0))))
         assert exc.value.param == param
     assert_clean(engine)
 
@@ -175,7 +172,7 @@ def test_perplexity_of_two_memories_equals_the_formula(setup):
     mixture = [("med", 0.3, 0.5), ("law", 0.45, 1.5)]
     engine = Engine(*setup, EngineConfig(block_size=4))
     job = engine.add_perplexity(PerplexityRequest(
-        "p", (ids,), alphas=(0.3, 0.45), memories=("med", "law"), memory_temperatures=(0.5, 1.5), token_logprobs=0,
+        "p", (ids,), (Mixture.of(("med", "law"), (0.3, 0.45), (0.5, 1.5)),), token_logprobs=0,
     ))  # fmt: skip
     while not job.done or engine.scheduler.jobs:
         result = engine.step()
@@ -263,13 +260,12 @@ def test_sampled_multi_memory_rows_draw_the_same_alone_or_beside_speculating_row
 
     def sampled(rid, mixture, text):
         params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
-        return GenerationRequest(rid, prompt(base, text), params, memories=tuple(m for m, _, _ in mixture),
-                                 alphas=tuple(a for _, a, _ in mixture), memory_temperatures=tuple(t for _, _, t in mixture))  # fmt: skip
+        return GenerationRequest(rid, prompt(base, text), params, Mixture(tuple(Term(*t) for t in mixture)))
 
     mixture = ROWS[1][2]
     alone = run(Engine(*setup, EngineConfig(block_size=4)), [sampled("x", mixture, "The court")])
     drafting = GenerationRequest("d", prompt(base, "The patient"), SamplingParams(max_tokens=12, temperature=1.0, seed=3,
-                                 ignore_eos=True), "med", 0.6)  # fmt: skip
+                                 ignore_eos=True), Mixture.one("med", 0.6))  # fmt: skip
     crowd = run(Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3)), [drafting, sampled("x", mixture, "The court")])
     assert tokens_of(alone["x"]) == tokens_of(crowd["x"])
 
@@ -289,10 +285,9 @@ def test_memories_scored_separately_equal_one_job_per_memory(setup):
     base, _ = setup
     ids = prompt(base, "The court held that the patient was given a dose of the statute on inflation.")
     engine = Engine(*setup, EngineConfig(block_size=4))
-    together = _score(engine, PerplexityRequest("s", (ids,), alphas=(0.6, 0.4), memories=("med", "law"),
-                                                memory_temperatures=(0.5, 1.5), separately=True))  # fmt: skip
+    together = _score(engine, PerplexityRequest("s", (ids,), (Mixture.one("med", 0.6, 0.5), Mixture.one("law", 0.4, 1.5))))
     assert len(together.mixed) == 2
     for i, (name, alpha, temperature) in enumerate((("med", 0.6, 0.5), ("law", 0.4, 1.5))):
-        alone = _score(engine, PerplexityRequest(f"a{i}", (ids,), name, (alpha,), memory_temperature=temperature))
+        alone = _score(engine, PerplexityRequest(f"a{i}", (ids,), sweep(name, (alpha,), temperature)))
         assert abs(together.mixed[i].nll - alone.mixed[0].nll) <= 1e-4
         assert abs(together.base.nll - alone.base.nll) <= 1e-4

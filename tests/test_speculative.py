@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from memories.mixing import Mixture
 from server.engine import Engine
 from server.request import FinishReason, GenerationRequest, SamplingParams
 from server.sampler import apply_top_k_top_p
@@ -49,7 +50,7 @@ MIXED = [  # rid, text, memory, alpha, tokens, extra request fields
 def mixed_requests(base, logprobs: int | None = None) -> dict[str, GenerationRequest]:
     return {
         rid: GenerationRequest(rid, prompt(base, text), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                               logprobs=logprobs), m, a, **extra)  # fmt: skip
+                               logprobs=logprobs), Mixture.single(m, a), **extra)  # fmt: skip
         for rid, text, m, a, n, extra in MIXED
     }
 
@@ -69,7 +70,7 @@ def test_greedy_tokens_equal_plain_decoding_and_logprobs_equal_the_reference(set
     plain = run(engine_for(setup, block_size=2), first, later)
     for rid in reqs:
         assert tokens_of(spec[rid]) == tokens_of(plain[rid]), rid
-    specs = [(rid, r.prompt_token_ids, r.memory, r.alpha, r.params.max_tokens) for rid, r in reqs.items()]
+    specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in MIXED]
     assert 0.0 < worst_error(spec, specs, setup) <= 1e-4
     assert sum(counts.drafted.values()) > 0 and sum(counts.accepted.values()) > 0
     assert any(len(o.new_token_ids) > 1 for outs in spec.values() for o in outs)  # runs of several tokens
@@ -126,10 +127,10 @@ def test_seeded_requests_are_reproducible_whatever_the_rounds(setup):
     and after preemptions."""
     base, _ = setup
     ids = prompt(base, "The patient was given")
-    req = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True), "med", 0.6)
+    req = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True), Mixture.one("med", 0.6))
     runs = [tokens_of(run(spec_engine(setup, k), [req])["s"]) for k in (1, 2, 5)]
     runs.append(tokens_of(run(spec_engine(setup, 4, adaptive=True), [req])["s"]))
-    crowd = [GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=20, temperature=1.0), m, 0.5)
+    crowd = [GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=20, temperature=1.0), Mixture.single(m, 0.5))
              for i, m in enumerate(["med", "law", "fin", None, "med"])]  # fmt: skip
     runs.append(tokens_of(run(spec_engine(setup, 3), [*crowd[:3], req], {1: crowd[3:]})["s"]))
     counts = Recorder()
@@ -137,7 +138,7 @@ def test_seeded_requests_are_reproducible_whatever_the_rounds(setup):
     runs.append(tokens_of(run(tight, [*crowd, req])["s"]))
     assert counts.preemptions > 0
     assert all(r == runs[0] for r in runs), runs
-    other = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=8, ignore_eos=True), "med", 0.6)
+    other = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=8, ignore_eos=True), Mixture.one("med", 0.6))
     assert tokens_of(run(spec_engine(setup, 3), [other])["s"]) != runs[0]
     assert_clean(tight)
 
@@ -184,7 +185,7 @@ def test_first_two_sampled_tokens_follow_the_exact_mixture(setup, alpha, params)
     n = 3000
     counts = Recorder()
     engine = spec_engine(setup, 1, counts, max_num_seqs=256)
-    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True, **params), "med", alpha) for i in range(n)]
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True, **params), Mixture.one("med", alpha)) for i in range(n)]
     out = run(engine, reqs)
     first, second, acceptance, formula = exact_first_two(setup, "med", ids, alpha, params)
     for position, probs in ((0, first), (1, second)):
@@ -210,7 +211,7 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
     base, registry = setup
     engine = spec_engine(setup, 4, block_size=2)
     reqs = [GenerationRequest(f"r{i}", prompt(base, f"request {i} about the patient"),
-                              SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True), m, 0.5)
+                              SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True), Mixture.single(m, 0.5))
             for i, m in enumerate(["med", "law", None, "fin", "med", "law"])]  # fmt: skip
     for r in reqs:
         engine.add_request(r)
@@ -266,7 +267,7 @@ def test_one_host_read_per_speculative_round(setup, monkeypatch):
     engine = spec_engine(setup, 3, block_size=2)
     reqs = [
         greedy("a", prompt(base, "The patient was"), n=60, memory="med", alpha=0.6, logprobs=3),
-        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=60, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), "law", 0.4),
+        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=60, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), Mixture.one("law", 0.4)),
         greedy("c", prompt(base, "Once upon"), n=60),
     ]
     for r in reqs:

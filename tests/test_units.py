@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from memories.manifest import Manifest, ManifestError
-from memories.mixing import check_alpha, mix_logprobs, mix_scalar
+from memories.mixing import Mixture, check_alpha, mix_logprobs, mix_scalar, sweep
 from memories.models import ModelLoadError, context_length
 from memories.perplexity import (
     Window,
@@ -49,6 +49,7 @@ from server.validation import (
     check_memory_name,
     check_memory_temperature,
     check_token_ids,
+    mixture_errors,
     request_context,
     validate_generation,
     validate_perplexity,
@@ -264,7 +265,7 @@ def _scheduler(max_num_seqs: int, budget: int, pages: int = 1000, block: int = 4
 
 def _seq(i: int, n: int, first: int = 5) -> Sequence:
     request = GenerationRequest(f"r{i}", tuple(range(first, first + n)), SamplingParams(max_tokens=64, ignore_eos=True))
-    return Sequence(request, None, frozenset(), 512)
+    return Sequence(request, (), frozenset(), 512)
 
 
 def _ids(batch) -> list[str]:
@@ -588,32 +589,32 @@ def test_token_ids_context_and_memory_names():
 
 
 def test_generation_and_perplexity_requests_are_validated_whole():
-    ok = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=5, stop_token_ids=(4,)), "med", 0.5)
+    ok = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=5, stop_token_ids=(4,)), Mixture.one("med", 0.5))
     validate_generation(ok, vocab_size=10, max_len=8)
-    cases = [
-        (GenerationRequest("r", ()), "prompt"),
-        (GenerationRequest("r", (1, 99), SamplingParams(max_tokens=1)), "prompt"),
-        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1), alpha=1.5), "alpha"),
-        (GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=6)), "max_tokens"),
-        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1, logprobs=11)), "logprobs"),
-        (GenerationRequest("r", (1,), SamplingParams(max_tokens=1, stop_token_ids=(10,))), "stop_token_ids"),
+    cases = [  # each request is built inside the check: a mixture is refused where it is built
+        (lambda: GenerationRequest("r", ()), "prompt"),
+        (lambda: GenerationRequest("r", (1, 99), SamplingParams(max_tokens=1)), "prompt"),
+        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1), Mixture.one("med", 1.5)), "alpha"),
+        (lambda: GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=6)), "max_tokens"),
+        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1, logprobs=11)), "logprobs"),
+        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1, stop_token_ids=(10,))), "stop_token_ids"),
     ]
-    for request, param in cases:
-        with pytest.raises(InvalidRequestError) as exc:
-            validate_generation(request, vocab_size=10, max_len=8)
-        assert exc.value.param == param, request
-    assert validate_perplexity(PerplexityRequest("p", ((1, 2, 3),), alphas=(0.0, 1.0)), 10, 4096) == (1024, 512)
-    for request, param in [
-        (PerplexityRequest("p", ()), "input"),
-        (PerplexityRequest("p", ((1,),)), "input"),
-        (PerplexityRequest("p", ((1, 12),)), "input"),
-        (PerplexityRequest("p", ((1, 2),), alphas=(2.0,)), "alpha"),
-        (PerplexityRequest("p", ((1, 2),), context_length=9000), "context_length"),
-        (PerplexityRequest("p", ((1, 2),), context_length=64, stride=65), "stride"),
+    for make, param in cases:
+        with pytest.raises(InvalidRequestError) as exc, mixture_errors():
+            validate_generation(make(), vocab_size=10, max_len=8)
+        assert exc.value.param == param, make
+    assert validate_perplexity(PerplexityRequest("p", ((1, 2, 3),), sweep("m", (0.0, 1.0))), 10, 4096) == (1024, 512)
+    for make_job, param in [  # built inside the check, as above
+        (lambda: PerplexityRequest("p", ()), "input"),
+        (lambda: PerplexityRequest("p", ((1,),)), "input"),
+        (lambda: PerplexityRequest("p", ((1, 12),)), "input"),
+        (lambda: PerplexityRequest("p", ((1, 2),), sweep("m", (2.0,))), "alpha"),
+        (lambda: PerplexityRequest("p", ((1, 2),), context_length=9000), "context_length"),
+        (lambda: PerplexityRequest("p", ((1, 2),), context_length=64, stride=65), "stride"),
     ]:
-        with pytest.raises(InvalidRequestError) as exc:
-            validate_perplexity(request, 10, 4096)
-        assert exc.value.param == param, request
+        with pytest.raises(InvalidRequestError) as exc, mixture_errors():
+            validate_perplexity(make_job(), 10, 4096)
+        assert exc.value.param == param, make_job
 
 
 def test_retry_after_is_a_field_of_every_error():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from memories.mixing import Mixture
 from server.api.state import Serving, ServingState, Target
 from server.api.tokens import Prompt
 from server.errors import InvalidRequestError, NotFoundError
@@ -80,10 +81,7 @@ async def choose(state: ServingState, target: Target, prompts: list[Prompt]) -> 
         job = PerplexityRequest(
             request_id=f"auto-{uuid.uuid4().hex}",
             documents=docs,
-            alphas=tuple(c.alpha for c in candidates),
-            memories=tuple(c.name for c in candidates),
-            memory_temperatures=tuple(c.temperature for c in candidates),
-            separately=True,
+            mixtures=tuple(Mixture.one(c.name, c.alpha, c.temperature) for c in candidates),  # each alone
         )
         result = await serving.engine.perplexity(job)
         base_nll = sum(d.base.nll for d in result.documents)

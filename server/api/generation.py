@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from memories.mixing import Mixture
 from server.api.auto import auto_target, check_candidates_field, choose
 from server.api.schemas import SamplingRequest, describe_extra
 from server.api.state import Serving, ServingState, Target
@@ -21,17 +22,14 @@ from server.config import ServerConfig
 from server.errors import InvalidRequestError
 from server.request import GenerationRequest, SamplingParams
 from server.validation import (
-    AUTO_ALPHA,
     AUTO_MEMORY,
     MAX_PROMPTS,
     check_at_most,
     check_neutral,
-    check_routed,
-    check_several,
     check_stop_strings,
     check_stream_options,
     completion_budget,
-    memory_temperature,
+    mixture_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,7 @@ class Plan:
     id: str
     created: int
     target: Target
-    alpha: float | list[float] | str | None  # "auto": the memory's router
+    mixture: Mixture  # every request of the plan mixes this
     prompts: list[Prompt]
     requests: list[GenerationRequest]  # choice index i = prompt (i // n), sample (i % n)
     n: int
@@ -82,7 +80,7 @@ class Plan:
             "created": self.created,
             "model": self.target.model,
             "memory": self.target.memory_field,
-            "alpha": self.alpha,
+            "alpha": self.mixture.alpha_field,
         }
 
     @property
@@ -97,43 +95,30 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
     check_stream_options(body.stream_options is not None, body.stream)
 
 
-def resolve_target(body: SamplingRequest, serving: Serving) -> tuple[Target, float | list[float] | str | None]:
-    """The model and memory (or memories) a request runs on, and its alpha (None without a memory; one per
-    memory, a list, with several). A `"memory": "auto"` target is settled by `settle` once the prompts are known."""
+Resolved = tuple[Target, Mixture]  # a request's target and mixture (empty for `"memory": "auto"` until settled)
+
+
+def resolve_target(body: SamplingRequest, serving: Serving) -> Resolved:
+    """The model and memory (or memories) a request runs on, and its mixture, built and checked here once. A
+    `"memory": "auto"` target is settled by `settle` once the prompts are known."""
     check_candidates_field(body.memory, body.memory_candidates)
     if body.memory == AUTO_MEMORY:
-        return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), None
+        return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), Mixture()
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
-    if check_routed(body.alpha, target.memory, bool(target.memories)):
-        if isinstance(body.memory_temperature, list) and len(body.memory_temperature) != 1:
-            raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
-        return target, AUTO_ALPHA
-    if target.memories:
-        alphas, _ = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
-        return target, list(alphas)
-    if target.memory is None and body.alpha is not None:
-        raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
-    alpha = body.alpha
-    if isinstance(alpha, list):  # one memory: one weight (a list of one is that weight)
-        if len(alpha) != 1:
-            raise InvalidRequestError(f"one memory takes one 'alpha', got a list of {len(alpha)}", param="alpha")
-        alpha = alpha[0]
-    if isinstance(body.memory_temperature, list) and (len(body.memory_temperature) != 1 or target.memory is None):
-        raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
-    alpha = None if target.memory is None else (target.memory.alpha if alpha is None else alpha)
-    return target, alpha
+    memories = target.memories or ((target.memory,) if target.memory else ())
+    with mixture_errors():
+        return target, Mixture.resolve(memories, body.alpha, body.memory_temperature)
 
 
-async def settle(
-    state: ServingState, resolved: tuple[Target, float | list[float] | str | None], prompts: list[Prompt]
-) -> tuple[tuple[Target, float | list[float] | str | None], dict[str, str]]:
-    """An auto target becomes the chosen memory at its default α (or the base alone); others pass as they are.
-    Returns the resolved target and the headers the response carries."""
-    target, alpha = resolved
+async def settle(state: ServingState, resolved: Resolved, prompts: list[Prompt]) -> tuple[Resolved, dict[str, str]]:
+    """An auto target becomes the chosen memory at its default α and temperature (or the base alone); others
+    pass as they are. Returns the resolved target and the headers the response carries."""
+    target, _ = resolved
     if target.auto is None:
         return resolved, {}
     chosen, headers = await choose(state, target, prompts)
-    return (chosen, chosen.memory.alpha if chosen.memory else None), headers
+    memory = chosen.memory
+    return (chosen, Mixture.one(memory.name, memory.alpha, memory.temperature) if memory else Mixture()), headers
 
 
 def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, max_tokens: int) -> SamplingParams:
@@ -164,7 +149,7 @@ def build_plan(
     body: SamplingRequest,
     serving: Serving,
     config: ServerConfig,
-    resolved: tuple[Target, float | list[float] | str | None],
+    resolved: Resolved,
     prompts: list[Prompt],
     asked: Asked,
     id_prefix: str,
@@ -172,15 +157,7 @@ def build_plan(
     """Engine requests for every prompt x sample (`resolved`: `resolve_target`'s answer, found before the
     prompts were tokenized); sample j of every prompt uses seed + j."""
     check_prompt_count(len(prompts), body.n)
-    target, alpha = resolved
-    several: dict[str, Any] = {}
-    if target.memories:
-        alphas, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
-        several = {"memories": tuple(m.name for m in target.memories), "alphas": alphas, "memory_temperatures": temps}
-        temperature = 1.0
-    else:
-        requested = body.memory_temperature[0] if isinstance(body.memory_temperature, list) else body.memory_temperature
-        temperature = memory_temperature(requested, target.memory)
+    target, mixture = resolved
     context = serving.context_of(target.memory, *target.memories)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     requests = []
@@ -193,16 +170,12 @@ def build_plan(
                     request_id=f"{request_id}-{p * body.n + j}",
                     prompt_token_ids=prompt.token_ids,
                     params=_params(body, asked, seed, serving.base.vocab_size, max_tokens),
-                    memory=target.memory.name if target.memory else None,
-                    alpha=float(alpha) if isinstance(alpha, float | int) else 0.0,
-                    routed=alpha == AUTO_ALPHA,
-                    memory_temperature=temperature,
+                    mixture=mixture,
                     speculative=body.speculative,
-                    **several,
                 )
             )
     _log_plan(request_id, body, prompts, requests[0], config.log_prompts)
-    return Plan(request_id, int(time.time()), target, alpha, prompts, requests, body.n, serving.token_strings)
+    return Plan(request_id, int(time.time()), target, mixture, prompts, requests, body.n, serving.token_strings)
 
 
 def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], first: GenerationRequest,
@@ -213,7 +186,7 @@ def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], fir
     log.info(
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
         request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
-        first.memory or list(first.memories) or None, "auto" if first.routed else first.alpha if first.memory else list(first.alphas) or None, body.stream,
+        first.mixture.names or None, first.mixture.alpha_field, body.stream,
     )  # fmt: skip
     if log_prompts:
         log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])

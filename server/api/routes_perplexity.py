@@ -11,23 +11,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from memories.mixing import Mixture
 from server.api.auth import check_api_key
 from server.api.request_metrics import CLIENT_CLOSED, set_finish_reason
 from server.api.schemas import PerplexityRequestBody, PerplexityResponse
-from server.api.state import ServingState
+from server.api.state import ServingState, Target
 from server.api.streaming import ClientDisconnected, cancel_on_disconnect
 from server.api.token_logprobs import logprobs_object
 from server.api.tokens import Prompt, TokenStrings, split_prompts, tokenize
 from server.errors import InvalidRequestError
 from server.request import PerplexityRequest, PerplexityResult, PerplexityScore
-from server.validation import (
-    AUTO_ALPHA,
-    AUTO_MEMORY,
-    check_at_most,
-    check_routed,
-    check_several,
-    memory_temperature,
-)
+from server.validation import AUTO_ALPHA, AUTO_MEMORY, check_at_most, mixture_errors
 
 router = APIRouter()
 
@@ -118,13 +112,14 @@ def _documents(
     return data
 
 
-def _one_temperature(value: float | list[float] | None) -> float | None:
-    """One memory's temperature: a number, or a list of one."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise InvalidRequestError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
-        return value[0]
-    return value
+def _mixtures(body: PerplexityRequestBody, target: Target) -> list[Mixture]:
+    """The mixtures a request scores, each built and checked once (`Mixture.resolve`): one per α of a sweep on
+    one memory (`alpha` a list), else one (several memories: their mixture; `"alpha": "auto"`: the router's)."""
+    memories = target.memories or ((target.memory,) if target.memory else ())
+    with mixture_errors():
+        if len(memories) == 1 and isinstance(body.alpha, list) and len(body.alpha) != 1:
+            return [Mixture.resolve(memories, a, body.memory_temperature) for a in body.alpha]
+        return [Mixture.resolve(memories, body.alpha, body.memory_temperature)]
 
 
 def _total(scores: list[PerplexityScore]) -> PerplexityScore:
@@ -149,39 +144,20 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         )  # fmt: skip
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     alpha_is_list = isinstance(body.alpha, list)
-    several: dict = {}
-    alphas: list[float]
-    routed = check_routed(body.alpha, target.memory, bool(target.memories))
-    if routed:  # the memory's router: one mixture, α per scored token
-        alphas = []
-    elif target.memories:  # several memories: one mixture, `alpha` one weight per memory
-        weights, temps = check_several(target.memory_field, body.alpha, body.memory_temperature, list(target.memories))  # type: ignore[arg-type]
-        alphas = list(weights)
-        several = {"memories": tuple(m.name for m in target.memories), "memory_temperatures": temps}
-    elif target.memory is None:
-        if body.alpha is not None:
-            raise InvalidRequestError("'alpha' needs a memory ('memory' or a memory as 'model')", param="alpha")
-        alphas = []
-    elif body.alpha is None:
-        alphas = [target.memory.alpha]
-    else:
-        alphas = list(body.alpha) if isinstance(body.alpha, list) else [body.alpha]  # type: ignore[list-item]
+    mixtures = tuple(m for m in _mixtures(body, target) if m.terms)
     check_at_most(body.logprobs, state.config.max_logprobs, "logprobs")
     docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size, "input")
     job = PerplexityRequest(
         request_id=f"ppl-{uuid.uuid4().hex}",
         documents=tuple(d.token_ids for d in docs),
-        memory=target.memory.name if target.memory else None,
-        alphas=tuple(alphas),
-        memory_temperature=1.0 if several else memory_temperature(_one_temperature(body.memory_temperature), target.memory),
-        **several,
         context_length=body.context_length,
         stride=body.stride,
         first_window=body.first_window,
         max_windows=body.max_windows,
         token_logprobs=body.logprobs,
-        routed=routed,
+        mixtures=mixtures,
     )
+    routed, several, alphas = job.routed, job.several, list(job.alphas)
     started = time.monotonic()
     try:
         result = await cancel_on_disconnect(request, serving.engine.perplexity(job))
@@ -190,14 +166,14 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     num_tokens = sum(len(d.token_ids) for d in docs)
     # Several memories: a label no memory can have ('+' is not allowed in names), counted as `other` (bounded).
-    state.metrics.observe_perplexity("+".join(job.memories) or job.memory, time.monotonic() - started, num_tokens)
+    state.metrics.observe_perplexity("+".join(job.memory_names) or None, time.monotonic() - started, num_tokens)
     data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list, body.first_window == 0,
-                                   bool(several))  # fmt: skip
-    with_memory = target.memory is not None or bool(several)
+                                   several)  # fmt: skip
+    with_memory = target.memory is not None or several
     overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(result.documents[0].mixed))] if with_memory else []
     overall_memory = _total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory else None
     overall = _scores(
-        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list, bool(several)
+        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list, several
     )
     return JSONResponse(
         {

@@ -27,6 +27,8 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 Alpha = Annotated[StrictFloat, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
 AutoAlpha = Literal["auto"]  # the memory's learned router sets α at every position
+# The `alpha` a response echoes (`Mixture.alpha_field`): a number, a list (several memories or a sweep), "auto" or null.
+AlphaEcho = float | list[float] | str | None
 MemoryList = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_MEMORIES)]
 MemoryTemperature = Annotated[StrictFloat, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
 MemoryTemperatureList = Annotated[list[MemoryTemperature], Field(min_length=1, max_length=MAX_MEMORIES)]
@@ -287,7 +289,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     memory: str | list[str] | None = None
-    alpha: float | list[float] | str | None = None
+    alpha: AlphaEcho = None
 
 
 class ChatLogprobAlternative(BaseModel):
@@ -325,7 +327,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     memory: str | list[str] | None = None
-    alpha: float | list[float] | str | None = None
+    alpha: AlphaEcho = None
 
 
 class TokenizeResponse(BaseModel):
@@ -409,7 +411,7 @@ class PerplexityResponse(BaseModel):
     created: int
     model: str
     memory: str | list[str] | None
-    alpha: float | list[float] | str | None
+    alpha: AlphaEcho
     context_length: int
     stride: int
     data: list[PerplexityDocument]
