@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ pytest.importorskip("faiss")
 
 def tiny_llama(vocab: int = 61, seed: int = 0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    cfg: dict[str, Any] = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3)  # fmt: skip
     cfg.update(kw)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
