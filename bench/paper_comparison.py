@@ -28,8 +28,9 @@ Perplexity: the toolkit's protocol (memories.perplexity: windows 1024, stride 51
 three fixed slices: `heldout` = the first `--eval-tokens` tokens of the held-out source's *train* lines of
 ../shared/data (fresh: nothing is tuned on them), `general` = the first `--eval-tokens` of general/valid.txt, and
 `tune` = the first `--tune-tokens` of the held-out source's valid lines (kNN-LM's λ, τ, k; memdec's α was chosen
-there by the recipe). Training CPU-seconds: measured here for LoRA, DAPT and BM25; memdec's and kNN-LM's are the
-fold's recorded stage seconds (the recipe ran each domain on one thread).
+there by the recipe). Training CPU-seconds: measured here (process CPU time) for LoRA, DAPT and BM25; memdec's
+(datastore + index + targets + train) and kNN-LM's (datastore + index) are the fold's recorded stage seconds,
+wall-clock (the recipe ran its three domains at once, one thread each, on 2 cores: an upper bound on CPU time).
 
 Latency per generated token relative to the base alone, greedy, EOS ignored, 32-token prompts from the held-out
 source's valid lines, batch 1 and 8, the median of `--repeats` CPU-time runs, every configuration round-robin in
