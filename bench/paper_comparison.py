@@ -340,11 +340,13 @@ def engine_decode(engine: Any, prompts: list[tuple[int, ...]], tokens: int, memo
 
     if not routed:
         return decode_seconds(engine, prompts, tokens, memory, alpha, 0.0)[1]
+    from memories.mixing import Mixture
     from server.request import GenerationRequest, SamplingParams
 
+    assert memory is not None
     for i, p in enumerate(prompts):
         params = SamplingParams(max_tokens=tokens, temperature=0.0, seed=i, ignore_eos=True)
-        engine.add_request(GenerationRequest(f"r{i}", p, params, memory, alpha, routed=True))
+        engine.add_request(GenerationRequest(f"r{i}", p, params, Mixture.auto(memory)))
     engine.step()  # prefill
     c0 = time.process_time()
     while engine.has_unfinished():
@@ -575,12 +577,13 @@ def latency(base_path: str, fold: Path, memory_name: str, alpha: float, out: Pat
     prompts = [tuple(ids[:QUERY_TOKENS]) for ids in (tok(d, add_special_tokens=False)["input_ids"] for d in prompt_docs)
                if len(ids) >= QUERY_TOKENS][:8]  # fmt: skip
     cfg = EngineConfig(max_num_seqs=8, speculative_tokens=0)
-    base = load_base(ModelConfig(base_path))
+    # Float32, as the transformers loop the kNN-LM and RAG rows run in (and LoRA/DAPT's merged safetensors).
+    base = load_base(ModelConfig(base_path, quantization="none"))
     registry = MemoryRegistry(base)
     registry.load("mem", str(fold), alpha)
     engines = {"base": Engine(base, registry, cfg)}
     for method in ("lora", "dapt"):
-        loaded = load_base(ModelConfig(str(out / method)))
+        loaded = load_base(ModelConfig(str(out / method), quantization="none"))
         engines[method] = Engine(loaded, MemoryRegistry(loaded), cfg)
     runs: dict[str, Callable[[list[tuple[int, ...]]], float]] = {
         "engine:base": lambda p: engine_decode(engines["base"], p, a.latency_tokens, None, 0.0, False),
