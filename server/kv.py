@@ -35,6 +35,11 @@ of (model, slot) pairs of one model.
 
 Reuse of a freed page is safe without events because every engine step ends with a host sync: by
 the time the scheduler frees or hands out a page, all kernels of the previous step have finished.
+
+One writer: a running sequence's lengths and pages, in every model it uses, change only through
+`SequenceKV`, by event — admitted, a chunk scheduled, a decode scheduled (its page), a lookahead reserved
+or trimmed, a decode step run, drafts accepted, rolled back, released — so the invariants above are kept
+in one place; the scheduler, the engine and the runner read lengths but never write them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -402,6 +408,99 @@ class ModelKV:
     @property
     def pending(self) -> bool:
         return bool(self._new_pages or self._table_updates or self._length_updates)
+
+
+class CacheUser(Protocol):
+    """What `SequenceKV` needs of a sequence: its slot, its models (None: the base) and its tokens."""
+
+    @property
+    def row(self) -> int: ...
+    @property
+    def model_keys(self) -> tuple[str | None, ...]: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+
+
+class SequenceKV:
+    """The one writer of running sequences' cache lengths and pages, in every model each uses (`ModelKV`s
+    by key: None is the base, a memory by name), each change named by the event that makes it."""
+
+    def __init__(self, kv_of: Callable[[str | None], ModelKV]) -> None:
+        self.kv_of = kv_of
+
+    def lengths(self, seq: CacheUser) -> dict[str | None, int]:
+        """Tokens each of its models has cached."""
+        return {k: int(self.kv_of(k).host_lengths[seq.row]) for k in seq.model_keys}
+
+    def admit(self, seq: CacheUser, hits: dict[str | None, list[int]]) -> dict[str | None, int]:
+        """A sequence takes its slot: its prefix-cache hits, and pages for its tokens (zeroed chunk by chunk,
+        `ModelKV.set_length`). Returns the tokens each model has cached (its hits)."""
+        # Every model's hits first: a `reserve` may evict cached-free pages, and must not take another model's
+        # hits (matched, not yet referenced) from under it.
+        for key in seq.model_keys:
+            self.kv_of(key).attach(seq.row, hits[key])
+        cached = {}
+        for key in seq.model_keys:
+            kv = self.kv_of(key)
+            kv.reserve(seq.row, len(seq.token_ids), lazy=True)
+            cached[key] = len(hits[key]) * kv.block_size
+            kv.set_length(seq.row, cached[key])
+        return cached
+
+    def chunk_scheduled(self, seq: CacheUser, start: dict[str | None, int], end: int) -> None:
+        """A prompt chunk up to `end` runs this step: each model holds it (or more: a hit that ended past it)."""
+        for key, cached in start.items():
+            self.kv_of(key).set_length(seq.row, max(cached, end))
+
+    def decode_segment(self, seq: CacheUser) -> dict[str | None, int]:
+        """A decode row runs as a one-token segment of a packed forward (a mixed step): every model counts
+        its last token as cached from now. Returns the lengths before (the segment's start)."""
+        start = self.lengths(seq)
+        for key in seq.model_keys:
+            self.kv_of(key).set_length(seq.row, len(seq.token_ids))
+        return start
+
+    def pages_missing(self, seq: CacheUser, extra: int = 0) -> int:
+        """Pages its models still need for its next token and `extra` more (a lookahead's drafts)."""
+        return sum(kv.pages_missing(seq.row, int(kv.host_lengths[seq.row]) + 1 + extra) for kv in map(self.kv_of, seq.model_keys))
+
+    def reserve(self, seq: CacheUser, extra: int = 0) -> None:
+        """A decode is scheduled (extra 0: its next token's page) or a lookahead of `extra` drafts reserved:
+        every model gets the pages (the caller checked `pages_missing` against the free pages)."""
+        for kv in map(self.kv_of, seq.model_keys):
+            kv.reserve(seq.row, int(kv.host_lengths[seq.row]) + 1 + extra)
+
+    def trim_lookahead(self, seqs: Sequence[CacheUser]) -> None:
+        """Every row keeps only the pages its next token needs (its spare draft pages go back), model by model."""
+        keys = list(dict.fromkeys(k for seq in seqs for k in seq.model_keys))
+        for key in keys:
+            kv = self.kv_of(key)
+            for seq in seqs:
+                if key in seq.model_keys:
+                    kv.trim(seq.row, int(kv.host_lengths[seq.row]) + 1)
+
+    def decoded(self, key: str | None, slots: list[int], slots_dev: torch.Tensor) -> None:
+        """One model ran a decode step for these slots: each cached one more token (device and host)."""
+        kv = self.kv_of(key)
+        kv.advance(slots_dev)
+        kv.advance_host(slots)
+
+    def accepted(self, seq: CacheUser, num_tokens: int) -> None:
+        """After a speculative round, or a forward that failed before anything was cached: every cache of the
+        row holds its first `num_tokens` tokens (pages past them stay, for its next round: they hold only its
+        own rejected drafts, masked by the length)."""
+        for key in seq.model_keys:
+            self.kv_of(key).set_length(seq.row, num_tokens)
+
+    def rollback(self, seq: CacheUser, num_tokens: int) -> None:
+        """Forget everything past its first `num_tokens` tokens in every cache, and the pages past them."""
+        for key in seq.model_keys:
+            self.kv_of(key).truncate(seq.row, num_tokens)
+
+    def release(self, seq: CacheUser) -> None:
+        """It finished, failed or was preempted: every page of its slot goes back."""
+        for key in seq.model_keys:
+            self.kv_of(key).free(seq.row)
 
 
 def num_pages_for_budget(budget_bytes: int, page_bytes: int) -> int:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from memories.router import Router
 from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
 from server.graphs import DecodeGraphs, VerifyGraphs
-from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, page_bytes_for
+from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, SequenceKV, page_bytes_for
 from server.loader import LoadedModel
 from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.scheduler import PrefillChunk
@@ -221,6 +222,45 @@ class PrefillInputs:
     keep: np.ndarray  # [K] packed positions whose logits are kept
 
 
+class PrefillOutput(NamedTuple):
+    """One model's prefill forward: what the engine keeps of its logits."""
+
+    last: torch.Tensor | None  # [b, V] the last position of each final chunk, in chunk order (None: no chunk ended)
+    prompt: dict[int, torch.Tensor]  # echo row -> [T, V] at every prompt position (an echo prompt runs whole)
+    scored: dict[int, torch.Tensor]  # seq_id of a context-routed chunk -> [n, V] at each of its positions
+
+
+@dataclass
+class PackedPrefill:
+    """One model's prefill, packed (`ModelRunner._pack_prefill`): its inputs, and which positions' logits are kept."""
+
+    key: ModelKey
+    inputs: PrefillInputs | None = None
+    keep: list[int] = field(default_factory=list)  # packed positions whose logits are kept
+    last: list[int] = field(default_factory=list)  # index into `keep` of each final chunk's last position
+    echo: dict[int, tuple[int, int]] = field(default_factory=dict)  # echo row -> (first index into `keep`, count)
+    scored: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq_id -> (first index into `keep`, count)
+
+    def keep_positions(self, c: PrefillChunk, row: int | None, key: ModelKey, start: int, n: int) -> None:
+        """Which of chunk c's n packed positions (from `start`) keep their logits: every one for a context-routed
+        chunk (its targets' log-probs feed the EMAs) and an echo prompt, else a final chunk's last."""
+        if c.seq.context_routed and not c.decode:
+            self.scored[c.seq.seq_id] = (len(self.keep), n)
+            self.keep.extend(range(start, start + n))
+            if c.seq.wants_prompt_logprobs and row is not None:
+                self.echo[row] = self.scored[c.seq.seq_id]
+        elif row is None:
+            return
+        elif c.seq.wants_prompt_logprobs and not c.decode:  # an echo row decoding in a MIXED step: its next token only
+            assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
+            self.echo[row] = (len(self.keep), n)
+            self.keep.extend(range(start, start + n))
+        else:
+            self.keep.append(start + n - 1)
+        if row is not None:
+            self.last.append(len(self.keep) - 1)
+
+
 def prefill_forward(lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
     """The packed forward of `inputs` on `lm` over its cache `kv`: logits [K, V] of the kept positions."""
     singles = None
@@ -319,6 +359,7 @@ class ModelRunner:
         self.side_stream = torch.cuda.Stream(self.device) if config.use_cuda_streams and self.device.type == "cuda" else None
         self._token_updates: dict[int, int] = {}  # slot -> last token, set by the host (rollback)
         self.models: dict[ModelKey, ModelState] = {}
+        self.caches = SequenceKV(self.kv)  # the one writer of every sequence's lengths and pages (`server.kv`)
         self.add_model(None, base)
         if config.speculative_tokens:
             state = self.models[None]
@@ -473,47 +514,27 @@ class ModelRunner:
         self.upload.reset()
 
     # -- forwards ----------------------------------------------------------------------------------
-    def _prefill_model(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]):
-        """One packed forward over prompt chunks, each from where this model's cache of it ends.
+    def _pack_prefill(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]) -> PackedPrefill | None:
+        """One model's packed forward over prompt chunks, each from where this model's cache of it ends (None:
+        its cache already holds them all, as when its prefix hit went further).
 
         rows[i]: the batch row of chunk i when it is its prompt's last (its last position's logits are
-        kept), None for an earlier chunk (nothing is kept). Returns the kept rows' last-position logits
-        [b, V] in chunk order, echo rows' [T, V] (an echo prompt runs whole, from position 0), and context-routed
-        prompt chunks' [n, V] at every position (by seq_id; `Sequence.context_routed`).
+        kept), None for an earlier chunk (nothing is kept).
         """
-        state = self.models[key]
-        kv, lm = state.kv, state.lm
-        # A model whose cache already holds this chunk (its prefix hit went further) has nothing to do.
+        kv = self.models[key].kv
         todo = [(c, r) for c, r in zip(chunks, rows, strict=True) if c.start[key] < c.end]
         assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
         if not todo:
-            return None, {}, {}
+            return None
         spans = [(c.start[key], c.end) for c, _ in todo]
         lengths = [e - b for b, e in spans]
         starts = np.cumsum([0, *lengths[:-1]])
         ids = np.concatenate([np.asarray(c.seq.token_ids[b:e], dtype=np.int64) for (c, _), (b, e) in zip(todo, spans, strict=True)])
         pos = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in spans])  # [N]
         slots = np.repeat(np.asarray([c.seq.row for c, _ in todo], dtype=np.int64), lengths)
-        keep: list[int] = []  # packed positions whose logits we need
-        last: list[int] = []  # index into `keep` of each kept row's last position
-        echo: dict[int, tuple[int, int]] = {}
-        scored: dict[int, tuple[int, int]] = {}
+        packed = PackedPrefill(key=key)
         for (c, row), start, n in zip(todo, starts, lengths, strict=True):
-            if c.seq.context_routed and not c.decode:  # every position: its target's log-prob feeds the EMAs
-                scored[c.seq.seq_id] = (len(keep), n)
-                keep.extend(range(start, start + n))
-                if c.seq.wants_prompt_logprobs and row is not None:
-                    echo[row] = scored[c.seq.seq_id]
-            elif row is None:
-                continue
-            elif c.seq.wants_prompt_logprobs and not c.decode:  # an echo row decoding in a MIXED step: its next token only
-                assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
-                echo[row] = (len(keep), n)
-                keep.extend(range(start, start + n))
-            else:
-                keep.append(start + n - 1)
-            if row is not None:
-                last.append(len(keep) - 1)
+            packed.keep_positions(c, row, key, int(start), n)
         # One-token segments on a cache (decode rows of a MIXED step) attend together; the others one by one.
         single = [i for i, (b, e) in enumerate(spans) if b and e - b == 1]
         in_single = set(single)
@@ -524,22 +545,31 @@ class ModelRunner:
             singles = (frozenset(single), starts[single].astype(np.int64),
                        kv.host_tables[slot_ids, :nblk].copy(),  # past a row's blocks: its scratch entries, masked
                        np.asarray([spans[i][1] for i in single], dtype=np.int64))  # fmt: skip
-        inputs = PrefillInputs(
+        packed.inputs = PrefillInputs(
             ids=ids, pos=pos, pages=kv.host_tables[slots, pos // kv.block_size],
             segments=list(zip(starts.tolist(), lengths, strict=True)), cached=[b for b, _ in spans],
             context=[kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in in_single else None
                      for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))],
             singles=singles,
-            keep=np.asarray(keep or [len(ids) - 1], dtype=np.int64),  # earlier chunks only: one, unused
+            keep=np.asarray(packed.keep or [len(ids) - 1], dtype=np.int64),  # earlier chunks only: one, unused
         )  # fmt: skip
+        return packed
+
+    def _prefill_model(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]) -> PrefillOutput:
+        """Pack (`_pack_prefill`) and run one model's prefill forward over these chunks."""
+        packed = self._pack_prefill(key, chunks, rows)
+        if packed is None:
+            return PrefillOutput(None, {}, {})
+        assert packed.inputs is not None
         if key is None and self.shards is not None:
-            self.shards.prefill(inputs)  # the other ranks run the same forward on their heads
-        logits = prefill_forward(lm, kv, inputs, self.upload)  # [K, V]
-        chunk_logits = {seq_id: logits[a : a + n] for seq_id, (a, n) in scored.items()}
-        if not last:
-            return None, {}, chunk_logits
-        prompt = {row: logits[a : a + n] for row, (a, n) in echo.items()}
-        return logits[self.upload(np.asarray(last, dtype=np.int64))], prompt, chunk_logits
+            self.shards.prefill(packed.inputs)  # the other ranks run the same forward on their heads
+        state = self.models[key]
+        logits = prefill_forward(state.lm, state.kv, packed.inputs, self.upload)  # [K, V]
+        scored = {seq_id: logits[a : a + n] for seq_id, (a, n) in packed.scored.items()}
+        if not packed.last:
+            return PrefillOutput(None, {}, scored)
+        prompt = {row: logits[a : a + n] for row, (a, n) in packed.echo.items()}
+        return PrefillOutput(logits[self.upload(np.asarray(packed.last, dtype=np.int64))], prompt, scored)
 
     def prefill(self, batch: RowBatch | None, chunks: list[PrefillChunk]) -> StepLogits:
         """Forwards over this step's prompt chunks; `batch` holds the sequences whose last chunk this is, in
@@ -620,10 +650,10 @@ class ModelRunner:
         self._parallel(run_base, run_memories)
         assert base_logits is not None
         # The step's token is now cached in every model that ran it.
-        self._advance(None, batch.slots, batch.slots_dev)
+        self.caches.decoded(None, batch.slots, batch.slots_dev)
         for g in batch.groups:
             if g.name in mem_out:
-                self._advance(g.name, g.slots, g.slots_dev)
+                self.caches.decoded(g.name, g.slots, g.slots_dev)
         return StepLogits(base_logits, mem_out, {}, failed, (base_timer, mem_timer))
 
     def speculate(self, batch: RowBatch, plan: SpecPlan) -> SpecLogits:
@@ -696,7 +726,7 @@ class ModelRunner:
         with _contained(g, rnd.failed, "draft step"):
             state = self.models[g.name]
             logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
-            self._advance(g.name, step.slots, step.slots_dev)
+            self.caches.decoded(g.name, step.slots, step.slots_dev)
             temperature = g.temperature
             if temperature is not None and not step.whole_group:
                 temperature = temperature.index_select(0, step.rows)
@@ -711,17 +741,6 @@ class ModelRunner:
                     self.tokens.index_copy_(0, rnd.batch.multi_slots_dev, rnd.multi_inputs)
         if g.rows[0] in rnd.failed:
             rnd.failed_groups.add(g.name)
-
-    def set_cached(self, seq: Sequence, num_tokens: int) -> None:
-        """After a speculative round: every cache of `seq` holds its first `num_tokens` tokens (pages it holds
-        past them stay, for its next round; they hold only its own rejected drafts, masked by the length)."""
-        for key in seq.model_keys:
-            self.models[key].kv.set_length(seq.row, num_tokens)
-
-    def _advance(self, key: ModelKey, slots: list[int], slots_dev: torch.Tensor) -> None:
-        kv = self.models[key].kv
-        kv.advance(slots_dev)
-        kv.advance_host(slots)
 
     def score(
         self, keys: list[tuple[str, float]], ids: torch.Tensor, windows: list[Window], distributions: bool = False,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.kv import ModelKV, PagePool
+from server.kv import ModelKV, PagePool, SequenceKV
 from server.perplexity import PerplexityJob
 from server.sequence import Sequence, Status
 
@@ -84,14 +84,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         pool: PagePool,
-        kv_of: Callable[[str | None], ModelKV],
+        kv_of: Callable[[str | None], ModelKV] | SequenceKV,
         chunked_prefill: bool = True,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.pool = pool
-        self.kv_of = kv_of
+        # Lengths and pages change through `caches` only (its events); `kv_of` is for reading them.
+        self.caches = kv_of if isinstance(kv_of, SequenceKV) else SequenceKV(kv_of)
+        self.kv_of = self.caches.kv_of
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.jobs: deque[PerplexityJob] = deque()  # perplexity jobs, oldest first
@@ -149,29 +151,20 @@ class Scheduler:
         return cost
 
     def _take_slot(self, seq: Sequence, hits: dict[str | None, list[int]]) -> None:
-        slot = seq.slot = self._free_slots.pop()
+        seq.slot = self._free_slots.pop()
         n = len(seq.token_ids)
-        # Every model's hits first: a `reserve` may evict cached-free pages, and must not take another model's
-        # hits (matched, not yet referenced) from under it.
+        cached = self.caches.admit(seq, hits)
         for key in seq.model_keys:
-            self.kv_of(key).attach(slot, hits[key])
-        cached = []
-        for key in seq.model_keys:
-            kv = self.kv_of(key)
-            kv.reserve(slot, n, lazy=True)  # zeroed chunk by chunk (`ModelKV.set_length`)
-            kv.set_length(slot, len(hits[key]) * kv.block_size)
-            cached.append(len(hits[key]) * kv.block_size)
-            if not (seq.wants_prompt_logprobs or seq.context_routed) and kv.prefix_caching:
-                self.prefix_stats.append(PrefixStats("base" if key is None else "memory", n, cached[-1]))
+            if not (seq.wants_prompt_logprobs or seq.context_routed) and self.kv_of(key).prefix_caching:
+                self.prefix_stats.append(PrefixStats("base" if key is None else "memory", n, cached[key]))
         seq.prefill_len = n
-        seq.num_computed = min(cached)
+        seq.num_computed = min(cached.values())
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and slot (it finished, failed or was preempted)."""
         if seq.slot is None:
             return
-        for key in seq.model_keys:
-            self.kv_of(key).free(seq.slot)
+        self.caches.release(seq)
         self._free_slots.append(seq.slot)
         seq.slot = None
         seq.num_computed = seq.prefill_len = 0
@@ -222,9 +215,7 @@ class Scheduler:
                 n = min(n, CONTEXT_CHUNK_TOKENS)
             end = seq.num_computed + n
             chunks.append(PrefillChunk(seq, start, end))
-            for key, cached in start.items():
-                # A model may already hold more than this chunk (its hit ended past it): keep that.
-                self.kv_of(key).set_length(seq.row, max(cached, end))
+            self.caches.chunk_scheduled(seq, start, end)  # a model whose hit ended past the chunk keeps it
             return n
 
         for seq in self.running:
@@ -232,8 +223,7 @@ class Scheduler:
                 continue
             if budget <= 0:
                 return chunks
-            start = {k: int(self.kv_of(k).host_lengths[seq.row]) for k in seq.model_keys}
-            budget -= take(seq, start)
+            budget -= take(seq, self.caches.lengths(seq))
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             n = len(seq.token_ids)
@@ -294,9 +284,7 @@ class Scheduler:
             if seq.seq_id not in needy:
                 i += 1
                 continue
-            slot = seq.row
-            need = [(kv, int(kv.host_lengths[slot]) + 1) for kv in map(self.kv_of, seq.model_keys)]
-            missing = sum(kv.pages_missing(slot, n) for kv, n in need)
+            missing = self.caches.pages_missing(seq)
             if missing > self.pool.num_free:
                 self._trim_lookahead()  # spare draft pages go before anyone is preempted
             while missing > self.pool.num_free and self.running[-1] is not seq:
@@ -304,8 +292,7 @@ class Scheduler:
             if missing > self.pool.num_free:  # it is the last one left that could give pages back
                 preempted.append(self._preempt(seq))
                 continue
-            for kv, n in need:
-                kv.reserve(slot, n)
+            self.caches.reserve(seq)
             i += 1
         if self.decoding:
             self._room, self._room_version = self._steps_of_room() - 1, self.version  # this step takes one
@@ -316,20 +303,15 @@ class Scheduler:
         caches its drafts), only from free pages above the watermark: speculation never preempts anyone.
         Returns whether the row has them. They stay with the row for its later rounds, until it finishes
         or another row needs a page and none is free (`_trim_lookahead`)."""
-        slot = seq.row
-        need = [(kv, int(kv.host_lengths[slot]) + 1 + num_tokens) for kv in map(self.kv_of, seq.model_keys)]
-        missing = sum(kv.pages_missing(slot, n) for kv, n in need)
+        missing = self.caches.pages_missing(seq, num_tokens)
         if missing and missing + self._watermark > self.pool.num_free:
             return False
-        for kv, n in need:
-            kv.reserve(slot, n)
+        self.caches.reserve(seq, num_tokens)
         return True
 
     def _trim_lookahead(self) -> None:
         """Every running row keeps only the pages its next token needs, in every model."""
-        for kv, seqs, _ in self._running_by_model():
-            for seq in seqs:
-                kv.trim(seq.row, int(kv.host_lengths[seq.row]) + 1)
+        self.caches.trim_lookahead(self.decoding)
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
