@@ -109,15 +109,15 @@ class Mixer:
             out |= self._prompt_readback(rows, logits)
         return out
 
-    def sampled(self, rows: RowBatch, host: Host) -> Sampled:
-        """`mix`'s fields, read, as per-row results."""
+    def sampled(self, rows: RowBatch, logits: StepLogits, host: Host) -> Sampled:
+        """`mix`'s fields, read, as per-row results (echo rows: those `logits.prompt` has, unless they failed)."""
         tok = host["tokens"]
         logprobs = {i: token_logprob(host, "", (j,), int(tok[i]), rows.seqs[i].params.logprobs or 0)
                     for j, i in enumerate(rows.logprob_rows)}  # fmt: skip
         prompt: dict[int, tuple[TokenLogprob | None, ...]] = {}
-        for i, seq in enumerate(rows.seqs):
-            if f"prompt.{i}.chosen" in host:
-                ids = seq.token_ids
+        for i in logits.prompt:
+            if i not in logits.failed:
+                ids = rows.seqs[i].token_ids
                 prompt[i] = (None, *(token_logprob(host, f"prompt.{i}.", (t,), ids[t + 1], len(host[f"prompt.{i}.top_i"][t]))
                                      for t in range(len(ids) - 1)))  # fmt: skip
         return Sampled(tok, logprobs, prompt, host.get("accepted"))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from server.transfer import Uploader
 log = logging.getLogger(__name__)
 
 ModelKey = str | None  # None = the base; a memory by its registry name
+T = TypeVar("T")
 
 
 class _Timer:
@@ -583,7 +584,6 @@ class ModelRunner:
         mem_out: dict[str, torch.Tensor] = {}
         prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
         scored: dict[int, dict[ModelKey, torch.Tensor]] = {}
-        base_logits: torch.Tensor | None = None
         by_memory: dict[str, list[int]] = {}
         for i, c in enumerate(chunks):
             for name in c.seq.memory_names:
@@ -611,16 +611,16 @@ class ModelRunner:
                 for seq_id, lp in chunk_logits.items():
                     scored.setdefault(seq_id, {})[name] = self._to_main(lp)
 
-        def run_base() -> None:
-            nonlocal base_logits
+        def run_base() -> torch.Tensor | None:
             with base_timer, self._lockstep():
-                base_logits, echo, chunk_logits = self._prefill_model(None, chunks, rows)
-            for row, lp in echo.items():
+                out = self._prefill_model(None, chunks, rows)
+            for row, lp in out.prompt.items():
                 prompt.setdefault(row, {})[None] = lp
-            for seq_id, lp in chunk_logits.items():
+            for seq_id, lp in out.scored.items():
                 scored.setdefault(seq_id, {})[None] = lp
+            return out.last
 
-        self._parallel(run_base, run_memories)
+        base_logits = self._overlap(run_base, run_memories)
         if base_logits is None:  # no prompt ended in this step
             base_logits = torch.empty(0, self.base.vocab_size, device=self.device)
         return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer), failed_chunks, scored)
@@ -629,7 +629,6 @@ class ModelRunner:
         base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
         failed: dict[int, str] = {}
         mem_out: dict[str, torch.Tensor] = {}
-        base_logits: torch.Tensor | None = None
 
         def longest(key: ModelKey, slots: list[int]) -> int:
             return int(self.models[key].kv.host_lengths[slots].max()) + 1
@@ -640,15 +639,13 @@ class ModelRunner:
                     logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
                     mem_out[g.name] = self._to_main(logits)
 
-        def run_base() -> None:
-            nonlocal base_logits
+        def run_base() -> torch.Tensor:
             with base_timer, self._lockstep():
                 if self.shards is not None:
                     self.shards.decode(self.tokens, batch.slots, longest(None, batch.slots))
-                base_logits = self.models[None].graphs.run(batch.slots_dev, len(batch.seqs), longest(None, batch.slots))
+                return self.models[None].graphs.run(batch.slots_dev, len(batch.seqs), longest(None, batch.slots))
 
-        self._parallel(run_base, run_memories)
-        assert base_logits is not None
+        base_logits = self._overlap(run_base, run_memories)
         # The step's token is now cached in every model that ran it.
         self.caches.decoded(None, batch.slots, batch.slots_dev)
         for g in batch.groups:
@@ -685,7 +682,6 @@ class ModelRunner:
         for g in live:
             if g.name not in rnd.failed_groups:
                 ids[:, 1:].index_copy_(0, g.rows_dev, rnd.drafts[g.name].tokens[:, : t - 1])
-        base_logits: torch.Tensor | None = None
 
         def run_memories() -> None:
             # Buffers written here were made on the main stream, which waits for this one before reading or
@@ -694,18 +690,16 @@ class ModelRunner:
                 for g in live:
                     self._draft(rnd, g, t)
 
-        def run_base() -> None:
-            nonlocal base_logits
+        def run_base() -> torch.Tensor:
             assert base.verify is not None
             longest = int(base.kv.host_lengths[batch.slots].max()) + t
             with verify_timer, self._lockstep():
                 valid = plan.k_dev + 1
                 if self.shards is not None:
                     self.shards.verify(batch.slots, ids, valid, longest)
-                base_logits = base.verify.run(batch.slots_dev, ids, valid, longest)
+                return base.verify.run(batch.slots_dev, ids, valid, longest)
 
-        self._parallel(run_base, run_memories)
-        assert base_logits is not None
+        base_logits = self._overlap(run_base, run_memories)
         return SpecLogits(base_logits, rnd.drafts, uniforms, rnd.failed, (verify_timer, draft_timer, last_timer))
 
     def _draft_buffers(self, rows: int, t: int, batch: RowBatch) -> DraftBuffers:
@@ -760,13 +754,13 @@ class ModelRunner:
                     log.exception("memory %s perplexity forward failed", key)
                     result[key] = exc
 
-        def run_base() -> None:
+        def run_base() -> torch.Tensor:
             with self._lockstep():
                 if self.shards is not None:
                     self.shards.score(ids, windows, distributions)
-                result[None] = scorer(self.base.model, ids, windows, vocab)
+                return scorer(self.base.model, ids, windows, vocab)
 
-        self._parallel(run_base, run_memory)
+        result[None] = self._overlap(run_base, run_memory)
         return result
 
     # -- streams -----------------------------------------------------------------------------------
@@ -776,18 +770,21 @@ class ModelRunner:
             t.record_stream(self._main_stream)
         return t
 
-    def _parallel(self, run_base: Callable[[], None], run_memories: Callable[[], None]) -> None:
+    def _overlap(self, run_base: Callable[[], T], run_memories: Callable[[], None]) -> T:
+        """The one forward pattern: the memories on the side stream (each contained by its caller: a failing
+        memory fails only its rows), the base on the main stream, overlapped on CUDA; returns the base's result
+        (its exceptions propagate: the engine fails the step's rows)."""
         if self.side_stream is None:
-            run_base()
+            out = run_base()
             run_memories()
-            return
+            return out
         main = self._main_stream = torch.cuda.current_stream(self.device)
         # The side stream must see this step's uploads and the previous step's writes before it starts.
         self.side_stream.wait_stream(main)
         try:
             with torch.cuda.stream(self.side_stream):
                 run_memories()  # enqueues kernels and returns: they overlap with the base below
-            run_base()
+            return run_base()
         finally:
             main.wait_stream(self.side_stream)  # mixing reads the memory logits
 

@@ -141,7 +141,7 @@ def count_speculation(engine: Engine, counts: dict[str, SpecCounts]) -> None:
 def postprocess_rows(engine: Engine, rows: RowBatch, logits: StepLogits, host: Host, is_prefill: bool) -> None:
     """Each row appends its token (or fails, or ends after its echo), and the speculative rows' acceptance
     tests of a plain step are counted."""
-    sampled = engine.mixer.sampled(rows, host)
+    sampled = engine.mixer.sampled(rows, logits, host)
     now = time.monotonic()
     for i, seq in enumerate(rows.seqs):
         if i in logits.failed:
