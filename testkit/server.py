@@ -40,8 +40,18 @@ def serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iter
     port = free_port()
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     cmd = [*_memdec(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    with running(cmd, port, log, "/ready", env=full_env, cwd=Path(__file__).resolve().parents[1]) as server:
+        yield server
+
+
+@contextmanager
+def running(
+    cmd: list[str], port: int, log: Path, ready_path: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[Server]:
+    """Start `cmd` (an HTTP server listening on `port`), wait until `ready_path` answers 200, stop it afterwards.
+    A server that exits or is not ready within 180 s raises with its log."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 180
@@ -51,7 +61,7 @@ def serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iter
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready in time:\n{server.logs()}")
             try:
-                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
