@@ -151,6 +151,10 @@ class QuantizedSummary:
     float_layers: int  # shapes neither kernel takes
     weight_bytes: int  # bytes the quantized layers' kernels read per token (weights + scales)
 
+    @property
+    def quantized(self) -> bool:
+        return self.int4_layers + self.int8_layers > 0
+
     def describe(self) -> str:
         kinds = ((self.int4_layers, "int4"), (self.int8_layers, "int8"), (self.float_layers, "unquantized"))
         parts = [f"{n} {kind}" for n, kind in kinds if n]
@@ -209,6 +213,4 @@ def quantize_model(model: torch.nn.Module, scheme: str) -> QuantizedSummary:
                 continue
             setattr(parent, name, q.to(weight.device))
             counts[kind] += 1
-    if not counts["int4"] + counts["int8"]:
-        raise QuantizationError(f"{type(model).__name__} has no linear layer either kernel can take")
     return QuantizedSummary(scheme, counts["int4"], counts["int8"], counts["float"], nbytes)

@@ -82,6 +82,8 @@ def load_causal_lm(
     if scheme != "none":
         summary = quantize_model(model, scheme)
         log.info("%s: %s", path, summary.describe())
+        if not summary.quantized:  # no layer either kernel takes (a memory of odd widths): it serves as loaded
+            scheme = "none"
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -197,3 +197,11 @@ def test_model_cards_say_what_runs(zoo):
     assert isinstance(r, httpx.Response) and r.status_code == 200
     (card,) = r.json()["data"]
     assert card["serving_quantization"] == "int8" and card["format"] == "safetensors"
+
+
+def test_a_model_no_kernel_can_take_serves_as_loaded():
+    """A memory whose every input width misses the kernels' multiples is not an error: nothing is swapped."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.Linear(8, 24))
+    summary = quantize_model(model, "int4")
+    assert not summary.quantized and summary.float_layers == 2
+    assert all(type(m) is torch.nn.Linear for m in model)
