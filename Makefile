@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile demo/base.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,toolkit]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,toolkit,bench]'
 	$(PY) -m server.demo install
 	touch $(STAMP)
 
