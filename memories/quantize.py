@@ -163,9 +163,9 @@ class QuantizedSummary:
 
 def auto_scheme(device: torch.device, gguf_type: str | None) -> str:
     """The default (``--quantization auto``): on a CPU, a GGUF base runs in the precision its file was stored
-    in — 4-bit files (Q4_*) as int4, 8-bit (Q8_0) as int8 — because its user chose a quantized model and those
-    layers re-quantize without rounding; everything else (safetensors, F16/F32 files, any GPU) runs
-    unquantized."""
+    in — 4-bit files (Q4_*) as int4, 8-bit (Q8_0) as int8 — because its user chose a quantized model: 4-bit
+    blocks re-quantize onto their own grid, 8-bit blocks into per-row int8 (a rounding the perplexity checks in
+    docs/performance.md measure); everything else (safetensors, F16/F32 files, any GPU) runs unquantized."""
     if device.type != "cpu" or gguf_type is None:
         return "none"
     if gguf_type.upper().startswith("Q4"):
