@@ -158,7 +158,8 @@ class QuantizedSummary:
     def describe(self) -> str:
         kinds = ((self.int4_layers, "int4"), (self.int8_layers, "int8"), (self.float_layers, "unquantized"))
         parts = [f"{n} {kind}" for n, kind in kinds if n]
-        return f"{self.scheme} weight-only, bfloat16 activations ({', '.join(parts)} linear layers)"
+        mb = self.weight_bytes / 1e6
+        return f"{self.scheme} weight-only, bfloat16 activations ({', '.join(parts)} linear layers; {mb:.1f} MB read)"
 
 
 def auto_scheme(device: torch.device, gguf_type: str | None) -> str:
