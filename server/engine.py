@@ -25,7 +25,7 @@ import torch
 
 from memories.mixing import no_router
 from server.config import EngineConfig
-from server.errors import InvalidRequestError, NotFoundError
+from server.errors import InvalidRequestError, NotFoundError, forward_failed
 from server.kv import KVGeometry
 from server.loader import LoadedModel
 from server.mixer import Host, Mixer, Readback
@@ -286,7 +286,7 @@ class Engine:
         self.runner.step_done()
         for c in fw.chunks[: len(fw.decode)]:  # nothing of the failed forward is counted as cached
             self.runner.caches.accepted(c.seq, c.end - 1)
-        failed = self.fail([c.seq for c in fw.chunks[len(fw.decode) :]], f"base forward failed: {type(exc).__name__}: {exc}")
+        failed = self.fail([c.seq for c in fw.chunks[len(fw.decode) :]], forward_failed("base", exc))
         frame.start()
         outputs, stats = self._run(frame, self._decode(fw.decode, self._lookahead(fw.decode)), preempted)
         return outputs + failed, stats

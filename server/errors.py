@@ -72,3 +72,9 @@ class MemoryLoadError(InvalidRequestError):
 
 class EngineDeadError(ServiceUnavailableError):
     """The engine loop has stopped; nothing can be served."""
+
+
+def forward_failed(model: str, exc: BaseException) -> str:
+    """What a request learns when a model's forward for it raised (`model`: "base" or "memory"); the engine
+    and the runner both fail rows with it, so the text is written here once."""
+    return f"{model} forward failed: {type(exc).__name__}: {exc}"

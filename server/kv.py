@@ -485,6 +485,11 @@ class SequenceKV:
         kv.advance(slots_dev)
         kv.advance_host(slots)
 
+    def mirrored_decode(self, slots_dev: torch.Tensor) -> None:
+        """A tensor-parallel worker ran rank 0's decode step on its share of the base: its device lengths follow
+        rank 0's (its host lengths are unused: each operation rank 0 sends carries the bounds it needs)."""
+        self.kv_of(None).advance(slots_dev)
+
     def accepted(self, seq: CacheUser, num_tokens: int) -> None:
         """After a speculative round, or a forward that failed before anything was cached: every cache of the
         row holds its first `num_tokens` tokens (pages past them stay, for its next round: they hold only its

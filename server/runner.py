@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from functools import partial
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -27,12 +27,14 @@ from memories.perplexity import Window, batch_distributions, batch_logprobs
 from memories.router import Router
 from server.attention import PrefillContext, SingleTokens, use_paged_attention
 from server.config import EngineConfig
+from server.errors import forward_failed
 from server.graphs import DecodeGraphs, VerifyGraphs
 from server.kv import SCRATCH_PAGE, KVGeometry, ModelKV, PagePool, SequenceKV, page_bytes_for
 from server.loader import LoadedModel
 from server.sampler import DRAFT, SamplingRows, propose, sampling_rows, speculative_uniforms
 from server.scheduler import PrefillChunk
 from server.sequence import MemoryUse, Sequence
+from server.tp import ShardedBase, Unsharded
 from server.transfer import Uploader
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,11 @@ class _Drafting:
     failed: dict[int, str] = field(default_factory=dict)  # batch row -> error
     failed_groups: set[str] = field(default_factory=set)
 
+    def fail(self, g: MemoryGroup, exc: Exception) -> None:
+        """A draft step of g raised: its rows fail, and its later steps do not run."""
+        _fail_rows(self.failed, g.rows, exc)
+        self.failed_groups.add(g.name)
+
 
 @dataclass
 class SpecLogits:
@@ -281,7 +288,7 @@ def prefill_forward(lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Cal
     return out.logits[0, :, : lm.vocab_size]
 
 
-def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, block_tokens: int) -> int:
+def default_num_pages(base: LoadedModel, config: EngineConfig, geometry: KVGeometry, block_tokens: int) -> int:
     """The KV budget in pages: `--num-gpu-blocks-override`, else measured on CUDA, else sized on CPU.
 
     CUDA (vLLM's meaning of --gpu-memory-utilization): this process may use that fraction of the
@@ -291,6 +298,7 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
     """
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
+    page_bytes = page_bytes_for(geometry, block_tokens)
     per_seq = -(-base.max_model_len // block_tokens)
     if base.device.type != "cuda":
         return min(2 * config.max_num_seqs * per_seq + 1, (4 << 30) // page_bytes)
@@ -304,7 +312,6 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
         base.model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), logits_to_keep=1)
     torch.cuda.synchronize(device)
     activation = torch.cuda.max_memory_allocated(device) - before
-    geometry = KVGeometry.of(base.model.config, base.dtype, base.tensor_parallel.world_size if base.tensor_parallel else 1)
     # The largest decode graph gathers every row's pages for one layer (keys and values), plus logits.
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4
@@ -328,14 +335,40 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, page_bytes: int, 
     return pages
 
 
-@contextmanager
-def _contained(group: MemoryGroup, failed: dict[int, str], phase: str) -> Iterator[None]:
-    """A memory that raises fails only the rows that use it: record them in `failed` and go on."""
-    try:
-        yield
-    except Exception as exc:
-        log.exception("memory %s %s failed", group.name, phase)
-        failed.update({i: f"memory forward failed: {type(exc).__name__}: {exc}" for i in group.rows})
+@dataclass(frozen=True)
+class MemoryJob:
+    """One memory's part of a step's forwards (`ModelRunner._forward`): `run` it on the side stream; when it
+    raises, `contain` is told the exception and fails only what the memory was running for."""
+
+    name: str
+    run: Callable[[], Any]
+    contain: Callable[[Exception], None]
+
+
+@dataclass(frozen=True)
+class Forwards(Generic[T]):
+    """What `ModelRunner._forward` returns: the base's result and each memory's (on the main stream now)."""
+
+    base: T
+    memories: dict[str, Any]  # memory -> what its job returned; absent when the job raised (and was contained)
+    timers: tuple[_Timer, _Timer]  # base, memories
+
+
+def _fail_rows(failed: dict[int, str], rows: list[int], exc: Exception) -> None:
+    """A memory's forward raised: the batch rows that use it fail with the same message."""
+    failed.update(dict.fromkeys(rows, forward_failed("memory", exc)))
+
+
+def _fail_chunks(failed: dict[int, str], failed_chunks: dict[int, str], targets: list[tuple[int, int | None]],
+                 exc: Exception) -> None:
+    """A memory's prefill raised: each of its chunks fails, as its batch row when it is its prompt's last one
+    ((seq_id, row)), else by sequence (`StepLogits.failed_chunks`)."""
+    message = forward_failed("memory", exc)
+    for seq_id, row in targets:
+        if row is None:
+            failed_chunks[seq_id] = message
+        else:
+            failed[row] = message
 
 
 class ModelRunner:
@@ -346,12 +379,11 @@ class ModelRunner:
         self.num_slots = config.max_num_seqs
         # Tensor parallelism: the base is sharded by heads over ranks that run its every forward with this one
         # (server/tp.py); this rank's cache holds its own key/value heads, and every rank must agree on the pages.
-        self.shards = base.tensor_parallel
+        # Without it the same calls go to `Unsharded`, which has no other rank to tell: no branch here knows.
+        self.shards: ShardedBase | Unsharded = base.tensor_parallel or Unsharded()
         base_geometry = self._geometry(None, base)
         page_bytes = page_bytes_for(base_geometry, config.block_size)
-        num_pages = default_num_pages(base, config, page_bytes, config.block_size)
-        if self.shards is not None:
-            num_pages = self.shards.agree_on_pages(num_pages)
+        num_pages = self.shards.agree_on_pages(default_num_pages(base, config, base_geometry, config.block_size))
         self.pool = PagePool(num_pages, page_bytes, self.device)
         self.upload = Uploader(self.device)
         # Each slot's last sampled token: the next decode step's input, written by the sampler on the device.
@@ -399,11 +431,7 @@ class ModelRunner:
 
     def _geometry(self, key: ModelKey, lm: LoadedModel) -> KVGeometry:
         """A model's KV per token on this rank: the base's own heads under tensor parallelism (memories run whole)."""
-        return KVGeometry.of(lm.model.config, lm.dtype, self.shards.world_size if key is None and self.shards else 1)
-
-    def _lockstep(self) -> AbstractContextManager[None]:
-        """Around a base forward: under tensor parallelism a failure there is the whole server's (`server/tp.py`)."""
-        return self.shards.lockstep() if self.shards is not None else nullcontext()
+        return KVGeometry.of(lm.model.config, lm.dtype, self.shards.world_size if key is None else 1)
 
     def has_model(self, key: ModelKey, lm: LoadedModel) -> bool:
         state = self.models.get(key)
@@ -501,9 +529,9 @@ class ModelRunner:
         """Apply pending KV table changes and last-token rewrites on the device (start of a step)."""
         for key, state in self.models.items():
             if state.kv.pending:
-                if key is None and self.shards is not None:
-                    with self._lockstep():
-                        self.shards.flush(state.kv.pending_updates())
+                if key is None:
+                    with self.shards.lockstep():
+                        self.shards.flush(state.kv)
                 state.kv.flush(self.upload)
         if self._token_updates:
             t = self.upload(np.asarray(list(self._token_updates.items()), dtype=np.int64).T.copy())  # [2, n]
@@ -562,7 +590,7 @@ class ModelRunner:
         if packed is None:
             return PrefillOutput(None, {}, {})
         assert packed.inputs is not None
-        if key is None and self.shards is not None:
+        if key is None:
             self.shards.prefill(packed.inputs)  # the other ranks run the same forward on their heads
         state = self.models[key]
         logits = prefill_forward(state.lm, state.kv, packed.inputs, self.upload)  # [K, V]
@@ -578,80 +606,54 @@ class ModelRunner:
         seqs = batch.seqs if batch is not None else []
         row_of = {s.seq_id: i for i, s in enumerate(seqs)}
         rows = [row_of.get(c.seq.seq_id) if c.final else None for c in chunks]
-        base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
         failed: dict[int, str] = {}
         failed_chunks: dict[int, str] = {}
-        mem_out: dict[str, torch.Tensor] = {}
-        prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
-        scored: dict[int, dict[ModelKey, torch.Tensor]] = {}
         by_memory: dict[str, list[int]] = {}
         for i, c in enumerate(chunks):
             for name in c.seq.memory_names:
                 by_memory.setdefault(name, []).append(i)
-
-        def run_memories() -> None:
-            for name, idx in by_memory.items():
-                mem_rows = [rows[i] for i in idx]
-                try:
-                    with mem_timer:
-                        logits, echo, chunk_logits = self._prefill_model(name, [chunks[i] for i in idx], mem_rows)
-                except Exception as exc:  # contained: only this memory's sequences fail
-                    log.exception("memory %s prefill failed", name)
-                    message = f"memory forward failed: {type(exc).__name__}: {exc}"
-                    for i, row in zip(idx, mem_rows, strict=True):
-                        if row is None:
-                            failed_chunks[chunks[i].seq.seq_id] = message
-                        else:
-                            failed[row] = message
-                    continue
-                if logits is not None:
-                    mem_out[name] = self._to_main(logits)
-                for row, lp in echo.items():
-                    prompt.setdefault(row, {})[name] = self._to_main(lp)
-                for seq_id, lp in chunk_logits.items():
-                    scored.setdefault(seq_id, {})[name] = self._to_main(lp)
-
-        def run_base() -> torch.Tensor | None:
-            with base_timer, self._lockstep():
-                out = self._prefill_model(None, chunks, rows)
+        jobs = [MemoryJob(name, partial(self._prefill_model, name, [chunks[i] for i in idx], [rows[i] for i in idx]),
+                          partial(_fail_chunks, failed, failed_chunks, [(chunks[i].seq.seq_id, rows[i]) for i in idx]))
+                for name, idx in by_memory.items()]  # fmt: skip  # one job per memory, its failure beside it
+        fw: Forwards[PrefillOutput] = self._forward(partial(self._prefill_model, None, chunks, rows), jobs, "prefill")
+        outputs: dict[ModelKey, PrefillOutput] = {None: fw.base}
+        outputs.update(fw.memories)
+        prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
+        scored: dict[int, dict[ModelKey, torch.Tensor]] = {}
+        for key, out in outputs.items():
             for row, lp in out.prompt.items():
-                prompt.setdefault(row, {})[None] = lp
+                prompt.setdefault(row, {})[key] = lp
             for seq_id, lp in out.scored.items():
-                scored.setdefault(seq_id, {})[None] = lp
-            return out.last
-
-        base_logits = self._overlap(run_base, run_memories)
+                scored.setdefault(seq_id, {})[key] = lp
+        last = {name: out.last for name, out in fw.memories.items() if out.last is not None}
+        base_logits = fw.base.last
         if base_logits is None:  # no prompt ended in this step
             base_logits = torch.empty(0, self.base.vocab_size, device=self.device)
-        return StepLogits(base_logits, mem_out, prompt, failed, (base_timer, mem_timer), failed_chunks, scored)
+        return StepLogits(base_logits, last, prompt, failed, fw.timers, failed_chunks, scored)
+
+    def _longest(self, key: ModelKey, slots: list[int], new: int) -> int:
+        """The longest of these rows' caches in `key` once `new` more tokens are written: the attention's bound."""
+        return int(self.models[key].kv.host_lengths[slots].max()) + new
+
+    def _decode_model(self, key: ModelKey, slots_dev: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """One decode step of `key` for these slots (their last tokens in `self.tokens`): logits [b, V]."""
+        return self.models[key].graphs.run(slots_dev, len(slots), self._longest(key, slots, 1))
+
+    def _decode_base(self, batch: RowBatch) -> torch.Tensor:
+        self.shards.decode(self.tokens, batch.slots, self._longest(None, batch.slots, 1))
+        return self._decode_model(None, batch.slots_dev, batch.slots)
 
     def decode(self, batch: RowBatch) -> StepLogits:
-        base_timer, mem_timer = _Timer(self.device), _Timer(self.device, self.side_stream)
         failed: dict[int, str] = {}
-        mem_out: dict[str, torch.Tensor] = {}
-
-        def longest(key: ModelKey, slots: list[int]) -> int:
-            return int(self.models[key].kv.host_lengths[slots].max()) + 1
-
-        def run_memories() -> None:
-            for g in batch.groups:
-                with _contained(g, failed, "decode"), mem_timer:
-                    logits = self.models[g.name].graphs.run(g.slots_dev, len(g.rows), longest(g.name, g.slots))
-                    mem_out[g.name] = self._to_main(logits)
-
-        def run_base() -> torch.Tensor:
-            with base_timer, self._lockstep():
-                if self.shards is not None:
-                    self.shards.decode(self.tokens, batch.slots, longest(None, batch.slots))
-                return self.models[None].graphs.run(batch.slots_dev, len(batch.seqs), longest(None, batch.slots))
-
-        base_logits = self._overlap(run_base, run_memories)
+        jobs = [MemoryJob(g.name, partial(self._decode_model, g.name, g.slots_dev, g.slots), partial(_fail_rows, failed, g.rows))
+                for g in batch.groups]  # fmt: skip  # one job per memory, its failure beside it
+        fw: Forwards[torch.Tensor] = self._forward(partial(self._decode_base, batch), jobs, "decode")
         # The step's token is now cached in every model that ran it.
         self.caches.decoded(None, batch.slots, batch.slots_dev)
         for g in batch.groups:
-            if g.name in mem_out:
+            if g.name in fw.memories:
                 self.caches.decoded(g.name, g.slots, g.slots_dev)
-        return StepLogits(base_logits, mem_out, {}, failed, (base_timer, mem_timer))
+        return StepLogits(fw.base, fw.memories, {}, failed, fw.timers)
 
     def speculate(self, batch: RowBatch, plan: SpecPlan) -> SpecLogits:
         """A speculative round's forwards: k draft steps of each memory (each drawing its draft on the device
@@ -662,7 +664,6 @@ class ModelRunner:
         the engine sets every cache's length once it knows what was accepted.
         """
         t = plan.k + 1
-        verify_timer, draft_timer, last_timer = _Timer(self.device), _Timer(self.device), _Timer(self.device, self.side_stream)
         base = self.models[None]
         uniforms = None  # [3, B, T] every random number of the round, drawn at once
         if batch.sampling.any_sampled:
@@ -673,34 +674,31 @@ class ModelRunner:
         ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)  # each row's last token (drafts overwrite it below)
         multi_inputs = self.tokens.index_select(0, batch.multi_slots_dev) if batch.multi_slots_dev is not None else None
         rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups},
-                        multi_inputs)  # fmt: skip
+                        multi_inputs)  # fmt: skip  # the buffers' comprehension reads as one argument
         live = [g for g in batch.groups if plan.steps[g.name]]
+        draft_timer = _Timer(self.device)
         with draft_timer:
             for i in range(1, t):
                 for g in live:
-                    self._draft(rnd, g, i)
+                    self._attempt(self._draft_job(rnd, g, i), "draft step")
         for g in live:
             if g.name not in rnd.failed_groups:
                 ids[:, 1:].index_copy_(0, g.rows_dev, rnd.drafts[g.name].tokens[:, : t - 1])
+        # The last draft steps overlap the verify. Buffers they write were made on the main stream, which waits
+        # for the side one before reading or freeing them; what the side stream allocates it also frees.
+        fw: Forwards[torch.Tensor] = self._forward(partial(self._verify, batch, plan, ids),
+                                                   [self._draft_job(rnd, g, t) for g in live], "draft step")  # fmt: skip  # base, then the memories' jobs
+        timers = (fw.timers[0], draft_timer, fw.timers[1])
+        return SpecLogits(fw.base, rnd.drafts, uniforms, rnd.failed, timers)
 
-        def run_memories() -> None:
-            # Buffers written here were made on the main stream, which waits for this one before reading or
-            # freeing them; what this stream allocates it also frees, so no tensor crosses unguarded.
-            with last_timer:
-                for g in live:
-                    self._draft(rnd, g, t)
-
-        def run_base() -> torch.Tensor:
-            assert base.verify is not None
-            longest = int(base.kv.host_lengths[batch.slots].max()) + t
-            with verify_timer, self._lockstep():
-                valid = plan.k_dev + 1
-                if self.shards is not None:
-                    self.shards.verify(batch.slots, ids, valid, longest)
-                return base.verify.run(batch.slots_dev, ids, valid, longest)
-
-        base_logits = self._overlap(run_base, run_memories)
-        return SpecLogits(base_logits, rnd.drafts, uniforms, rnd.failed, (verify_timer, draft_timer, last_timer))
+    def _verify(self, batch: RowBatch, plan: SpecPlan, ids: torch.Tensor) -> torch.Tensor:
+        """The base's verify of a round's T = k + 1 tokens per row (`ids` [B, T]; row b's first k_b + 1 valid)."""
+        base = self.models[None]
+        assert base.verify is not None
+        longest = self._longest(None, batch.slots, plan.k + 1)
+        valid = plan.k_dev + 1
+        self.shards.verify(batch.slots, ids, valid, longest)
+        return base.verify.run(batch.slots_dev, ids, valid, longest)
 
     def _draft_buffers(self, rows: int, t: int, batch: RowBatch) -> DraftBuffers:
         vocab = self.base.vocab_size
@@ -710,83 +708,111 @@ class ModelRunner:
             torch.zeros(rows, t, dtype=torch.long, device=self.device),
         )
 
+    def _draft_job(self, rnd: _Drafting, g: MemoryGroup, i: int) -> MemoryJob:
+        return MemoryJob(g.name, partial(self._draft, rnd, g, i), partial(rnd.fail, g))
+
     def _draft(self, rnd: _Drafting, g: MemoryGroup, i: int) -> None:
         """Memory step i (1-based) of group g: its distribution at position i − 1 and a draft from it, which is
-        the next step's input. A failure is contained: only this memory's rows fail."""
+        the next step's input. Nothing once the group failed or has no rows left at step i."""
         steps = rnd.plan.steps[g.name]
         if g.name in rnd.failed_groups or i > len(steps):
             return
         step = steps[i - 1]
-        with _contained(g, rnd.failed, "draft step"):
-            state = self.models[g.name]
-            logits = state.graphs.run(step.slots_dev, len(step.slots), int(state.kv.host_lengths[step.slots].max()) + 1)
-            self.caches.decoded(g.name, step.slots, step.slots_dev)
-            temperature = g.temperature
-            if temperature is not None and not step.whole_group:
-                temperature = temperature.index_select(0, step.rows)
-            logp = memory_logprobs(logits, temperature)  # [b_i, V] q: the tempered memory distribution
-            u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
-            proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
-            rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
-            if i <= rnd.plan.k:
-                self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
-                if rnd.multi_inputs is not None and i == 1:  # the next memory's first step reads their last token
-                    assert rnd.batch.multi_slots_dev is not None
-                    self.tokens.index_copy_(0, rnd.batch.multi_slots_dev, rnd.multi_inputs)
-        if g.rows[0] in rnd.failed:
-            rnd.failed_groups.add(g.name)
+        logits = self._decode_model(g.name, step.slots_dev, step.slots)
+        self.caches.decoded(g.name, step.slots, step.slots_dev)
+        temperature = g.temperature
+        if temperature is not None and not step.whole_group:
+            temperature = temperature.index_select(0, step.rows)
+        logp = memory_logprobs(logits, temperature)  # [b_i, V] q: the tempered memory distribution
+        u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
+        proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
+        rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
+        if i <= rnd.plan.k:
+            self.tokens.index_copy_(0, step.slots_dev, proposed.tokens)
+            if rnd.multi_inputs is not None and i == 1:  # the next memory's first step reads their last token
+                assert rnd.batch.multi_slots_dev is not None
+                self.tokens.index_copy_(0, rnd.batch.multi_slots_dev, rnd.multi_inputs)
 
     def score(
         self, keys: list[tuple[str, float]], ids: torch.Tensor, windows: list[Window], distributions: bool = False,
     ) -> dict[ModelKey, torch.Tensor | Exception]:
         """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of each memory of `keys`
         ((name, temperature): its logits divided by the temperature); with `distributions`, whole next-token
-        log-distributions [B, S, V] instead (per-token top alternatives)."""
+        log-distributions [B, S, V] instead (per-token top alternatives). A memory that raised has its
+        exception instead (the job fails, the engine goes on)."""
         result: dict[ModelKey, torch.Tensor | Exception] = {}
         vocab = self.base.vocab_size
         scorer = batch_distributions if distributions else batch_logprobs
-
-        def run_memory() -> None:
-            for key, temperature in keys:
-                try:
-                    result[key] = self._to_main(scorer(self.models[key].lm.model, ids, windows, vocab, temperature))
-                except Exception as exc:  # contained: the job fails, the engine goes on
-                    log.exception("memory %s perplexity forward failed", key)
-                    result[key] = exc
-
-        def run_base() -> torch.Tensor:
-            with self._lockstep():
-                if self.shards is not None:
-                    self.shards.score(ids, windows, distributions)
-                return scorer(self.base.model, ids, windows, vocab)
-
-        result[None] = self._overlap(run_base, run_memory)
+        jobs = [MemoryJob(key, partial(scorer, self.models[key].lm.model, ids, windows, vocab, temperature),
+                          partial(result.__setitem__, key))
+                for key, temperature in keys]  # fmt: skip  # one job per memory, its failure beside it
+        fw: Forwards[torch.Tensor] = self._forward(partial(self._score_base, ids, windows, distributions), jobs, "perplexity")
+        result.update(fw.memories)
+        result[None] = fw.base
         return result
 
-    # -- streams -----------------------------------------------------------------------------------
-    def _to_main(self, t: torch.Tensor) -> torch.Tensor:
-        """A tensor made on the side stream, now read on the main one: keep its memory until main is done."""
-        if self.side_stream is not None:
-            t.record_stream(self._main_stream)
-        return t
+    def _score_base(self, ids: torch.Tensor, windows: list[Window], distributions: bool) -> torch.Tensor:
+        self.shards.score(ids, windows, distributions)
+        return (batch_distributions if distributions else batch_logprobs)(self.base.model, ids, windows, self.base.vocab_size)
 
-    def _overlap(self, run_base: Callable[[], T], run_memories: Callable[[], None]) -> T:
-        """The one forward pattern: the memories on the side stream (each contained by its caller: a failing
-        memory fails only its rows), the base on the main stream, overlapped on CUDA; returns the base's result
-        (its exceptions propagate: the engine fails the step's rows)."""
+    # -- the one forward pattern ------------------------------------------------------------------
+    def _forward(self, base: Callable[[], T], jobs: list[MemoryJob], phase: str) -> Forwards[T]:
+        """Run the base on the main stream and each memory's job on the side stream, overlapped on CUDA, each
+        under its timer. A memory that raises is contained (`_attempt`: only its rows fail); the base's
+        exceptions propagate (the engine fails the step's rows), and under tensor parallelism they are fatal
+        (`lockstep`)."""
+        timers = _Timer(self.device), _Timer(self.device, self.side_stream)
+        memories: dict[str, Any] = {}
         if self.side_stream is None:
-            out = run_base()
-            run_memories()
-            return out
+            out = self._run_base(base, timers[0])
+            self._run_memories(jobs, phase, timers[1], memories)
+            return Forwards(out, memories, timers)
         main = self._main_stream = torch.cuda.current_stream(self.device)
         # The side stream must see this step's uploads and the previous step's writes before it starts.
         self.side_stream.wait_stream(main)
         try:
             with torch.cuda.stream(self.side_stream):
-                run_memories()  # enqueues kernels and returns: they overlap with the base below
-            return run_base()
+                self._run_memories(jobs, phase, timers[1], memories)  # enqueues kernels and returns: they overlap
+            out = self._run_base(base, timers[0])
         finally:
             main.wait_stream(self.side_stream)  # mixing reads the memory logits
+        return Forwards(out, memories, timers)
+
+    def _run_base(self, base: Callable[[], T], timer: _Timer) -> T:
+        with timer, self.shards.lockstep():
+            return base()
+
+    def _run_memories(self, jobs: list[MemoryJob], phase: str, timer: _Timer, into: dict[str, Any]) -> None:
+        for job in jobs:
+            with timer:
+                ok, out = self._attempt(job, phase)
+            if ok:
+                into[job.name] = self._on_main(out)
+
+    @staticmethod
+    def _attempt(job: MemoryJob, phase: str) -> tuple[bool, Any]:
+        """Run one memory's job; if it raises, log it and let the job contain it. Returns (ran, result)."""
+        try:
+            return True, job.run()
+        except Exception as exc:  # contained: only what this memory was running for fails
+            log.exception("memory %s %s failed", job.name, phase)
+            job.contain(exc)
+            return False, None
+
+    def _on_main(self, out: Any) -> Any:
+        """Tensors made on the side stream (in a job's result), now read on the main one: each keeps its memory
+        until main is done with it."""
+        if self.side_stream is None:
+            return out
+        if isinstance(out, torch.Tensor):
+            out.record_stream(self._main_stream)
+        elif isinstance(out, dict):
+            for v in out.values():
+                self._on_main(v)
+        elif isinstance(out, tuple):
+            for v in out:
+                self._on_main(v)
+        return out
 
     @property
     def kv_usage(self) -> float:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from server.errors import forward_failed
 from server.mixer import Host, Readback
 from server.request import EngineOutput, FinishReason, PerplexityResult
 from server.runner import RowBatch, SpecLogits, SpecPlan, StepLogits
@@ -117,7 +118,7 @@ class Frame:
         """The base's forward raised: these sequences fail, the engine lives on."""
         log.exception("base forward failed")
         self.engine.runner.step_done()
-        return self.engine.fail(seqs, f"base forward failed: {type(exc).__name__}: {exc}")
+        return self.engine.fail(seqs, forward_failed("base", exc))
 
     def observe(self, fw: Forward[Any], logits: StepLogits | SpecLogits, preempted: int) -> StepStats | None:
         observer = self.engine.observer

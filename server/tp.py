@@ -62,6 +62,7 @@ from server.distributed import (
     spawn_workers,
     stop_workers,
 )
+from server.kv import ModelKV
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class ShardedBase:
     def _send(self, op: Op, payload: Any = None) -> None:
         dist.broadcast_object_list([(op, payload)], src=0, group=self.group.control)
 
-    def flush(self, updates: tuple[list[int], list[tuple[int, int, int]], dict[int, int]]) -> None:
-        self._send(Op.FLUSH, updates)
+    def flush(self, kv: ModelKV) -> None:
+        """Before rank 0's base cache applies its pending changes: the other ranks queue the same ones."""
+        self._send(Op.FLUSH, kv.pending_updates())
 
     def prefill(self, inputs: Any) -> None:
         self._send(Op.PREFILL, inputs)
@@ -181,6 +183,34 @@ class ShardedBase:
             dist.destroy_process_group()
 
 
+class Unsharded:
+    """The base on one device: `ShardedBase`'s rank-0 calls with no other rank to tell. The runner always calls
+    its base's shards, so tensor parallelism is that object's business rather than a branch at every forward."""
+
+    world_size = 1
+
+    def agree_on_pages(self, num_pages: int) -> int:
+        return num_pages
+
+    def lockstep(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # a failed base forward fails its step's rows, not the server
+
+    def flush(self, kv: ModelKV) -> None:
+        pass
+
+    def prefill(self, inputs: Any) -> None:
+        pass
+
+    def decode(self, tokens: torch.Tensor, slots: list[int], longest: int) -> None:
+        pass
+
+    def verify(self, slots: list[int], ids: torch.Tensor, valid: torch.Tensor, longest: int) -> None:
+        pass
+
+    def score(self, ids: torch.Tensor, windows: list[Window], distributions: bool) -> None:
+        pass
+
+
 # -- the other ranks ----------------------------------------------------------------------------------
 def serve_shard(shards: ShardedBase, runner: Any) -> None:
     """A worker's loop: run each base operation rank 0 broadcasts on this rank's share, until STOP."""
@@ -206,7 +236,7 @@ def serve_shard(shards: ShardedBase, runner: Any) -> None:
                 dist.broadcast(runner.tokens, src=0)
                 slots_dev = up(np.asarray(slots, dtype=np.int64))
                 base.graphs.run(slots_dev, len(slots), longest)
-                kv.advance(slots_dev)
+                runner.caches.mirrored_decode(slots_dev)
             elif op == Op.VERIFY:
                 slots, t, longest = payload
                 ids = torch.empty(len(slots), t, dtype=torch.long, device=device)

@@ -291,3 +291,33 @@ def test_memories_scored_separately_equal_one_job_per_memory(setup):
         alone = _score(engine, PerplexityRequest(f"a{i}", (ids,), sweep(name, (alpha,), temperature)))
         assert abs(together.mixed[i].nll - alone.mixed[0].nll) <= 1e-4
         assert abs(together.base.nll - alone.base.nll) <= 1e-4
+
+
+def test_a_memory_failing_in_perplexity_fails_only_that_job(setup, monkeypatch):
+    """A memory whose forward raises while scoring fails the job that uses it, with the memory's message;
+    a generation beside it and the next job on another memory are served, and nothing leaks."""
+    base, registry = setup
+    ids = prompt(base, "The court held that the patient was given a dose of the statute on inflation.")
+    engine = Engine(*setup, EngineConfig(block_size=4))
+    law = registry.loaded("law").model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("law is broken")
+
+    monkeypatch.setattr(law, "forward", broken)
+    engine.add_perplexity(PerplexityRequest("bad", (ids,), sweep("law", (0.4,), 1.0)))
+    engine.add_request(request(base, "gen", "The court", [("med", 0.3, 1.0)], 4, None))
+    outputs, failed_jobs = [], []
+    for _ in range(200):  # bounded: a job the engine forgets to finish must fail the test, not hang it
+        if not engine.has_unfinished():
+            break
+        result = engine.step()
+        outputs += result.outputs
+        failed_jobs += result.jobs
+    (done,) = failed_jobs
+    assert done.error is not None and "law is broken" in str(done.error)
+    gen = [o for o in outputs if o.request_id == "gen"]
+    assert gen[-1].error is None and len(tokens_of(gen)) == 4
+    good = _score(engine, PerplexityRequest("good", (ids,), sweep("med", (0.4,), 1.0)))
+    assert len(good.mixed) == 1
+    assert_clean(engine)
