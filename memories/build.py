@@ -111,7 +111,8 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
     inputs = _inputs(config) if distributed.world().is_main else None
     corpus, texts = distributed.broadcast(inputs, "splitting sources")  # type: ignore[misc]
     ds_settings = {"base": model_identity(config.base), "corpus": corpus_identity(corpus),
-                   "max_tokens": dsc.max_tokens, "context": dsc.context, "stride": dsc.stride, "dtype": str(base.dtype)}
+                   "max_tokens": dsc.max_tokens, "context": dsc.context, "stride": dsc.stride,
+                   "dtype": str(base.dtype)}
     ds_rec = cache.run("datastore", ds_settings, lambda: (ds_dir / "datastore.json").is_file(),
                        lambda: datastore_stage(base, corpus, ds_dir, dsc, progress))
     idx_rec = cache.run("index", {"datastore": ds_rec.key, **config.index.build_settings()},
@@ -126,13 +127,15 @@ def build(config: BuildConfig, progress: bool = True) -> list[StageRecord]:
         return cache.records  # evaluation and the manifest are rank 0's
     ev_rec = None
     if texts:
-        ev_settings = {"train": tr_rec.key, "texts": [(t.label, t.kind, corpus_identity(t.path)) for t in texts],
+        ev_settings = {"train": tr_rec.key,
+                       "texts": [(t.label, t.kind, corpus_identity(t.path)) for t in texts],
                        **dataclasses.asdict(config.eval)}
         title = f"{config.name}: held-out perplexity ({config.domain})"
         ev_rec = cache.run("eval", ev_settings, lambda: (out / "evaluation.json").is_file(),
-                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title), every_rank=False)
+                           lambda: eval_stage(base, out, texts, config.eval, out, progress, title),
+                           every_rank=False)
     _write_manifest(config, ds_rec, idx_rec, tg_rec, ev_rec)
-    return cache.records  # fmt: skip
+    return cache.records
 
 
 def _inputs(config: BuildConfig) -> tuple[str, list[Text]]:
@@ -148,7 +151,8 @@ def _inputs(config: BuildConfig) -> tuple[str, list[Text]]:
     return str(split.datastore), texts
 
 
-def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str, progress: bool) -> StageRecord:
+def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str,
+           progress: bool) -> StageRecord:
     """The train stage. Its checkpoints live under a directory named after its key, so an interrupted
     build resumes its own training and a changed setting never resumes a stale one."""
     work, out = config.work_dir, Path(config.out)
@@ -169,7 +173,7 @@ def _train(cache: StageCache, config: BuildConfig, base: Base, targets_key: str,
         result = train_stage(base.tokenizer, out, config.train, datastore=work / "datastore",
                              targets=work / "targets", init_from=config.init_from, spec=config.spec,
                              manifest=manifest, checkpoint_dir=ckpt_dir, resume=True, keep_checkpoint=False,
-                             progress=progress)  # fmt: skip
+                             progress=progress)
         return read_manifest(out).training | {"seconds": round(result.seconds, 2)}
 
     def outputs() -> bool:
@@ -196,7 +200,7 @@ def _write_manifest(
     changes: dict[str, Any] = {
         "name": config.name, "domain": config.domain, "description": config.description,
         "base_model": model_id(config.base), "corpus": corpus,
-    }  # fmt: skip
+    }
     if ev is not None:
         changes.update(alpha=recommended_alpha(ev.summary), evaluation=ev.summary)
     write_manifest(out, read_manifest(out).replace(**changes))

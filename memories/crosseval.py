@@ -53,7 +53,8 @@ def pooled(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     alphas = [r["alpha"] for r in reports[0]["mixture"]]
     if any([r["alpha"] for r in rep["mixture"]] != alphas for rep in reports):
         raise ValueError("the reports were made on different α grids")
-    curve = [{"alpha": a, "ppl": gmean([rep["mixture"][i]["ppl"] for rep in reports])} for i, a in enumerate(alphas)]
+    curve = [{"alpha": a, "ppl": gmean([rep["mixture"][i]["ppl"] for rep in reports])}
+             for i, a in enumerate(alphas)]
     best = min(curve, key=lambda r: r["ppl"])
     base = gmean([rep["base_ppl"] for rep in reports])
     return {
@@ -92,9 +93,11 @@ def warnings(
     cross, inside = groups.get(CROSS_SOURCE), groups.get(IN_SOURCE)
     if cross is None:
         out.append("no cross-source text: the memory was only judged on text from its datastore's sources, "
-                   "where memorising them looks like learning the domain (hold a source out: --holdout-source)")
+                   "where memorising them looks like learning the domain (hold a source out: "
+                   "--holdout-source)")
     if alpha_from == IN_SOURCE:
-        out.append(f"α = {alpha:.2f} was chosen on in-source text; it may be too high for text from other sources")
+        out.append(f"α = {alpha:.2f} was chosen on in-source text; it may be too high for text from "
+                   "other sources")
     for t in texts:
         if t["kind"] == CROSS_SOURCE and ppl_at(t, alpha) > t["base_ppl"]:
             out.append(f"{t['label']} (cross-source): the mixture at α = {alpha:.2f} is worse than the base "
@@ -124,14 +127,15 @@ def combine(texts: Sequence[dict[str, Any]], fixed_alpha: float | None = None) -
     """The report of a multi-text evaluation. `texts` are `evaluate` reports with `label`, `kind` and `file`.
 
     Its top-level base_ppl, memory_ppl, mixture, best_alpha, best_ppl, improvement_pct and tokens_scored are
-    those of the pooled group α was chosen from (as a one-text report has them), so older readers still work."""
+    those of the pooled group α was chosen from (as a one-text report has them), so older readers still
+    work."""
     groups = {kind: pooled([t for t in texts if t["kind"] == kind]) for kind in KINDS
               if any(t["kind"] == kind for t in texts)}
     alpha, alpha_from = recommend(groups, fixed_alpha)
     main = groups[CROSS_SOURCE] if CROSS_SOURCE in groups else groups[IN_SOURCE]
     return {
-        **{k: main[k] for k in ("tokens_scored", "base_ppl", "memory_ppl", "mixture", "best_alpha", "best_ppl",
-                                 "improvement_pct")},
+        **{k: main[k] for k in ("tokens_scored", "base_ppl", "memory_ppl", "mixture", "best_alpha",
+                                 "best_ppl", "improvement_pct")},
         "alpha": alpha,
         "alpha_from": alpha_from,
         "ppl_at_alpha": {t["label"]: ppl_at(t, alpha) for t in texts},

@@ -117,8 +117,9 @@ def build_datastore(
         tokens = np.asarray(tokens, dtype=np.int32)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-        ledger.identity = {"tokens": digest(tokens), "num_tokens": len(tokens), "dim": dim, "context": context,
-                           "stride": stride, "batch_size": batch_size, **(identity or {})}  # fmt: skip
+        ledger.identity = {"tokens": digest(tokens), "num_tokens": len(tokens), "dim": dim,
+                           "context": context, "stride": stride, "batch_size": batch_size,
+                           **(identity or {})}
     ledger.open(prepare=lambda: _lay_out(out_dir, tokens, dim), intact=lambda: _laid_out(out_dir, dim))
     if tokens is None:
         tokens = np.load(out_dir / "tokens.npy", mmap_mode="r")
@@ -136,7 +137,8 @@ def build_datastore(
             written = 0
             for batch in batches[slice(*shards[i])]:
                 # Only the hook's capture is needed: keep a single position's logits.
-                model(input_ids=torch.stack([ids[win.begin : win.end] for win in batch]), logits_to_keep=1)  # [B, T]
+                # [B, T]
+                model(input_ids=torch.stack([ids[win.begin : win.end] for win in batch]), logits_to_keep=1)
                 for row, win in zip(capture.take(), batch, strict=True):  # the hook's [B, T, H]
                     written += _write_keys(keys, row, win)
             keys.flush()  # the marker below promises these rows are on disk

@@ -73,8 +73,9 @@ def evaluate(
 
 
 def plot_report(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Perplexity vs α. A one-text report: its curve, the base as a horizontal line, the memory alone at α = 1.
-    A multi-text report (`memories.crosseval.combine`): in-source and cross-source texts side by side."""
+    """Perplexity vs α. A one-text report: its curve, the base as a horizontal line, the memory alone at
+    α = 1. A multi-text report (`memories.crosseval.combine`): in-source and cross-source texts side by
+    side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +100,8 @@ def alpha_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
 
 
 def relative_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """The α curve with perplexity divided by the base's: 1 is the base alone, whatever the text's difficulty."""
+    """The α curve with perplexity divided by the base's: 1 is the base alone, whatever the text's
+    difficulty."""
     alphas, ppls = alpha_curve(report)
     return alphas, [p / report["base_ppl"] for p in ppls]
 
@@ -107,7 +109,8 @@ def relative_curve(report: dict[str, Any]) -> tuple[list[float], list[float]]:
 def _plot_one(ax: Any, report: dict[str, Any], title: str) -> None:
     alphas, ppls = alpha_curve(report)
     ax.plot(alphas, ppls, marker="o", markersize=3, label="mixture α·p_mem + (1−α)·p_base")
-    ax.axhline(report["base_ppl"], color="grey", linestyle="--", label=f"base alone ({report['base_ppl']:.2f})")
+    ax.axhline(report["base_ppl"], color="grey", linestyle="--",
+               label=f"base alone ({report['base_ppl']:.2f})")
     ax.scatter([report["best_alpha"]], [report["best_ppl"]], color="red", zorder=3,
                label=f"best α = {report['best_alpha']:.2f} ({report['best_ppl']:.2f})")
     ax.scatter([1.0], [report["memory_ppl"]], color="black", marker="s", zorder=3,
@@ -128,14 +131,17 @@ def _plot_texts(plt: Any, report: dict[str, Any], title: str) -> Any:
     from memories.crosseval import KINDS
 
     kinds = [k for k in KINDS if any(t["kind"] == k for t in report["texts"])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.0), dpi=110, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.0), dpi=110, sharey=True,
+                             squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for t in (t for t in report["texts"] if t["kind"] == kind):
             ax.plot(*relative_curve(t), marker="o", markersize=3,
                     label=f"{t['label']} (base {t['base_ppl']:.0f}, best α {t['best_alpha']:.2f})")
         ax.axhline(1.0, color="grey", linestyle="--", label="base alone")
-        ax.axvline(report["alpha"], color="red", linestyle=":", label=f"α = {report['alpha']:.2f} ({report['alpha_from']})")
-        ax.set_title(f"{kind} text" + (" (α chosen here)" if report["alpha_from"] == kind else ""), fontsize=10)
+        ax.axvline(report["alpha"], color="red", linestyle=":",
+                   label=f"α = {report['alpha']:.2f} ({report['alpha_from']})")
+        ax.set_title(f"{kind} text" + (" (α chosen here)" if report["alpha_from"] == kind else ""),
+                     fontsize=10)
         ax.set_xlabel("α (0 = base alone, 1 = memory alone)")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.8, 1, 2 rather than 8×10⁻¹
@@ -156,7 +162,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "") -
 
 
 def update_manifest(memory_dir: str | Path, report: dict[str, Any]) -> None:
-    """Record the recommended α (a multi-text report's `alpha`, else the best α) and the numbers in the manifest."""
+    """Record the recommended α (a multi-text report's `alpha`, else the best α) and the numbers in the
+    manifest."""
     manifest = read_manifest(memory_dir)
     write_manifest(memory_dir, manifest.replace(alpha=recommended_alpha(report), evaluation=report))
 

@@ -42,7 +42,9 @@ def _reader(path: Path) -> Any:
     try:
         import gguf
     except ImportError:
-        raise ModelLoadError(f"{path}: reading a GGUF file needs the `gguf` package (pip install gguf)") from None
+        raise ModelLoadError(
+            f"{path}: reading a GGUF file needs the `gguf` package (pip install gguf)"
+        ) from None
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != MAGIC:
@@ -50,7 +52,9 @@ def _reader(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # noqa: BLE001 - the reader fails on bad files with whatever numpy raises
-        raise ModelLoadError(f"{path}: cannot read this GGUF file (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(
+            f"{path}: cannot read this GGUF file (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -65,8 +69,8 @@ def _supported_architectures() -> set[str]:
 
 
 def inspect(source: str | Path) -> GGUFInfo:
-    """The file's header, checked: it exists, is GGUF, is whole (every tensor's bytes are in the file) and holds
-    an architecture transformers can load. ModelLoadError naming the file otherwise."""
+    """The file's header, checked: it exists, is GGUF, is whole (every tensor's bytes are in the file) and
+    holds an architecture transformers can load. ModelLoadError naming the file otherwise."""
     path = Path(source).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {str(source)!r} does not exist")
@@ -86,7 +90,7 @@ def inspect(source: str | Path) -> GGUFInfo:
         )
     name = _field(reader, "general.name")
     return GGUFInfo(path=path, architecture=arch, quantization=_quantization(reader),
-                    name=name if isinstance(name, str) else None, tensors=len(reader.tensors))  # fmt: skip
+                    name=name if isinstance(name, str) else None, tensors=len(reader.tensors))
 
 
 def _quantization(reader: Any) -> str:
@@ -132,8 +136,9 @@ def load_model(source: str | Path, dtype: torch.dtype) -> Any:
         raise ModelLoadError(f"{source}: cannot load a causal LM from this GGUF file: {exc}") from None
     with contextlib.suppress(AttributeError):
         del model.config.quantization_config
-    # Nor does the model keep transformers' GGUF quantizer: with it, save_pretrained refuses ("not serializable",
-    # e.g. a memory trained --init-from a GGUF) and .half()/.float() raise. Kept only while weights stay packed.
+    # Nor does the model keep transformers' GGUF quantizer: with it, save_pretrained refuses ("not
+    # serializable", e.g. a memory trained --init-from a GGUF) and .half()/.float() raise. Kept only while
+    # weights stay packed.
     if not getattr(getattr(model, "hf_quantizer", None), "packed_modules", None):
         model.hf_quantizer = None
     model.config.name_or_path = str(info.path)

@@ -62,7 +62,8 @@ def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path} was refused: it is not a plain pickle of tensors (torch.load with weights_only=True "
             f"refused it, so nothing in it ran): {first[:300]}"
         ) from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+    if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                             for k, v in data.items()):
         raise ImportRefusedError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return data
 
@@ -74,7 +75,8 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
+        if (ptr in seen or not t.is_contiguous() or t.storage_offset()
+                or t.untyped_storage().nbytes() != t.nbytes):
             t = t.contiguous().clone()
         seen.add(ptr)
         out[name] = t
@@ -119,14 +121,14 @@ def import_checkpoint(
             own = None  # an unreadable tokenizer is replaced by the base's below; the vocabulary is checked
         if own is not None and own != base_fp:
             raise ImportRefusedError(
-                f"{source} ships a tokenizer whose token->id map differs from the base {base}'s; a memory must "
-                "use exactly the base model's tokenizer"
+                f"{source} ships a tokenizer whose token->id map differs from the base {base}'s; a memory "
+                "must use exactly the base model's tokenizer"
             )
     rows = _vocab_rows(config)
     if rows is not None and rows < len(base_tokenizer):
         raise ImportRefusedError(
-            f"{source} scores {rows} tokens but the base {base}'s tokenizer has {len(base_tokenizer)}: it is not a "
-            "memory for this base"
+            f"{source} scores {rows} tokens but the base {base}'s tokenizer has {len(base_tokenizer)}: it "
+            "is not a memory for this base"
         )
 
     pickled = pickled_weights(src)
@@ -149,7 +151,9 @@ def import_checkpoint(
             save_file(_unshared(state), str(staging / "model.safetensors"), metadata={"format": "pt"})
             num, converted, weights = len(state), True, [f.name for f in pickled]
         else:
-            raise ImportRefusedError(f"{source} holds no weights (neither *.safetensors nor pytorch_model*.bin)")
+            raise ImportRefusedError(
+                f"{source} holds no weights (neither *.safetensors nor pytorch_model*.bin)"
+            )
         for conf in _CONFIG_FILES:
             if (src / conf).is_file():
                 shutil.copyfile(src / conf, staging / conf)
@@ -162,7 +166,8 @@ def import_checkpoint(
             temperature=temperature,
             base_model=model_id(base),
             description=description,
-            training={"imported_from": model_id(source), "weights": weights, "converted_from_pickle": converted},
+            training={"imported_from": model_id(source), "weights": weights,
+                      "converted_from_pickle": converted},
         )
         write_manifest(staging, manifest)
         if out.exists():

@@ -73,7 +73,8 @@ def build_index(
 
 
 def build_index_sharded(
-    keys: np.ndarray, config: IndexConfig, out_dir: str | Path, identity: dict[str, Any], progress: bool = True
+    keys: np.ndarray, config: IndexConfig, out_dir: str | Path, identity: dict[str, Any],
+    progress: bool = True,
 ) -> dict[str, Any]:
     """`build_index` across the ranks of torch.distributed, saved to `out_dir`; returns its info.
 
@@ -106,7 +107,8 @@ def build_index_sharded(
     bar = tqdm(mine, desc=f"index ({info['kind']})", unit="shard", disable=not (progress and w.is_main))
     for done, i in enumerate(bar, start=1):
         a, b = shards[i]
-        np.save(ledger.dir / f"{i:05d}.codes.npy", trained.sa_encode(_as_f32(keys[a:b])))  # [rows, code bytes]
+        # [rows, code bytes]
+        np.save(ledger.dir / f"{i:05d}.codes.npy", trained.sa_encode(_as_f32(keys[a:b])))
         ledger.finish(i, {"rows": [a, b]})
         distributed.fault_point("index", done)
     distributed.barrier("encoding keys for the index")

@@ -44,8 +44,9 @@ def check_temperature(value: object) -> float:
     and request validation all use it, so a memory's default temperature is always one a request may use.
     """
     if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not MIN_MEMORY_TEMPERATURE <= value <= MAX_MEMORY_TEMPERATURE):  # fmt: skip
-        raise ValueError(f"temperature must be in [{MIN_MEMORY_TEMPERATURE}, {MAX_MEMORY_TEMPERATURE}], got {value!r}")
+            or not MIN_MEMORY_TEMPERATURE <= value <= MAX_MEMORY_TEMPERATURE):
+        raise ValueError(f"temperature must be in [{MIN_MEMORY_TEMPERATURE}, {MAX_MEMORY_TEMPERATURE}], "
+                         f"got {value!r}")
     return float(value)
 
 
@@ -56,7 +57,8 @@ def alpha_logs(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 MAX_MEMORIES = 8  # memories mixed in one request
-ALPHA_SUM_SLACK = 1e-6  # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
+# Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
+ALPHA_SUM_SLACK = 1e-6
 AUTO_ALPHA = "auto"  # `"alpha": "auto"`: the memory's learned router sets α at every position
 
 
@@ -71,12 +73,13 @@ class MixtureError(ValueError):
 
 
 def no_router(name: str) -> MixtureError:
-    return MixtureError(f"memory {name!r} has no router: \"alpha\": \"auto\" needs one (fit it with `memdec memory "
-                        "router`); give a number instead", code="memory_has_no_router")  # fmt: skip
+    return MixtureError(f"memory {name!r} has no router: \"alpha\": \"auto\" needs one (fit it with "
+                        "`memdec memory router`); give a number instead", code="memory_has_no_router")
 
 
 class MemoryDefaults(Protocol):
-    """What `Mixture.resolve` needs to know of a memory: its name, its manifest's α and temperature, its router."""
+    """What `Mixture.resolve` needs to know of a memory: its name, its manifest's α and temperature, its
+    router."""
 
     @property
     def name(self) -> str: ...
@@ -115,15 +118,17 @@ class Term:
 
 def _one_alpha_per_memory(n: int, got: str) -> MixtureError:
     if n > 1:
-        return MixtureError(f"'alpha' must be a list of {n} weights with {n} memories (one per memory), got {got}")
+        return MixtureError(f"'alpha' must be a list of {n} weights with {n} memories (one per memory), "
+                            f"got {got}")
     return MixtureError(f"one memory takes one 'alpha', got {got}")
 
 
 def _one_temperature_per_memory(n: int, got: int) -> MixtureError:
     if n > 1:
-        return MixtureError(f"'memory_temperature' must be a number or a list of {n} (one per memory), got {got} values",
-                            param="memory_temperature")  # fmt: skip
-    return MixtureError("a list of 'memory_temperature' needs one value per memory", param="memory_temperature")
+        return MixtureError(f"'memory_temperature' must be a number or a list of {n} (one per memory), "
+                            f"got {got} values", param="memory_temperature")
+    return MixtureError("a list of 'memory_temperature' needs one value per memory",
+                        param="memory_temperature")
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,8 @@ class Mixture:
     def __post_init__(self) -> None:
         names = [t.memory for t in self.terms]
         if len(names) > MAX_MEMORIES:
-            raise MixtureError(f"at most {MAX_MEMORIES} memories in one request, got {len(names)}", param="memory")
+            raise MixtureError(f"at most {MAX_MEMORIES} memories in one request, got {len(names)}",
+                               param="memory")
         dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if dup is not None:
             raise MixtureError(f"memory {dup!r} is named twice in 'memory'", param="memory")
@@ -145,7 +151,8 @@ class Mixture:
             raise MixtureError('"alpha": "auto" takes one memory: several memories need a list of numbers')
         total = sum(t.alpha or 0.0 for t in self.terms)
         if total > 1.0 + ALPHA_SUM_SLACK:
-            raise MixtureError(f"the memories' alphas must sum to at most 1 (the base gets 1 minus their sum), got {total:g}")
+            raise MixtureError("the memories' alphas must sum to at most 1 (the base gets 1 minus their "
+                               f"sum), got {total:g}")
 
     @classmethod
     def one(cls, memory: str, alpha: float, temperature: float = 1.0) -> Mixture:
@@ -162,7 +169,8 @@ class Mixture:
         return cls((Term(memory, None, temperature),))
 
     @classmethod
-    def of(cls, memories: Sequence[str], alphas: Sequence[float], temperatures: Sequence[float] | None = None) -> Mixture:
+    def of(cls, memories: Sequence[str], alphas: Sequence[float],
+           temperatures: Sequence[float] | None = None) -> Mixture:
         """Several memories, one α each and one temperature each (None: 1.0 for all)."""
         n = len(memories)
         if len(alphas) != n:
@@ -175,13 +183,14 @@ class Mixture:
     @classmethod
     def resolve(cls, memories: Sequence[MemoryDefaults], alpha: object, temperature: object) -> Mixture:
         """The mixture a request's `alpha` and `memory_temperature` ask for on these memories (none: the base
-        alone), each memory's manifest filling in what is left out. One memory takes one α (a number or a list of
-        one) or "auto" (it must ship a router); several take a list of α's, one per memory (required: the
+        alone), each memory's manifest filling in what is left out. One memory takes one α (a number or a list
+        of one) or "auto" (it must ship a router); several take a list of α's, one per memory (required: the
         manifests' α's each assume the memory is alone and may sum past 1). A temperature is a number (every
         memory's) or a list, one per memory; null is each memory's own."""
         if alpha == AUTO_ALPHA:
             if len(memories) > 1:
-                raise MixtureError('"alpha": "auto" takes one memory: several memories need a list of numbers')
+                raise MixtureError('"alpha": "auto" takes one memory: several memories need a list of '
+                                   "numbers")
             if not memories:
                 raise MixtureError('"alpha": "auto" needs a memory (\'memory\' or a memory as \'model\')')
             if not memories[0].router:
@@ -214,7 +223,8 @@ class Mixture:
 
     @property
     def alpha_field(self) -> float | list[float] | str | None:
-        """The `alpha` a response echoes: a number (one memory), a list (several), "auto", or null (the base alone)."""
+        """The `alpha` a response echoes: a number (one memory), a list (several), "auto", or null (the base
+        alone)."""
         if not self.terms:
             return None
         if self.routed:
@@ -231,12 +241,14 @@ def sweep(memory: str, alphas: Sequence[float], temperature: float = 1.0) -> tup
 def _alphas(memories: Sequence[MemoryDefaults], alpha: object) -> list[object]:
     n = len(memories)
     if n > 1:
-        Mixture(tuple(Term(m.name, 0.0) for m in memories))  # the names' rules (how many, distinct) come first
+        # the names' rules (how many, distinct) come first
+        Mixture(tuple(Term(m.name, 0.0) for m in memories))
         if alpha is None:
-            raise MixtureError(f"'alpha' is required with several memories: a list of {n} weights, one per memory in "
-                               "'memory' order, summing to at most 1")  # fmt: skip
+            raise MixtureError(f"'alpha' is required with several memories: a list of {n} weights, one per "
+                               "memory in 'memory' order, summing to at most 1")
         if not isinstance(alpha, list | tuple) or len(alpha) != n:
-            raise _one_alpha_per_memory(n, f"{len(alpha)} values" if isinstance(alpha, list | tuple) else "a single number")
+            raise _one_alpha_per_memory(n, f"{len(alpha)} values" if isinstance(alpha, list | tuple)
+                                        else "a single number")
         return list(alpha)
     if isinstance(alpha, list | tuple):  # one memory: one weight (a list of one is that weight)
         if len(alpha) != 1:
@@ -254,7 +266,8 @@ def _temperatures(memories: Sequence[MemoryDefaults], temperature: object) -> li
     if temperature is None:
         return [float(m.temperature) for m in memories]
     if not n:
-        raise MixtureError("'memory_temperature' needs a memory ('memory' or a memory as 'model')", param="memory_temperature")
+        raise MixtureError("'memory_temperature' needs a memory ('memory' or a memory as 'model')",
+                           param="memory_temperature")
     return [temperature] * n  # type: ignore[list-item]
 
 
@@ -264,9 +277,9 @@ class Part:
 
     logp: [b, ..., V] the memory's log-probs (or gathered values [b, ...]); log_alpha: its log α, broadcasting
     against logp (a float, [b, 1], [A, 1] for a sweep of α's ...); log_keep: the log-weight the mixture so far
-    keeps, log(1 − α), for a term whose base is not weighted yet (a router's α_t, one memory mixed from the plain
-    base), or None when `apply`'s log_base_weight already weighted it; rows: [b] the batch rows the part covers
-    (None: every row, in order, so no gather or scatter is needed).
+    keeps, log(1 − α), for a term whose base is not weighted yet (a router's α_t, one memory mixed from the
+    plain base), or None when `apply`'s log_base_weight already weighted it; rows: [b] the batch rows the part
+    covers (None: every row, in order, so no gather or scatter is needed).
     """
 
     logp: torch.Tensor
@@ -275,12 +288,14 @@ class Part:
     rows: torch.Tensor | None = None
 
 
-def apply(base_logp: torch.Tensor, parts: Iterable[Part], log_base_weight: torch.Tensor | float | None = None) -> torch.Tensor:
+def apply(base_logp: torch.Tensor, parts: Iterable[Part],
+          log_base_weight: torch.Tensor | float | None = None) -> torch.Tensor:
     """The mixture's log-probs log(Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base): the one formula every path mixes with.
 
-    base_logp: [B, ..., V] (or gathered [B, ...]); log_base_weight: log(1 − Σ αᵢ) of the fixed α's, broadcasting
-    against it ([B, 1] ...), or None (weight 1). Each part then adds log α + log p into its rows, scaling what
-    the rows hold so far by its log_keep first when it has one: logaddexp(log_keep + mixed, log α + logp).
+    base_logp: [B, ..., V] (or gathered [B, ...]); log_base_weight: log(1 − Σ αᵢ) of the fixed α's,
+    broadcasting against it ([B, 1] ...), or None (weight 1). Each part then adds log α + log p into its rows,
+    scaling what the rows hold so far by its log_keep first when it has one: logaddexp(log_keep + mixed, log
+    α + logp).
     """
     mixed = base_logp if log_base_weight is None else base_logp + log_base_weight
     for part in parts:
@@ -298,7 +313,8 @@ def _add(mixed: torch.Tensor, part: Part) -> torch.Tensor:
     return torch.logaddexp(mixed if part.log_keep is None else part.log_keep + mixed, term)
 
 
-def mix_logprobs(base_logp: torch.Tensor, mem_logp: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+def mix_logprobs(base_logp: torch.Tensor, mem_logp: torch.Tensor,
+                 alpha: torch.Tensor | float) -> torch.Tensor:
     """One memory at α: logaddexp(log α + mem_logp, log(1−α) + base_logp), broadcast over leading dims.
 
     base_logp, mem_logp: [..., V] float32 log-probabilities (or gathered [...] values);
@@ -334,12 +350,14 @@ def mix_scalar(base_lp: float, mem_lp: float, alpha: float) -> float:
 
 
 def base_weight(alphas: list[float] | tuple[float, ...]) -> float:
-    """The base's weight 1 − Σ αᵢ of a mixture of several memories (float64, clamped at 0 against rounding)."""
+    """The base's weight 1 − Σ αᵢ of a mixture of several memories (float64, clamped at 0 against
+    rounding)."""
     return max(0.0, 1.0 - math.fsum(alphas))
 
 
 def mix_many(base_logp: torch.Tensor, memories: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """log(Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base) from log-probs (same shapes), α's as floats; one memory is `mix_logprobs`."""
+    """log(Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base) from log-probs (same shapes), α's as floats; one memory is
+    `mix_logprobs`."""
     w = base_weight([a for _, a in memories])
     parts = [Part(mem_logp, math.log(alpha)) for mem_logp, alpha in memories if alpha > 0]
     return apply(base_logp, parts, math.log(w) if w > 0 else float("-inf"))

@@ -21,7 +21,8 @@ from memories.config import DTYPE_CHOICES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Where configs keep the position-table size, by architecture family (GPT-2 calls it n_positions).
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length",
+                  "seq_length")
 
 
 class ModelLoadError(ValueError):
@@ -29,11 +30,13 @@ class ModelLoadError(ValueError):
 
 
 class PickledWeightsError(ModelLoadError):
-    """The checkpoint's weights are pickled (`pytorch_model.bin`): never loaded; `memdec memory import` converts them."""
+    """The checkpoint's weights are pickled (`pytorch_model.bin`): never loaded; `memdec memory import`
+    converts them."""
 
 
 # `org/name` (or a bare `name`), optionally `@revision`: what the Hugging Face hub calls a model id.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?(@[A-Za-z0-9][A-Za-z0-9_./-]*)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?"
+                     r"(@[A-Za-z0-9][A-Za-z0-9_./-]*)?$")
 # What a served model needs from a hub repository: configs, safetensors weights, tokenizer files.
 HUB_SERVE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 # `memdec memory import` also takes pickled weights (loaded with weights_only=True, never served).
@@ -114,14 +117,16 @@ def resolve_source(source: str | Path, patterns: tuple[str, ...] = HUB_SERVE_FIL
         snapshot = snapshot_download(
             repo, revision=revision, cache_dir=str(hub_cache_dir()), local_files_only=offline,
             allow_patterns=list(patterns),
-        )  # fmt: skip
+        )
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, 404, gated, network)
         where = f"the Hugging Face cache at {hub_cache_dir()}"
         if offline:
             reason = f"it is not in {where} and HF_HUB_OFFLINE is set"
         else:
             reason = f"it is not in {where} and fetching it failed ({type(exc).__name__}: {str(exc)[:300]})"
-        raise ModelLoadError(f"{source!r} is neither a local directory nor a hub model memdec can reach: {reason}") from None
+        raise ModelLoadError(
+            f"{source!r} is neither a local directory nor a hub model memdec can reach: {reason}"
+        ) from None
     return Path(snapshot)
 
 
@@ -226,15 +231,16 @@ def load_causal_lm(
         pickled = pickled_weights(local) or sorted(local.glob("pytorch_model*.bin.index.json"))
         if pickled:
             raise PickledWeightsError(
-                f"{source} has pickled weights ({pickled[0].name}); memdec serves safetensors only (a pickle can run "
-                f"code when loaded): {IMPORT_HINT}"
+                f"{source} has pickled weights ({pickled[0].name}); memdec serves safetensors only (a pickle "
+                f"can run code when loaded): {IMPORT_HINT}"
             )
         raise ModelLoadError(
-            f"{source} has no *.safetensors weights; memdec serves safetensors only (no pickle). If its weights are "
-            f"pytorch_model.bin (as some hub checkpoints are), {IMPORT_HINT}"
+            f"{source} has no *.safetensors weights; memdec serves safetensors only (no pickle). If its "
+            f"weights are pytorch_model.bin (as some hub checkpoints are), {IMPORT_HINT}"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot load a causal LM from {source!r}: {exc}") from exc
     move(model, device)
@@ -260,7 +266,8 @@ class VocabularyError(ModelLoadError):
 def check_vocab(model: PreTrainedModel, vocab_size: int, path: str | Path) -> None:
     """The input and output layers must take and score every token of the tokenizer (padding rows beyond
     it are fine)."""
-    for what, layer in (("output layer", model.get_output_embeddings()), ("input embedding", model.get_input_embeddings())):
+    for what, layer in (("output layer", model.get_output_embeddings()),
+                        ("input embedding", model.get_input_embeddings())):
         rows = embedding_rows(layer)
         if rows < vocab_size:
             raise VocabularyError(

@@ -64,7 +64,8 @@ def window_settings(
     if clamp:
         context = min(context, max_len)
     if not 2 <= context <= max_len:
-        raise WindowSettingsError(f"context_length must be in [2, {max_len}] for this model", "context_length")
+        raise WindowSettingsError(f"context_length must be in [2, {max_len}] for this model",
+                                  "context_length")
     stride = stride or max(context // 2, 1)
     if not 1 <= stride <= context:
         raise WindowSettingsError(f"stride must be in [1, context_length={context}]", "stride")
@@ -107,7 +108,8 @@ def window_batches(
 
 
 def _scored_logits(
-    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits float32 [B, S, V] at the scored positions, divided by `temperature` unless it is 1, their
     targets [B, S]) of one batch of windows."""
@@ -124,7 +126,8 @@ def _scored_logits(
 
 @torch.inference_mode()
 def batch_logprobs(
-    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(ids[t] | ids[begin:t]) for t in [score_from, end) of each window: float32 [B, S]; with a
     `temperature`, of softmax(logits / temperature) (a memory's temperature).
@@ -139,7 +142,8 @@ def batch_logprobs(
 
 @torch.inference_mode()
 def batch_distributions(
-    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int, temperature: float = 1.0
+    model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], vocab_size: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """The whole next-token log-distribution at the same positions as `batch_logprobs`: float32 [B, S, V]
     (for per-token top alternatives; `batch_logprobs` is its gather at the targets)."""
@@ -162,7 +166,8 @@ def document_logprobs(
     """
     on_device: dict[torch.device, torch.Tensor] = {}
     devices = [next(m.parameters()).device for m in models]
-    for batch in window_batches(sliding_windows(len(ids), context, stride), max_tokens, max_logits, vocab_size):
+    for batch in window_batches(sliding_windows(len(ids), context, stride), max_tokens, max_logits,
+                                vocab_size):
         out = []
         for model, device in zip(models, devices, strict=True):
             if device not in on_device:

@@ -82,7 +82,8 @@ class _QuantizedLinear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:  # [out, in] float32
-        # The kernel applied to the identity: the weights exactly as it computes with them (bfloat16 products).
+        # The kernel applied to the identity: the weights exactly as it computes with them (bfloat16
+        # products).
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
         return self._mm(eye).float().t()
 
@@ -125,7 +126,8 @@ class Int4Linear(_QuantizedLinear):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        # The kernel's layout: packed nibbles, and [in/32, out, 2] (scale, zero), zero = the value q = 8 takes.
+        # The kernel's layout: packed nibbles, and [in/32, out, 2] (scale, zero), zero = the value q = 8
+        # takes.
         packed = torch._convert_weight_to_int4pack_for_cpu(q.reshape(self.out_features, -1), 1)
         self.register_buffer("qweight", packed)
         zeros = low + 8 * scale
@@ -159,14 +161,16 @@ class QuantizedSummary:
         kinds = ((self.int4_layers, "int4"), (self.int8_layers, "int8"), (self.float_layers, "unquantized"))
         parts = [f"{n} {kind}" for n, kind in kinds if n]
         mb = self.weight_bytes / 1e6
-        return f"{self.scheme} weight-only, bfloat16 activations ({', '.join(parts)} linear layers; {mb:.1f} MB read)"
+        return (f"{self.scheme} weight-only, bfloat16 activations ({', '.join(parts)} linear layers; "
+                f"{mb:.1f} MB read)")
 
 
 def auto_scheme(device: torch.device, gguf_type: str | None) -> str:
     """The default (``--quantization auto``): on a CPU, a GGUF base runs in the precision its file was stored
     in — 4-bit files (Q4_*) as int4, 8-bit (Q8_0) as int8 — because its user chose a quantized model: 4-bit
-    blocks re-quantize onto their own grid, 8-bit blocks into per-row int8 (a rounding the perplexity checks in
-    docs/performance.md measure); everything else (safetensors, F16/F32 files, any GPU) runs unquantized."""
+    blocks re-quantize onto their own grid, 8-bit blocks into per-row int8 (a rounding the perplexity checks
+    in docs/performance.md measure); everything else (safetensors, F16/F32 files, any GPU) runs
+    unquantized."""
     if device.type != "cpu" or gguf_type is None:
         return "none"
     if gguf_type.upper().startswith("Q4"):

@@ -1,4 +1,5 @@
-"""Fit a memory's router on held-out text, judge it against every fixed α, plot it, save it (`memdec memory router`).
+"""Fit a memory's router on held-out text, judge it against every fixed α, plot it, save it
+(`memdec memory router`).
 
 A router is only as good as the text it is fitted on: on text from the memory's own datastore sources the
 memory looks far better than it is, and the router learns α ≈ 1 (measured for issue 17: 13% and 63% worse than
@@ -51,7 +52,9 @@ REPORT_JSON = "router-evaluation.json"
 REPORT_PNG = "router-evaluation.png"
 SELECT_FRACTION = 0.2
 HIDDEN_CANDIDATES = (0, 16)  # logistic regression and a one-hidden-layer MLP; the held-out split picks
-MAX_STEPS = 400  # full-batch Adam steps at most (a 2000-step cap fitted the held-out split better but transferred worse: docs/demo.md)
+# full-batch Adam steps at most (a 2000-step cap fitted the held-out split better but transferred worse:
+# docs/demo.md)
+MAX_STEPS = 400
 EVAL_EVERY = 10
 PATIENCE = 8  # evaluations without improvement before a candidate stops
 
@@ -91,10 +94,10 @@ def router_inputs(s: Scored, decays: tuple[float, ...]) -> torch.Tensor:
 def score_text(
     base: torch.nn.Module, memory: torch.nn.Module, tokens: np.ndarray, vocab_size: int, label: str,
     config: EvalConfig = EvalConfig(), temperature: float = 1.0, progress: bool = True,
-) -> Scored:  # fmt: skip
+) -> Scored:
     """Both models' log-distributions in the protocol's windows, reduced to features and target log-probs."""
     context, stride = window_settings(min(context_length(base), context_length(memory)), config.context,
-                                      config.stride, clamp=True)  # fmt: skip
+                                      config.stride, clamp=True)
     device = next(base.parameters()).device
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(device)
     xs, bs, ms = [], [], []
@@ -138,9 +141,9 @@ def fixed_nll(s: Scored, alpha: float) -> float:
 def fit_router(
     texts: Sequence[Scored], start_alpha: float, config: FitConfig = FitConfig(), progress: bool = True,
 ) -> tuple[Router, dict[str, Any]]:
-    """The candidate router with the lowest mixture NLL on the held-out split of the fitting texts, and a summary
-    (each candidate's numbers, and the best fixed α's on the same split for comparison). The context features
-    are computed over each whole text before it is split (they only look back)."""
+    """The candidate router with the lowest mixture NLL on the held-out split of the fitting texts, and a
+    summary (each candidate's numbers, and the best fixed α's on the same split for comparison). The context
+    features are computed over each whole text before it is split (they only look back)."""
     decays = config.context_decays
     texts = [dataclasses.replace(t, x=router_inputs(t, decays)) for t in texts]
     fit, select = _split(texts, config.select_fraction)
@@ -151,7 +154,8 @@ def fit_router(
         router = Router(RouterConfig.with_context(decays, hidden=hidden))
         router.mean.copy_(mean)
         router.std.copy_(std)
-        router.start_at(start_alpha)  # the fixed α the toolkit recommends: the router departs only where it helps
+        # the fixed α the toolkit recommends: the router departs only where it helps
+        router.start_at(start_alpha)
         opt = torch.optim.Adam(router.net.parameters(), lr=config.lr)
         best, best_state, since, step = _nll(router, select), None, 0, 0
         started = _nll(router, select)
@@ -175,8 +179,8 @@ def fit_router(
         bar.close()
         if best_state is not None:
             router.load_state_dict(best_state)
-        candidates.append({"hidden": hidden, "steps": step, "held_out_nll_start": started, "held_out_nll": best,
-                           "router": router})  # fmt: skip
+        candidates.append({"hidden": hidden, "steps": step, "held_out_nll_start": started,
+                           "held_out_nll": best, "router": router})
     chosen = min(candidates, key=lambda c: c["held_out_nll"])
     grid = [round(a, 2) for a in np.arange(0.05, 1.0, 0.05)]
     fixed = min(((a, fixed_nll(select, a)) for a in grid), key=lambda t: t[1])
@@ -229,7 +233,8 @@ def source_warnings(manifest: Any, labels: Sequence[tuple[str, str]], allow_in_s
     manifest cannot tell. `labels`: (label, resolved path) of each fitting text."""
     evaluation = manifest.evaluation or {}
     in_source = {t.get("label") for t in evaluation.get("texts", []) if t.get("kind") == IN_SOURCE}
-    in_files = {str(Path(t["file"]).resolve()) for t in evaluation.get("texts", []) if t.get("kind") == IN_SOURCE and t.get("file")}
+    in_files = {str(Path(t["file"]).resolve()) for t in evaluation.get("texts", [])
+                if t.get("kind") == IN_SOURCE and t.get("file")}
     held = set((manifest.corpus or {}).get("holdout_sources", []))
     out = []
     for label, path in labels:
@@ -237,21 +242,22 @@ def source_warnings(manifest: Any, labels: Sequence[tuple[str, str]], allow_in_s
         if shared and not allow_in_source:
             raise ValueError(
                 f"fitting text {label!r} ({path}) comes from a source of this memory's datastore: the memory "
-                "memorised it, and a router fitted there learns to trust the memory everywhere (α ≈ 1). Fit on a "
-                "source the datastore never saw (a leave-one-source-out build: --holdout-source), or pass "
-                "--allow-in-source to do it anyway")
+                "memorised it, and a router fitted there learns to trust the memory everywhere (α ≈ 1). Fit "
+                "on a source the datastore never saw (a leave-one-source-out build: --holdout-source), or "
+                "pass --allow-in-source to do it anyway")
         if shared:
-            out.append(f"WARNING: fitting on {label!r}, a source of the memory's datastore (--allow-in-source): "
-                       "expect α ≈ 1 and a router worse than a fixed α on other text")
+            out.append(f"WARNING: fitting on {label!r}, a source of the memory's datastore "
+                       "(--allow-in-source): expect α ≈ 1 and a router worse than a fixed α on other text")
         elif label not in held:
             out.append(f"WARNING: the manifest does not say that {label!r} was held out of the datastore "
-                       f"(held-out sources: {sorted(held) or 'none'}); if the memory saw this text, the router "
-                       "will trust it too much")
+                       f"(held-out sources: {sorted(held) or 'none'}); if the memory saw this text, the "
+                       "router will trust it too much")
     return out
 
 
 def plot_router(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """One panel per evaluation text: perplexity / base over α (0 = base, 1 = memory), the router as a line."""
+    """One panel per evaluation text: perplexity / base over α (0 = base, 1 = memory), the router as a
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,13 +266,15 @@ def plot_router(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     from memories.evaluate import relative_curve
 
     texts = report["texts"]
-    fig, axes = plt.subplots(1, len(texts), figsize=(4.6 * len(texts), 3.8), dpi=110, squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.6 * len(texts), 3.8), dpi=110, squeeze=False,
+                             sharey=True)
     for ax, t in zip(axes[0], texts, strict=True):
         ax.plot(*relative_curve(t), marker="o", markersize=3, label="fixed α")
         ax.axhline(1.0, color="grey", linestyle="--", label="base alone")
         ax.axhline(t["router_ppl"] / t["base_ppl"], color="red",
                    label=f"router (mean α {t['router_mean_alpha']:.2f}): ×{t['router_vs_best']:.3f} best α")
-        ax.axvline(t["recommended_alpha"], color="black", linestyle=":", label=f"recommended α {t['recommended_alpha']:.2f}")
+        ax.axvline(t["recommended_alpha"], color="black", linestyle=":",
+                   label=f"recommended α {t['recommended_alpha']:.2f}")
         ax.set_title(f"{t['label']} ({t['tokens_scored']} tokens)", fontsize=9)
         ax.set_xlabel("α (0 = base, 1 = memory)")
         ax.set_yscale("log")
@@ -289,7 +297,8 @@ class RouterJob:
     memory: Path
     base: str
     texts: tuple[tuple[str, str], ...]  # (label, path) fitting texts
-    eval_texts: tuple[tuple[str, str], ...]  # (label, path) evaluation texts, never used for fitting or selection
+    # (label, path) evaluation texts, never used for fitting or selection
+    eval_texts: tuple[tuple[str, str], ...]
     from_dir: Path | None = None  # take this memory's router instead of fitting one
     max_tokens: int | None = None  # per fitting text
     eval: EvalConfig = EvalConfig()
@@ -318,7 +327,8 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
     if job.from_dir is None:
         if not job.texts:
             raise ValueError("give at least one --text to fit on (or --from a memory whose router to take)")
-        warnings = source_warnings(manifest, [(lab, str(Path(p).resolve())) for lab, p in job.texts], job.allow_in_source)
+        warnings = source_warnings(manifest, [(lab, str(Path(p).resolve())) for lab, p in job.texts],
+                                   job.allow_in_source)
         for w in warnings:
             print(f"[memdec] {w}", flush=True)
     mem_model = load_causal_lm(job.memory, base.device, base.dtype)
@@ -328,7 +338,8 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
 
     def scored(label: str, path: str, max_tokens: int | None) -> Scored:
         tokens, _ = tokenize_corpus(base.tokenizer, path, max_tokens, progress=False)
-        return score_text(base.model, mem_model, tokens, vocab, label, job.eval, manifest.temperature, progress)
+        return score_text(base.model, mem_model, tokens, vocab, label, job.eval, manifest.temperature,
+                          progress)
 
     if job.from_dir is not None:
         source = read_manifest(job.from_dir)
@@ -339,19 +350,23 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
     else:
         fit_texts = [scored(lab, p, job.max_tokens) for lab, p in job.texts]
         router, selection = fit_router(fit_texts, alpha, job.fit, progress)
-        fitted = {"memory": str(job.memory), "texts": [{"label": lab, "file": str(Path(p).resolve()), "tokens": len(s.base)}
-                                                       for (lab, p), s in zip(job.texts, fit_texts, strict=True)],
-                  "start_alpha": alpha, "selection": selection}  # fmt: skip
-    router.config = RouterConfig.with_context(router.context_decays, hidden=router.config.hidden, fitted=fitted)
+        fitted = {"memory": str(job.memory),
+                  "texts": [{"label": lab, "file": str(Path(p).resolve()), "tokens": len(s.base)}
+                            for (lab, p), s in zip(job.texts, fit_texts, strict=True)],
+                  "start_alpha": alpha, "selection": selection}
+    router.config = RouterConfig.with_context(router.context_decays, hidden=router.config.hidden,
+                                              fitted=fitted)
     evals = [evaluate_router(router, scored(lab, p, job.eval.max_tokens), job.eval.alphas, alpha)
-             for lab, p in job.eval_texts]  # fmt: skip
+             for lab, p in job.eval_texts]
     report = {"memory": manifest.name, "domain": manifest.domain, "hidden": router.config.hidden,
               "context_decays": list(router.context_decays),
               "fitted": fitted, "texts": evals, "warnings": warnings,
-              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+              "seconds": round(time.perf_counter() - started, 1)}
     entry = save_router(router, job.memory)
-    brief = [{k: t[k] for k in ("label", "tokens_scored", "base_ppl", "best_alpha", "best_ppl", "recommended_alpha",
-                                "recommended_ppl", "router_ppl", "router_mean_alpha", "router_vs_best")} for t in evals]
+    brief = [{k: t[k] for k in ("label", "tokens_scored", "base_ppl", "best_alpha", "best_ppl",
+                                "recommended_alpha", "recommended_ppl", "router_ppl", "router_mean_alpha",
+                                "router_vs_best")}
+             for t in evals]
     write_manifest(job.memory, read_manifest(job.memory).replace(router={**entry, "evaluation": brief}))
     report_dir = Path(job.report_dir or job.memory)
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Shard completion markers: what lets a re-run after a killed rank redo only the unfinished shards.
 
-A stage that runs in shards keeps `<out>/<stage>.shards/`: `plan.json` (the identity of the work: every setting
-and input that shapes a shard's output) and `<i>.json` per finished shard, written (atomically) only after
-that shard's output is on disk. Invariants:
+A stage that runs in shards keeps `<out>/<stage>.shards/`: `plan.json` (the identity of the work: every
+setting and input that shapes a shard's output) and `<i>.json` per finished shard, written (atomically) only
+after that shard's output is on disk. Invariants:
 - A shard marker is trusted only under a `plan.json` equal to the current identity; any difference and
   rank 0 clears the directory, so no shard of other settings is ever reused.
 - Shard boundaries are a function of the identity alone (never of the world size), so markers written at
@@ -102,7 +102,7 @@ class ShardLedger:
             finished = sum(self.done(i) for i in range(num_shards))
             if finished:
                 print(f"[memdec] {self.stage}: {finished} of {num_shards} shards done by an earlier run, "
-                      f"{num_shards - finished} to go", flush=True)  # fmt: skip
+                      f"{num_shards - finished} to go", flush=True)
         mine = [i for i in w.assigned(num_shards) if not self.done(i)]
         distributed.barrier(f"reading {self.dir}")  # no rank starts a shard while another still counts
         return mine

@@ -107,7 +107,8 @@ def _write(path: Path, docs: list[str]) -> Path:
 
 
 def holdout_split(
-    corpus: str | Path, valid: str | Path | None, heldout: Sequence[str], out_dir: str | Path, spec: dict | None = None
+    corpus: str | Path, valid: str | Path | None, heldout: Sequence[str], out_dir: str | Path,
+    spec: dict | None = None,
 ) -> HoldoutSplit:
     """Hold the `heldout` sources out of the datastore; their held-out text is the valid file's lines of that
     source, or (no valid file) their corpus lines, which the datastore never sees either."""
@@ -133,7 +134,8 @@ def holdout_split(
     return HoldoutSplit(datastore, held, in_source, kept, {s: len(train.docs[s]) for s in kept})
 
 
-def domain_holdout(data_dir: str | Path, domain: str, source: str | None, out_dir: str | Path) -> HoldoutSplit:
+def domain_holdout(data_dir: str | Path, domain: str, source: str | None,
+                   out_dir: str | Path) -> HoldoutSplit:
     """Leave-one-source-out for a domain of a data directory laid out like `../shared/data`
     (`<domain>/train.txt`, `<domain>/valid.txt`, `sources.json`): the held-out source's valid text and the
     other sources' train text. `source=None` holds nothing out (every source in the datastore)."""

@@ -63,7 +63,8 @@ class Base:
         return self._model
 
 
-def datastore_stage(base: Base, corpus: str, out: Path, config: DatastoreConfig, progress: bool) -> dict[str, Any]:
+def datastore_stage(base: Base, corpus: str, out: Path, config: DatastoreConfig,
+                    progress: bool) -> dict[str, Any]:
     """Keys (the base's last-MLP inputs) and values (next tokens) over the corpus. Under torch.distributed
     rank 0 tokenizes the corpus and every rank forwards its shards of windows (memories.datastore); the
     summary that counts is rank 0's (the others have no corpus statistics)."""
@@ -73,11 +74,13 @@ def datastore_stage(base: Base, corpus: str, out: Path, config: DatastoreConfig,
         tokens, stats = tokenize_corpus(base.tokenizer, corpus, config.max_tokens, progress=progress)
     context, stride = window_settings(context_length(base.model), config.context, config.stride, clamp=True)
     meta = {"base_model": model_id(base.path), "tokenizer_fingerprint": base.fingerprint,
-            "corpus": [str(p) for p in corpus_files(corpus)], "corpus_stats": stats.to_dict() if stats else {}}  # fmt: skip
+            "corpus": [str(p) for p in corpus_files(corpus)],
+            "corpus_stats": stats.to_dict() if stats else {}}
     identity = {"base": model_identity(base.path), "dtype": str(base.dtype)}
-    ds = build_datastore(base.model, tokens, out, context=context, stride=stride, batch_size=config.batch_size,
-                         meta=meta, identity=identity, progress=progress)  # fmt: skip
-    return {"entries": ds.size, "dim": ds.dim, "corpus_stats": meta["corpus_stats"], "seconds": ds.meta["seconds"]}
+    ds = build_datastore(base.model, tokens, out, context=context, stride=stride,
+                         batch_size=config.batch_size, meta=meta, identity=identity, progress=progress)
+    return {"entries": ds.size, "dim": ds.dim, "corpus_stats": meta["corpus_stats"],
+            "seconds": ds.meta["seconds"]}
 
 
 def index_stage(datastore: Path, out: Path, config: IndexConfig, progress: bool) -> dict[str, Any]:
@@ -102,10 +105,11 @@ def targets_stage(
     faiss_index, info = load_index(index_dir)
     set_nprobe(faiss_index, index.nprobe)
     faiss_index = to_gpu_if_available(faiss_index, index.use_gpu)
-    identity = {"inputs": files_identity(datastore / "keys.npy", index_dir / INDEX_NAME), "nprobe": index.nprobe}
+    identity = {"inputs": files_identity(datastore / "keys.npy", index_dir / INDEX_NAME),
+                "nprobe": index.nprobe}
     tg = build_targets(faiss_index, ds.keys(), ds.values(), out, k=config.k, temperature=config.temperature,
                        batch_size=config.batch_size, progress=progress, identity=identity,
-                       meta={"index": info, "datastore": str(datastore)})  # fmt: skip
+                       meta={"index": info, "datastore": str(datastore)})
     return {key: tg.meta[key] for key in ("num_rows", "nnz", "k", "temperature", "mean_support", "seconds")}
 
 
@@ -140,7 +144,7 @@ def train_stage(
     else:
         raise TrainError("give --datastore/--targets, or --corpus with --beta 0")
     return train(config, out, tokenizer, tokens, knn, init_from=init_from, spec=None if init_from else spec,
-                 manifest=manifest, **options)  # fmt: skip
+                 manifest=manifest, **options)
 
 
 def eval_stage(
@@ -165,7 +169,8 @@ def eval_stage(
         if progress:
             print(f"[memdec] eval: {text.label} ({text.kind}, {len(tokens)} tokens)", flush=True)
         rep = evaluate(base.model, mem_model, tokens, len(base.tokenizer), config, progress=progress)
-        reports.append({"label": text.label, "kind": text.kind, "file": str(Path(text.path).resolve()), **rep})
+        reports.append({"label": text.label, "kind": text.kind, "file": str(Path(text.path).resolve()),
+                        **rep})
     report = combine(reports, config.alpha)
     write_report(report, report_dir, title)
     return report

@@ -101,15 +101,16 @@ def build_targets(
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / META_NAME).unlink(missing_ok=True)
-    ledger = ShardLedger(out_dir, "targets", {"num_rows": int(n), "k": int(k), "temperature": float(temperature),
-                                              "batch_size": int(batch_size), **(identity or {})})  # fmt: skip
+    ledger = ShardLedger(out_dir, "targets", {"num_rows": int(n), "k": int(k),
+                                              "temperature": float(temperature),
+                                              "batch_size": int(batch_size), **(identity or {})})
     ledger.open()
     values = np.asarray(values, dtype=np.int64)
     shards = row_shards(n, batch_size)
     mine = ledger.pending(len(shards))
     started = time.perf_counter()
     bar = tqdm(total=sum(shards[i][1] - shards[i][0] for i in mine), desc=f"targets (k={k})", unit="row",
-               disable=not (progress and w.is_main))  # fmt: skip
+               disable=not (progress and w.is_main))
     for done, i in enumerate(mine, start=1):
         _search_shard(index, keys, values, ledger, i, shards[i], k, temperature, batch_size)
         bar.update(shards[i][1] - shards[i][0])
@@ -140,8 +141,9 @@ def build_targets(
 def _search_shard(
     index: Any, keys: np.ndarray, values: np.ndarray, ledger: ShardLedger, i: int, rows: tuple[int, int],
     k: int, temperature: float, batch_size: int,
-) -> None:  # fmt: skip
-    """Rows [a, b)'s sparse p_kNN streamed to targets.shards/<i>.tok, .prob and .counts.npy, then its marker."""
+) -> None:
+    """Rows [a, b)'s sparse p_kNN streamed to targets.shards/<i>.tok, .prob and .counts.npy, then its
+    marker."""
     a, b = rows
     base = ledger.dir / f"{i:05d}"
     counts = np.zeros(b - a, dtype=np.int64)

@@ -113,21 +113,24 @@ def _project_embeddings(model: PreTrainedModel, source: str, tokenizer: Any) -> 
     r = mine.shape[1]
     if r > theirs.shape[1]:
         raise TrainError(f"--init-embeddings-from {source}: its embedding has {theirs.shape[1]} dimensions, "
-                         f"fewer than the new model's hidden size {r}")  # fmt: skip
+                         f"fewer than the new model's hidden size {r}")
     _, _, vh = torch.linalg.svd(theirs, full_matrices=False)  # vh [H_src, H_src], rows by singular value
     mine[: len(tokenizer)] = (theirs @ vh[:r].T).to(mine.dtype)  # [V, r]
 
 
-def init_model(init_from: str | Path | None, spec: ModelSpec | None, tokenizer: Any, seed: int) -> PreTrainedModel:
+def init_model(init_from: str | Path | None, spec: ModelSpec | None, tokenizer: Any,
+               seed: int) -> PreTrainedModel:
     """The memory's starting point: an existing HF directory, or a new model from `spec`."""
     if init_from is not None:
         path = Path(init_from)
-        if is_gguf_path(path) or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        if (is_gguf_path(path) or (path / "tokenizer.json").is_file()
+                or (path / "tokenizer_config.json").is_file()):
             _check_same_tokenizer(path, tokenizer)
         model = load_causal_lm(path)
         rows = embedding_rows(model.get_input_embeddings())
         if rows < len(tokenizer):
-            raise TrainError(f"{path} has {rows} embedding rows, fewer than the tokenizer's {len(tokenizer)} tokens")
+            raise TrainError(f"{path} has {rows} embedding rows, fewer than the tokenizer's "
+                             f"{len(tokenizer)} tokens")
         return model
     return new_model(spec or ModelSpec(), tokenizer, seed)
 
@@ -337,8 +340,8 @@ def _plan(
     schedule = Schedule(data.num_sequences, config.batch_size, config.seed)
     w = distributed.world()
     if schedule.batch_size < w.size:
-        raise TrainError(f"a micro-batch of {schedule.batch_size} sequences cannot be shared by {w.size} processes; "
-                         "raise --train-batch-size (it is the global batch) or launch fewer")
+        raise TrainError(f"a micro-batch of {schedule.batch_size} sequences cannot be shared by {w.size} "
+                         "processes; raise --train-batch-size (it is the global batch) or launch fewer")
     total = config.max_steps or max(1, math.ceil(config.epochs * schedule.per_epoch / config.grad_accum))
     warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
     identity = {
@@ -358,7 +361,8 @@ def _start(run: _Run, found: Path | None) -> None:
         saved = read_json(found / CHECKPOINT_STATE)
         if saved["run"] != run.identity:
             raise TrainError(
-                f"checkpoint {found} was made by a different training run; remove it or pass the same settings\n"
+                f"checkpoint {found} was made by a different training run; remove it or pass the same "
+                "settings\n"
                 f"  checkpoint: {saved['run']}\n  now:        {run.identity}"
             )
         run.model = load_causal_lm(found / "model")
@@ -372,14 +376,17 @@ def _start(run: _Run, found: Path | None) -> None:
         # DDP averages gradients over ranks; each rank's loss is scaled by the world size (in _step) so the
         # average is the sum of the ranks' shares, i.e. the whole micro-batch's gradient.
         on_gpu = run.device.type == "cuda"
-        ids = [run.device.index if run.device.index is not None else torch.cuda.current_device()] if on_gpu else None
+        ids = ([run.device.index if run.device.index is not None else torch.cuda.current_device()]
+               if on_gpu else None)
         run.ddp = DistributedDataParallel(run.model, device_ids=ids)
-    run.optimizer = torch.optim.AdamW(_param_groups(run.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    run.optimizer = torch.optim.AdamW(_param_groups(run.model, config.weight_decay), lr=config.lr,
+                                      betas=(0.9, 0.95))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, _lr_lambda(run.total, run.warmup, config.min_lr_ratio)
     )
     if found is not None:
-        run.optimizer.load_state_dict(torch.load(found / "optimizer.pt", map_location=run.device, weights_only=True))
+        run.optimizer.load_state_dict(torch.load(found / "optimizer.pt", map_location=run.device,
+                                                 weights_only=True))
         run.scheduler.load_state_dict(torch.load(found / "scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(found / "rng.pt", weights_only=False))
     else:
@@ -404,8 +411,8 @@ def _step(run: _Run, step: int) -> tuple[float, float, float]:
         with run.ddp.no_sync() if wait else contextlib.nullcontext():  # type: ignore[union-attr,operator]
             with autocast:
                 logits = (run.ddp or run.model)(input_ids=batch["input_ids"]).logits  # [B, L, V']
-            parts = memory_loss(logits[..., :vocab], batch["labels"], batch.get("knn_ids"), batch.get("knn_probs"),
-                                config.beta, totals)  # fmt: skip
+            parts = memory_loss(logits[..., :vocab], batch["labels"], batch.get("knn_ids"),
+                                batch.get("knn_probs"), config.beta, totals)
             (parts.loss * w.size / config.grad_accum).backward()
         loss += parts.loss.item() / config.grad_accum
         kl += parts.kl.item() / config.grad_accum
@@ -444,7 +451,8 @@ def _run_steps(run: _Run, end_step: int, ckpt_dir: Path, progress: bool) -> None
             history[key].append(value)
         running = loss if running is None else 0.95 * running + 0.05 * loss
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", ce=f"{ce:.3f}", kl=f"{kl:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{running:.4f}", ce=f"{ce:.3f}", kl=f"{kl:.3f}",
+                        lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if run.config.save_every and done % run.config.save_every == 0 and done < end_step:
             run.checkpoint(ckpt_dir, done)

@@ -88,12 +88,14 @@ class AsyncEngine:
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.is_alive and (self._streams or self._jobs or self.num_waiting):
+        while (time.monotonic() < deadline and self.is_alive
+               and (self._streams or self._jobs or self.num_waiting)):
             await asyncio.sleep(0.05)
 
     def die(self, error: EngineDeadError) -> None:
-        """From another thread, when the engine cannot go on and its thread may never return (a tensor-parallel
-        rank died or hangs, and the engine thread waits in a collective): every caller gets `error` now."""
+        """From another thread, when the engine cannot go on and its thread may never return (a
+        tensor-parallel rank died or hangs, and the engine thread waits in a collective): every caller gets
+        `error` now."""
         self._dead = error
         with self._lock:
             streams = list(self._streams)
@@ -119,7 +121,8 @@ class AsyncEngine:
 
     # -- memories ------------------------------------------------------------------------------------
     async def load_memory(self, name: str, path: str, alpha: float | None = None) -> MemoryInfo:
-        """Load a memory (a worker thread) and ready it for serving (the engine thread) before it is visible."""
+        """Load a memory (a worker thread) and ready it for serving (the engine thread) before it is
+        visible."""
         return await asyncio.to_thread(self.registry.load, name, path, alpha, self._prepare)
 
     def unload_memory(self, name: str) -> None:
@@ -127,7 +130,8 @@ class AsyncEngine:
         self._inbox.put(("sweep", None))
 
     def _prepare(self, name: str, memory: LoadedModel) -> None:
-        """Capture graphs on the engine thread, between steps (a capture must not race the engine's kernels)."""
+        """Capture graphs on the engine thread, between steps (a capture must not race the engine's
+        kernels)."""
         if not self.is_alive:
             self.engine.prepare_memory(name, memory)
             return
@@ -202,7 +206,9 @@ class AsyncEngine:
             log.exception("engine loop died")
             self._fail_everything(EngineDeadError(f"the engine has stopped: {type(exc).__name__}: {exc}"))
         else:
-            self._fail_everything(ServiceUnavailableError("the server shut down before this request finished"))
+            self._fail_everything(
+                ServiceUnavailableError("the server shut down before this request finished")
+            )
 
     def _step(self) -> None:
         try:

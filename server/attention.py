@@ -31,9 +31,11 @@ from server.kv import ModelKV
 NAME = "memdec"
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, memdec_ctx=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, memdec_ctx=None,
+               **kwargs):
     if memdec_ctx is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     return memdec_ctx.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
 
 
@@ -70,7 +72,8 @@ class SingleTokens:
     lengths: torch.Tensor  # [B] tokens each attends to, its own included
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # per window: built once per forward
 
-    def attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None, window: int | None):
+    def attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None,
+               window: int | None):
         # q: [1, H, N, D] -> the rows' queries [B, H, D]; returns [1, H, B, D] for out[:, :, positions].
         b = self.positions.shape[0]
         h, d = q.shape[1], q.shape[-1]
@@ -85,7 +88,8 @@ class SingleTokens:
             if window is not None:
                 mask &= cols >= (self.lengths - window)[:, None]
             self._masks[window] = mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=self._masks[window], scale=scale)  # [B, Hkv, G, D]
+        # [B, Hkv, G, D]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=self._masks[window], scale=scale)
         return out.reshape(b, h, d).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
 
 
@@ -105,7 +109,8 @@ class PrefillContext:
     offset: torch.Tensor  # [N] position inside that page
     segments: list[tuple[int, int]]  # (start, length) in the packed row; host ints
     cached: list[int] | None = None  # per segment: tokens already cached before it (None: all 0)
-    context: list[torch.Tensor | None] | None = None  # per segment with cached > 0: [nblk] its pages, in order
+    # per segment with cached > 0: [nblk] its pages, in order
+    context: list[torch.Tensor | None] | None = None
     singles: SingleTokens | None = None  # one-token segments on a cache (decode rows): attended together
     _windows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _cached_masks: dict[tuple[int, int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -117,7 +122,8 @@ class PrefillContext:
             _NO_MASK[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
         return _NO_MASK[device]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None):
         # q: [1, H, N, D]; k, v: [1, Hkv, N, D]
         _check(self.kv, k)
         keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
@@ -142,18 +148,22 @@ class PrefillContext:
             if self.singles is not None and i in self.singles.segments:
                 continue
             if c:
-                # Keys/values of positions [0, c + n) from the segment's pages (this chunk's were just written).
+                # Keys/values of positions [0, c + n) from the segment's pages (this chunk's were just
+                # written).
                 pages = self.context[i] if self.context is not None else None
                 assert pages is not None, "a segment with a cached prefix needs its pages"
                 hkv, d = k.shape[1], k.shape[-1]
-                kk = keys.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+                # [1, Hkv, L, D]
+                kk = keys.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)
                 vv = values.index_select(0, pages).view(-1, hkv, d)[: c + n].transpose(0, 1).unsqueeze(0)
                 cmask = self._cached_mask(c, n, window, q.device)  # [n, c + n]
-                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=cmask, scale=scale, enable_gqa=gqa)
+                out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], kk, vv, attn_mask=cmask,
+                                                                scale=scale, enable_gqa=gqa)
                 continue
             mask = None if window is None else self._window_mask(n, window, q.device)
             out[:, :, seg] = F.scaled_dot_product_attention(
-                q[:, :, seg], k[:, :, seg], v[:, :, seg], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+                q[:, :, seg], k[:, :, seg], v[:, :, seg], attn_mask=mask, is_causal=mask is None, scale=scale,
+                enable_gqa=gqa,
             )
         return out.transpose(1, 2).contiguous(), None  # [1, N, H, D]
 
@@ -199,7 +209,8 @@ class DecodeContext:
         cols = torch.arange(span, device=self.tables.device)  # [L]
         self.attention_mask = (cols[None, :] < self.lengths[:, None])[:, None, None, :]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None):
         # q: [B, H, 1, D]; k, v: [B, Hkv, 1, D]
         _check(self.kv, k)
         keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]
@@ -248,10 +259,12 @@ class VerifyContext:
     def __post_init__(self) -> None:
         span = self.tables.shape[1] * self.kv.block_size
         cols = torch.arange(span, device=self.tables.device)  # [L]
-        last = self.start[:, None] + torch.arange(self.page.shape[1], device=self.tables.device)  # [B, T] own position
+        # [B, T] own position
+        last = self.start[:, None] + torch.arange(self.page.shape[1], device=self.tables.device)
         self.attention_mask = (cols[None, None, :] <= last[:, :, None])[:, None]  # [B, 1, T, L]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None):
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
         _check(self.kv, k)
         keys, values = self.kv.keys[layer], self.kv.values[layer]  # [P, block, Hkv, D]

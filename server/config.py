@@ -24,7 +24,8 @@ class ModelConfig:
     device: str = "auto"  # auto = cuda when available
     tokenizer: str | None = None  # where the tokenizer comes from instead of `model` (vLLM's --tokenizer)
     # Weight-only quantization on a CPU (vLLM's --quantization; memories.quantize): auto = a GGUF base in its
-    # file's precision (Q4_* → int4, Q8_0 → int8), anything else unquantized. Memories follow the base's scheme.
+    # file's precision (Q4_* → int4, Q8_0 → int8), anything else unquantized. Memories follow the base's
+    # scheme.
     quantization: str = "auto"
 
     def __post_init__(self) -> None:
@@ -43,8 +44,10 @@ DEFAULT_SPECULATIVE_TOKENS = 4
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64  # sequences decoding at once
-    max_num_batched_tokens: int = 8192  # tokens per step (vLLM's meaning): decode rows first, then prompt chunks
-    enable_prefix_caching: bool = True  # reuse cached full KV blocks of identical prompt prefixes (vLLM's flag)
+    # tokens per step (vLLM's meaning): decode rows first, then prompt chunks
+    max_num_batched_tokens: int = 8192
+    # reuse cached full KV blocks of identical prompt prefixes (vLLM's flag)
+    enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True  # split prompts longer than the step's token budget (vLLM's flag)
     max_model_len: int | None = None  # cap below the base model's own context
     use_cuda_streams: bool = True  # base and memory forwards on two streams when on CUDA
@@ -72,10 +75,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism (`server/tp.py`): the base sharded by heads over this many processes, one per GPU."""
+    """Tensor parallelism (`server/tp.py`): the base sharded by heads over this many processes, one per
+    GPU."""
 
     tensor_parallel_size: int = 1  # vLLM's --tensor-parallel-size
-    # A rank that dies or leaves a step unfinished this long brings the server down (503, errors, exit non-zero).
+    # A rank that dies or leaves a step unfinished this long brings the server down (503, errors, exit
+    # non-zero).
     timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -149,7 +154,8 @@ def read_registry_file(path: Path, missing_ok: bool = False) -> tuple[MemorySpec
         raise RegistryFileError(f"registry file {path} must hold a JSON list of {{name, path, alpha?}}")
     specs = []
     for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+        if (not isinstance(item, dict) or not isinstance(item.get("name"), str)
+                or not isinstance(item.get("path"), str)):
             raise RegistryFileError(f"registry file {path}, entry {i}: needs string 'name' and 'path'")
         alpha = item.get("alpha")
         try:
@@ -175,7 +181,8 @@ def write_registry_file(path: Path, specs: Iterable[MemorySpec]) -> None:
     is flushed to disk, and takes the old one's name in one `os.replace`, so a reader (or a restart after a
     crash at any moment) sees the old file or the new one, never a part of either."""
     path = Path(path)
-    entries = [{"name": s.name, "path": s.path, **({"alpha": s.alpha} if s.alpha is not None else {})} for s in specs]
+    entries = [{"name": s.name, "path": s.path, **({"alpha": s.alpha} if s.alpha is not None else {})}
+               for s in specs]
     text = json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     try:

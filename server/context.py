@@ -7,8 +7,9 @@ recurrence the toolkit runs over a whole text:
 
 - a prompt chunk: every position whose next token is known (all but the prompt's last) adds its target's
   log-probs of both models (`ModelRunner._prefill_model` keeps those positions' logits; the scheduler caps
-  such chunks at `CONTEXT_CHUNK_TOKENS`); a chunk from position 0 starts from zero, so a re-admitted (preempted) row recomputes its state
-  with its prompt and generated tokens, and a slot's previous occupant leaves nothing behind;
+  such chunks at `CONTEXT_CHUNK_TOKENS`); a chunk from position 0 starts from zero, so a re-admitted
+  (preempted) row recomputes its state with its prompt and generated tokens, and a slot's previous occupant
+  leaves nothing behind;
 - each new token (decode step, prefill's first token, a speculative round's one token of a routed row, which
   never drafts): the whole batch's rows of the memory at once, on the device, no host sync.
 
@@ -36,7 +37,8 @@ class ContextState:
         """[S+1, K] float64 (the last row: the runner's scratch slot)."""
         key = (name, decays)
         if key not in self._state:
-            self._state[key] = torch.zeros(self.num_slots + 1, len(decays), dtype=torch.float64, device=self.device)
+            self._state[key] = torch.zeros(self.num_slots + 1, len(decays), dtype=torch.float64,
+                                           device=self.device)
         return self._state[key]
 
     def rows(self, name: str, decays: tuple[float, ...], slots_dev: torch.Tensor) -> torch.Tensor:
@@ -44,15 +46,16 @@ class ContextState:
         return self.of(name, decays).index_select(0, slots_dev)
 
     def advance(self, name: str, decays: tuple[float, ...], slots_dev: torch.Tensor, base_t: torch.Tensor,
-                mem_t: torch.Tensor) -> None:  # fmt: skip
+                mem_t: torch.Tensor) -> None:
         """Each row (slot) took one more token: base_t, mem_t [b] its log-prob under each model."""
         state = self.of(name, decays)
         _, new = advantage_emas((mem_t - base_t).unsqueeze(-1), decays, state.index_select(0, slots_dev))
         state.index_copy_(0, slots_dev, new)
 
     def prompt(self, name: str, decays: tuple[float, ...], slot: int, start: int, base_t: torch.Tensor,
-               mem_t: torch.Tensor) -> None:  # fmt: skip
-        """A prompt chunk from position `start` whose positions' targets have these log-probs [n] (n may be 0)."""
+               mem_t: torch.Tensor) -> None:
+        """A prompt chunk from position `start` whose positions' targets have these log-probs [n] (n may be
+        0)."""
         state = self.of(name, decays)
         if start == 0:
             state[slot] = 0.0
@@ -61,7 +64,7 @@ class ContextState:
 
 
 def target_logprobs(base_logits: torch.Tensor, mem_logits: torch.Tensor, temperature: float,
-                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, memory) log-probs [n] of `targets` [n] from logits [≥n, V] (the memory's at its temperature)."""
     n = len(targets)
     base_t = torch.log_softmax(base_logits[:n].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,10 +1,10 @@
-"""The demo `memdec serve` runs with no --model: a real pretrained base from a pinned registry package, and the
-memories under <demo>/memories built for it.
+"""The demo `memdec serve` runs with no --model: a real pretrained base from a pinned registry package, and
+the memories under <demo>/memories built for it.
 
 `<demo>/base.json` pins the base: the package that ships the file (installed with `--no-deps`: the file is all
-memdec needs of it), the file inside it, and the file's sha256. The base is served only when the installed file's
-hash is the pinned one, so the memories shipped beside it (whose keys and α came from exactly these weights) are
-never served beside a different base.
+memdec needs of it), the file inside it, and the file's sha256. The base is served only when the installed
+file's hash is the pinned one, so the memories shipped beside it (whose keys and α came from exactly these
+weights) are never served beside a different base.
 
     python -m server.demo install   # pip-installs the pinned package (no deps) unless it is there; checks it
 """
@@ -47,7 +47,9 @@ class BasePin:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**{k: str(data[k]) for k in ("package", "version", "module", "file", "sha256")})
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DemoNotFoundError(f"{path}: not a readable demo base pin ({type(exc).__name__}: {exc})") from None
+            raise DemoNotFoundError(
+                f"{path}: not a readable demo base pin ({type(exc).__name__}: {exc})"
+            ) from None
 
     @property
     def requirement(self) -> str:
@@ -88,7 +90,8 @@ def sha256(path: Path) -> str:
 
 
 def find_demo(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
-    """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold base.json."""
+    """The demo served when --model is absent: $MEMDEC_DEMO_DIR when set, else ./demo; it must hold
+    base.json."""
     configured = (os.environ if environ is None else environ).get(DEMO_ENV)
     root = Path(configured) if configured else (cwd or Path.cwd()) / "demo"
     if not (root / BASE_PIN).is_file():
@@ -110,7 +113,8 @@ def demo_memories(root: Path) -> list[MemorySpec]:
     mem_dir = root / "memories"
     if not mem_dir.is_dir():
         return []
-    return [MemorySpec(name=p.name, path=str(p)) for p in sorted(mem_dir.iterdir()) if (p / "memdec.json").is_file()]
+    return [MemorySpec(name=p.name, path=str(p)) for p in sorted(mem_dir.iterdir())
+            if (p / "memdec.json").is_file()]
 
 
 def install(root: Path) -> Path:

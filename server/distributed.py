@@ -67,7 +67,7 @@ class WorkerSpec:
         return cls(
             data["rank"], data["world_size"], data["port"], data["parent"],
             ModelConfig(**data["model"]), EngineConfig(**data["engine"]), ParallelConfig(**data["parallel"]),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,12 @@ def check_devices(model: ModelConfig, parallel: ParallelConfig) -> str | None:
         return "--tensor-parallel-size needs a torch build with torch.distributed"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if model.device not in ("auto", "cuda", "cpu"):
-        return f"--tensor-parallel-size {n} places rank r on cuda:r: use --device auto, cuda or cpu, not {model.device}"
+        return (f"--tensor-parallel-size {n} places rank r on cuda:r: use --device auto, cuda or cpu, "
+                f"not {model.device}")
     if gpus and model.device == "cpu":
         # transformers' sharded loading binds each rank to the machine's accelerator.
-        return f"--tensor-parallel-size {n} on CPU processes is for machines without GPUs (this one has {gpus})"
+        return (f"--tensor-parallel-size {n} on CPU processes is for machines without GPUs "
+                f"(this one has {gpus})")
     if gpus and n > gpus:
         return f"--tensor-parallel-size {n} needs {n} GPUs, this machine has {gpus}"
     if model.device == "cuda" and not gpus:
@@ -102,15 +104,18 @@ def check_devices(model: ModelConfig, parallel: ParallelConfig) -> str | None:
 
 def open_store(world_size: int) -> dist.TCPStore:
     """Rank 0's rendezvous, on a port the OS picks (workers learn it from their command line)."""
-    return dist.TCPStore(HOST, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
+    return dist.TCPStore(HOST, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
+                         wait_for_workers=False)
 
 
-def spawn_workers(store: dist.TCPStore, model: ModelConfig, engine: EngineConfig, parallel: ParallelConfig) -> list[subprocess.Popen]:
+def spawn_workers(store: dist.TCPStore, model: ModelConfig, engine: EngineConfig,
+                  parallel: ParallelConfig) -> list[subprocess.Popen]:
     """Start ranks 1..N-1 (`python -m server.tp SPEC`). Call from the main thread: a child's parent-death
     signal follows the thread that started it."""
     workers = []
     for rank in range(1, parallel.tensor_parallel_size):
-        spec = WorkerSpec(rank, parallel.tensor_parallel_size, store.port, os.getpid(), model, engine, parallel)
+        spec = WorkerSpec(rank, parallel.tensor_parallel_size, store.port, os.getpid(), model, engine,
+                          parallel)
         env = {**os.environ, **rank_env(rank, parallel.tensor_parallel_size)}
         workers.append(subprocess.Popen([sys.executable, "-m", "server.tp", spec.to_json()], env=env))
     log.info("started %d tensor-parallel workers: pids %s", len(workers), [w.pid for w in workers])
@@ -119,7 +124,8 @@ def spawn_workers(store: dist.TCPStore, model: ModelConfig, engine: EngineConfig
 
 def rank_env(rank: int, world_size: int) -> dict[str, str]:
     """torchrun's variables: transformers' tensor-parallel loading reads them to pick the rank's device."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size)}
 
 
 def join(rank: int, world_size: int, store: dist.Store, device: torch.device) -> Group:
@@ -129,8 +135,8 @@ def join(rank: int, world_size: int, store: dist.Store, device: torch.device) ->
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if backend == "nccl" else None)  # fmt: skip
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     log.info("rank %d of %d joined (%s on %s)", rank, world_size, backend, device)
     return Group(rank, world_size, device, control)

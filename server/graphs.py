@@ -52,7 +52,8 @@ def _bucket(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
 
-def decode_forward(lm: LoadedModel, kv: ModelKV, tokens: torch.Tensor, slots: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def decode_forward(lm: LoadedModel, kv: ModelKV, tokens: torch.Tensor, slots: torch.Tensor,
+                   num_blocks: int) -> torch.Tensor:
     """Logits [Bb, V] of each slot's next token. Everything is a device op: this is what a graph captures.
 
     tokens: [S+1] each slot's last sampled token; slots: [Bb] rows of this step (padding = dummy slot).
@@ -80,7 +81,8 @@ def decode_forward(lm: LoadedModel, kv: ModelKV, tokens: torch.Tensor, slots: to
 class DecodeGraphs:
     """The decode step of one model: static input buffer, bucket choice, captured graphs or eager calls."""
 
-    def __init__(self, lm: LoadedModel, kv: ModelKV, tokens: torch.Tensor, max_num_seqs: int, use_graphs: bool) -> None:
+    def __init__(self, lm: LoadedModel, kv: ModelKV, tokens: torch.Tensor, max_num_seqs: int,
+                 use_graphs: bool) -> None:
         self.lm = lm
         self.kv = kv
         self.tokens = tokens
@@ -88,7 +90,8 @@ class DecodeGraphs:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.block_sizes = block_buckets(kv) if self.use_graphs else list(range(1, kv.max_blocks + 1))
         # The graph's input: which slots this step runs; rows past the batch stay on the dummy slot.
-        self.slots = torch.full((self.batch_sizes[-1],), kv.dummy_slot, dtype=torch.long, device=kv.pool.device)
+        self.slots = torch.full((self.batch_sizes[-1],), kv.dummy_slot, dtype=torch.long,
+                                device=kv.pool.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._current: tuple[torch.Tensor, int] | None = None  # (slots tensor, rows) the buffer holds now
 
@@ -117,7 +120,8 @@ class DecodeGraphs:
         self._graphs.clear()
 
     def run(self, slots: torch.Tensor, rows: int, max_tokens: int) -> torch.Tensor:
-        """Logits [rows, V]. slots: [rows] on the device; max_tokens: the longest row's length after this step."""
+        """Logits [rows, V]. slots: [rows] on the device; max_tokens: the longest row's length after this
+        step."""
         bb = _bucket(self.batch_sizes, rows)
         nb = _bucket(self.block_sizes, self.kv.blocks_for(max_tokens))
         if self._current is None or self._current[0] is not slots or self._current[1] != bb:
@@ -135,7 +139,8 @@ class DecodeGraphs:
 def verify_forward(
     lm: LoadedModel, kv: ModelKV, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, num_blocks: int
 ) -> torch.Tensor:
-    """Logits [Bb, T, V] of T tokens per row on top of each row's cache. Device ops only (a graph captures it).
+    """Logits [Bb, T, V] of T tokens per row on top of each row's cache. Device ops only (a graph captures
+    it).
 
     ids: [Bb, T] the row's last token then its drafts; slots: [Bb] (padding = dummy slot); valid: [Bb]
     real tokens per row (the rest write to the scratch page, see `VerifyContext`).
@@ -157,7 +162,8 @@ def verify_forward(
     )
     out = lm.model(
         input_ids=ids,  # [Bb, T]
-        position_ids=torch.where(real, pos, start[:, None]),  # invalid tokens reuse a real position (GPT-2 has a table)
+        # invalid tokens reuse a real position (GPT-2 has a table)
+        position_ids=torch.where(real, pos, start[:, None]),
         attention_mask=ctx.attention_mask,
         use_cache=False,
         logits_to_keep=0,  # every position
@@ -167,9 +173,11 @@ def verify_forward(
 
 
 class VerifyGraphs:
-    """The base's verify forward: static buffers (slots, tokens, valid counts), buckets, graphs or eager calls."""
+    """The base's verify forward: static buffers (slots, tokens, valid counts), buckets, graphs or eager
+    calls."""
 
-    def __init__(self, lm: LoadedModel, kv: ModelKV, max_num_seqs: int, num_tokens: int, use_graphs: bool) -> None:
+    def __init__(self, lm: LoadedModel, kv: ModelKV, max_num_seqs: int, num_tokens: int,
+                 use_graphs: bool) -> None:
         self.lm = lm
         self.kv = kv
         self.num_tokens = num_tokens  # T = K + 1: what graphs are captured at
@@ -184,7 +192,8 @@ class VerifyGraphs:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture(self) -> float:
-        """Capture every (batch, blocks) bucket at T = K + 1; returns the seconds it took (0 without graphs)."""
+        """Capture every (batch, blocks) bucket at T = K + 1; returns the seconds it took (0 without
+        graphs)."""
         if not self.use_graphs:
             return 0.0
         t0 = time.perf_counter()
@@ -207,7 +216,8 @@ class VerifyGraphs:
     def release(self) -> None:
         self._graphs.clear()
 
-    def run(self, slots: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    def run(self, slots: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+            max_tokens: int) -> torch.Tensor:
         """Logits [rows, t, V]. slots, valid: [rows]; ids: [rows, t] with t <= K + 1; max_tokens: the longest
         row's cached length plus t."""
         rows, t = ids.shape
@@ -220,7 +230,8 @@ class VerifyGraphs:
         captured = self._graphs.get((bb, nb))
         if captured is None:  # eager: the round's own T
             self.ids[:rows, :t].copy_(ids)
-            return verify_forward(self.lm, self.kv, self.ids[:bb, :t], self.slots[:bb], self.valid[:bb], nb)[:rows]
+            return verify_forward(self.lm, self.kv, self.ids[:bb, :t], self.slots[:bb], self.valid[:bb],
+                                  nb)[:rows]
         self.ids[:rows, :t].copy_(ids)
         self.ids[:rows, t:].zero_()
         graph, out = captured

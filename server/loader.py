@@ -50,7 +50,8 @@ class LoadedModel:
     quantization: str | None = None  # a GGUF file's type (Q4_1, Q8_0, F16 …): what the weights were stored as
     # What the linear layers run in when serving (memories.quantize): "int8", "int4", or None (`dtype`).
     serving_quantization: str | None = None
-    # Rank 0's handle on the other tensor-parallel ranks when the base is sharded (`server/tp.py`); None otherwise.
+    # Rank 0's handle on the other tensor-parallel ranks when the base is sharded (`server/tp.py`); None
+    # otherwise.
     tensor_parallel: ShardedBase | None = None
 
 
@@ -67,13 +68,15 @@ def load_causal_lm(
     `sharded`: this process's tensor-parallel share (torch.distributed is initialised; `load_sharded`).
     `quantization`: a scheme of `memories.quantize` ("auto" resolves from the file and the device)."""
     gguf = inspect_gguf(path) if is_gguf_path(path) else None
-    scheme = auto_scheme(device, gguf.quantization if gguf else None) if quantization == "auto" else quantization
+    scheme = (auto_scheme(device, gguf.quantization if gguf else None) if quantization == "auto"
+              else quantization)
     try:
         check_scheme(scheme, device)
     except QuantizationError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     if sharded and scheme != "none":
-        raise ModelLoadError(f"{path}: --quantization {scheme} runs on one CPU; tensor parallelism shards float weights")
+        raise ModelLoadError(f"{path}: --quantization {scheme} runs on one CPU; tensor parallelism shards "
+                             "float weights")
     model = load_sharded(path, dtype) if sharded else _load_model(path, device, dtype)
     model.requires_grad_(False)
     vocab = len(tokenizer)
@@ -82,7 +85,8 @@ def load_causal_lm(
     if scheme != "none":
         summary = quantize_model(model, scheme)
         log.info("%s: %s", path, summary.describe())
-        if not summary.quantized:  # no layer either kernel takes (a memory of odd widths): it serves as loaded
+        # no layer either kernel takes (a memory of odd widths): it serves as loaded
+        if not summary.quantized:
             scheme = "none"
     return LoadedModel(
         model=model,
@@ -105,12 +109,14 @@ def load_sharded(path: str, dtype: torch.dtype) -> PreTrainedModel:
     and gate/up column-parallel (whole heads per rank), o and down row-parallel with an all-reduce, lm_head
     column-parallel with its logits gathered on every rank; each rank reads only its slices of the weights."""
     if is_gguf_path(path):
-        raise ModelLoadError(f"{path}: tensor parallelism loads safetensors shards; a GGUF base serves on one device")
+        raise ModelLoadError(f"{path}: tensor parallelism loads safetensors shards; a GGUF base serves on "
+                             "one device")
     local = resolve_source(path)
     if not has_safetensors(local):  # the same refusal as unsharded loads give (pickles are never opened)
         return _load_model(path, torch.device("meta"), dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True, tp_plan="auto")
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, use_safetensors=True,
+                                                     tp_plan="auto")
     except Exception as exc:
         raise ModelLoadError(f"cannot load {path!r} sharded for tensor parallelism: {exc}") from exc
     if not getattr(model, "_tp_plan", None):
@@ -133,5 +139,5 @@ def load_base(cfg: ModelConfig, max_model_len: int | None = None, sharded: bool 
         "base %s: %.1fM params, vocab %d, context %d, %s on %s%s",
         cfg.model, loaded.num_parameters / 1e6, loaded.vocab_size, loaded.max_model_len, dtype, device,
         f", {loaded.serving_quantization} weights" if loaded.serving_quantization else "",
-    )  # fmt: skip - one line per log argument would hide the message
+    )  # fmt: skip  # one line per log argument would hide the message
     return loaded

@@ -41,8 +41,10 @@ class MetricsObserver:
             queue_s=(t.scheduled if t.scheduled is not None else finished) - t.arrival,
             e2e_s=finished - t.arrival,
             ttft_s=t.first_token - t.arrival if t.first_token is not None else None,
-            prefill_s=t.first_token - t.scheduled if t.first_token is not None and t.scheduled is not None else None,
-            decode_s=t.last_token - t.first_token if t.first_token is not None and t.last_token is not None else None,
+            prefill_s=(t.first_token - t.scheduled if t.first_token is not None and t.scheduled is not None
+                       else None),
+            decode_s=(t.last_token - t.first_token if t.first_token is not None and t.last_token is not None
+                      else None),
             itl=t.inter_token,
             prompt_tokens=seq.num_prompt_tokens if t.scheduled is not None else 0,
             generation_tokens=seq.num_output_tokens,

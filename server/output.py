@@ -47,7 +47,8 @@ class OutputProcessor:
         self.stops = request.params.stop
         self._ids: list[int] = list(request.prompt_token_ids)
         self._detok = IncrementalDetokenizer(tokenizer, self._ids)
-        self._hold = max((len(s) for s in self.stops), default=1) - 1  # chars withheld while a stop string may be forming
+        # chars withheld while a stop string may be forming
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self._sent = 0
         self.stopped: str | None = None  # the stop string that ended the request

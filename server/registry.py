@@ -98,7 +98,8 @@ class MemoryRegistry:
         self.on_freed = on_freed
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, name: str, path: str | Path, alpha: float | None = None, prepare: Preparer | None = None) -> MemoryInfo:
+    def load(self, name: str, path: str | Path, alpha: float | None = None,
+             prepare: Preparer | None = None) -> MemoryInfo:
         """Validate and load a memory directory. Blocking (disk and device copy): call off the event loop.
 
         `prepare` runs before the memory becomes visible, so no request can use it half-ready.
@@ -126,9 +127,11 @@ class MemoryRegistry:
                     prepare(name, entry.loaded)
                 except ValueError as exc:  # the memory cannot be served beside this base (e.g. its KV layout)
                     raise MemoryLoadError(f"memory {name!r} cannot be served: {exc}", param="path") from exc
-                except (MemoryError, RuntimeError) as exc:  # e.g. CUDA out of memory while capturing its graphs
+                # e.g. CUDA out of memory while capturing its graphs
+                except (MemoryError, RuntimeError) as exc:
                     raise ServiceUnavailableError(
-                        f"memory {name!r} could not be prepared for serving: {exc}", code="memory_prepare_failed"
+                        f"memory {name!r} could not be prepared for serving: {exc}",
+                        code="memory_prepare_failed",
                     ) from exc
         finally:
             with self._lock:
@@ -137,12 +140,14 @@ class MemoryRegistry:
             self._entries[name] = entry
         if self.on_loaded:
             self.on_loaded(name, entry.info.num_parameters)
-        log.info("memory %s loaded from %s (%.1fM params, alpha %.2f)", name, path, entry.info.num_parameters / 1e6, entry.info.alpha)
+        log.info("memory %s loaded from %s (%.1fM params, alpha %.2f)", name, path,
+                 entry.info.num_parameters / 1e6, entry.info.alpha)
         return entry.info
 
     def _load_entry(self, name: str, path: str, alpha: float | None) -> _Entry:
         """`path` is a local directory or a hub id (`org/name[@revision]`, through the HF cache). A memory
-        without a manifest is served with defaults; its tokenizer is checked by the rules of `_check_tokenizer`."""
+        without a manifest is served with defaults; its tokenizer is checked by the rules of
+        `_check_tokenizer`."""
         try:
             directory = resolve_source(path)
         except ModelLoadError as exc:
@@ -153,7 +158,8 @@ class MemoryRegistry:
                 manifest = read_manifest(directory)
             except ManifestError as exc:
                 raise MemoryLoadError(str(exc), param="path") from exc
-        verified = self._check_tokenizer(name, path, directory, manifest.tokenizer_fingerprint if manifest else None)
+        verified = self._check_tokenizer(name, path, directory,
+                                         manifest.tokenizer_fingerprint if manifest else None)
         try:
             # A memory runs in the base's scheme: one `--quantization` says how the whole server computes.
             scheme = self.base.serving_quantization or "none"
@@ -163,7 +169,8 @@ class MemoryRegistry:
         except VocabularyError as exc:
             raise self._mismatch(name, path, str(exc).split(": ", 1)[-1]) from exc
         except PickledWeightsError as exc:
-            raise MemoryLoadError(str(exc).replace(str(directory), path), param="path", code="pickled_weights") from exc
+            raise MemoryLoadError(str(exc).replace(str(directory), path), param="path",
+                                  code="pickled_weights") from exc
         except ModelLoadError as exc:
             raise MemoryLoadError(str(exc).replace(str(directory), path), param="path") from exc
         loaded.name_or_path = path
@@ -174,8 +181,8 @@ class MemoryRegistry:
             try:
                 router = load_router(directory, manifest.router, self.base.device)
             except RouterError as exc:  # a manifest that names a router promises one: never serve it half
-                raise MemoryLoadError(f"memory {name!r}: {str(exc).replace(str(directory), path)}", param="path",
-                                      code="router_load_failed") from exc  # fmt: skip
+                raise MemoryLoadError(f"memory {name!r}: {str(exc).replace(str(directory), path)}",
+                                      param="path", code="router_load_failed") from exc
         default_alpha = manifest.alpha if manifest else PAPER_ALPHA
         info = MemoryInfo(
             name=name,
@@ -204,7 +211,8 @@ class MemoryRegistry:
             code="tokenizer_mismatch",
         )
 
-    def _check_tokenizer(self, name: str, path: str, directory: Path, manifest_fingerprint: str | None) -> bool:
+    def _check_tokenizer(self, name: str, path: str, directory: Path,
+                         manifest_fingerprint: str | None) -> bool:
         """The manifest's claim, and the tokenizer shipped beside the weights if any, must match the base's
         token->id map. True when something was compared; False when the memory ships neither (then
         `_check_unverified` applies once the weights are loaded)."""
@@ -219,7 +227,7 @@ class MemoryRegistry:
                 raise self._mismatch(
                     name, path, f"its {source} token->id map ({fp[:19]}…) differs from the base tokenizer's "
                     f"({self.base_fingerprint[:19]}…)",
-                )  # fmt: skip
+                )
         return bool(fingerprints)
 
     def _check_unverified(self, name: str, path: str, memory: LoadedModel) -> None:
@@ -234,7 +242,8 @@ class MemoryRegistry:
                 | _ids(getattr(self.base.tokenizer, attr, None))
             )
             if mine and theirs and not mine <= theirs:
-                raise self._mismatch(name, path, f"its config's {attr} {sorted(mine)} is not the base's {sorted(theirs)}")
+                raise self._mismatch(name, path,
+                                     f"its config's {attr} {sorted(mine)} is not the base's {sorted(theirs)}")
 
     # -- lookup ----------------------------------------------------------------------------------
     def _live(self, name: str) -> _Entry:
@@ -305,7 +314,8 @@ class MemoryRegistry:
 
     def _free(self, name: str, entry: _Entry) -> None:
         # Dropped here, not when the engine next sweeps its runner: the weights go now. No gc.collect()
-        # or empty_cache(): this can run on the engine thread between steps, and the allocator reuses the memory.
+        # or empty_cache(): this can run on the engine thread between steps, and the allocator reuses the
+        # memory.
         entry.loaded.model = None  # type: ignore[assignment]
         del entry
         if self.on_freed:

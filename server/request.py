@@ -53,7 +53,8 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     mixture: Mixture = field(default_factory=Mixture)  # the memories it mixes in (none: the base alone)
-    speculative: bool = True  # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
+    # the memory drafts, the base verifies, when the server speculates (--speculative-tokens)
+    speculative: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class PerplexityRequest:
 
     @property
     def alphas(self) -> tuple[float, ...]:
-        """The α's: a sweep's (one per mixture), several memories' weights (one per memory, either way they are
-        scored), none for a routed memory."""
+        """The α's: a sweep's (one per mixture), several memories' weights (one per memory, either way they
+        are scored), none for a routed memory."""
         return tuple(t.alpha for m in self.mixtures for t in m.terms if t.alpha is not None)
 
     @property

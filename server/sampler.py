@@ -84,7 +84,8 @@ class SamplingRows:
     any_greedy: bool = True
 
     def select(self, index: torch.Tensor) -> SamplingRows:
-        """The rows `index` ([b] on the device), in that order; the host flags stay the batch's (a superset is safe)."""
+        """The rows `index` ([b] on the device), in that order; the host flags stay the batch's (a superset is
+        safe)."""
         return replace(self, **{f: getattr(self, f).index_select(0, index) for f in _ROW_FIELDS})
 
     def repeat(self, n: int) -> SamplingRows:
@@ -95,12 +96,14 @@ class SamplingRows:
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "seed", "greedy")
 
 
-def sampling_rows(params: list[SamplingParams], seeds: list[int], upload: Callable[[np.ndarray], torch.Tensor]) -> SamplingRows:
+def sampling_rows(params: list[SamplingParams], seeds: list[int],
+                  upload: Callable[[np.ndarray], torch.Tensor]) -> SamplingRows:
     """The device form of a batch's sampling parameters (`upload` puts a host array on the device)."""
     greedy = np.asarray([p.greedy for p in params], dtype=bool)
     return SamplingRows(
         # Capped so float32 never holds inf (−inf/inf would be NaN); past 1e30 the draw is uniform anyway.
-        temperature=upload(np.asarray([1.0 if g else min(p.temperature, 1e30) for p, g in zip(params, greedy, strict=True)], dtype=np.float32)),
+        temperature=upload(np.asarray([1.0 if g else min(p.temperature, 1e30)
+                                       for p, g in zip(params, greedy, strict=True)], dtype=np.float32)),
         top_k=upload(np.asarray([max(p.top_k, 0) for p in params], dtype=np.int64)),
         top_p=upload(np.asarray([p.top_p for p in params], dtype=np.float32)),
         seed=upload(np.asarray(seeds, dtype=np.int64)),
@@ -131,7 +134,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def filtered_probs(logp: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """Probabilities [B, V] (float32) of the distribution each row samples: temperature, then top-k / top-p."""
+    """Probabilities [B, V] (float32) of the distribution each row samples: temperature, then
+    top-k / top-p."""
     logits = logp / rows.temperature.unsqueeze(1)  # [B, V]
     if rows.any_filtered:
         logits = apply_top_k_top_p(logits, rows.top_k, rows.top_p)
@@ -184,9 +188,11 @@ def propose(q_logp: torch.Tensor, rows: SamplingRows, u: torch.Tensor | None) ->
 
 
 def accept(
-    p_logp: torch.Tensor, drafts: Drafts, drafted: torch.Tensor | None, rows: SamplingRows, u: torch.Tensor | None
+    p_logp: torch.Tensor, drafts: Drafts, drafted: torch.Tensor | None, rows: SamplingRows,
+    u: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) of the target p̃ from draft q̃, per position.
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) of the target p̃ from draft q̃, per
+    position.
 
     p_logp: [N, V] mixed log-probs; drafts: at the same N positions; drafted: [N] bool, False where a
     position has no draft (then the token is exactly what `sample` draws), None when every position has
@@ -201,7 +207,8 @@ def accept(
         return argmax, _and_mask(drafted, drafts.tokens == argmax)
     assert drafts.probs is not None and u is not None
     p = filtered_probs(p_logp, rows)  # [N, V]
-    q = drafts.probs if drafted is None else drafts.probs * drafted.unsqueeze(1)  # no draft: q̃ = 0, so the residual is p̃
+    # no draft: q̃ = 0, so the residual is p̃
+    q = drafts.probs if drafted is None else drafts.probs * drafted.unsqueeze(1)
     x = drafts.tokens.unsqueeze(1)  # [N, 1]
     p_x, q_x = p.gather(1, x).squeeze(1), q.gather(1, x).squeeze(1)  # [N]
     ok = _and_mask(drafted, u[ACCEPT] * q_x < p_x)  # u < p̃(x)/q̃(x), without dividing

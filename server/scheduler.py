@@ -134,9 +134,9 @@ class Scheduler:
         """Cached pages of the sequence's prefix, per model. Echo (prompt log-prob) requests bypass the cache:
         they need every prompt position's logits, which only a full computation gives. Hits stop before the
         prompt's last token: it is always computed (its logits give the first new token) and, as the point a
-        rollback may return to, it must lie in a private page. Rows routed with context features bypass it too:
-        their advantage EMAs need both models' log-probs at every position, which a cached prefix does not keep
-        (so after a preemption they recompute from the start, and their state with it)."""
+        rollback may return to, it must lie in a private page. Rows routed with context features bypass it
+        too: their advantage EMAs need both models' log-probs at every position, which a cached prefix does
+        not keep (so after a preemption they recompute from the start, and their state with it)."""
         if seq.wants_prompt_logprobs or seq.context_routed:
             return {k: [] for k in seq.model_keys}
         limit = seq.num_prompt_tokens - 1
@@ -199,7 +199,8 @@ class Scheduler:
 
         At least one token of prompt work is scheduled when any is pending (the budget may be used up by
         decode rows), so a prompt always progresses; without chunking a prompt longer than the budget
-        runs whole when it is the step's first. `Engine.validate` refused what could never fit in the KV cache.
+        runs whole when it is the step's first. `Engine.validate` refused what could never fit in the KV
+        cache.
         """
         chunks: list[PrefillChunk] = []
         budget = max(budget, 1)

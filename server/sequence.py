@@ -61,22 +61,25 @@ class Sequence:
         self.seq_id = next(_ids)
         self.request = request
         self.params = request.params
-        # The active terms of its mixture (`Mixture.active`), in request order; empty when the base runs alone.
+        # The active terms of its mixture (`Mixture.active`), in request order; empty when the base runs
+        # alone.
         self.memories: tuple[MemoryUse, ...] = memories
         self.memory_names: tuple[str, ...] = tuple(m.name for m in self.memories)
         # The base's weight 1 − Σ αᵢ (in float64, clamped: the α's were checked to sum to at most 1).
         self.base_weight = max(0.0, 1.0 - sum(m.alpha for m in self.memories))
         # May the memory draft for the base (when the engine speculates)? Only with one memory at alpha > 0:
         # a row with several memories decodes plainly (speculation drafts from one distribution).
-        # Nor with a router ("alpha": "auto"): it decodes plainly (its drafts would be exact, but the acceptance
-        # rule's bound and the engine's drafting cost model assume a fixed α; not measured yet).
+        # Nor with a router ("alpha": "auto"): it decodes plainly (its drafts would be exact, but the
+        # acceptance rule's bound and the engine's drafting cost model assume a fixed α; not measured yet).
         self.speculative = request.speculative and len(self.memories) == 1 and self.memories[0].router is None
-        # A router with context features ("alpha": "auto"): the engine carries the memory's advantage EMAs for this
-        # row, from every prompt position's target log-probs, so the prefix cache cannot serve it (`Scheduler._lookup`).
+        # A router with context features ("alpha": "auto"): the engine carries the memory's advantage EMAs for
+        # this row, from every prompt position's target log-probs, so the prefix cache cannot serve it
+        # (`Scheduler._lookup`).
         self.context_routed = any(m.router is not None and m.router.context_decays for m in self.memories)
         self.spec_passed = 0.0  # its acceptance tests passed and run, decayed (`server.speculative`)
         self.spec_tests = 0.0
-        # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a random one.
+        # Every row draws from a seed, so a row's draws never depend on its batch; unseeded requests get a
+        # random one.
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -153,13 +156,16 @@ class Sequence:
             self.finish(FinishReason.LENGTH)
 
     def rollback(self, num_tokens: int) -> None:
-        """Keep the first `num_tokens` tokens (at least the prompt); later ones are dropped, and re-sent if re-made."""
+        """Keep the first `num_tokens` tokens (at least the prompt); later ones are dropped, and re-sent if
+        re-made."""
         if not self.num_prompt_tokens <= num_tokens <= len(self.token_ids):
-            raise ValueError(f"cannot roll back to {num_tokens} tokens: prompt {self.num_prompt_tokens}, have {len(self.token_ids)}")
+            raise ValueError(f"cannot roll back to {num_tokens} tokens: prompt {self.num_prompt_tokens}, "
+                             f"have {len(self.token_ids)}")
         del self.token_ids[num_tokens:]
         self._sent_tokens = min(self._sent_tokens, self.num_output_tokens)
 
-    def finish(self, reason: FinishReason, *, stop_reason: str | int | None = None, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, *, stop_reason: str | int | None = None,
+               error: str | None = None) -> None:
         if self.status is Status.FINISHED:
             return
         self.status = Status.FINISHED

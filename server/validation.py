@@ -64,8 +64,8 @@ def check_alpha(alpha: object, param: str = "alpha", error: type[MemdecError] = 
 
 @contextmanager
 def mixture_errors() -> Iterator[None]:
-    """A mixture's mistake (`memories.mixing.MixtureError`, raised by `Mixture`'s constructor and factories) as
-    the server's 400, its message, param and code kept: the one place the server maps them."""
+    """A mixture's mistake (`memories.mixing.MixtureError`, raised by `Mixture`'s constructor and factories)
+    as the server's 400, its message, param and code kept: the one place the server maps them."""
     try:
         yield
     except MixtureError as exc:
@@ -116,7 +116,8 @@ def check_context(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None
 
 def check_memory_name(name: str) -> None:
     """Letters, digits, '-', '_' and '.', at most MAX_MEMORY_NAME characters, and not a reserved label."""
-    if not name or len(name) > MAX_MEMORY_NAME or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if (not name or len(name) > MAX_MEMORY_NAME
+            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         raise MemoryLoadError(
             f"invalid memory name {name[:MAX_MEMORY_NAME]!r}: use up to {MAX_MEMORY_NAME} letters, digits, "
             "'-', '_' or '.'",
@@ -124,8 +125,8 @@ def check_memory_name(name: str) -> None:
         )
     if name in RESERVED_MEMORY_NAMES:
         raise MemoryLoadError(
-            f"memory name {name!r} is reserved (metrics labels for the base alone / overflow, and 'auto', which asks "
-            "the server to choose the memory)", param="name",
+            f"memory name {name!r} is reserved (metrics labels for the base alone / overflow, and 'auto', "
+            "which asks the server to choose the memory)", param="name",
         )
 
 
@@ -150,13 +151,15 @@ def check_neutral(fields: Mapping[str, Any]) -> None:
         if value is not None and value not in accepted:
             allowed = " or ".join(json.dumps(v) for v in (*accepted, None))
             raise InvalidRequestError(
-                f"'{name}' is not supported by memdec: only {allowed} is accepted", param=name, code="unsupported_parameter"
+                f"'{name}' is not supported by memdec: only {allowed} is accepted", param=name,
+                code="unsupported_parameter",
             )
 
 
 def check_best_of(best_of: int | None, n: int) -> None:
     if best_of is not None and best_of != n:
-        raise InvalidRequestError("'best_of' is not supported (leave it unset or equal to n)", param="best_of")
+        raise InvalidRequestError("'best_of' is not supported (leave it unset or equal to n)",
+                                  param="best_of")
 
 
 def check_stream_options(given: bool, stream: bool) -> None:
@@ -165,7 +168,8 @@ def check_stream_options(given: bool, stream: bool) -> None:
 
 
 def check_chat_logprobs(logprobs: bool, top_logprobs: int | None, limit: int) -> int | None:
-    """The engine's top-N for a chat request (None: no log-probs), as OpenAI's rule: top_logprobs needs logprobs."""
+    """The engine's top-N for a chat request (None: no log-probs), as OpenAI's rule: top_logprobs needs
+    logprobs."""
     if top_logprobs is not None and not logprobs:
         raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     check_at_most(top_logprobs, limit, "top_logprobs")
@@ -173,13 +177,14 @@ def check_chat_logprobs(logprobs: bool, top_logprobs: int | None, limit: int) ->
 
 
 def check_message_extras(extra: Mapping[str, Any], index: int) -> None:
-    """OpenAI message fields memdec has no use for (tool_calls, tool_call_id, refusal, audio ...): only empty."""
+    """OpenAI message fields memdec has no use for (tool_calls, tool_call_id, refusal, audio ...): only
+    empty."""
     for key, value in extra.items():
         if value not in (None, "", [], {}):
             raise InvalidRequestError(
                 f"messages[{index}].{key} is not supported by memdec (only null or empty)",
                 param="messages", code="unsupported_parameter",
-            )  # fmt: skip
+            )
 
 
 def check_content_part(kind: str, text: str | None, index: int) -> str:
@@ -188,7 +193,7 @@ def check_content_part(kind: str, text: str | None, index: int) -> str:
         raise InvalidRequestError(
             f"messages[{index}].content: only text parts are supported, got a part of type {kind!r}",
             param="messages", code="unsupported_parameter",
-        )  # fmt: skip
+        )
     if text is None:
         raise InvalidRequestError(f"messages[{index}].content: a text part needs 'text'", param="messages")
     return text
@@ -198,7 +203,8 @@ def check_chat_ending(add_generation_prompt: bool, continue_final_message: bool,
     """vLLM's rule: open the assistant's turn or continue the final (assistant) message, not both."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequestError(
-            "'continue_final_message' and 'add_generation_prompt' cannot both be true", param="continue_final_message"
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            param="continue_final_message",
         )
     if continue_final_message and last_role != "assistant":
         raise InvalidRequestError(
@@ -207,16 +213,19 @@ def check_chat_ending(add_generation_prompt: bool, continue_final_message: bool,
 
 
 def check_template_kwargs(kwargs: Mapping[str, Any], reserved: Iterable[str]) -> None:
-    """Extra template variables may not replace the ones the renderer sets (messages, add_generation_prompt ...)."""
+    """Extra template variables may not replace the ones the renderer sets (messages, add_generation_prompt
+    ...)."""
     taken = sorted(set(kwargs) & set(reserved))
     if taken:
         raise InvalidRequestError(
-            f"chat_template_kwargs may not set {', '.join(taken)}: use the request's own fields", param="chat_template_kwargs"
+            f"chat_template_kwargs may not set {', '.join(taken)}: use the request's own fields",
+            param="chat_template_kwargs",
         )
 
 
 def completion_budget(requested: int | None, prompt_tokens: int, max_len: int) -> int:
-    """max_tokens of a chat request: as asked, or (OpenAI's and vLLM's default) up to the end of the context."""
+    """max_tokens of a chat request: as asked, or (OpenAI's and vLLM's default) up to the end of the
+    context."""
     if requested is not None:
         return requested
     check_context(prompt_tokens, 1, max_len)  # no room for even one token
@@ -231,7 +240,8 @@ def validate_generation(request: GenerationRequest, vocab_size: int, max_len: in
         raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
     check_token_ids(ids, vocab_size, "prompt")
     check_context(len(ids), request.params.max_tokens, max_len)
-    for name, n in (("logprobs", request.params.logprobs), ("prompt_logprobs", request.params.prompt_logprobs)):
+    for name, n in (("logprobs", request.params.logprobs),
+                    ("prompt_logprobs", request.params.prompt_logprobs)):
         if n is not None and not 0 <= n <= vocab_size:
             raise InvalidRequestError(f"{name} must be in [0, {vocab_size}]", param="logprobs")
     check_token_ids(request.params.stop_token_ids, vocab_size, "stop_token_ids", what="stop token id")
@@ -250,17 +260,19 @@ def validate_perplexity(request: PerplexityRequest, vocab_size: int, max_len: in
     if request.routed and len(request.mixtures) > 1:
         raise InvalidRequestError('"alpha": "auto" takes one memory and no other alpha', param="alpha")
     if request.separately:
-        if len(request.memory_names) != len(request.mixtures) or any(len(m.terms) != 1 for m in request.mixtures):
+        if (len(request.memory_names) != len(request.mixtures)
+                or any(len(m.terms) != 1 for m in request.mixtures)):
             raise InvalidRequestError("each memory once, with one alpha each", param="memory")
         if request.token_logprobs is not None:
-            raise InvalidRequestError("memories scored separately give no per-token log-probs", param="logprobs")
+            raise InvalidRequestError("memories scored separately give no per-token log-probs",
+                                      param="logprobs")
     elif len(request.mixtures) > 1 and any(len(m.terms) != 1 for m in request.mixtures):
         raise InvalidRequestError("a sweep of alphas takes one memory", param="alpha")
     elif request.several and request.token_logprobs:
         raise InvalidRequestError(
             "per-token top alternatives ('logprobs' > 0) are not supported with several memories; "
             "'logprobs': 0 returns each token's base and mixed log-probs", param="logprobs",
-        )  # fmt: skip
+        )
     if request.token_logprobs is not None and not 0 <= request.token_logprobs <= vocab_size:
         raise InvalidRequestError(f"logprobs must be in [0, {vocab_size}]", param="logprobs")
     if request.first_window < 0:
@@ -276,7 +288,8 @@ def _check_window_range(request: PerplexityRequest, context: int, stride: int) -
     """Every document has a window at `first_window`, and per-token answers stay within MAX_TOKEN_LOGPROBS."""
     scored = 0
     for i, doc in enumerate(request.documents):
-        windows, total = document_windows(len(doc), context, stride, request.first_window, request.max_windows)
+        windows, total = document_windows(len(doc), context, stride, request.first_window,
+                                          request.max_windows)
         if not windows:
             raise InvalidRequestError(
                 f"first_window {request.first_window} is past the end of input {i}: it has {total} windows "
@@ -286,8 +299,8 @@ def _check_window_range(request: PerplexityRequest, context: int, stride: int) -
         scored += sum(w.num_scored for w in windows)
     if request.token_logprobs is not None and scored > MAX_TOKEN_LOGPROBS:
         raise InvalidRequestError(
-            f"per-token log-probs are limited to {MAX_TOKEN_LOGPROBS} scored tokens per request, this one scores "
-            f"{scored}: score the text in parts with first_window and max_windows",
+            f"per-token log-probs are limited to {MAX_TOKEN_LOGPROBS} scored tokens per request, this one "
+            f"scores {scored}: score the text in parts with first_window and max_windows",
             param="logprobs",
         )
 

@@ -43,7 +43,8 @@ _ERROR_STATUSES = {
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, minus the 422 responses it assumes: validation errors here are 400s."""
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
@@ -70,12 +71,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         description="A Hugging Face causal LM served with plug-and-play domain memories (Memory Decoder), "
         "behind an OpenAI-compatible API.",
         lifespan=lifespan,
-        responses={status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()},
+        responses={status: {"model": ErrorResponse, "description": text}
+                   for status, text in _ERROR_STATUSES.items()},
     )
     app.state.memdec = state
     install_error_handlers(app)
-    routers = (routes_health, routes_metrics, routes_models, routes_completions, routes_chat, routes_perplexity,
-               routes_tokenizer, routes_lens)  # fmt: skip
+    routers = (routes_health, routes_metrics, routes_models, routes_completions, routes_chat,
+               routes_perplexity, routes_tokenizer, routes_lens)
     for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)

@@ -3,9 +3,9 @@
 The prompt is scored before generation, as one perplexity job (the engine's sliding-window protocol, every
 candidate on the same windows, the base's forward shared): under the base alone and under each candidate's
 own mixture α·p_mem + (1 − α)·p_base at its default α and temperature (the manifest's). The lowest summed NLL
-over the prompt's tokens wins; the base alone is a candidate and wins ties, so a memory is never forced on text
-it makes worse. With several prompts (a completions list, or n > 1) the NLLs are summed over all of them and one
-memory serves the whole request.
+over the prompt's tokens wins; the base alone is a candidate and wins ties, so a memory is never forced on
+text it makes worse. With several prompts (a completions list, or n > 1) the NLLs are summed over all of them
+and one memory serves the whole request.
 
 Too short to decide: fewer than MIN_AUTO_TOKENS scored tokens run on the base alone. The choice compares mean
 NLLs whose gap between in- and out-of-domain mixtures is a fraction of a nat per token, while single tokens'
@@ -35,13 +35,14 @@ HEADER = "X-Memdec-Memory"  # the chosen memory's name, or "none" for the base a
 
 
 def auto_target(serving: Serving, model: str | None, candidates: list[str] | None, alpha: object,
-                temperature: object) -> Target:  # fmt: skip
+                temperature: object) -> Target:
     """The Target of a `"memory": "auto"` request: its candidates (default: every loaded memory), checked."""
     if model is not None and serving.model_memory(model) is not None:
-        raise InvalidRequestError('`model` names a memory; with "memory": "auto" it is the base (or omitted)', param="memory")
+        raise InvalidRequestError('`model` names a memory; with "memory": "auto" it is the base (or omitted)',
+                                  param="memory")
     if alpha is not None:
-        raise InvalidRequestError('\'alpha\' cannot be given with "memory": "auto": each candidate runs at its default alpha',
-                                  param="alpha")  # fmt: skip
+        raise InvalidRequestError('\'alpha\' cannot be given with "memory": "auto": each candidate runs at '
+                                  "its default alpha", param="alpha")
     if temperature is not None:
         raise InvalidRequestError(
             "'memory_temperature' cannot be given with \"memory\": \"auto\": each candidate uses its own",
@@ -51,7 +52,8 @@ def auto_target(serving: Serving, model: str | None, candidates: list[str] | Non
         infos = tuple(serving.registry.list())
     else:
         if len(candidates) > MAX_CANDIDATES:
-            raise InvalidRequestError(f"at most {MAX_CANDIDATES} memory_candidates", param="memory_candidates")
+            raise InvalidRequestError(f"at most {MAX_CANDIDATES} memory_candidates",
+                                      param="memory_candidates")
         check_distinct(candidates, "memory_candidates")
         infos = tuple(_candidate(serving, name) for name in candidates)
     return Target(model or serving.model_name, None, auto=infos)
@@ -90,6 +92,6 @@ async def choose(state: ServingState, target: Target, prompts: list[Prompt]) -> 
         if nlls[best] < base_nll:  # the base alone wins ties
             chosen = candidates[best]
         log.info("auto memory: %s (prompt NLL base %.3f, %s)", chosen.name if chosen else "none", base_nll,
-                 ", ".join(f"{c.name} {n:.3f}" for c, n in zip(candidates, nlls, strict=True)))  # fmt: skip
+                 ", ".join(f"{c.name} {n:.3f}" for c, n in zip(candidates, nlls, strict=True)))
     state.metrics.auto_memory_chosen(chosen.name if chosen else None)
     return Target(target.model, chosen), {HEADER: chosen.name if chosen else "none"}

@@ -85,16 +85,17 @@ def _reserved_kwargs(tokenizer: PreTrainedTokenizerBase) -> set[str]:
 
 
 def render(
-    tokenizer: PreTrainedTokenizerBase, template: str | None, messages: Sequence[ChatMessage], options: ChatTemplateOptions
+    tokenizer: PreTrainedTokenizerBase, template: str | None, messages: Sequence[ChatMessage],
+    options: ChatTemplateOptions,
 ) -> str:
     """The prompt text of a conversation (a 400 for anything the template or the request cannot do)."""
     check_neutral({"chat_template": options.chat_template})
     if template is None:
         raise InvalidRequestError(
-            "this model has no chat template: start the server with --chat-template FILE (a Jinja template, as "
-            "in a tokenizer_config.json), or use /v1/completions",
+            "this model has no chat template: start the server with --chat-template FILE (a Jinja template, "
+            "as in a tokenizer_config.json), or use /v1/completions",
             param="messages", code="no_chat_template",
-        )  # fmt: skip
+        )
     conversation = message_dicts(messages)
     check_chat_ending(options.add_generation_prompt, options.continue_final_message, conversation[-1]["role"])
     kwargs = options.chat_template_kwargs or {}
@@ -112,7 +113,8 @@ def render(
     # odd chat_template_kwargs, are the client's to fix.
     except (TemplateError, ValueError, TypeError) as exc:
         raise InvalidRequestError(
-            f"the chat template could not render these messages: {exc}", param="messages", code="chat_template_error"
+            f"the chat template could not render these messages: {exc}", param="messages",
+            code="chat_template_error",
         ) from None
     assert isinstance(text, str)  # tokenize=False on one conversation returns its text
     return text
@@ -137,7 +139,9 @@ async def chat_prompt(
     add_special_tokens: bool,
 ) -> Prompt:
     """The conversation as one prompt (rendered and tokenized off the event loop)."""
-    text, ids = await asyncio.to_thread(_render_and_encode, tokenizer, template, messages, options, add_special_tokens)
+    text, ids = await asyncio.to_thread(_render_and_encode, tokenizer, template, messages, options,
+                                        add_special_tokens)
     if not ids:
-        raise InvalidRequestError("the chat template rendered these messages as an empty prompt", param="messages")
+        raise InvalidRequestError("the chat template rendered these messages as an empty prompt",
+                                  param="messages")
     return Prompt(tuple(ids), text)

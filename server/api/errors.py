@@ -134,7 +134,8 @@ def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONRespon
     elif exc.status_code == 405:
         message = "method not allowed on this endpoint"
         headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-    type_ = _STATUS_TYPES.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "invalid_request_error")
+    type_ = _STATUS_TYPES.get(exc.status_code,
+                              "internal_error" if exc.status_code >= 500 else "invalid_request_error")
     return JSONResponse(error_body(message, type_), status_code=exc.status_code, headers=headers)
 
 

@@ -35,7 +35,8 @@ from server.validation import (
 log = logging.getLogger(__name__)
 
 # SamplingRequest's fields that only take neutral values (`server.validation.NEUTRAL`).
-_NEUTRAL_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "logit_bias")
+_NEUTRAL_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                   "logit_bias")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class Plan:
         p = choice // self.n
         if p not in self.prompt_texts:
             prompt = self.prompts[p]
-            self.prompt_texts[p] = prompt.text if prompt.text is not None else self.strings.decode(prompt.token_ids)
+            self.prompt_texts[p] = (prompt.text if prompt.text is not None
+                                    else self.strings.decode(prompt.token_ids))
         return self.prompt_texts[p]
 
     def header(self, object_name: str) -> dict[str, Any]:
@@ -95,7 +97,8 @@ def check_sampling(body: SamplingRequest, config: ServerConfig) -> None:
     check_stream_options(body.stream_options is not None, body.stream)
 
 
-Resolved = tuple[Target, Mixture]  # a request's target and mixture (empty for `"memory": "auto"` until settled)
+# a request's target and mixture (empty for `"memory": "auto"` until settled)
+Resolved = tuple[Target, Mixture]
 
 
 def resolve_target(body: SamplingRequest, serving: Serving) -> Resolved:
@@ -103,14 +106,16 @@ def resolve_target(body: SamplingRequest, serving: Serving) -> Resolved:
     `"memory": "auto"` target is settled by `settle` once the prompts are known."""
     check_candidates_field(body.memory, body.memory_candidates)
     if body.memory == AUTO_MEMORY:
-        return auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature), Mixture()
+        return (auto_target(serving, body.model, body.memory_candidates, body.alpha, body.memory_temperature),
+                Mixture())
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     memories = target.memories or ((target.memory,) if target.memory else ())
     with mixture_errors():
         return target, Mixture.resolve(memories, body.alpha, body.memory_temperature)
 
 
-async def settle(state: ServingState, resolved: Resolved, prompts: list[Prompt]) -> tuple[Resolved, dict[str, str]]:
+async def settle(state: ServingState, resolved: Resolved,
+                 prompts: list[Prompt]) -> tuple[Resolved, dict[str, str]]:
     """An auto target becomes the chosen memory at its default α and temperature (or the base alone); others
     pass as they are. Returns the resolved target and the headers the response carries."""
     target, _ = resolved
@@ -118,10 +123,12 @@ async def settle(state: ServingState, resolved: Resolved, prompts: list[Prompt])
         return resolved, {}
     chosen, headers = await choose(state, target, prompts)
     memory = chosen.memory
-    return (chosen, Mixture.one(memory.name, memory.alpha, memory.temperature) if memory else Mixture()), headers
+    return (chosen, Mixture.one(memory.name, memory.alpha, memory.temperature) if memory
+            else Mixture()), headers
 
 
-def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, max_tokens: int) -> SamplingParams:
+def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int,
+            max_tokens: int) -> SamplingParams:
     """The engine's sampling parameters, OpenAI's defaults filled in. A temperature too small to divide by
     is greedy (`SamplingParams.greedy` decides, in one place)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -142,7 +149,8 @@ def _params(body: SamplingRequest, asked: Asked, seed: int | None, vocab: int, m
 
 def check_prompt_count(prompts: int, n: int) -> None:
     if prompts * n > MAX_PROMPTS:
-        raise InvalidRequestError(f"prompts x n must be at most {MAX_PROMPTS}, got {prompts} x {n}", param="n")
+        raise InvalidRequestError(f"prompts x n must be at most {MAX_PROMPTS}, got {prompts} x {n}",
+                                  param="n")
 
 
 def build_plan(
@@ -175,11 +183,12 @@ def build_plan(
                 )
             )
     _log_plan(request_id, body, prompts, requests[0], config.log_prompts)
-    return Plan(request_id, int(time.time()), target, mixture, prompts, requests, body.n, serving.token_strings)
+    return Plan(request_id, int(time.time()), target, mixture, prompts, requests, body.n,
+                serving.token_strings)
 
 
 def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], first: GenerationRequest,
-              log_prompts: bool) -> None:  # fmt: skip
+              log_prompts: bool) -> None:
     extra = describe_extra(body)
     if extra:
         log.warning("%s: ignored unknown fields %s", request_id, extra)
@@ -187,6 +196,7 @@ def _log_plan(request_id: str, body: SamplingRequest, prompts: list[Prompt], fir
         "%s: %d prompt(s), %d tokens, n=%d, max_tokens=%s, memory=%s, alpha=%s, stream=%s",
         request_id, len(prompts), sum(len(p.token_ids) for p in prompts), body.n, first.params.max_tokens,
         first.mixture.names or None, first.mixture.alpha_field, body.stream,
-    )  # fmt: skip
+    )  # fmt: skip  # one line per log argument would hide the message
     if log_prompts:
-        log.info("%s: prompts %r", request_id, [p.text if p.text is not None else list(p.token_ids) for p in prompts])
+        log.info("%s: prompts %r", request_id,
+                 [p.text if p.text is not None else list(p.token_ids) for p in prompts])

@@ -11,7 +11,8 @@ from server.errors import MemoryLoadError, PermissionDeniedError
 
 def confine(path: str, root: Path | None, allow_hub: bool = False) -> str:
     """The memory to load: `path` as given when no root is set, else resolved strictly inside `root`, or a
-    hub id (`org/name[@revision]`, nothing of that name under the root) when `allow_hub` (--allow-hub-memories).
+    hub id (`org/name[@revision]`, nothing of that name under the root) when `allow_hub`
+    (--allow-hub-memories).
 
     Relative paths are taken relative to the root; absolute ones must already lie under it. The check is
     on the fully resolved path, so a symlink inside the root that points outside is refused too.
@@ -21,8 +22,9 @@ def confine(path: str, root: Path | None, allow_hub: bool = False) -> str:
     if _hub_id_under(path, root):
         if not allow_hub:
             raise PermissionDeniedError(
-                f"nothing named {path!r} lies under the server's --memory-root, and loading it as a Hugging Face hub "
-                "id is off (start the server with --allow-hub-memories to let an admin load hub memories)",
+                f"nothing named {path!r} lies under the server's --memory-root, and loading it as a Hugging "
+                "Face hub id is off (start the server with --allow-hub-memories to let an admin load hub "
+                "memories)",
                 param="path",
                 code="hub_not_allowed",
             )
@@ -30,7 +32,8 @@ def confine(path: str, root: Path | None, allow_hub: bool = False) -> str:
     if "\x00" in path:
         raise PermissionDeniedError("memory path contains a NUL byte", param="path", code="path_not_allowed")
     if ".." in PurePath(path).parts:
-        raise PermissionDeniedError("memory path must not contain '..'", param="path", code="path_not_allowed")
+        raise PermissionDeniedError("memory path must not contain '..'", param="path",
+                                    code="path_not_allowed")
     base = root.resolve()
     candidate = Path(path) if Path(path).is_absolute() else base / path
     resolved = candidate.resolve()
@@ -63,4 +66,5 @@ def check_lookup(path: str) -> None:
         return
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise MemoryLoadError(f"memory path cannot be used: {reason}", param="path", code="invalid_path") from None
+        raise MemoryLoadError(f"memory path cannot be used: {reason}", param="path",
+                              code="invalid_path") from None

@@ -119,7 +119,8 @@ async def _collect(plan: Plan, streams: list[EngineStream], fmt: ChoiceFormat) -
         completion_tokens += g.last.num_output_tokens
         result = ChoiceResult("".join(g.text), g.token_ids, g.logprobs, g.prompt_logprobs, g.last)
         choices.append(fmt.choice(plan, i, result))
-    return {**plan.header(fmt.object), "choices": choices, "usage": usage(plan.prompt_tokens, completion_tokens)}
+    return {**plan.header(fmt.object), "choices": choices,
+            "usage": usage(plan.prompt_tokens, completion_tokens)}
 
 
 async def _run(plan: Plan, state: ServingState, fmt: ChoiceFormat) -> dict[str, Any]:
@@ -128,7 +129,8 @@ async def _run(plan: Plan, state: ServingState, fmt: ChoiceFormat) -> dict[str, 
 
 
 async def _sse(
-    plan: Plan, streams: list[EngineStream], request: Request, fmt: ChoiceFormat, options: StreamOptions | None
+    plan: Plan, streams: list[EngineStream], request: Request, fmt: ChoiceFormat,
+    options: StreamOptions | None,
 ) -> AsyncIterator[bytes]:
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
@@ -152,7 +154,8 @@ async def _sse(
                 chunk["usage"] = None
             yield sse_frame(chunk)
         if include_usage:
-            yield sse_frame({**header, "choices": [], "usage": usage(plan.prompt_tokens, sum(completion_tokens))})
+            yield sse_frame({**header, "choices": [],
+                             "usage": usage(plan.prompt_tokens, sum(completion_tokens))})
         reason = summarize(plan.finish_reasons.values())
     except Exception as exc:  # noqa: BLE001 - after the 200 an error can only travel as a frame
         reason = FinishReason.ERROR.value
@@ -162,7 +165,8 @@ async def _sse(
 
 
 async def respond(
-    plan: Plan, state: ServingState, request: Request, fmt: ChoiceFormat, stream: bool, options: StreamOptions | None
+    plan: Plan, state: ServingState, request: Request, fmt: ChoiceFormat, stream: bool,
+    options: StreamOptions | None,
 ) -> Response:
     """Run the plan and answer: JSON, or SSE when `stream`. A client that leaves first aborts the work."""
     try:
@@ -181,4 +185,4 @@ async def respond(
     return EngineStreamingResponse(
         _sse(plan, streams, request, fmt, options), streams,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **plan.headers},
-    )  # fmt: skip
+    )

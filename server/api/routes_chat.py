@@ -92,7 +92,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state: ServingState = request.app.state.memdec
     serving = state.ready()
     check_sampling(body, state.config)
-    check_neutral({"tools": body.tools, "tool_choice": body.tool_choice, "response_format": body.response_format})
+    check_neutral({"tools": body.tools, "tool_choice": body.tool_choice,
+                   "response_format": body.response_format})
     top = check_chat_logprobs(body.logprobs, body.top_logprobs, state.config.max_logprobs)
     resolved = resolve_target(body, serving)
     tokenizer = serving.base.tokenizer

@@ -43,7 +43,8 @@ class TextCompletionFormat:
     def _builder(self, plan: Plan, offset: int = 0) -> LogprobsBuilder | None:
         if self.body.logprobs is None:
             return None
-        return LogprobsBuilder(plan.strings, self.body.logprobs, offset, as_ids=self.body.return_tokens_as_token_ids)
+        return LogprobsBuilder(plan.strings, self.body.logprobs, offset,
+                               as_ids=self.body.return_tokens_as_token_ids)
 
     def choice(self, plan: Plan, i: int, result: ChoiceResult) -> dict[str, Any]:
         builder = self._builder(plan)

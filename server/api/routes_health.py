@@ -29,7 +29,8 @@ async def health(request: Request) -> dict[str, Any]:
 
 @router.get("/ready", response_model=HealthStatus)
 async def ready(request: Request) -> dict[str, Any]:
-    """200 once the base and the start-up memories are loaded and the engine runs; 503 before and while stopping."""
+    """200 once the base and the start-up memories are loaded and the engine runs; 503 before and while
+    stopping."""
     state: ServingState = request.app.state.memdec
     engine = state.ready().engine
     return {"status": "ready", "running": engine.num_running, "waiting": engine.num_waiting}

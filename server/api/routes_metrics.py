@@ -15,7 +15,8 @@ router = APIRouter()
     response_class=Response,
     responses={
         200: {
-            "description": "Prometheus text format 0.0.4, or OpenMetrics 1.0 when the Accept header asks for it",
+            "description": "Prometheus text format 0.0.4, or OpenMetrics 1.0 when the Accept header asks "
+            "for it",
             "content": {
                 "text/plain": {"schema": {"type": "string"}},
                 "application/openmetrics-text": {"schema": {"type": "string"}},

@@ -79,8 +79,8 @@ async def list_memories(request: Request) -> dict[str, Any]:
 @router.post("/v1/memories", response_model=ModelCard, dependencies=[Depends(check_admin_key)])
 async def load_memory(body: MemoryLoadBody, request: Request) -> dict[str, Any]:
     """Load a memory under `name`: a directory (under --memory-root when set) or a hub id (with
-    --allow-hub-memories when a root is set) holding a HF causal LM with safetensors weights, with or without a
-    memdec.json manifest; it must use exactly the base model's tokenizer. Needs the admin key."""
+    --allow-hub-memories when a root is set) holding a HF causal LM with safetensors weights, with or without
+    a memdec.json manifest; it must use exactly the base model's tokenizer. Needs the admin key."""
     state: ServingState = request.app.state.memdec
     serving = state.ready()
     with state.counting_load():

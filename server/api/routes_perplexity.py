@@ -88,7 +88,8 @@ def _scores(
     }
     if alpha_is_list and not several:  # several memories: one mixture, `alpha` its weights (not a sweep)
         out["alphas"] = [
-            {"alpha": a, "nll": m.mean_nll, "perplexity": _ppl(m.mean_nll)} for a, m in zip(alphas, mixed, strict=True)
+            {"alpha": a, "nll": m.mean_nll, "perplexity": _ppl(m.mean_nll)}
+            for a, m in zip(alphas, mixed, strict=True)
         ]
     return out
 
@@ -105,16 +106,19 @@ def _documents(
     """The `data` entries (with per-token log-probs, real work for long inputs: run off the event loop)."""
     data = []
     for i, (prompt, doc) in enumerate(zip(docs, result.documents, strict=True)):
-        entry = {"index": i, **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list, several)}
+        entry = {"index": i,
+                 **_scores(doc.base, list(doc.mixed), doc.memory_alone, alphas, alpha_is_list, several)}
         entry["num_windows"] = doc.num_windows
-        entry["logprobs"] = logprobs_object(strings, prompt.token_ids, doc.tokens, from_start) if doc.tokens else None
+        entry["logprobs"] = (logprobs_object(strings, prompt.token_ids, doc.tokens, from_start) if doc.tokens
+                             else None)
         data.append(entry)
     return data
 
 
 def _mixtures(body: PerplexityRequestBody, target: Target) -> list[Mixture]:
     """The mixtures a request scores, each built and checked once (`Mixture.resolve`): one per α of a sweep on
-    one memory (`alpha` a list), else one (several memories: their mixture; `"alpha": "auto"`: the router's)."""
+    one memory (`alpha` a list), else one (several memories: their mixture; `"alpha": "auto"`: the
+    router's)."""
     memories = target.memories or ((target.memory,) if target.memory else ())
     with mixture_errors():
         if len(memories) == 1 and isinstance(body.alpha, list) and len(body.alpha) != 1:
@@ -139,14 +143,15 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     serving = state.ready()
     if body.memory == AUTO_MEMORY:
         raise InvalidRequestError(
-            '"memory": "auto" chooses a memory for generation; /v1/perplexity scores named memories (a list scores '
-            "their mixture)", param="memory",
-        )  # fmt: skip
+            '"memory": "auto" chooses a memory for generation; /v1/perplexity scores named memories (a list '
+            "scores their mixture)", param="memory",
+        )
     target = serving.resolve(body.model, body.memory, "memory" in body.model_fields_set)
     alpha_is_list = isinstance(body.alpha, list)
     mixtures = tuple(m for m in _mixtures(body, target) if m.terms)
     check_at_most(body.logprobs, state.config.max_logprobs, "logprobs")
-    docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size, "input")
+    docs = await tokenize(serving.base.tokenizer, split_prompts(body.input, "input"), serving.base.vocab_size,
+                          "input")
     job = PerplexityRequest(
         request_id=f"ppl-{uuid.uuid4().hex}",
         documents=tuple(d.token_ids for d in docs),
@@ -165,15 +170,20 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
         set_finish_reason(request, "abort")
         return Response(status_code=CLIENT_CLOSED)
     num_tokens = sum(len(d.token_ids) for d in docs)
-    # Several memories: a label no memory can have ('+' is not allowed in names), counted as `other` (bounded).
-    state.metrics.observe_perplexity("+".join(job.memory_names) or None, time.monotonic() - started, num_tokens)
-    data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list, body.first_window == 0,
-                                   several)  # fmt: skip
+    # Several memories: a label no memory can have ('+' is not allowed in names), counted as `other`
+    # (bounded).
+    state.metrics.observe_perplexity("+".join(job.memory_names) or None, time.monotonic() - started,
+                                     num_tokens)
+    data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list,
+                                   body.first_window == 0, several)
     with_memory = target.memory is not None or several
-    overall_mixed = [_total([d.mixed[k] for d in result.documents]) for k in range(len(result.documents[0].mixed))] if with_memory else []
-    overall_memory = _total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory else None
+    overall_mixed = ([_total([d.mixed[k] for d in result.documents])
+                      for k in range(len(result.documents[0].mixed))] if with_memory else [])
+    overall_memory = (_total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory
+                      else None)
     overall = _scores(
-        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list, several
+        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list,
+        several,
     )
     return JSONResponse(
         {
@@ -182,7 +192,8 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
             "created": int(time.time()),
             "model": target.model,
             "memory": target.memory_field,
-            "alpha": AUTO_ALPHA if routed else (alphas if alpha_is_list or several else alphas[0]) if with_memory else None,
+            "alpha": (AUTO_ALPHA if routed else (alphas if alpha_is_list or several else alphas[0])
+                      if with_memory else None),
             "context_length": result.context_length,
             "stride": result.stride,
             "data": data,

@@ -50,11 +50,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.messages is not None:
         add_special = False if body.add_special_tokens is None else body.add_special_tokens
-        ids = list((await chat_prompt(tokenizer, serving.chat_template, body.messages, body, add_special)).token_ids)
+        ids = list((await chat_prompt(tokenizer, serving.chat_template, body.messages, body,
+                                      add_special)).token_ids)
     else:
         chat_options = sorted(set(_CHAT_ONLY) & body.model_fields_set)
         if chat_options:
-            raise InvalidRequestError(f"{', '.join(chat_options)} apply to 'messages' only", param=chat_options[0])
+            raise InvalidRequestError(f"{', '.join(chat_options)} apply to 'messages' only",
+                                      param=chat_options[0])
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         assert body.prompt is not None  # exactly one of the two is set
         ids = await asyncio.to_thread(_encode, tokenizer, body.prompt, add_special)
@@ -94,10 +96,13 @@ def tokenizer_info(tokenizer: PreTrainedTokenizerBase, chat_template: str | None
     """vLLM's `/tokenizer_info`: the tokenizer's init arguments without file paths, its special tokens as
     strings, and the chat template the server uses."""
     config = {
-        k: v for k, v in tokenizer.init_kwargs.items() if not (k.endswith("_file") or k in ("name_or_path", "chat_template"))
+        k: v for k, v in tokenizer.init_kwargs.items()
+        if not (k.endswith("_file") or k in ("name_or_path", "chat_template"))
     }
-    special = {name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")}
-    return {**_jsonable(config), **special, "tokenizer_class": type(tokenizer).__name__, "chat_template": chat_template}
+    special = {name: getattr(tokenizer, name, None)
+               for name in ("eos_token", "bos_token", "pad_token", "unk_token")}
+    return {**_jsonable(config), **special, "tokenizer_class": type(tokenizer).__name__,
+            "chat_template": chat_template}
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo, dependencies=[Depends(check_api_key)])

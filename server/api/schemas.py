@@ -27,7 +27,8 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 Alpha = Annotated[StrictFloat, Field(ge=ALPHA_MIN, le=ALPHA_MAX)]
 AlphaList = Annotated[list[Alpha], Field(min_length=1, max_length=MAX_ALPHAS)]
 AutoAlpha = Literal["auto"]  # the memory's learned router sets α at every position
-# The `alpha` a response echoes (`Mixture.alpha_field`): a number, a list (several memories or a sweep), "auto" or null.
+# The `alpha` a response echoes (`Mixture.alpha_field`): a number, a list (several memories or a sweep),
+# "auto" or null.
 AlphaEcho = float | list[float] | str | None
 MemoryList = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_MEMORIES)]
 MemoryTemperature = Annotated[StrictFloat, Field(ge=MIN_MEMORY_TEMPERATURE, le=MAX_MEMORY_TEMPERATURE)]
@@ -72,15 +73,16 @@ class SamplingRequest(_Body):
     user: str | None = Field(None, description="Ignored.")
     memory: StrictStr | MemoryList | None = Field(
         None,
-        description="A loaded memory's name; null = the base model alone. Default: the memory `model` names. A "
-        f"list of up to {MAX_MEMORIES} distinct names mixes them all: p = sum(alpha_i * p_i) + (1 - sum(alpha_i)) * "
-        "p_base (then `alpha` is required, one weight per memory).",
+        description="A loaded memory's name; null = the base model alone. Default: the memory `model` names. "
+        f"A list of up to {MAX_MEMORIES} distinct names mixes them all: p = sum(alpha_i * p_i) + "
+        "(1 - sum(alpha_i)) * p_base (then `alpha` is required, one weight per memory).",
     )
     alpha: Alpha | AlphaList | AutoAlpha | None = Field(
         None,
-        description="Weight of the memory in [0, 1]; default: the memory's manifest value. With several memories: "
-        "a list, one weight per memory in `memory` order, summing to at most 1 (required). \"auto\": the memory's "
-        "learned router sets alpha at every token (one memory, which must ship a router; see its model card).",
+        description="Weight of the memory in [0, 1]; default: the memory's manifest value. With several "
+        "memories: a list, one weight per memory in `memory` order, summing to at most 1 (required). "
+        "\"auto\": the memory's learned router sets alpha at every token (one memory, which must ship a "
+        "router; see its model card).",
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
@@ -90,8 +92,8 @@ class SamplingRequest(_Body):
     )
     memory_candidates: list[StrictStr] | None = Field(
         None,
-        description='With "memory": "auto": the memories to choose from (default: every loaded memory). The base '
-        "alone is always a candidate.",
+        description='With "memory": "auto": the memories to choose from (default: every loaded memory). The '
+        "base alone is always a candidate.",
     )
     speculative: StrictBool = Field(
         True,
@@ -112,8 +114,12 @@ class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`."""
 
     prompt: Prompt = Field(..., description=f"The prompt(s): {PROMPT_DOC}.")
-    max_tokens: StrictInt | None = Field(16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only.")
-    logprobs: StrictInt | None = Field(None, ge=0, description="Top log-probs per token (of the mixed distribution).")
+    max_tokens: StrictInt | None = Field(
+        16, ge=0, description="Tokens to generate; 0 with `echo` scores the prompt only."
+    )
+    logprobs: StrictInt | None = Field(
+        None, ge=0, description="Top log-probs per token (of the mixed distribution)."
+    )
     echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs).")
     # Accepted for client compatibility; only their neutral values are allowed.
     suffix: str | None = None
@@ -143,29 +149,45 @@ class ChatMessage(_Body):
 
 
 class ChatTemplateOptions(_Body):
-    """How messages become a prompt (shared by chat completions and `/tokenize`; vLLM's names and defaults)."""
+    """How messages become a prompt (shared by chat completions and `/tokenize`; vLLM's names and
+    defaults)."""
 
-    add_generation_prompt: StrictBool = Field(True, description="End the prompt with the template's assistant header.")
+    add_generation_prompt: StrictBool = Field(
+        True, description="End the prompt with the template's assistant header."
+    )
     continue_final_message: StrictBool = Field(
         False, description="Leave the last (assistant) message open so the model continues it."
     )
-    chat_template: str | None = Field(None, description="Not supported: the server's template is used (--chat-template).")
-    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template.")
+    chat_template: str | None = Field(
+        None, description="Not supported: the server's template is used (--chat-template)."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template."
+    )
 
 
 ADD_SPECIAL_TOKENS_DOC = "Add the tokenizer's special tokens (e.g. BOS) on top of the template's."
 
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
-    """`POST /v1/chat/completions`: OpenAI chat completions (as vLLM serves them) with memdec's memory and alpha."""
+    """`POST /v1/chat/completions`: OpenAI chat completions (as vLLM serves them) with memdec's memory and
+    alpha."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Tokens to generate (default: to the end of the context).")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="Older name of max_completion_tokens (which wins).")
-    logprobs: StrictBool = Field(False, description="Return each generated token's log-prob (of the mixed distribution).")
-    top_logprobs: StrictInt | None = Field(None, ge=0, description="With logprobs: the top N alternatives per token.")
+    max_completion_tokens: StrictInt | None = Field(
+        None, ge=1, description="Tokens to generate (default: to the end of the context)."
+    )
+    max_tokens: StrictInt | None = Field(
+        None, ge=1, description="Older name of max_completion_tokens (which wins)."
+    )
+    logprobs: StrictBool = Field(
+        False, description="Return each generated token's log-prob (of the mixed distribution)."
+    )
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, description="With logprobs: the top N alternatives per token."
+    )
     # Accepted for client compatibility; only their neutral values are allowed.
     tools: list[dict[str, Any]] | None = Field(None, description="Only empty: memdec does not call tools.")
     tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" without tools.')
@@ -180,11 +202,16 @@ class TokenizeRequest(ChatTemplateOptions):
 
     model: str | None = Field(None, description="The base or a memory (sets `max_model_len`).")
     prompt: StrictStr | None = Field(None, description="Text to tokenize (give this or `messages`).")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="A conversation, rendered by the chat template.")
-    add_special_tokens: StrictBool | None = Field(
-        None, description=f"{ADD_SPECIAL_TOKENS_DOC} Default: true for a prompt, false for messages (as vLLM)."
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="A conversation, rendered by the chat template."
     )
-    return_token_strs: StrictBool = Field(False, description="Also return each token's string (the tokenizer's own form).")
+    add_special_tokens: StrictBool | None = Field(
+        None,
+        description=f"{ADD_SPECIAL_TOKENS_DOC} Default: true for a prompt, false for messages (as vLLM).",
+    )
+    return_token_strs: StrictBool = Field(
+        False, description="Also return each token's string (the tokenizer's own form)."
+    )
 
 
 class DetokenizeRequest(_Body):
@@ -197,21 +224,24 @@ class DetokenizeRequest(_Body):
 
 
 class PerplexityRequestBody(_Body):
-    """`POST /v1/perplexity`: sliding-window perplexity of each input under the base, the mixture and the memory."""
+    """`POST /v1/perplexity`: sliding-window perplexity of each input under the base, the mixture and the
+    memory."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, description="The served base model name or a memory name.")
     memory: StrictStr | MemoryList | None = Field(
         None,
-        description="A loaded memory's name; null = the base model alone. A list of several distinct names scores "
-        "their mixture sum(alpha_i * p_i) + (1 - sum(alpha_i)) * p_base (then `alpha` is required: one weight per memory).",
+        description="A loaded memory's name; null = the base model alone. A list of several distinct names "
+        "scores their mixture sum(alpha_i * p_i) + (1 - sum(alpha_i)) * p_base (then `alpha` is required: "
+        "one weight per memory).",
     )
     alpha: Alpha | AlphaList | AutoAlpha | None = Field(
         None,
-        description="Memory weight(s) in [0, 1]; with one memory a list scores every value in one pass. Default: the "
-        "manifest's. With several memories: one weight per memory (one mixture), summing to at most 1. \"auto\": the "
-        "memory's learned router sets alpha at every scored token (one memory with a router).",
+        description="Memory weight(s) in [0, 1]; with one memory a list scores every value in one pass. "
+        "Default: the manifest's. With several memories: one weight per memory (one mixture), summing to at "
+        "most 1. \"auto\": the memory's learned router sets alpha at every scored token (one memory with a "
+        "router).",
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
@@ -220,16 +250,19 @@ class PerplexityRequestBody(_Body):
         "memories: one number for all, or a list (one per memory); default: each memory's own.",
     )
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
-    context_length: StrictInt | None = Field(None, ge=2, description="Window length (default min(1024, model context)).")
+    context_length: StrictInt | None = Field(
+        None, ge=2, description="Window length (default min(1024, model context))."
+    )
     stride: StrictInt | None = Field(None, ge=1, description="Window step (default half the window).")
     logprobs: StrictInt | None = Field(
         None, ge=0,
-        description="Per-token log-probs of every scored token under the base, the memory and the mixture (first "
-        "alpha) in `data[i].logprobs`, with each model's top `logprobs` alternatives (0 = none). At most "
-        f"{MAX_TOKEN_LOGPROBS} scored tokens per request: score longer texts in parts.",
-    )  # fmt: skip
+        description="Per-token log-probs of every scored token under the base, the memory and the mixture "
+        "(first alpha) in `data[i].logprobs`, with each model's top `logprobs` alternatives (0 = none). At "
+        f"most {MAX_TOKEN_LOGPROBS} scored tokens per request: score longer texts in parts.",
+    )
     first_window: StrictInt = Field(
-        0, ge=0, description="Score windows from this one (numbered from 0; `num_windows` says how many there are)."
+        0, ge=0,
+        description="Score windows from this one (numbered from 0; `num_windows` says how many there are).",
     )
     max_windows: StrictInt | None = Field(
         None, ge=1, description="Score at most this many windows (default: to the end of each input)."
@@ -240,7 +273,9 @@ class MemoryLoadBody(_Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(..., min_length=1, max_length=MAX_MEMORY_NAME)
-    path: str = Field(..., min_length=1, max_length=4096, description="Memory directory (under --memory-root).")
+    path: str = Field(
+        ..., min_length=1, max_length=4096, description="Memory directory (under --memory-root)."
+    )
     alpha: StrictFloat | None = Field(
         None, ge=ALPHA_MIN, le=ALPHA_MAX, description="Default alpha; the manifest's when omitted."
     )
@@ -384,24 +419,33 @@ class TokenAlternative(BaseModel):
 
 
 class PerplexityLogprobs(BaseModel):
-    offset: int = Field(..., description="Position in the input of the first entry (0 when the first window was scored).")
+    offset: int = Field(
+        ..., description="Position in the input of the first entry (0 when the first window was scored)."
+    )
     tokens: list[str] = Field(
-        ..., description="The text each token adds to the decoded input (pieces of any split concatenate to it)."
+        ...,
+        description="The text each token adds to the decoded input (pieces of any split concatenate to it).",
     )
     token_ids: list[int]
-    base: list[float | None] = Field(..., description="log p_base of each token; null for token 0 (no left context).")
+    base: list[float | None] = Field(
+        ..., description="log p_base of each token; null for token 0 (no left context)."
+    )
     memory: list[float | None] | None = Field(None, description="The memory alone; null without a memory.")
-    mixed: list[float | None] | None = Field(None, description="The mixture at the first alpha; null without a memory.")
+    mixed: list[float | None] | None = Field(
+        None, description="The mixture at the first alpha; null without a memory."
+    )
     top_logprobs: list[list[TokenAlternative] | None] | None = Field(
         None,
-        description="Per token: the base's and the memory's top `logprobs` tokens (distinct, best first under the "
-        "mixture), each with both models' log-probs; null when `logprobs` is 0.",
+        description="Per token: the base's and the memory's top `logprobs` tokens (distinct, best first "
+        "under the mixture), each with both models' log-probs; null when `logprobs` is 0.",
     )
 
 
 class PerplexityDocument(PerplexityScores):
     index: int
-    num_windows: int = Field(..., description="The input's windows in all (the request may have scored a range).")
+    num_windows: int = Field(
+        ..., description="The input's windows in all (the request may have scored a range)."
+    )
     logprobs: PerplexityLogprobs | None = Field(None, description="When the request set `logprobs`.")
 
 
@@ -430,16 +474,21 @@ class ModelCard(BaseModel):
     alpha: float | None = None
     domain: str | None = None
     description: str | None = None
-    temperature: float | None = Field(default=None, description="A memory's default memory temperature (its manifest's).")
+    temperature: float | None = Field(
+        default=None, description="A memory's default memory temperature (its manifest's)."
+    )
     tokenizer_verified: bool | None = Field(
         default=None,
-        description="A memory's token->id map was compared with the base's (false: it ships neither tokenizer nor "
-        "manifest, so only its vocabulary size and special-token ids were checked).",
+        description="A memory's token->id map was compared with the base's (false: it ships neither "
+        "tokenizer nor manifest, so only its vocabulary size and special-token ids were checked).",
     )
     router: bool | None = Field(
-        default=None, description='A memory ships a learned per-token router: requests may ask for "alpha": "auto".'
+        default=None,
+        description='A memory ships a learned per-token router: requests may ask for "alpha": "auto".',
     )
-    format: str = Field(default="safetensors", description='How the weights were stored: "safetensors" or "gguf".')
+    format: str = Field(
+        default="safetensors", description='How the weights were stored: "safetensors" or "gguf".'
+    )
     quantization: str | None = Field(
         default=None, description="A GGUF file's quantization type (Q4_1, Q8_0, F16 …): how the weights were "
         "stored. They are dequantized at load, then run as `serving_quantization` says.",

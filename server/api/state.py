@@ -62,8 +62,10 @@ class Target:
 
     model: str  # echoed back in responses
     memory: MemoryInfo | None
-    memories: tuple[MemoryInfo, ...] = ()  # several memories at once (then `memory` is None); see `check_several`
-    auto: tuple[MemoryInfo, ...] | None = None  # "memory": "auto" before the choice: its candidates (`server.api.auto`)
+    # several memories at once (then `memory` is None); see `check_several`
+    memories: tuple[MemoryInfo, ...] = ()
+    # "memory": "auto" before the choice: its candidates (`server.api.auto`)
+    auto: tuple[MemoryInfo, ...] | None = None
 
     @property
     def memory_field(self) -> str | list[str] | None:
@@ -99,11 +101,12 @@ class Serving:
         try:
             return self.registry.get(model)
         except NotFoundError:
-            raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
+            raise NotFoundError(f"The model `{model}` does not exist.", param="model",
+                                code="model_not_found") from None
 
     def resolve(self, model: str | None, memory: str | list[str] | None, memory_given: bool) -> Target:
-        """`model` names the base or a memory; an explicit `memory` (null = none) must agree with it. A list of
-        one memory is that memory; a list of several mixes them all (`model` must then be the base)."""
+        """`model` names the base or a memory; an explicit `memory` (null = none) must agree with it. A list
+        of one memory is that memory; a list of several mixes them all (`model` must then be the base)."""
         model_memory = self.model_memory(model) if model is not None else None
         if isinstance(memory, list):
             if len(memory) == 1:
@@ -111,9 +114,9 @@ class Serving:
             else:
                 if model_memory is not None:
                     raise InvalidRequestError(
-                        f"`model` names memory {model_memory.name!r} but `memory` lists several; with several "
-                        "memories `model` is the base (or omitted)", param="memory",
-                    )  # fmt: skip
+                        f"`model` names memory {model_memory.name!r} but `memory` lists several; with "
+                        "several memories `model` is the base (or omitted)", param="memory",
+                    )
                 check_distinct(memory, "memory")
                 infos = tuple(self.registry.get(name) for name in memory)  # NotFoundError(param="memory")
                 return Target(model or self.model_name, None, infos)
@@ -138,7 +141,8 @@ class ServingState:
         self.phase = Phase.LOADING
         self.error: str | None = None
         self.serving: Serving | None = None  # set once loaded; routes take it from `ready()`
-        self.metrics = Metrics()  # exists before loading, so /metrics answers (and counts loads) from the start
+        # exists before loading, so /metrics answers (and counts loads) from the start
+        self.metrics = Metrics()
         self.metrics.tensor_parallel_size.set(config.parallel.tensor_parallel_size)
         self.on_failure: Callable[[str], None] | None = None  # the CLI stops the server with it
         self.parallel: TensorParallel | None = None  # the other ranks, with --tensor-parallel-size > 1
@@ -147,8 +151,10 @@ class ServingState:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
-        if self.config.parallel.tensor_parallel_size > 1:  # the workers start loading their shares now, beside ours
-            self.parallel = TensorParallel(self.config.model, self.config.engine, self.config.parallel, self._parallel_failed)
+        # the workers start loading their shares now, beside ours
+        if self.config.parallel.tensor_parallel_size > 1:
+            self.parallel = TensorParallel(self.config.model, self.config.engine, self.config.parallel,
+                                           self._parallel_failed)
         self._task = asyncio.get_running_loop().create_task(self._load(), name="memdec-load")
 
     async def _load(self) -> None:
@@ -167,14 +173,16 @@ class ServingState:
         self.serving = serving
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
-            log.info("ready: serving %s with %d memories", self.served_model_name, len(serving.registry.list()))
+            log.info("ready: serving %s with %d memories", self.served_model_name,
+                     len(serving.registry.list()))
 
     async def _load_serving(self) -> Serving:
         config = self.config
         specs = config.memories
         if config.registry_file is not None:
             listed = read_registry_file(config.registry_file, missing_ok=config.persist_registry)
-            if config.persist_registry:  # the file is the latest state: its entries replace flags of the same name
+            # the file is the latest state: its entries replace flags of the same name
+            if config.persist_registry:
                 names = {s.name for s in listed}
                 specs = tuple(s for s in specs if s.name not in names)
             specs = specs + listed
@@ -182,7 +190,8 @@ class ServingState:
             base = await asyncio.to_thread(self.parallel.load_base, config.model, config.engine.max_model_len)
         else:
             base = await asyncio.to_thread(load_base, config.model, config.engine.max_model_len)
-        registry = MemoryRegistry(base, on_loaded=self.metrics.memory_loaded, on_freed=self.metrics.memory_unloaded)
+        registry = MemoryRegistry(base, on_loaded=self.metrics.memory_loaded,
+                                  on_freed=self.metrics.memory_unloaded)
         for spec in specs:
             with self.counting_load():
                 await asyncio.to_thread(registry.load, spec.name, spec.path, spec.alpha)
@@ -190,9 +199,11 @@ class ServingState:
             base, registry, config.engine, max_queue=config.max_queue, observer=MetricsObserver(self.metrics)
         )
         engine.start()
-        template = read_chat_template(config.chat_template) if config.chat_template else model_chat_template(base.tokenizer)
+        template = (read_chat_template(config.chat_template) if config.chat_template
+                    else model_chat_template(base.tokenizer))
         return Serving(
-            self.served_model_name, self.created, base, registry, engine, TokenStrings(base.tokenizer), template
+            self.served_model_name, self.created, base, registry, engine, TokenStrings(base.tokenizer),
+            template,
         )
 
     def _parallel_failed(self, reason: str) -> None:
@@ -228,12 +239,14 @@ class ServingState:
         if not config.persist_registry or config.registry_file is None or self.serving is None:
             return
         with self._persist_lock:
-            specs = [MemorySpec(m.name, _persisted_source(m.path), m.alpha) for m in self.serving.registry.list()]
+            specs = [MemorySpec(m.name, _persisted_source(m.path), m.alpha)
+                     for m in self.serving.registry.list()]
             try:
                 write_registry_file(config.registry_file, specs)
             except OSError as exc:
                 raise MemdecError(
-                    f"the change is live but the registry file {config.registry_file} could not be rewritten: {exc}",
+                    f"the change is live but the registry file {config.registry_file} could not be "
+                    f"rewritten: {exc}",
                     code="registry_write_failed",
                 ) from exc
 
@@ -255,7 +268,8 @@ class ServingState:
     def ready(self) -> Serving:
         """The serving handle, or the 503 that says why there is none (loading, failed, stopping, dead)."""
         if self.phase is Phase.LOADING:
-            raise ServiceUnavailableError("the model is still loading; retry shortly", code="model_loading", retry_after=5)
+            raise ServiceUnavailableError("the model is still loading; retry shortly", code="model_loading",
+                                          retry_after=5)
         if self.phase is Phase.FAILED:
             raise ServiceUnavailableError(f"the server failed to start: {self.error}", code="startup_failed")
         if self.phase is Phase.STOPPING or self.serving is None:

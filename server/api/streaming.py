@@ -28,7 +28,8 @@ _END = object()
 
 
 def sse_frame(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return (b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            + b"\n\n")
 
 
 @dataclass
@@ -153,7 +154,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 class EngineStreamingResponse(StreamingResponse):
     """An SSE response that aborts its engine requests however it ends, even if its body never started
-    (a client gone before the first byte leaves the body generator unstarted, so its own cleanup never runs)."""
+    (a client gone before the first byte leaves the body generator unstarted, so its own cleanup never
+    runs)."""
 
     def __init__(self, content: AsyncIterator[bytes], streams: list[EngineStream], **kw: Any) -> None:
         super().__init__(content, media_type="text/event-stream", **kw)

@@ -49,7 +49,8 @@ def _alternatives(strings: TokenStrings, c: TokenCandidates) -> list[dict[str, A
         if token_id in seen:  # in both models' top k
             continue
         seen.add(token_id)
-        entry: dict[str, Any] = {"token": strings(token_id), "token_id": token_id, "base": finite_logprob(c.base[j])}
+        entry: dict[str, Any] = {"token": strings(token_id), "token_id": token_id,
+                                 "base": finite_logprob(c.base[j])}
         if c.memory is not None:
             entry["memory"] = finite_logprob(c.memory[j])
         if c.mixed is not None:
@@ -58,7 +59,8 @@ def _alternatives(strings: TokenStrings, c: TokenCandidates) -> list[dict[str, A
     return out
 
 
-def logprobs_object(strings: TokenStrings, ids: Sequence[int], scores: TokenScores, from_start: bool) -> dict[str, Any]:
+def logprobs_object(strings: TokenStrings, ids: Sequence[int], scores: TokenScores,
+                    from_start: bool) -> dict[str, Any]:
     """One document's `logprobs`. `from_start` (the request scored its first window): the arrays begin at
     token 0, which has no log-prob (null), so that the parts of a text scored in parts concatenate."""
     start = 0 if from_start else scores.offset

@@ -31,7 +31,8 @@ def split_prompts(prompt: str | list[Any], param: str) -> list[str | list[int]]:
     if isinstance(prompt[0], int):
         return [list(prompt)]
     if len(prompt) > MAX_PROMPTS:
-        raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", param=param)
+        raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}",
+                                  param=param)
     return list(prompt)
 
 
