@@ -85,7 +85,7 @@ def main() -> None:
               "--code-size", "16", "--k", "64", "--search-batch", "256", "--hidden-size", "128",
               "--layers", "2", "--heads", "4", "--max-len", "256", "--seq-len", "128",
               "--train-batch-size", "8", "--max-steps", str(args.steps),
-              "--quiet"]  # fmt: skip  # flag/value pairs kept together on a line
+              "--quiet"]  # fmt: skip  # flag/value pairs on one line
     load = os.getloadavg()
     results = {}
     for nproc in (1, 2):

@@ -150,7 +150,7 @@ def overhead_rows(label: str, base_path: str, mem_path: str, batches: list[int],
             "overhead_ms": overhead * 1e3, "overhead_pct_of_forwards": 100 * overhead / fwd_s,
             "bare_hf_forwards_ms": bare_s * 1e3, "forwards_over_bare_hf": fwd_s / bare_s,
             "params_base": base.num_parameters, "params_memory": registry.get("mem").num_parameters,
-        })  # fmt: skip  # related fields paired on a line
+        })  # fmt: skip  # related fields grouped on a line
         r = rows[-1]
         print(f"{label:>5} B={batch:<2} step {r['step_ms']:7.2f} ms  forwards {r['forwards_ms']:7.2f} ms  "
               f"overhead {r['overhead_ms']:6.3f} ms ({r['overhead_pct_of_forwards']:4.1f}% of forwards)  "
