@@ -1,20 +1,19 @@
-"""Issue 17's fidelity targets for `"memory": "auto"` and several memories, measured on the demo through a real
-server (`memdec serve` with no flags serves `demo/`: the demo base, SmolLM2-135M-Instruct from GGUF, and its
-memories), with the official API only.
+"""Issue 17's fidelity targets for `"memory": "auto"` and several memories, measured on the demo through a
+real server (`memdec serve` with no flags serves `demo/`: the demo base, SmolLM2-135M-Instruct from GGUF, and
+its memories), with the official API only.
 
 - **Automatic choice, in domain.** 256-token snippets of each domain's `valid.txt` sent as prompts with
   `"memory": "auto"`: how often the choice (the response's `memory` field) is that domain's memory.
-- **Automatic choice, general text.** Each 256-token snippet of `general/valid.txt` is split in two: the choice
-  is made on the first 128 tokens (the prompt of a completion), and the *next* 128 tokens are scored under what
-  was chosen and under the base alone — text the choice never saw, so this can come out worse than the base.
-  (Scoring the prompt itself under its own argmin could not: the base alone is a candidate.) The continuation's
-  NLL is `/v1/perplexity` of all 256 tokens minus that of the first 128: both fit one window, so the first 128
-  tokens' log-probs are the same in both.
+- **Automatic choice, general text.** Each 256-token snippet of `general/valid.txt` is split in two: the
+  choice is made on the first 128 tokens (the prompt of a completion), and the *next* 128 tokens are scored
+  under what was chosen and under the base alone — text the choice never saw, so this can come out worse
+  than the base. (Scoring the prompt itself under its own argmin could not: the base alone is a candidate.)
+  The continuation's NLL is `/v1/perplexity` of all 256 tokens minus that of the first 128: both fit one
+  window, so the first 128 tokens' log-probs are the same in both.
 - **Two memories at once** on text that mixes two domains (128-token pieces of their `valid.txt` alternating,
-  equal shares of both): each memory
-  alone at its α, and both at half their α each — `"memory": [a, b], "alpha": [α_a/2, α_b/2]`, the equal-weight
-  average of the two single-memory mixtures (p = ½(α_a·p_a + (1−α_a)·p_base) + ½(α_b·p_b + (1−α_b)·p_base)),
-  a rule fixed before measuring.
+  equal shares of both): each memory alone at its α, and both at half their α each —
+  `"memory": [a, b], "alpha": [α_a/2, α_b/2]`, the equal-weight average of the two single-memory mixtures
+  (p = ½(α_a·p_a + (1−α_a)·p_base) + ½(α_b·p_b + (1−α_b)·p_base)), a rule fixed before measuring.
 
     python -m bench.adaptive_fidelity [--snippets 40] [--mixed-tokens 5000]
 
@@ -72,14 +71,16 @@ def total_nll(client: httpx.Client, ids: list[int], memory, alpha=None) -> tuple
 
 
 def choose(client: httpx.Client, ids: list[int]) -> str | None:
-    r = client.post("/v1/completions", json={"prompt": ids, "memory": "auto", "max_tokens": 1, "temperature": 0})
+    r = client.post("/v1/completions",
+                    json={"prompt": ids, "memory": "auto", "max_tokens": 1, "temperature": 0})
     r.raise_for_status()
     return r.json().get("memory")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--snippets", type=int, default=40, help="256-token snippets per domain and of general text")
+    ap.add_argument("--snippets", type=int, default=40,
+                    help="256-token snippets per domain and of general text")
     ap.add_argument("--mixed-tokens", type=int, default=5000, help="tokens of each two-domain text")
     args = ap.parse_args()
     base = demo_base_path()
@@ -100,7 +101,8 @@ def main() -> None:
                 name = choose(client, ids[i * SNIPPET : (i + 1) * SNIPPET]) or "none"
                 counts[name] = counts.get(name, 0) + 1
             picks[domain] = counts
-            print(f"auto on {domain:<10} snippets: own memory ({own}) {counts.get(own, 0)}/{args.snippets}  {counts}", flush=True)
+            print(f"auto on {domain:<10} snippets: own memory ({own}) {counts.get(own, 0)}/{args.snippets}  "
+                  f"{counts}", flush=True)
         out["auto_picks"] = picks
 
         ids = token_ids(tokenizer, DATA / "general" / "valid.txt", SNIPPET * args.snippets)
@@ -121,10 +123,11 @@ def main() -> None:
                     auto_nll += full - head
             tokens += n_full - n_head
         general = {"tokens": tokens, "picks": general_picks, "base_ppl": math.exp(base_nll / tokens),
-                   "auto_ppl": math.exp(auto_nll / tokens)}  # fmt: skip
+                   "auto_ppl": math.exp(auto_nll / tokens)}
         general["ratio"] = general["auto_ppl"] / general["base_ppl"]
         out["auto_general"] = general
-        print(f"auto on general text: continuation perplexity {general['auto_ppl']:.1f} vs base {general['base_ppl']:.1f} "
+        print(f"auto on general text: continuation perplexity {general['auto_ppl']:.1f} "
+              f"vs base {general['base_ppl']:.1f} "
               f"({general['ratio']:.3f}×; picks {general_picks})", flush=True)
 
         pairs = []
@@ -132,15 +135,17 @@ def main() -> None:
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
                 (da, a), (db, b) = names[i], names[j]
-                ids = interleaved(tokenizer, DATA / da / "valid.txt", DATA / db / "valid.txt", args.mixed_tokens)
+                ids = interleaved(tokenizer, DATA / da / "valid.txt", DATA / db / "valid.txt",
+                                  args.mixed_tokens)
                 row = {"text": f"{da}+{db}", "tokens": len(ids)}
                 for key, memory, alpha in (("base", None, None), (a, a, alphas[a]), (b, b, alphas[b]),
-                                           ("both", [a, b], [alphas[a] / 2, alphas[b] / 2])):  # fmt: skip
+                                           ("both", [a, b], [alphas[a] / 2, alphas[b] / 2])):
                     nll, n = total_nll(client, ids, memory, alpha)
                     row[key] = math.exp(nll / n)
                 row["both_beats_each"] = row["both"] < min(row[a], row[b])
                 pairs.append(row)
-                print(f"{row['text']:<20} base {row['base']:.1f}  {a} {row[a]:.1f}  {b} {row[b]:.1f}  both {row['both']:.1f}", flush=True)
+                print(f"{row['text']:<20} base {row['base']:.1f}  {a} {row[a]:.1f}  {b} {row[b]:.1f}  "
+                      f"both {row['both']:.1f}", flush=True)
         out["two_memories"] = pairs
     path = write_result("adaptive_fidelity", out)
     print(f"wrote {path}")

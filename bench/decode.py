@@ -40,7 +40,8 @@ def decode_step_time(engine: Engine, batch: int, tokens: int, memory: str | None
     return (time.perf_counter() - t0) / max(steps, 1)
 
 
-def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], tokens: int, repeats: int) -> list[dict]:
+def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], tokens: int,
+                 repeats: int) -> list[dict]:
     base = load_base(ModelConfig(base_path, quantization="none"))  # float, as the transformers references
     registry = MemoryRegistry(base)
     registry.load("mem", mem_path)
@@ -84,15 +85,19 @@ def bench_models(label: str, base_path: str, mem_path: str, batches: list[int], 
 
 def print_row(r: dict) -> None:
     print(
-        f"{r['models']:>6} B={r['batch']:<3} base {r['base_tok_s']:9.1f} tok/s ({r['base_step_ms']:7.2f} ms)  "
-        f"mixed {r['mixed_tok_s']:9.1f} tok/s ({r['mixed_step_ms']:7.2f} ms)  mem alone {r['memory_step_ms']:7.2f} ms  "
-        f"mixed/base {r['mixed_over_base']:.3f}  floor {r['floor']:.3f}  mixed/floor {r['mixed_over_floor']:.3f}",
+        f"{r['models']:>6} B={r['batch']:<3} base {r['base_tok_s']:9.1f} tok/s "
+        f"({r['base_step_ms']:7.2f} ms)  "
+        f"mixed {r['mixed_tok_s']:9.1f} tok/s ({r['mixed_step_ms']:7.2f} ms)  "
+        f"mem alone {r['memory_step_ms']:7.2f} ms  "
+        f"mixed/base {r['mixed_over_base']:.3f}  floor {r['floor']:.3f}  "
+        f"mixed/floor {r['mixed_over_floor']:.3f}",
         flush=True,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,small,demo")
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=64)

@@ -28,7 +28,7 @@ from bench.common import ROOT, write_result
 
 STAGES = ("datastore", "index", "targets", "train")
 COMPARED = ["datastore/keys.npy", "datastore/values.npy", "index/index.faiss", "targets/offsets.npy",
-            "targets/token_ids.npy", "targets/probs.npy"]  # fmt: skip
+            "targets/token_ids.npy", "targets/probs.npy"]
 
 
 def _inputs(root: Path, docs: int, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -60,7 +60,7 @@ def _rates(work: Path) -> dict[str, dict[str, float]]:
         rec = json.loads((work / "stages" / f"{stage}.json").read_text())
         s = rec["summary"]
         items = {"datastore": s.get("entries"), "index": s.get("num_entries"), "targets": s.get("num_rows"),
-                 "train": s.get("tokens_seen")}[stage]  # fmt: skip
+                 "train": s.get("tokens_seen")}[stage]
         out[stage] = {
             "seconds": rec["seconds"],
             "items": items,
@@ -80,10 +80,12 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="memdec-dist-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     base, corpus = _inputs(root, args.docs, args.hidden, args.layers)
-    common = ["memory", "build", "--base", str(base), "--corpus", str(corpus), "--name", "bench", "--context", "256",
-              "--batch-size", "4", "--index", "ivfpq", "--nlist", "64", "--code-size", "16", "--k", "64",
-              "--search-batch", "256", "--hidden-size", "128", "--layers", "2", "--heads", "4", "--max-len", "256",
-              "--seq-len", "128", "--train-batch-size", "8", "--max-steps", str(args.steps), "--quiet"]  # fmt: skip
+    common = ["memory", "build", "--base", str(base), "--corpus", str(corpus), "--name", "bench",
+              "--context", "256", "--batch-size", "4", "--index", "ivfpq", "--nlist", "64",
+              "--code-size", "16", "--k", "64", "--search-batch", "256", "--hidden-size", "128",
+              "--layers", "2", "--heads", "4", "--max-len", "256", "--seq-len", "128",
+              "--train-batch-size", "8", "--max-steps", str(args.steps),
+              "--quiet"]  # fmt: skip  # flag/value pairs on one line
     load = os.getloadavg()
     results = {}
     for nproc in (1, 2):
@@ -98,22 +100,23 @@ def main() -> None:
     loss_diff = float(np.abs(losses[0] - losses[1]).max())
 
     print(f"memdec memory build, 1 process vs torchrun 2 processes (1 thread each; load average before: "
-          f"{load[0]:.2f} on {os.cpu_count()} cores)")  # fmt: skip
+          f"{load[0]:.2f} on {os.cpu_count()} cores)")
     print(f"  {'stage':<10} {'items':>8} {'1 proc /s':>11} {'2 procs /s':>11} {'speed-up':>9}")
     for stage in STAGES:
         a, b = results[1]["stages"][stage], results[2]["stages"][stage]
         print(f"  {stage:<10} {a['items']:>8} {a['per_second']:>11.0f} {b['per_second']:>11.0f} "
-              f"{a['seconds'] / max(b['seconds'], 1e-9):>8.2f}x")  # fmt: skip
+              f"{a['seconds'] / max(b['seconds'], 1e-9):>8.2f}x")
     print(
         f"  {'wall':<10} {'':>8} {results[1]['wall_seconds']:>10.1f}s {results[2]['wall_seconds']:>10.1f}s "
-        f"{results[1]['wall_seconds'] / results[2]['wall_seconds']:>8.2f}x  (start-up and model loading included)"
+        f"{results[1]['wall_seconds'] / results[2]['wall_seconds']:>8.2f}x  "
+        f"(start-up and model loading included)"
     )
     print(f"  datastore, index and targets byte-identical: {same}; max |Δ loss| over {len(losses[0])} steps: "
-          f"{loss_diff:.1e}")  # fmt: skip
+          f"{loss_diff:.1e}")
     for n in (1, 2):
         results[n].pop("out")
     write_result("distributed_toolkit", {"load_average": load, "args": vars(args), "results": results,
-                                         "identical": same, "max_loss_diff": loss_diff})  # fmt: skip
+                                         "identical": same, "max_loss_diff": loss_diff})
 
 
 if __name__ == "__main__":

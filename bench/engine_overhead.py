@@ -68,7 +68,8 @@ def deep_models(root: Path, tokenizer_from: str) -> tuple[str, str]:
         Qwen2ForCausalLM(config).eval().save_pretrained(path)
         tok.save_pretrained(path)
         paths.append(str(path))
-    write_manifest(Path(paths[1]), Manifest(name="mem", domain="bench", alpha=0.6, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
+    write_manifest(Path(paths[1]), Manifest(name="mem", domain="bench", alpha=0.6,
+                                            tokenizer_fingerprint=tokenizer_fingerprint(tok)))
     return paths[0], paths[1]
 
 
@@ -92,7 +93,8 @@ def model_sets(labels: str, root: Path):
 
 def request(rid: str, prompt_len: int, tokens: int, memory: str | None = "mem") -> GenerationRequest:
     prompt = tuple(range(5, 5 + prompt_len))
-    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), Mixture.single(memory, 0.6))
+    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+                             Mixture.single(memory, 0.6))
 
 
 class BareForward:
@@ -100,7 +102,8 @@ class BareForward:
 
     def __init__(self, model, batch: int, context: int) -> None:
         self.model = model
-        self.kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
+        self.kw = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                   else "past_key_values")  # renamed in 5.x
         self.ids = torch.arange(5, 5 + context).repeat(batch, 1)
         self.cache = DynamicCache()
         with torch.inference_mode():
@@ -130,7 +133,8 @@ def overhead_rows(label: str, base_path: str, mem_path: str, batches: list[int],
             engine.step()
         log.steps.clear()
         context = 64 + 4 + steps // 2
-        bare = [BareForward(base.model, batch, context), BareForward(registry.loaded("mem").model, batch, context)]
+        bare = [BareForward(base.model, batch, context),
+                BareForward(registry.loaded("mem").model, batch, context)]
         walls, bares = [], []
         for _ in range(steps):  # interleaved, so load on the machine hits both sides alike
             t0 = time.perf_counter()
@@ -138,18 +142,20 @@ def overhead_rows(label: str, base_path: str, mem_path: str, batches: list[int],
             walls.append(time.perf_counter() - t0)
             bares.append(sum(b.seconds() for b in bare))
         forwards = [p["base_forward"] + p["memory_forward"] for p in log.steps]
-        step_s, fwd_s, bare_s = statistics.median(walls), statistics.median(forwards), statistics.median(bares)
+        step_s, fwd_s, bare_s = (statistics.median(walls), statistics.median(forwards),
+                                 statistics.median(bares))
         overhead = statistics.median(w - f for w, f in zip(walls, forwards, strict=True))
         rows.append({
             "models": label, "batch": batch, "step_ms": step_s * 1e3, "forwards_ms": fwd_s * 1e3,
             "overhead_ms": overhead * 1e3, "overhead_pct_of_forwards": 100 * overhead / fwd_s,
             "bare_hf_forwards_ms": bare_s * 1e3, "forwards_over_bare_hf": fwd_s / bare_s,
             "params_base": base.num_parameters, "params_memory": registry.get("mem").num_parameters,
-        })  # fmt: skip
+        })  # fmt: skip  # related fields grouped on a line
         r = rows[-1]
         print(f"{label:>5} B={batch:<2} step {r['step_ms']:7.2f} ms  forwards {r['forwards_ms']:7.2f} ms  "
               f"overhead {r['overhead_ms']:6.3f} ms ({r['overhead_pct_of_forwards']:4.1f}% of forwards)  "
-              f"bare HF forwards {r['bare_hf_forwards_ms']:7.2f} ms (engine/bare {r['forwards_over_bare_hf']:.2f})", flush=True)
+              f"bare HF forwards {r['bare_hf_forwards_ms']:7.2f} ms "
+              f"(engine/bare {r['forwards_over_bare_hf']:.2f})", flush=True)
     return rows
 
 
@@ -161,14 +167,16 @@ def join_leave_rows(base_path: str, mem_path: str, contexts: list[int], repeats:
     for context in contexts:
         engine = Engine(base, registry, EngineConfig(max_num_seqs=16))
         for b in range(8):
-            engine.add_request(request(f"r{b}", context, 10_000 if context + 10_000 < 2048 else 2048 - context - 1))
+            engine.add_request(request(f"r{b}", context,
+                                       10_000 if context + 10_000 < 2048 else 2048 - context - 1))
         for _ in range(3):
             engine.step()
         joins, leaves = [], []
         for k in range(repeats):
             engine.add_request(request(f"j{k}", 16, 1000))
             t0 = time.perf_counter()
-            engine.step()  # the newcomer's prefill, in one forward with the running rows' decode (a mixed step)
+            # the newcomer's prefill, in one forward with the running rows' decode (a mixed step)
+            engine.step()
             joins.append(time.perf_counter() - t0)
             engine.step()
             t0 = time.perf_counter()
@@ -176,18 +184,22 @@ def join_leave_rows(base_path: str, mem_path: str, contexts: list[int], repeats:
             engine.runner.make_batch(engine.scheduler.running)  # the upkeep the next decode step does
             leaves.append(time.perf_counter() - t0)
             engine.step()
-        rows.append({"context": context, "join_step_ms": statistics.median(joins) * 1e3, "leave_ms": statistics.median(leaves) * 1e3})
-        print(f" deep join/leave with 8 rows at context {context:>5}: join step {rows[-1]['join_step_ms']:7.2f} ms  "
+        rows.append({"context": context, "join_step_ms": statistics.median(joins) * 1e3,
+                     "leave_ms": statistics.median(leaves) * 1e3})
+        print(f" deep join/leave with 8 rows at context {context:>5}: "
+              f"join step {rows[-1]['join_step_ms']:7.2f} ms  "
               f"leave {rows[-1]['leave_ms']:6.3f} ms", flush=True)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,deep")
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable numbers on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: stable numbers on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
@@ -197,7 +209,8 @@ def main() -> None:
         rows += overhead_rows(label, base, memory, batches, args.steps)
         if label == "deep":
             join_leave = join_leave_rows(base, memory, [100, 1000])
-    path = write_result("engine_overhead", {"steps": args.steps, "threads": args.threads, "rows": rows, "join_leave": join_leave})
+    path = write_result("engine_overhead", {"steps": args.steps, "threads": args.threads, "rows": rows,
+                                            "join_leave": join_leave})
     print(f"wrote {path}")
 
 

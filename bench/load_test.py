@@ -137,7 +137,8 @@ async def _completion(client: httpx.AsyncClient, body: dict, hang_up_after: int 
         else:
             tally.error("no [DONE]", f"{frames} frames")
             return
-    if finished != dict.fromkeys(range(n), "length") or usage is None or usage["completion_tokens"] != n * max_tokens:
+    if (finished != dict.fromkeys(range(n), "length") or usage is None
+            or usage["completion_tokens"] != n * max_tokens):
         tally.error("incomplete answer", f"finish {finished}, usage {usage}, asked n={n} x {max_tokens}")
         return
     tally.outcomes["completed"] += 1
@@ -186,7 +187,7 @@ def _request_body(rng: random.Random, prompt: str, cfg: LoadConfig) -> tuple[str
         prompt=prompt, n=rng.choice([1, 1, 1, 2]), max_tokens=rng.randint(1, cfg.max_tokens), ignore_eos=True,
         temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(1 << 30), stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     hang_up = None
     if rng.random() < cfg.disconnect:
         # Long enough that it is still generating when the client leaves: the server must abort it.
@@ -194,7 +195,8 @@ def _request_body(rng: random.Random, prompt: str, cfg: LoadConfig) -> tuple[str
     return "completions", body, hang_up
 
 
-async def _client(client: httpx.AsyncClient, jobs: asyncio.Queue, cfg: LoadConfig, tally: Tally, rng: random.Random) -> None:
+async def _client(client: httpx.AsyncClient, jobs: asyncio.Queue, cfg: LoadConfig, tally: Tally,
+                  rng: random.Random) -> None:
     while True:
         try:
             prompt = jobs.get_nowait()
@@ -213,7 +215,8 @@ async def _client(client: httpx.AsyncClient, jobs: asyncio.Queue, cfg: LoadConfi
             await asyncio.sleep(rng.uniform(0.05, 0.25))
 
 
-async def _swapper(client: httpx.AsyncClient, memory_dir: str, pause: float, stop: asyncio.Event, tally: Tally) -> None:
+async def _swapper(client: httpx.AsyncClient, memory_dir: str, pause: float, stop: asyncio.Event,
+                   tally: Tally) -> None:
     """Load and unload `swap` until told to stop; always ends unloaded."""
     while not stop.is_set():
         r = await client.post("/v1/memories", json={"name": "swap", "path": memory_dir}, headers=ADMIN)
@@ -233,7 +236,8 @@ async def _swapper(client: httpx.AsyncClient, memory_dir: str, pause: float, sto
         await asyncio.sleep(pause)
 
 
-async def _round(url: str, cfg: LoadConfig, n_requests: int, memory_dir: str, rng: random.Random) -> tuple[Tally, float]:
+async def _round(url: str, cfg: LoadConfig, n_requests: int, memory_dir: str,
+                 rng: random.Random) -> tuple[Tally, float]:
     tally = Tally()
     jobs: asyncio.Queue = asyncio.Queue()
     for p in _prompts(n_requests, rng):
@@ -259,14 +263,16 @@ class Scrape:
 
     @property
     def idle(self) -> bool:
-        return self.gauges.get("memdec_requests_running") == 0 and self.gauges.get("memdec_requests_waiting") == 0
+        return (self.gauges.get("memdec_requests_running") == 0
+                and self.gauges.get("memdec_requests_waiting") == 0)
 
 
 def _scrape(url: str) -> Scrape:
     gauges, requests, generated = {}, Counter(), 0.0
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for sample in family.samples:
-            if sample.name in ("memdec_requests_running", "memdec_requests_waiting", "memdec_memories_loaded"):
+            if sample.name in ("memdec_requests_running", "memdec_requests_waiting",
+                               "memdec_memories_loaded"):
                 gauges[sample.name] = sample.value
             elif sample.name == "memdec_requests_total" and sample.value:
                 labels = sample.labels
@@ -303,7 +309,7 @@ def run(cfg: LoadConfig, workdir: Path | None = None) -> dict[str, Any]:
         "--model", str(models["base"]), "--memory", f"mem={memory_dir}", "--admin-key", ADMIN_KEY,
         "--memory-root", str(Path(memory_dir).parent), "--max-num-seqs", str(cfg.max_num_seqs),
         "--max-queue", str(cfg.max_queue), "--log-level", "warning",
-    ]  # fmt: skip
+    ]  # fmt: skip  # flag/value pairs on one line
     rng = random.Random(cfg.seed)
     with serve(args, workdir / "server.log") as server:
         pid = server.proc.pid
@@ -361,7 +367,8 @@ def run(cfg: LoadConfig, workdir: Path | None = None) -> dict[str, Any]:
     }
     problems = []
     if tally.errors or warm.errors:
-        problems.append(f"requests that neither completed nor got 429/clean 404: {dict(tally.errors + warm.errors)}")
+        problems.append(f"requests that neither completed nor got 429/clean 404: "
+                        f"{dict(tally.errors + warm.errors)}")
     if sum(tally.outcomes.values()) != cfg.requests:
         problems.append(f"{cfg.requests} requests sent, {sum(tally.outcomes.values())} accounted for")
     for when, scrape in (("after the warm-up", idle_before), ("after the run", idle_after)):
@@ -370,13 +377,17 @@ def run(cfg: LoadConfig, workdir: Path | None = None) -> dict[str, Any]:
     if server_5xx:
         problems.append(f"the server counted {server_5xx} 5xx answers")
     if server_statuses != tally.statuses:
-        problems.append(f"statuses seen by clients {dict(tally.statuses)} != counted by the server {dict(server_statuses)}")
+        problems.append(f"statuses seen by clients {dict(tally.statuses)} != "
+                        f"counted by the server {dict(server_statuses)}")
     if server_aborts != tally.outcomes["disconnected"]:
-        problems.append(f"{tally.outcomes['disconnected']} client hang-ups but {server_aborts} requests aborted by the server")
+        problems.append(f"{tally.outcomes['disconnected']} client hang-ups but "
+                        f"{server_aborts} requests aborted by the server")
     if per_hang_up > HANG_UP_TOKENS / 2:
-        problems.append(f"aborted requests generated {per_hang_up:.0f} tokens each: were they aborted at all?")
+        problems.append(f"aborted requests generated {per_hang_up:.0f} tokens each: "
+                        f"were they aborted at all?")
     if idle_after.gauges.get("memdec_memories_loaded") != len(memories) or memories != ["mem"]:
-        problems.append(f"memories after the run: {memories}, gauge {idle_after.gauges.get('memdec_memories_loaded')}")
+        problems.append(f"memories after the run: {memories}, "
+                        f"gauge {idle_after.gauges.get('memdec_memories_loaded')}")
     if health != 200:
         problems.append(f"/health is {health} after the run")
     if "Traceback" in log:
@@ -384,7 +395,8 @@ def run(cfg: LoadConfig, workdir: Path | None = None) -> dict[str, Any]:
     if rss_after - rss_before > cfg.max_rss_growth_mb:
         problems.append(f"RSS grew by {rss_after - rss_before:.1f} MB (> {cfg.max_rss_growth_mb})")
     if cfg.requests >= 4 * cfg.clients and (not tally.swaps or not tally.outcomes["completed"]):
-        problems.append(f"the run exercised too little: {tally.swaps} swaps, {tally.outcomes['completed']} completed")
+        problems.append(f"the run exercised too little: {tally.swaps} swaps, "
+                        f"{tally.outcomes['completed']} completed")
     summary["problems"] = problems
     return summary
 
@@ -392,13 +404,16 @@ def run(cfg: LoadConfig, workdir: Path | None = None) -> dict[str, Any]:
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"requests {s['requests']} at concurrency {s['concurrency']} in {s['seconds']} s "
-        f"({s['completion_tokens']} tokens streamed, {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_s']} s, "
+        f"({s['completion_tokens']} tokens streamed, {s['tokens_per_s']} tok/s, "
+        f"TTFT p50 {s['ttft_p50_s']} s, "
         f"p95 {s['ttft_p95_s']} s)",
         f"outcomes {s['outcomes']}",
         f"disconnects {s['disconnects']}, swaps {s['swaps']} (409 while draining: {s['swap_conflicts_409']})",
         f"HTTP statuses {s['statuses']}, errors {s['errors'] or 'none'}",
-        f"server: {s['server_aborts']} requests aborted ({s['tokens_per_aborted_request']} tokens generated per "
-        f"aborted request, of {HANG_UP_TOKENS}+ asked), statuses {s['server_statuses']}, 5xx {s['server_5xx']}; "
+        f"server: {s['server_aborts']} requests aborted "
+        f"({s['tokens_per_aborted_request']} tokens generated per "
+        f"aborted request, of {HANG_UP_TOKENS}+ asked), statuses {s['server_statuses']}, "
+        f"5xx {s['server_5xx']}; "
         f"gauges after: running {s['gauges_after'].get('memdec_requests_running')}, "
         f"waiting {s['gauges_after'].get('memdec_requests_waiting')}",
         f"RSS {s['rss_mb_before']} MB -> {s['rss_mb_after']} MB ({s['rss_growth_mb']:+} MB)",
@@ -412,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     d = LoadConfig()
     for name, value in asdict(d).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--json", type=Path, default=None, help="where to write the summary (default bench/results/)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write the summary (default bench/results/)")
     args = vars(p.parse_args(argv))
     out = args.pop("json")
     summary = run(LoadConfig(**args))

@@ -43,7 +43,8 @@ def create_app(model_dir: str) -> FastAPI:
         ids = tokenizer(body.prompt, return_tensors="pt").input_ids
         forced = {"min_new_tokens": body.max_tokens} if body.ignore_eos else {}
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=body.max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id, **forced)
+            out = model.generate(ids, max_new_tokens=body.max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id, **forced)
         new = out[0, ids.shape[1] :]
         return {
             "choices": [{"index": 0, "text": tokenizer.decode(new), "finish_reason": "length"}],

@@ -29,7 +29,8 @@ from testkit.text import sample_text
 
 
 @torch.inference_mode()
-def reference(base, mem, ids: list[int], context: int, stride: int, alpha: float, vocab: int) -> tuple[float, int]:
+def reference(base, mem, ids: list[int], context: int, stride: int, alpha: float,
+              vocab: int) -> tuple[float, int]:
     nll, count = 0.0, 0
     t = torch.tensor(ids)
     for w in sliding_windows(len(ids), context, stride):
@@ -44,14 +45,16 @@ def reference(base, mem, ids: list[int], context: int, stride: int, alpha: float
     return nll, count
 
 
-def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, alphas: list[float], repeats: int) -> dict:
+def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, alphas: list[float],
+          repeats: int) -> dict:
     tok = load_tokenizer(base_dir)  # a directory's, or the one inside the demo base's GGUF file
     text = sample_text("biomedical", tokens * 8)
     ids = tok(text).input_ids[:tokens]
     # float32 as memdec uses on a CPU (the demo's GGUF base is dequantized to it, as memdec loads it).
     base = load_causal_lm(base_dir, "cpu", torch.float32)
     mem = load_causal_lm(mem_dir, "cpu", torch.float32)
-    context = min(context, base.config.max_position_embeddings if hasattr(base.config, "max_position_embeddings") else context)
+    context = min(context, base.config.max_position_embeddings
+                  if hasattr(base.config, "max_position_embeddings") else context)
     stride = context // 2
     vocab = len(tok)
     reference(base, mem, ids[: context * 2], context, stride, alphas[0], vocab)  # warm-up
@@ -59,16 +62,19 @@ def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, al
     times: dict[str, list[float]] = {"reference": [], "one": [], "grid": []}
     with serve(["--model", base_dir, "--memory", f"mem={mem_dir}"], logs / "server.log") as server:
         body = {"memory": "mem", "input": ids, "context_length": context, "stride": stride}
-        httpx.post(server.url + "/v1/perplexity", json={**body, "input": ids[: context * 2], "alpha": alphas[0]}, timeout=600)
+        httpx.post(server.url + "/v1/perplexity",
+                   json={**body, "input": ids[: context * 2], "alpha": alphas[0]}, timeout=600)
         for _ in range(repeats):  # round-robin, so load on a shared machine hits both sides alike
             t0 = time.perf_counter()
             ref_nll, count = reference(base, mem, ids, context, stride, alphas[0], vocab)
             times["reference"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            one = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas[0]}, timeout=600).json()
+            one = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas[0]},
+                             timeout=600).json()
             times["one"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            grid = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas}, timeout=600).json()
+            grid = httpx.post(server.url + "/v1/perplexity", json={**body, "alpha": alphas},
+                              timeout=600).json()
             times["grid"].append(time.perf_counter() - t0)
     t_ref, t_one, t_grid = (statistics.median(times[k]) for k in ("reference", "one", "grid"))
     got = one["data"][0]
@@ -89,8 +95,10 @@ def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, al
         "grid_first_alpha_nll": grid["data"][0]["alphas"][0]["nll"] * grid["data"][0]["num_tokens"],
     }
     print(
-        f"{label:>5}: {count} tokens, context {context}, stride {stride}: reference {row['reference_tok_s']:8.1f} tok/s, "
-        f"memdec {row['memdec_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x; α grid of {len(alphas)}: {row['speedup_alpha_grid']:.2f}x); "
+        f"{label:>5}: {count} tokens, context {context}, stride {stride}: "
+        f"reference {row['reference_tok_s']:8.1f} tok/s, "
+        f"memdec {row['memdec_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x; "
+        f"α grid of {len(alphas)}: {row['speedup_alpha_grid']:.2f}x); "
         f"relative NLL difference {row['relative_difference']:.2e}",
         flush=True,
     )
@@ -98,7 +106,8 @@ def bench(label: str, base_dir: str, mem_dir: str, tokens: int, context: int, al
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,demo")
     parser.add_argument("--tokens", type=int, default=20000)
     parser.add_argument("--context", type=int, default=512)

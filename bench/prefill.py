@@ -26,7 +26,8 @@ from server.request import GenerationRequest, SamplingParams
 def ttft(engine: Engine, prompt_len: int, memory: str | None, r: int) -> float:
     """Seconds from adding one prompt to its first token, on an idle engine."""
     prompt = tuple((7 * i + r) % 300 + 1 for i in range(prompt_len))
-    engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0), Mixture.single(memory, 0.6)))
+    engine.add_request(GenerationRequest(f"p{r}", prompt, SamplingParams(max_tokens=1, temperature=0),
+                                         Mixture.single(memory, 0.6)))
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -45,7 +46,8 @@ def bench(label: str, base_path: str, mem_path: str, prompt_len: int, repeats: i
         "memory": (Engine(mem_alone, MemoryRegistry(mem_alone)), None),
         "mixed": (Engine(base, registry, EngineConfig()), "mem"),
     }
-    for r in range(repeats + 1):  # round-robin, so load on a shared machine hits all three alike; run 0 warms up
+    # round-robin, so load on a shared machine hits all three alike; run 0 warms up
+    for r in range(repeats + 1):
         for name, (engine, memory) in configs.items():
             t = ttft(engine, prompt_len, memory, r)
             if r:
@@ -61,15 +63,18 @@ def bench(label: str, base_path: str, mem_path: str, prompt_len: int, repeats: i
         "floor": (t_base + t_mem) / t_base,
     }
     print(
-        f"{label:>6} prompt {prompt_len}: base {row['ttft_base_ms']:8.1f} ms  mixed {row['ttft_mixed_ms']:8.1f} ms  "
-        f"memory alone {row['ttft_memory_alone_ms']:8.1f} ms  mixed/base {row['mixed_over_base']:.3f}  floor {row['floor']:.3f}",
+        f"{label:>6} prompt {prompt_len}: base {row['ttft_base_ms']:8.1f} ms  "
+        f"mixed {row['ttft_mixed_ms']:8.1f} ms  "
+        f"memory alone {row['ttft_memory_alone_ms']:8.1f} ms  mixed/base {row['mixed_over_base']:.3f}  "
+        f"floor {row['floor']:.3f}",
         flush=True,
     )
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,small,demo")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)

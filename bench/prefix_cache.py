@@ -41,7 +41,8 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
 
 def _ttft(engine: Engine, rid: str, ids: tuple[int, ...]) -> float:
     """Seconds from adding one request (memory, one token) to an idle engine to its first token."""
-    engine.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0.0), Mixture.one("mem", ALPHA)))
+    engine.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0.0),
+                                         Mixture.one("mem", ALPHA)))
     t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -51,7 +52,7 @@ def _ttft(engine: Engine, rid: str, ids: tuple[int, ...]) -> float:
 def bench_ttft(base, registry, repeats: int, prefix: int, suffix: int) -> dict:
     vocab = base.vocab_size
     engines = {"off": Engine(base, registry, EngineConfig(enable_prefix_caching=False)),
-               "on": Engine(base, registry, EngineConfig())}  # fmt: skip
+               "on": Engine(base, registry, EngineConfig())}
     runs: dict[str, list[float]] = {"caching_off": [], "cold": [], "cached": []}
     for r in range(repeats + 1):
         rng = random.Random(r)
@@ -59,7 +60,8 @@ def bench_ttft(base, registry, repeats: int, prefix: int, suffix: int) -> dict:
         ids = head + _tokens(rng, suffix, vocab)
         t_off = _ttft(engines["off"], f"off{r}", ids)
         t_cold = _ttft(engines["on"], f"cold{r}", ids)  # this prefix was never seen; now it is cached
-        t_hit = _ttft(engines["on"], f"hit{r}", head + _tokens(rng, suffix, vocab))  # the same 400 tokens, another ending
+        # the same 400 tokens, another ending
+        t_hit = _ttft(engines["on"], f"hit{r}", head + _tokens(rng, suffix, vocab))
         if r:
             runs["caching_off"].append(t_off)
             runs["cold"].append(t_cold)
@@ -75,14 +77,17 @@ def bench_ttft(base, registry, repeats: int, prefix: int, suffix: int) -> dict:
         "cold_over_caching_off": med["cold"] / med["caching_off"],
         "runs_ms": {k: [round(t * 1e3, 2) for t in v] for k, v in runs.items()},
     }
-    print(f"  TTFT {prefix + suffix} tokens, {prefix} cached, with a memory: caching off {row['ttft_caching_off_ms']:.1f} ms, "
+    print(f"  TTFT {prefix + suffix} tokens, {prefix} cached, with a memory: "
+          f"caching off {row['ttft_caching_off_ms']:.1f} ms, "
           f"cold {row['ttft_cold_ms']:.1f} ms, cached {row['ttft_cached_ms']:.1f} ms -> cached/cold "
           f"{row['cached_over_cold']:.3f} (target <= 0.3)", flush=True)
     return row
 
 
-def _arrival(engine: Engine, r: int, streams: int, long_prompt: int, steady_steps: int) -> tuple[list[float], list[float], int]:
-    """ITL gaps (seconds) of the streams before a long prompt arrives and while it is admitted; steps it took."""
+def _arrival(engine: Engine, r: int, streams: int, long_prompt: int,
+             steady_steps: int) -> tuple[list[float], list[float], int]:
+    """ITL gaps (seconds) of the streams before a long prompt arrives and while it is admitted; steps it
+    took."""
     vocab = engine.base.vocab_size
     rng = random.Random(100 + r)
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -107,8 +112,9 @@ def _arrival(engine: Engine, r: int, streams: int, long_prompt: int, steady_step
     for _ in range(steady_steps):
         step(before)
     long_id = f"long{r}"
-    engine.add_request(GenerationRequest(long_id, _tokens(rng, long_prompt, vocab), SamplingParams(max_tokens=1, temperature=0.0),
-                                         Mixture.one("mem", ALPHA)))  # fmt: skip
+    engine.add_request(GenerationRequest(long_id, _tokens(rng, long_prompt, vocab),
+                                         SamplingParams(max_tokens=1, temperature=0.0),
+                                         Mixture.one("mem", ALPHA)))
     steps = 0
     while True:  # from its arrival to its first token
         steps += 1
@@ -121,12 +127,15 @@ def _arrival(engine: Engine, r: int, streams: int, long_prompt: int, steady_step
     return before, during, steps
 
 
-def bench_chunked(base, registry, repeats: int, budget: int, streams: int, long_prompt: int, steady_steps: int) -> dict:
+def bench_chunked(base, registry, repeats: int, budget: int, streams: int, long_prompt: int,
+                  steady_steps: int) -> dict:
     engines = {
         "chunked": Engine(base, registry, EngineConfig(max_num_batched_tokens=budget)),
-        "unchunked": Engine(base, registry, EngineConfig(max_num_batched_tokens=budget, enable_chunked_prefill=False)),
+        "unchunked": Engine(base, registry,
+                            EngineConfig(max_num_batched_tokens=budget, enable_chunked_prefill=False)),
     }
-    per: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "ratio": [], "steps": []} for k in engines}
+    per: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "ratio": [], "steps": []}
+                                              for k in engines}
     for r in range(repeats + 1):
         for name, engine in engines.items():
             before, during, steps = _arrival(engine, r, streams, long_prompt, steady_steps)
@@ -152,7 +161,8 @@ def bench_chunked(base, registry, repeats: int, budget: int, streams: int, long_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--prefix", type=int, default=400)
@@ -169,8 +179,8 @@ def main() -> None:
         registry.load("mem", mem_path)
         print(f"{label} (memory {mem_path.rsplit('/', 1)[-1]}):", flush=True)
         ttft = bench_ttft(base, registry, args.repeats, args.prefix, args.suffix)
-        chunked = bench_chunked(base, registry, args.repeats, args.max_num_batched_tokens, args.streams, args.long_prompt,
-                                args.steady_steps)  # fmt: skip
+        chunked = bench_chunked(base, registry, args.repeats, args.max_num_batched_tokens, args.streams,
+                                args.long_prompt, args.steady_steps)
         rows.append({"models": label, "ttft": ttft, "arrival": chunked})
     print(f"wrote {write_result('prefix_cache', {'rows': rows})}")
 

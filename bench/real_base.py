@@ -5,9 +5,9 @@ side by side in one run: the base alone, base + memory (plain mixing), base + me
     python -m bench.real_base [--batch 1,8,32] [--tokens 64] [--repeats 3] [--memory biomed]
 
 Decode: tokens per second per configuration after the prefill (greedy, EOS ignored; prompts are 32-token
-openings of the memory's domain's valid.txt), the median of `--repeats`, configurations round-robin so that load
-on a shared machine hits them alike. TTFT: the engine's first step (the prefill that makes the first token) for
-one 256-token prompt, base alone and mixed (no HTTP). Writes bench/results/real_base.json.
+openings of the memory's domain's valid.txt), the median of `--repeats`, configurations round-robin so that
+load on a shared machine hits them alike. TTFT: the engine's first step (the prefill that makes the first
+token) for one 256-token prompt, base alone and mixed (no HTTP). Writes bench/results/real_base.json.
 """
 
 from __future__ import annotations
@@ -32,21 +32,23 @@ SPECULATIVE_K = 4  # memdec serve's default (server.config.DEFAULT_SPECULATIVE_T
 
 @torch.inference_mode()
 def generate_seconds(base: LoadedModel, prompts: list[tuple[int, ...]], tokens: int) -> float:
-    """Seconds transformers' greedy `generate` spends on `tokens` − 1 decode steps (its prefill subtracted)."""
+    """Seconds transformers' greedy `generate` spends on `tokens` − 1 decode steps (its prefill
+    subtracted)."""
     ids = torch.tensor(prompts)  # [B, 32]: equal lengths, no padding
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
-        base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=base.tokenizer.eos_token_id)
+        base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=base.tokenizer.eos_token_id)
         return time.perf_counter() - t0
 
     return run(tokens) - run(1)
 
 
 def ttft_seconds(engine: Engine, prompt: tuple[int, ...], memory: str | None, alpha: float) -> float:
-    engine.add_request(GenerationRequest("ttft", prompt, SamplingParams(max_tokens=1, temperature=0.0), Mixture.single(memory, alpha)))
+    engine.add_request(GenerationRequest("ttft", prompt, SamplingParams(max_tokens=1, temperature=0.0),
+                                         Mixture.single(memory, alpha)))
     t0 = time.perf_counter()
     engine.step()
     took = time.perf_counter() - t0
@@ -61,7 +63,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", default="biomed")
-    # none: the float32 weights docs/performance.md's table was measured with (bench/cpu_peer.py compares schemes).
+    # none: the float32 weights docs/performance.md's table was measured with (bench/cpu_peer.py compares
+    # schemes).
     p.add_argument("--quantization", default="none", choices=["auto", "none", "int8", "int4"])
     a = p.parse_args()
     path = demo_base_path()
@@ -83,7 +86,8 @@ def main() -> None:
     for batch in batches:
         batch_prompts = prompts[:batch]
         for name, e in engines.items():  # warm-up; adaptive K measures this workload's costs
-            decode_seconds(e, batch_prompts, a.tokens if name == "speculative" else 4, memory_of[name], alpha, 0.0)
+            decode_seconds(e, batch_prompts, a.tokens if name == "speculative" else 4, memory_of[name], alpha,
+                           0.0)
         runs: dict[str, list[float]] = {name: [] for name in (*engines, "hf_generate")}
         for _ in range(a.repeats):
             for name, e in engines.items():
@@ -103,8 +107,9 @@ def main() -> None:
         ttft[name] = statistics.median(ttft_seconds(engines[name], long_prompt, memory_of[name], alpha)
                                        for _ in range(a.repeats))
     print("TTFT (256-token prompt): " + "  ".join(f"{n} {v * 1e3:.0f} ms" for n, v in ttft.items()))
-    out = write_result("real_base", {"base": path, "memory": a.memory, "alpha": alpha, "tokens_per_sequence": a.tokens,
-                                     "threads": torch.get_num_threads(), "rows": rows,
+    out = write_result("real_base", {"base": path, "memory": a.memory, "alpha": alpha,
+                                     "tokens_per_sequence": a.tokens, "threads": torch.get_num_threads(),
+                                     "rows": rows,
                                      "ttft_ms_256_tokens": {k: v * 1e3 for k, v in ttft.items()}})
     print(f"wrote {out}")
 

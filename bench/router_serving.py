@@ -1,7 +1,7 @@
 """Does the engine's `/v1/perplexity` path reproduce the toolkit's router evaluation? Serves a memory with its
 router through the engine (`"alpha": "auto"`, the toolkit's windows: context 512, stride 256) on the first
-20,000 tokens of an evaluation text, and compares the mean NLL with the toolkit's `router_nll` for that text in
-the router's evaluation report (`memdec memory router --report-dir`).
+20,000 tokens of an evaluation text, and compares the mean NLL with the toolkit's `router_nll` for that text
+in the router's evaluation report (`memdec memory router --report-dir`).
 
     python -m bench.router_serving MEMORY BASE TEXT LABEL REPORT
     # e.g. $W/loso/biomedical/without-medquad $W/base-f16 $W/data/biomedical/train/medquad.txt medquad-train \
@@ -30,13 +30,14 @@ def main(memory: str, base_dir: str, text: str, label: str, report: str) -> None
     tokens, _ = tokenize_corpus(base.tokenizer, text, 20000, progress=False)
     engine = Engine(base, registry, EngineConfig())
     engine.add_perplexity(PerplexityRequest("p", (tuple(int(t) for t in tokens),), (Mixture.auto("m"),),
-                                            context_length=512, stride=256))  # fmt: skip
+                                            context_length=512, stride=256))
     while not (result := engine.step()).jobs:
         pass
     served = result.jobs[0].result.documents[0].mixed[0].mean_nll
     with open(report, encoding="utf-8") as f:
         want = next(t for t in json.load(f)["texts"] if t["label"] == label)
-    print(f"{label}: served nll {served:.6f} (ppl {math.exp(served):.2f}), toolkit router_nll {want['router_nll']:.6f} "
+    print(f"{label}: served nll {served:.6f} (ppl {math.exp(served):.2f}), "
+          f"toolkit router_nll {want['router_nll']:.6f} "
           f"(ppl {want['router_ppl']:.2f}), |diff| {abs(served - want['router_nll']):.2e}")
 
 

@@ -41,7 +41,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def client_loop(client: httpx.AsyncClient, url: str, body: dict, texts: list[str], stream: bool, stats: dict) -> None:
+async def client_loop(client: httpx.AsyncClient, url: str, body: dict, texts: list[str], stream: bool,
+                      stats: dict) -> None:
     for text in texts:
         t0 = time.perf_counter()
         if stream:
@@ -71,15 +72,18 @@ async def client_loop(client: httpx.AsyncClient, url: str, body: dict, texts: li
         stats["latency"].append(time.perf_counter() - t0)
 
 
-async def load(url: str, body: dict, concurrency: int, per_client: int, stream: bool, texts: list[str]) -> dict:
+async def load(url: str, body: dict, concurrency: int, per_client: int, stream: bool,
+               texts: list[str]) -> dict:
     stats = {"ttft": [], "itl": [], "latency": [], "tokens": 0}
     # No keep-alive: on a loaded machine a client could reuse a connection just as the server's 5 s
-    # keep-alive timer closes it (a ReadError that is neither side's fault); a fresh local connection costs ~0.1 ms.
+    # keep-alive timer closes it (a ReadError that is neither side's fault); a fresh local connection
+    # costs ~0.1 ms.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(
-            *(client_loop(client, url, body, texts[c * per_client : (c + 1) * per_client], stream, stats) for c in range(concurrency))
+            *(client_loop(client, url, body, texts[c * per_client : (c + 1) * per_client], stream, stats)
+              for c in range(concurrency))
         )
         wall = time.perf_counter() - t0
     return {
@@ -103,7 +107,8 @@ def naive_server(model: str, log: Path):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.naive_server", "--model", model, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "bench.naive_server", "--model", model,
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -118,24 +123,30 @@ def naive_server(model: str, log: Path):
         proc.wait(30)
 
 
-def run_models(label: str, base: str, memory: str, levels: list[int], per_client: int, max_tokens: int) -> list[dict]:
+def run_models(label: str, base: str, memory: str, levels: list[int], per_client: int,
+               max_tokens: int) -> list[dict]:
     rows = []
     texts = prompts(max(levels) * per_client)
     body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     logs = Path(tempfile.mkdtemp(prefix="memdec-serving-"))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    args = ["--model", base, "--memory", f"mem={memory}:0.6", "--max-num-seqs", str(max(levels)), "--served-model-name", "base"]
+    args = ["--model", base, "--memory", f"mem={memory}:0.6", "--max-num-seqs", str(max(levels)),
+            "--served-model-name", "base"]
     with serve(args, logs / "memdec.log", env) as server:
-        for mode, extra in (("memdec+memory", {"memory": "mem", "alpha": 0.6}), ("memdec base", {"memory": None})):
+        for mode, extra in (("memdec+memory", {"memory": "mem", "alpha": 0.6}),
+                            ("memdec base", {"memory": None})):
             asyncio.run(load(server.url + "/v1/completions", {**body, **extra}, 2, 1, True, texts))  # warm-up
             for c in levels:
-                row = {"models": label, "system": mode, **asyncio.run(load(server.url + "/v1/completions", {**body, **extra}, c, per_client, True, texts))}
+                row = {"models": label, "system": mode,
+                       **asyncio.run(load(server.url + "/v1/completions", {**body, **extra}, c, per_client,
+                                          True, texts))}
                 rows.append(row)
                 print_row(row)
     with naive_server(base, logs / "naive.log") as url:
         asyncio.run(load(url + "/v1/completions", body, 2, 1, False, texts))
         for c in levels:
-            row = {"models": label, "system": "naive HF generate (base)", **asyncio.run(load(url + "/v1/completions", body, c, per_client, False, texts))}
+            row = {"models": label, "system": "naive HF generate (base)",
+                   **asyncio.run(load(url + "/v1/completions", body, c, per_client, False, texts))}
             rows.append(row)
             print_row(row)
     return rows
@@ -144,13 +155,15 @@ def run_models(label: str, base: str, memory: str, levels: list[int], per_client
 def print_row(r: dict) -> None:
     print(
         f"{r['models']:>5} {r['system']:<26} C={r['concurrency']:<3} {r['tokens_per_s']:8.1f} tok/s  "
-        f"TTFT p50 {r['ttft_p50_ms']:8.1f} p99 {r['ttft_p99_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:7.1f} p99 {r['itl_p99_ms']:7.1f} ms",
+        f"TTFT p50 {r['ttft_p50_ms']:8.1f} p99 {r['ttft_p99_ms']:8.1f} ms  "
+        f"ITL p50 {r['itl_p50_ms']:7.1f} p99 {r['itl_p99_ms']:7.1f} ms",
         flush=True,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,demo")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--requests-per-client", type=int, default=3)
@@ -165,7 +178,8 @@ def main() -> None:
         for c in levels:
             by = {r["system"]: r for r in rows if r["models"] == label and r["concurrency"] == c}
             if "memdec+memory" in by and "naive HF generate (base)" in by:
-                summary[f"{label}@{c}"] = by["memdec+memory"]["tokens_per_s"] / by["naive HF generate (base)"]["tokens_per_s"]
+                summary[f"{label}@{c}"] = (by["memdec+memory"]["tokens_per_s"]
+                                           / by["naive HF generate (base)"]["tokens_per_s"])
     for key, ratio in sorted(summary.items()):
         print(f"memdec+memory / naive tokens/s at {key}: {ratio:.2f}x")
     print(f"wrote {write_result('serving', {'rows': rows, 'memdec_memory_over_naive': summary})}")

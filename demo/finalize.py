@@ -1,8 +1,9 @@
 """Copy the recipe's memories into demo/ as float16 safetensors, with plots and results tables.
 
-Reads the recipe work dir (memories/<name>, loso/<domain>/without-<source>, eval-alpha-check/<domain>-<source>,
-eval-specificity/<name>, times.txt) and writes <dest>/{memories/<name>,plots/<domain>.png,results.json,results.md}.
-The base is not copied: it is the registry file pinned in <dest>/base.json.
+Reads the recipe work dir (memories/<name>, loso/<domain>/without-<source>,
+eval-alpha-check/<domain>-<source>, eval-specificity/<name>, times.txt) and writes
+<dest>/{memories/<name>,plots/<domain>.png,results.json,results.md}. The base is not copied: it is the
+registry file pinned in <dest>/base.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from memories.manifest import Manifest, read_manifest, write_manifest
 MEMORIES = {"biomed": "biomedical", "legal": "legal", "finance": "finance"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERAL = "general"  # the specificity evaluation's general-text label (recipe.sh)
-BASE_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf (demo/base.json)"  # what the shipped manifests name as their base
+# what the shipped manifests name as their base
+BASE_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf (demo/base.json)"
 ROUTER_FILES = ("router.safetensors", "router.json")  # a memory's router (demo/routers.sh), when it has one
 
 
@@ -36,7 +38,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _half(src: Path, dst: Path) -> int:
-    """Save `src` as float16 safetensors in `dst` (config, weights, tokenizer); returns its parameter count."""
+    """Save `src` as float16 safetensors in `dst` (config, weights, tokenizer); returns its parameter
+    count."""
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True)
     model = model.to(torch.float16)
     if dst.exists():
@@ -57,7 +60,8 @@ def _copy_router(work: Path, src: Path, dst: Path) -> bool:
         (dst / name).chmod(0o644)
     write_manifest(dst, read_manifest(dst).replace(router=_strip_files(entry, work)))
     config = read_json(dst / "router.json")
-    (dst / "router.json").write_text(json.dumps(_strip_files(config, work), indent=2) + "\n", encoding="utf-8")
+    (dst / "router.json").write_text(json.dumps(_strip_files(config, work), indent=2) + "\n",
+                                     encoding="utf-8")
     return True
 
 
@@ -68,7 +72,8 @@ def _strip_files(value: Any, work: Path | None = None) -> Any:
         return {k: _strip_files(v, work) for k, v in value.items() if k != "file"}
     if isinstance(value, list):
         return [_strip_files(v, work) for v in value]
-    if work is not None and isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(work):
+    if (work is not None and isinstance(value, str) and Path(value).is_absolute()
+            and Path(value).is_relative_to(work)):
         return str(Path(value).relative_to(work))
     return value
 
@@ -77,7 +82,8 @@ def _row(text: dict[str, Any], alpha: float) -> dict[str, Any]:
     """One text's numbers at the memory's α (and at the text's own best α)."""
     at = ppl_at(text, alpha)
     return {"source": text["label"], "tokens": text["tokens_scored"], "base_ppl": text["base_ppl"],
-            "memory_ppl": text["memory_ppl"], "mixture_ppl": at, "change_pct": 100 * (at / text["base_ppl"] - 1),
+            "memory_ppl": text["memory_ppl"], "mixture_ppl": at,
+            "change_pct": 100 * (at / text["base_ppl"] - 1),
             "best_alpha": text["best_alpha"], "best_ppl": text["best_ppl"]}
 
 
@@ -105,7 +111,8 @@ def _domain_results(work: Path, d: _Domain) -> dict[str, Any]:
     for rep in d.folds:
         for t in (t for t in rep["texts"] if t["kind"] == CROSS_SOURCE):
             # The α check: the same memory on fresh text of the source it never saw (its train lines).
-            check = read_json(work / "eval-alpha-check" / f"{domain}-{t['label']}" / "evaluation.json")["texts"][0]
+            check = read_json(work / "eval-alpha-check" / f"{domain}-{t['label']}"
+                              / "evaluation.json")["texts"][0]
             cross.append({**_row(t, alpha), "fresh_text": _row(check, alpha)})
         fold_in += [_row(t, alpha) for t in rep["texts"] if t["kind"] == IN_SOURCE]
     return {
@@ -147,7 +154,7 @@ def _plot(d: _Domain, path: Path) -> None:
             a, p = relative_curve(t)
             right.plot(a, p, marker="o", markersize=2.5, label=f"{t['label']} (memory never saw it)")
     for ax, title in ((left, f"in-source: {name} on {domain} valid.txt"),
-                      (right, "cross-source: leave-one-source-out memories")):  # fmt: skip
+                      (right, "cross-source: leave-one-source-out memories")):
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.axvline(alpha, color="red", linestyle=":", label=f"α = {alpha:.2f} (from held-out sources)")
         ax.set_yscale("log")
@@ -167,9 +174,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work", type=Path)
     p.add_argument("--dest", type=Path)
-    p.add_argument("--half", type=Path, nargs=2, metavar=("SRC", "DST"), help="only save SRC as float16 in DST")
+    p.add_argument("--half", type=Path, nargs=2, metavar=("SRC", "DST"),
+                   help="only save SRC as float16 in DST")
     p.add_argument("--routers", action="store_true",
-                   help="only copy the memories' routers (demo/routers.sh) into DEST's memories and manifests")
+                   help="only copy the memories' routers (demo/routers.sh) into DEST's memories and "
+                        "manifests")
     a = p.parse_args()
     if a.half:
         _half(*a.half)
@@ -185,7 +194,7 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     params: dict[str, int] = {}
     results: dict[str, Any] = {"parameters": params, "memories": {}, "specificity": {}, "general": {},
-                               "stage_times": _stage_times(work)}  # fmt: skip
+                               "stage_times": _stage_times(work)}
     (dest / "plots").mkdir(exist_ok=True)
     for name, domain in MEMORIES.items():
         d = _Domain.read(work, name, domain)
@@ -195,7 +204,8 @@ def main() -> None:
         # The manifest keeps where its α came from: the held-out sources of the leave-one-source-out builds.
         evaluation = {**_strip_files(manifest.evaluation),
                       "leave_one_source_out": results["memories"][name]["cross_source"]}
-        write_manifest(dest / "memories" / name, manifest.replace(base_model=BASE_MODEL, evaluation=evaluation))
+        write_manifest(dest / "memories" / name,
+                       manifest.replace(base_model=BASE_MODEL, evaluation=evaluation))
         _copy_router(work, work / "memories" / name, dest / "memories" / name)
         rows = _specificity(work, name)
         results["specificity"][name] = [r for r in rows if r["source"] != GENERAL]
@@ -216,31 +226,35 @@ def _pct(x: float) -> str:
 def tables(r: dict[str, Any]) -> str:
     """The results as Markdown: cross-source, in-source, specificity, general text, sizes."""
     out = ["### Cross-source: leave-one-source-out memories on the source they never saw", "",
-           "| domain | held-out source | α | base | memory alone | base + memory at α | change | best α (ppl) "
-           "| fresh text of the source: change at α, best α |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "| domain | held-out source | α | base | memory alone | base + memory at α | change "
+           "| best α (ppl) | fresh text of the source: change at α, best α |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in r["memories"].values():
         for row in m["cross_source"]:
             fresh = row["fresh_text"]
             out.append(f"| {m['domain']} | {row['source']} | {m['alpha']:.2f} | {row['base_ppl']:.1f} "
-                       f"| {row['memory_ppl']:.1f} | **{row['mixture_ppl']:.1f}** | {_pct(row['change_pct'])} "
-                       f"| {row['best_alpha']:.2f} ({row['best_ppl']:.1f}) "
+                       f"| {row['memory_ppl']:.1f} | **{row['mixture_ppl']:.1f}** "
+                       f"| {_pct(row['change_pct'])} | {row['best_alpha']:.2f} ({row['best_ppl']:.1f}) "
                        f"| {_pct(fresh['change_pct'])}, {fresh['best_alpha']:.2f} |")
     out += ["", "The same leave-one-source-out memories on their own source's valid text (in-source):", "",
             "| domain | source | base | memory alone | base + memory at α | change | best α |",
-            "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            "|---|---|---:|---:|---:|---:|---:|"]
     for m in r["memories"].values():
         for row in m["loso_in_source"]:
             out.append(f"| {m['domain']} | {row['source']} | {row['base_ppl']:.1f} | {row['memory_ppl']:.1f} "
                        f"| {row['mixture_ppl']:.1f} | {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
-    out += ["", "### In-source: the shipped memories (every source of their domain) on each source's valid text", "",
+    out += ["",
+            "### In-source: the shipped memories (every source of their domain) on each source's valid text",
+            "",
             "| memory | source | α | base | memory alone | base + memory | change | best α |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["memories"].items():
         for row in m["in_source"]:
-            out.append(f"| {name} | {row['source']} | {m['alpha']:.2f} | {row['base_ppl']:.1f} | {row['memory_ppl']:.1f} "
-                       f"| **{row['mixture_ppl']:.1f}** | {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
-    out += ["", "### Specificity: each shipped memory at its α on the other domains' valid.txt, and on general text",
+            out.append(f"| {name} | {row['source']} | {m['alpha']:.2f} | {row['base_ppl']:.1f} "
+                       f"| {row['memory_ppl']:.1f} | **{row['mixture_ppl']:.1f}** "
+                       f"| {_pct(row['change_pct'])} | {row['best_alpha']:.2f} |")
+    out += ["", "### Specificity: each shipped memory at its α on the other domains' valid.txt, "
+                "and on general text",
             "", "| memory | text | base | base + memory at α | change |", "|---|---|---:|---:|---:|"]
     for name, rows in r["specificity"].items():
         for row in [*rows, r["general"][name]]:

@@ -25,7 +25,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _write(path: Path, lines: list[str]) -> None:
-    """Unchanged files keep their mtime, so the toolkit's stage cache still trusts what was built from them."""
+    """Unchanged files keep their mtime, so the toolkit's stage cache still trusts what was built from
+    them."""
     text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -33,7 +34,8 @@ def _write(path: Path, lines: list[str]) -> None:
 
 
 def _memory_sources(data: Path, domain: str, out: Path, every: int) -> None:
-    """Per source: the train lines the base did not get (global line index i ≢ 0 mod N), and its valid lines."""
+    """Per source: the train lines the base did not get (global line index i ≢ 0 mod N), and its valid
+    lines."""
     spec = load_spec(data / "sources.json", domain)
     offset = 0
     for name, docs in read_sources(data / domain / "train.txt", spec).docs.items():
