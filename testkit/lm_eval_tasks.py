@@ -1,5 +1,6 @@
-"""Small lm-evaluation-harness tasks over local files, so that `lm_eval` can run against `memdec serve` without
-downloading a data set: `memdec_mc` (multiple choice: log-likelihoods) and `memdec_gen` (generate_until).
+"""Small lm-evaluation-harness tasks over local files, so that `lm_eval` can run against `memdec serve`
+without downloading a data set: `memdec_mc` (multiple choice: log-likelihoods) and `memdec_gen`
+(generate_until).
 
     python -m testkit.lm_eval_tasks DIR    # writes DIR/memdec_mc.yaml, DIR/memdec_gen.yaml and their data
     lm_eval run --model local-completions --include_path DIR --tasks memdec_mc,memdec_gen \
@@ -25,24 +26,28 @@ GEN_UNTIL = ["\n", "."]
 
 def _sentences(domain: str, count: int, seed: int) -> list[str]:
     text = sample_text(domain, 20_000, seed=seed)
-    sentences = [s.strip() + "." for line in text.splitlines() for s in line.split(".") if len(s.split()) >= 6]
+    sentences = [s.strip() + "." for line in text.splitlines() for s in line.split(".")
+                 if len(s.split()) >= 6]
     return random.Random(seed).sample(sentences, count)
 
 
 def multiple_choice_docs(count: int = 6) -> list[dict]:
     """Each: a biomedical sentence's opening, its true ending, and a legal sentence's ending as the foil."""
     docs = []
-    for i, (bio, law) in enumerate(zip(_sentences("biomedical", count, 1), _sentences("legal", count, 2), strict=True)):
+    for i, (bio, law) in enumerate(zip(_sentences("biomedical", count, 1), _sentences("legal", count, 2),
+                                       strict=True)):
         words, foil = bio.split(), law.split()
         cut = len(words) // 2
         choices = [" ".join(words[cut:]), " ".join(foil[len(foil) // 2 :])]  # lm-eval puts " " before each
         label = i % 2  # the true ending first or second
-        docs.append({"context": " ".join(words[:cut]), "choices": choices[::-1] if label else choices, "label": label})
+        docs.append({"context": " ".join(words[:cut]), "choices": choices[::-1] if label else choices,
+                     "label": label})
     return docs
 
 
 def generation_docs(count: int = 3) -> list[dict]:
-    """Each: a biomedical sentence's opening to continue, and its ending as the (toy models' unreachable) target."""
+    """Each: a biomedical sentence's opening to continue, and its ending as the (toy models' unreachable)
+    target."""
     docs = []
     for sentence in _sentences("biomedical", count, 3):
         words = sentence.split()
@@ -65,13 +70,13 @@ def write_tasks(out_dir: Path) -> Path:
         f"task: {MC_TASK}", *common, f"    test: {out_dir / (MC_TASK + '.jsonl')}",
         "output_type: multiple_choice", 'doc_to_text: "{{context}}"', 'doc_to_choice: "{{choices}}"',
         'doc_to_target: "{{label}}"', "metric_list:", "  - metric: acc",
-    ]), encoding="utf-8")  # fmt: skip
+    ]), encoding="utf-8")
     (out_dir / f"{GEN_TASK}.yaml").write_text(_yaml([
         f"task: {GEN_TASK}", *common, f"    test: {out_dir / (GEN_TASK + '.jsonl')}",
         "output_type: generate_until", 'doc_to_text: "{{prompt}}"', 'doc_to_target: "{{target}}"',
         "generation_kwargs:", f"  until: {json.dumps(GEN_UNTIL)}", f"  max_gen_toks: {GEN_MAX_TOKENS}",
         "  temperature: 0", "metric_list:", "  - metric: exact_match",
-    ]), encoding="utf-8")  # fmt: skip
+    ]), encoding="utf-8")
     return out_dir
 
 

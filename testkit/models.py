@@ -89,7 +89,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_chat_model(out_dir: Path, tokenizer: PreTrainedTokenizerFast, arch: str = "gpt2", **model_kwargs: Any) -> Path:
+def build_chat_model(out_dir: Path, tokenizer: PreTrainedTokenizerFast, arch: str = "gpt2",
+                     **model_kwargs: Any) -> Path:
     """`build_model`, with CHAT_TEMPLATE as its tokenizer's chat template (the same seed gives the same
     weights as `build_model`, so one reference model serves both)."""
     build_model(out_dir, tokenizer, arch, **model_kwargs)
@@ -112,6 +113,7 @@ def build_memory(
     build_model(out_dir, tokenizer, arch, **model_kwargs)
     write_manifest(
         out_dir,
-        Manifest(name=name, domain=domain, alpha=alpha, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)),
+        Manifest(name=name, domain=domain, alpha=alpha,
+                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)),
     )
     return out_dir

@@ -46,10 +46,11 @@ def serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iter
 
 @contextmanager
 def running(
-    cmd: list[str], port: int, log: Path, ready_path: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    cmd: list[str], port: int, log: Path, ready_path: str, env: dict[str, str] | None = None,
+    cwd: Path | None = None
 ) -> Iterator[Server]:
-    """Start `cmd` (an HTTP server listening on `port`), wait until `ready_path` answers 200, stop it afterwards.
-    A server that exits or is not ready within 180 s raises with its log."""
+    """Start `cmd` (an HTTP server listening on `port`), wait until `ready_path` answers 200, stop it
+    afterwards. A server that exits or is not ready within 180 s raises with its log."""
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = Server(proc, f"http://127.0.0.1:{port}", log)

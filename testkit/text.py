@@ -13,31 +13,34 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-_PEOPLE = ["the doctor", "the judge", "the banker", "a young woman", "an old man", "the children", "my neighbour",
-           "the committee", "the captain", "her brother", "the teacher", "a stranger"]  # fmt: skip
+_PEOPLE = ["the doctor", "the judge", "the banker", "a young woman", "an old man", "the children",
+           "my neighbour", "the committee", "the captain", "her brother", "the teacher", "a stranger"]
 _DOMAINS: dict[str, dict[str, list[str]]] = {
     "general": {
         "subject": [*_PEOPLE, "the little house", "the river", "the town", "the old dog", "the wind"],
-        "verb": ["walked to", "looked at", "thought about", "spoke of", "returned to", "waited near", "remembered",
-                 "wrote a letter about", "laughed at", "could not forget"],
+        "verb": ["walked to", "looked at", "thought about", "spoke of", "returned to", "waited near",
+                 "remembered", "wrote a letter about", "laughed at", "could not forget"],
         "object": ["the garden", "the village", "the long road", "the evening", "the letter", "the market",
-                   "the hills", "the sea", "the kitchen", "the quiet room", "the morning train", "the church"],
-        "clause": ["when the sun went down", "before the rain began", "because it was late", "after a long day",
-                   "while the others slept", "as everyone expected", "although nobody said so"],
+                   "the hills", "the sea", "the kitchen", "the quiet room", "the morning train",
+                   "the church"],
+        "clause": ["when the sun went down", "before the rain began", "because it was late",
+                   "after a long day", "while the others slept", "as everyone expected",
+                   "although nobody said so"],
     },
     "biomedical": {
         "subject": ["the patient", "the treatment group", "the clinical trial", "the drug", "the infection",
                     "the tumour", "the protein", "the blood pressure", "the dose", "each participant"],
-        "verb": ["was given", "reduced", "increased", "was associated with", "responded to", "was measured by",
-                 "was treated with", "showed signs of", "improved after"],
-        "object": ["a dose of the drug", "the placebo", "chronic inflammation", "the liver enzymes", "insulin",
-                   "the immune response", "a mild fever", "the cell membrane", "the kidney function"],
+        "verb": ["was given", "reduced", "increased", "was associated with", "responded to",
+                 "was measured by", "was treated with", "showed signs of", "improved after"],
+        "object": ["a dose of the drug", "the placebo", "chronic inflammation", "the liver enzymes",
+                   "insulin", "the immune response", "a mild fever", "the cell membrane",
+                   "the kidney function"],
         "clause": ["within two weeks", "in most cases", "compared with the control group", "after surgery",
                    "at the highest dose", "during the follow-up", "in older adults"],
     },
     "legal": {
-        "subject": ["the court", "the plaintiff", "the defendant", "the statute", "the contract", "the tenant",
-                    "the appeal", "the agreement", "the tribunal", "the employer"],
+        "subject": ["the court", "the plaintiff", "the defendant", "the statute", "the contract",
+                    "the tenant", "the appeal", "the agreement", "the tribunal", "the employer"],
         "verb": ["held that", "argued that", "applies to", "was bound by", "breached", "interpreted",
                  "was entitled to", "dismissed", "relied on"],
         "object": ["the contract", "the written notice", "the lease", "the damages", "the earlier decision",
@@ -48,10 +51,11 @@ _DOMAINS: dict[str, dict[str, list[str]]] = {
     "finance": {
         "subject": ["the committee", "the central bank", "the company", "inflation", "the market", "the fund",
                     "revenue", "the bond yield", "the quarterly report", "investors"],
-        "verb": ["expects", "raised", "lowered", "reported", "is projected to reach", "fell below", "rose above",
-                 "was revised to", "remained near"],
-        "object": ["two percent", "the interest rate", "its earnings forecast", "the dividend", "record profits",
-                   "the exchange rate", "the previous quarter", "long-term growth", "the budget deficit"],
+        "verb": ["expects", "raised", "lowered", "reported", "is projected to reach", "fell below",
+                 "rose above", "was revised to", "remained near"],
+        "object": ["two percent", "the interest rate", "its earnings forecast", "the dividend",
+                   "record profits", "the exchange rate", "the previous quarter", "long-term growth",
+                   "the budget deficit"],
         "clause": ["this year", "in the second quarter", "despite higher costs", "according to analysts",
                    "for the first time since 2008", "as demand slowed", "over the next decade"],
     },
@@ -77,7 +81,7 @@ def _sentence(rng: random.Random, words: dict[str, list[str]]) -> str:
         Subject=_cap(pick["subject"]), subject=pick["subject"], verb=pick["verb"], object=pick["object"],
         clause=pick["clause"], Clause=_cap(pick["clause"]), subject2=rng.choice(words["subject"]),
         verb2=rng.choice(words["verb"]), object2=rng.choice(words["object"]), person=rng.choice(_PEOPLE),
-    )  # fmt: skip
+    )
 
 
 def sample_text(domain: str = "general", max_chars: int = 60_000, seed: int = 0) -> str:

@@ -37,8 +37,9 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
             "method": request.method, "headers": [(k.lower(), v) for k, v in request.headers.raw],
             "scheme": request.url.scheme, "path": request.url.path,
             "raw_path": request.url.raw_path.split(b"?")[0], "query_string": request.url.query,
-            "server": (request.url.host, request.url.port or 80), "client": ("127.0.0.1", 123), "root_path": "",
-        }  # fmt: skip
+            "server": (request.url.host, request.url.port or 80), "client": ("127.0.0.1", 123),
+            "root_path": "",
+        }
         chunks = request.stream.__aiter__()
         body_done = False
         gone = asyncio.Event()
@@ -97,7 +98,8 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
             async def aclose(self) -> None:
                 await close()
 
-        return httpx.Response(start["status"], headers=start.get("headers", []), stream=Body(), request=request)
+        return httpx.Response(start["status"], headers=start.get("headers", []), stream=Body(),
+                              request=request)
 
 
 class InProcessServer:
@@ -124,7 +126,8 @@ class InProcessServer:
 
     async def _new_client(self, **headers: str) -> httpx.AsyncClient:
         transport = StreamingASGITransport(self.app)
-        return httpx.AsyncClient(transport=transport, base_url="http://memdec.test", timeout=120, headers=headers)
+        return httpx.AsyncClient(transport=transport, base_url="http://memdec.test", timeout=120,
+                                 headers=headers)
 
     @property
     def state(self) -> ServingState:
@@ -206,7 +209,8 @@ def load_hf(path: Any) -> Any:
 
 
 def next_token_logprobs(base: Any, memory: Any | None, ids: list[int], alpha: float, vocab: int) -> Any:
-    """[len(ids), vocab] float64: row t = log p(. | ids[: t + 1]) under alpha * p_mem + (1 - alpha) * p_base."""
+    """[len(ids), vocab] float64: row t = log p(. | ids[: t + 1]) under
+    alpha * p_mem + (1 - alpha) * p_base."""
     import math
 
     import torch

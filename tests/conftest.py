@@ -30,7 +30,8 @@ class TinyZoo:
 
     tokenizer: Path
     base: Path  # GPT-2 shape
-    chat_base: Path  # the same model as `base`, its tokenizer with a chat template (testkit.models.CHAT_TEMPLATE)
+    # the same model as `base`, its tokenizer with a chat template (testkit.models.CHAT_TEMPLATE)
+    chat_base: Path
     llama_base: Path  # Llama shape
     mem_llama: Path  # memory "med", Llama shape
     mem_qwen_padded: Path  # memory "law", Qwen2 shape, embedding padded beyond len(tokenizer)
@@ -42,17 +43,21 @@ class TinyZoo:
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
     root = tmp_path_factory.mktemp("zoo")
     tok = build_tokenizer(root / "tokenizer")
-    foreign_tok = build_tokenizer(root / "foreign_tokenizer", vocab_size=300, text=sample_text("legal", 20_000))
+    foreign_tok = build_tokenizer(root / "foreign_tokenizer", vocab_size=300,
+                                  text=sample_text("legal", 20_000))
     return TinyZoo(
         tokenizer=root / "tokenizer",
         base=build_model(root / "base", tok, "gpt2", seed=1),
         chat_base=build_chat_model(root / "chat_base", tok, "gpt2", seed=1),
         llama_base=build_model(root / "llama_base", tok, "llama", seed=2),
-        mem_llama=build_memory(root / "mem_llama", tok, "med", "llama", alpha=0.6, domain="biomedical", hidden=48, seed=3),
+        mem_llama=build_memory(root / "mem_llama", tok, "med", "llama", alpha=0.6, domain="biomedical",
+                               hidden=48, seed=3),
         mem_qwen_padded=build_memory(
-            root / "mem_qwen", tok, "law", "qwen2", alpha=0.4, domain="legal", extra_vocab=61, hidden=32, seed=4
+            root / "mem_qwen", tok, "law", "qwen2", alpha=0.4, domain="legal", extra_vocab=61, hidden=32,
+            seed=4
         ),
-        mem_gpt2=build_memory(root / "mem_gpt2", tok, "fin", "gpt2", alpha=0.7, domain="finance", hidden=32, seed=5),
+        mem_gpt2=build_memory(root / "mem_gpt2", tok, "fin", "gpt2", alpha=0.7, domain="finance", hidden=32,
+                              seed=5),
         mem_foreign=build_memory(root / "mem_foreign", foreign_tok, "alien", "llama", hidden=32, seed=6),
     )
 
@@ -88,7 +93,8 @@ class HFReference:
 
 @pytest.fixture(scope="module")
 def med_law_server(zoo: TinyZoo) -> Iterator[InProcessServer]:
-    """The tiny base served in process with the memories "med" (Llama) and "law" (Qwen2, padded vocabulary)."""
+    """The tiny base served in process with the memories "med" (Llama) and "law" (Qwen2, padded
+    vocabulary)."""
     config = ServerConfig(
         model=ModelConfig(str(zoo.base)),
         memories=(MemorySpec("med", str(zoo.mem_llama)), MemorySpec("law", str(zoo.mem_qwen_padded))),
@@ -100,7 +106,8 @@ def med_law_server(zoo: TinyZoo) -> Iterator[InProcessServer]:
 @pytest.fixture(scope="session")
 def ref(zoo: TinyZoo) -> HFReference:
     return HFReference(
-        AutoTokenizer.from_pretrained(str(zoo.base)), load_hf(zoo.base), load_hf(zoo.mem_llama), load_hf(zoo.mem_qwen_padded)
+        AutoTokenizer.from_pretrained(str(zoo.base)), load_hf(zoo.base), load_hf(zoo.mem_llama),
+        load_hf(zoo.mem_qwen_padded)
     )
 
 

@@ -103,7 +103,8 @@ def assert_pages_owned_once(engine: Engine) -> None:
             assert owner.setdefault(page, key) == key, f"page {page} is in two models' tables"
         for page in kv._hash_of:  # published blocks belong to this model only
             assert owner.setdefault(page, key) == key, f"page {page} is published by two models"
-            assert pool.refs[page] > 0 or pool.cached.get(page) is kv, f"published page {page} neither held nor cached"
+            assert (pool.refs[page] > 0
+                    or pool.cached.get(page) is kv), f"published page {page} neither held nor cached"
     assert len(scratch) == len(set(scratch)) and not set(scratch) & set(refs), "a scratch page is held"
     for page, n in refs.items():
         assert pool.refs[page] == n, f"page {page}: {n} table entries, refcount {pool.refs[page]}"
@@ -127,8 +128,8 @@ def logprobs_of(outs: list[RequestOutput]):
 
 
 def dense_logp(lp, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A position's returned log-probs (`lp.top`, asked for the whole vocabulary) as a dense [V] vector; tokens
-    not returned (zero probability) are −inf."""
+    """A position's returned log-probs (`lp.top`, asked for the whole vocabulary) as a dense [V] vector;
+    tokens not returned (zero probability) are −inf."""
     out = torch.full((vocab,), float("-inf"), dtype=dtype)
     ids, vals = zip(*lp.top, strict=True)
     out[list(ids)] = torch.tensor(vals, dtype=dtype)
@@ -151,7 +152,8 @@ def prompt(base, text: str) -> tuple[int, ...]:
 
 
 def greedy(rid, ids, n=12, memory=None, alpha=0.0, **kw):
-    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw), Mixture.single(memory, alpha))
+    return GenerationRequest(rid, ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw),
+                             Mixture.single(memory, alpha))
 
 
 def assert_clean(engine: Engine) -> None:
@@ -161,7 +163,8 @@ def assert_clean(engine: Engine) -> None:
 
 
 def worst_error(out, specs, setup) -> float:
-    """Largest |engine − reference| over every step's full mixed distribution (requests ask logprobs = vocab)."""
+    """Largest |engine − reference| over every step's full mixed distribution (requests ask
+    logprobs = vocab)."""
     base, registry = setup
     vocab = base.vocab_size
     worst = 0.0
@@ -229,7 +232,8 @@ def host_reads(engine: Engine, steps: int, monkeypatch) -> list[str]:
 
         return wrapper
 
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__",
+                 "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, probe(name))
     monkeypatch.setattr(engine_module, "fetch", counting_fetch)
     try:

@@ -70,7 +70,7 @@ def test_greedy_base_alone_matches_hf_generate(server, ref):
     out = server.complete(
         model="tiny-base", prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True,
         logprobs=0, return_tokens_as_token_ids=True,
-    )  # fmt: skip
+    )
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
     assert out["model"] == "tiny-base" and out["memory"] is None and out["alpha"] is None
     choice = out["choices"][0]
@@ -78,10 +78,11 @@ def test_greedy_base_alone_matches_hf_generate(server, ref):
         expected = ref.base.generate(
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=ref.tok.eos_token_id,
             eos_token_id=None,
-        )[0, len(prompt):].tolist()  # fmt: skip
+        )[0, len(prompt):].tolist()
     assert ids_of(choice["logprobs"]["tokens"]) == expected
     assert choice["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+    assert out["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12,
+                            "total_tokens": len(prompt) + 12}
 
 
 @pytest.mark.parametrize("memory,alpha", [("med", 0.5), ("law", 0.25), ("med", 1.0)])
@@ -90,7 +91,7 @@ def test_greedy_with_memory_matches_reference_mixture(server, ref, memory, alpha
     out = server.complete(
         prompt=prompt, memory=memory, alpha=alpha, max_tokens=8, temperature=0, ignore_eos=True,
         logprobs=3, return_tokens_as_token_ids=True,
-    )  # fmt: skip
+    )
     assert (out["memory"], out["alpha"]) == (memory, alpha)
     lp = out["choices"][0]["logprobs"]
     expected, ref_lps = greedy_reference(ref.base, getattr(ref, memory), prompt, alpha, ref.vocab, 8)
@@ -129,7 +130,8 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(server, ref):
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(prompt))]
     mixed = next_token_logprobs(ref.base, ref.med, prompt, 0.3, ref.vocab)  # [T, V]
     by_id = server.complete(
-        prompt=PROMPT, memory="med", alpha=0.3, echo=True, max_tokens=0, logprobs=2, return_tokens_as_token_ids=True
+        prompt=PROMPT, memory="med", alpha=0.3, echo=True, max_tokens=0, logprobs=2,
+        return_tokens_as_token_ids=True
     )["choices"][0]["logprobs"]
     assert ids_of(by_id["tokens"]) == prompt
     for t in range(1, len(prompt)):
@@ -138,7 +140,8 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(server, ref):
         assert max(lp["top_logprobs"][t].values()) == pytest.approx(float(mixed[t - 1].max()), abs=1e-4)
         values, ids = mixed[t - 1].topk(2)
         want = {f"token_id:{i}": v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
-        want[f"token_id:{prompt[t]}"] = float(mixed[t - 1, prompt[t]])  # the prompt's own token is always there
+        # the prompt's own token is always there
+        want[f"token_id:{prompt[t]}"] = float(mixed[t - 1, prompt[t]])
         top = by_id["top_logprobs"][t]
         assert set(top) == set(want)
         for k, v in want.items():
@@ -201,36 +204,41 @@ def test_stop_string_truncates_before_it(server):
     start = len(full) // 2
     stop = full[start : start + 2]
     cut = full.find(stop)
-    out = server.complete(prompt=PROMPT, max_tokens=16, temperature=0, ignore_eos=True, stop=[stop, "never-seen"])
+    out = server.complete(prompt=PROMPT, max_tokens=16, temperature=0, ignore_eos=True,
+                          stop=[stop, "never-seen"])
     choice = out["choices"][0]
     assert choice["text"] == full[:cut]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
     # `stop` as a single string works the same
-    assert server.complete(prompt=PROMPT, max_tokens=16, temperature=0, ignore_eos=True, stop=stop)["choices"][0][
-        "text"
-    ] == full[:cut]
+    assert server.complete(prompt=PROMPT, max_tokens=16, temperature=0, ignore_eos=True,
+                           stop=stop)["choices"][0]["text"] == full[:cut]
 
 
 def test_stop_token_ids_end_generation(server):
     out = server.complete(
-        prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True, logprobs=0, return_tokens_as_token_ids=True
+        prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True, logprobs=0,
+        return_tokens_as_token_ids=True
     )
     ids = ids_of(out["choices"][0]["logprobs"]["tokens"])
     stop_id = ids[5]
     first = ids.index(stop_id)
-    stopped = server.complete(prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id])
+    stopped = server.complete(prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True,
+                              stop_token_ids=[stop_id])
     choice = stopped["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop_id
     assert stopped["usage"]["completion_tokens"] == first + 1
 
 
 def test_top_k_top_p_and_large_top_k(server):
-    greedy = server.complete(prompt=PROMPT, max_tokens=6, temperature=0, ignore_eos=True)["choices"][0]["text"]
+    greedy = server.complete(prompt=PROMPT, max_tokens=6, temperature=0,
+                             ignore_eos=True)["choices"][0]["text"]
     # top_k = 1, a tiny top_p or a vanishing temperature leave only the most likely token: greedy.
     for extra in ({"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-30}, {"temperature": 5e-324}):
-        out = server.complete(**{"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True, **extra})
+        out = server.complete(**{"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3,
+                                 "ignore_eos": True, **extra})
         assert out["choices"][0]["text"] == greedy
-    assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "top_k": 10**6}).status_code == 200
+    assert server.post("/v1/completions",
+                       {"prompt": PROMPT, "max_tokens": 2, "top_k": 10**6}).status_code == 200
     assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "top_k": -1}).status_code == 200
 
 
@@ -251,8 +259,10 @@ def test_lm_eval_harness_loglikelihood_flow(server, ref):
     prompts.append(ctx + greedy_reference(ref.base, ref.med, ctx, 0.6, ref.vocab, 4)[0])
     ctxlens.append(len(ctx))
     greedy_seen = []
-    out = server.complete(model="med", prompt=prompts, temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
-    for choice, ids, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), prompts, ctxlens, strict=True):
+    out = server.complete(model="med", prompt=prompts, temperature=0, max_tokens=1, logprobs=1, seed=1234,
+                          echo=True)
+    for choice, ids, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), prompts, ctxlens,
+                                   strict=True):
         lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]  # the last entry is the generated token
         tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
         is_greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops, strict=True))
@@ -280,7 +290,7 @@ def test_stream_equals_non_stream_for_the_same_seed(server):
     body = dict(
         prompt=["The court held that", PROMPT], n=2, seed=5, temperature=0.9, max_tokens=20, memory="med",
         alpha=0.7, logprobs=1, ignore_eos=True,
-    )  # fmt: skip
+    )
     plain = server.complete(**body)
     chunks = _stream(server, {**body, "stream_options": {"include_usage": True}})
     *deltas, usage_chunk = chunks
@@ -346,8 +356,8 @@ def test_speculative_greedy_matches_the_reference_and_opting_out(spec_server, re
     """Through HTTP with --speculative-tokens: greedy tokens and log-probs equal the reference mixture, with
     and without `"speculative": false`; a stream carries the same tokens, some chunks several at once."""
     prompt = ref.encode(PROMPT)
-    body = dict(prompt=prompt, memory="med", alpha=0.9, max_tokens=10, temperature=0, ignore_eos=True, logprobs=2,
-                return_tokens_as_token_ids=True)  # fmt: skip
+    body = dict(prompt=prompt, memory="med", alpha=0.9, max_tokens=10, temperature=0, ignore_eos=True,
+                logprobs=2, return_tokens_as_token_ids=True)
     expected, ref_lps = greedy_reference(ref.base, ref.med, prompt, 0.9, ref.vocab, 10)
     for speculative in (True, False):
         lp = spec_server.complete(**body, speculative=speculative)["choices"][0]["logprobs"]
@@ -359,7 +369,8 @@ def test_speculative_greedy_matches_the_reference_and_opting_out(spec_server, re
     per_chunk = [ids_of(c["choices"][0]["logprobs"]["tokens"]) for c in deltas]
     assert [t for ids in per_chunk for t in ids] == expected and usage["usage"]["completion_tokens"] == 10
     assert max(map(len, per_chunk)) > 1  # a round emitted several tokens in one chunk
-    assert all(len(c["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) for c, ids in zip(deltas, per_chunk, strict=True))
+    assert all(len(c["choices"][0]["logprobs"]["token_logprobs"]) == len(ids)
+               for c, ids in zip(deltas, per_chunk, strict=True))
 
 
 def test_speculative_field_must_be_a_boolean(spec_server):
@@ -367,7 +378,8 @@ def test_speculative_field_must_be_a_boolean(spec_server):
         r = spec_server.post("/v1/completions", {"prompt": PROMPT, "memory": "med", "speculative": value})
         err = assert_error(r, 400)
         assert "speculative" in err["message"] or err["param"] == "speculative", err
-    assert spec_server.complete(prompt=PROMPT, max_tokens=2, speculative=False)["choices"]  # without a memory: ignored
+    # without a memory: ignored
+    assert spec_server.complete(prompt=PROMPT, max_tokens=2, speculative=False)["choices"]
 
 
 # -- perplexity -----------------------------------------------------------------------------------
@@ -389,7 +401,8 @@ def test_perplexity_matches_reference_and_echo(server, ref):
     assert out["context_length"] == 512 and out["stride"] == 256
     totals = {"base": [0.0, 0], 0.25: [0.0, 0], 0.75: [0.0, 0], "mem": [0.0, 0]}
     for doc, text in zip(out["data"], DOCS, strict=True):
-        for key, memory, alpha in (("base", None, 0.0), (0.25, ref.med, 0.25), (0.75, ref.med, 0.75), ("mem", ref.med, 1.0)):
+        for key, memory, alpha in (("base", None, 0.0), (0.25, ref.med, 0.25), (0.75, ref.med, 0.75),
+                                   ("mem", ref.med, 1.0)):
             nll, n = _ref_nll(ref, memory, text, alpha)
             totals[key][0] += nll
             totals[key][1] += n
@@ -411,9 +424,12 @@ def test_perplexity_matches_reference_and_echo(server, ref):
         assert math.exp(-sum(lps[1:]) / len(lps[1:])) == pytest.approx(doc["perplexity"], rel=1e-4)
     overall = out["overall"]
     assert overall["num_tokens"] == totals["base"][1]
-    assert overall["base_perplexity"] == pytest.approx(math.exp(totals["base"][0] / totals["base"][1]), rel=1e-4)
-    assert overall["alphas"][1]["perplexity"] == pytest.approx(math.exp(totals[0.75][0] / totals[0.75][1]), rel=1e-4)
-    assert overall["memory_perplexity"] == pytest.approx(math.exp(totals["mem"][0] / totals["mem"][1]), rel=1e-4)
+    assert overall["base_perplexity"] == pytest.approx(math.exp(totals["base"][0] / totals["base"][1]),
+                                                       rel=1e-4)
+    assert overall["alphas"][1]["perplexity"] == pytest.approx(math.exp(totals[0.75][0] / totals[0.75][1]),
+                                                               rel=1e-4)
+    assert overall["memory_perplexity"] == pytest.approx(math.exp(totals["mem"][0] / totals["mem"][1]),
+                                                         rel=1e-4)
     assert out["usage"]["prompt_tokens"] == sum(len(ref.encode(t)) for t in DOCS)
 
 
@@ -453,7 +469,8 @@ def test_concurrent_requests_give_the_same_answers_as_alone(server):
 
     async def together():
         return await asyncio.gather(
-            *(server.client.post("/v1/completions", json={k: v for k, v in b.items() if v is not None}) for b in bodies)
+            *(server.client.post("/v1/completions", json={k: v for k, v in b.items() if v is not None})
+              for b in bodies)
         )
 
     for a, r in zip(alone, server.call(together), strict=True):
@@ -480,7 +497,7 @@ async def _raw_request(app, body: bytes, disconnect: asyncio.Event, sent: list):
         "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"),
                                                            (b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 1), "server": ("memdec.test", 80), "state": {},
-    }  # fmt: skip
+    }
     await app(scope, receive, send)
 
 
@@ -494,7 +511,7 @@ def test_client_disconnect_aborts_the_request_in_the_engine(server, stream):
     engine.abort = lambda rid: (aborted.append(rid), real_abort(rid))[1]  # observe, then do the real thing
     try:
         body = json.dumps({"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "n": 2, "memory": "med",
-                           "stream": stream}).encode()  # fmt: skip
+                           "stream": stream}).encode()
 
         async def scenario():
             disconnect = asyncio.Event()
@@ -530,7 +547,8 @@ def test_client_disconnect_aborts_the_request_in_the_engine(server, stream):
 
 def test_openapi_documents_400s_not_422s(server):
     spec = server.get("/openapi.json").json()
-    assert "422" not in str({p: {m: op["responses"].keys() for m, op in ops.items()} for p, ops in spec["paths"].items()})
+    assert "422" not in str({p: {m: op["responses"].keys() for m, op in ops.items()}
+                             for p, ops in spec["paths"].items()})
     completions = spec["paths"]["/v1/completions"]["post"]
     assert {"200", "400", "404", "413", "429", "503"} <= set(completions["responses"])
     assert "sliding windows" in spec["paths"]["/v1/perplexity"]["post"]["description"]

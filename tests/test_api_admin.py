@@ -23,7 +23,8 @@ PROMPT = "The committee expects"
 @pytest.fixture(scope="module")
 def keyed(zoo):
     config = ServerConfig(
-        model=ModelConfig(str(zoo.base)), api_key="user-key", admin_key="admin-key", memory_root=zoo.base.parent
+        model=ModelConfig(str(zoo.base)), api_key="user-key", admin_key="admin-key",
+        memory_root=zoo.base.parent
     )
     with InProcessServer(config) as s:
         yield s
@@ -39,7 +40,7 @@ def test_api_key_guards_v1_but_not_health(keyed):
         for r in (keyed.get("/v1/models", headers=headers),
                   keyed.post("/v1/completions", {"prompt": "x"}, headers=headers),
                   keyed.post("/v1/perplexity", {"input": "x y"}, headers=headers),
-                  keyed.get("/v1/memories", headers=headers)):  # fmt: skip
+                  keyed.get("/v1/memories", headers=headers)):
             err = assert_error(r, 401, code="invalid_api_key")
             assert err["type"] == "authentication_error"
             assert r.headers["www-authenticate"] == "Bearer"
@@ -63,7 +64,7 @@ def test_admin_endpoints_need_the_admin_key(keyed):
 def test_admin_endpoints_are_off_without_admin_key(zoo):
     with InProcessServer(ServerConfig(model=ModelConfig(str(zoo.base)), api_key="k")) as s:
         for r in (s.post("/v1/memories", {"name": "fin", "path": str(zoo.mem_gpt2)}, headers=_auth("k")),
-                  s.delete("/v1/memories/fin", headers=_auth("k"))):  # fmt: skip
+                  s.delete("/v1/memories/fin", headers=_auth("k"))):
             err = assert_error(r, 403, code="admin_disabled")
             assert "--admin-key" in err["message"]
         assert s.get("/v1/memories", headers=_auth("k")).json()["data"] == []
@@ -77,7 +78,7 @@ def admin(zoo):
     config = ServerConfig(
         model=ModelConfig(str(zoo.base)), memories=(MemorySpec("med", str(zoo.mem_llama)),),
         enable_admin=True, memory_root=zoo.base.parent,
-    )  # fmt: skip
+    )
     with InProcessServer(config) as s:
         yield s
 
@@ -91,19 +92,20 @@ def test_hot_load_use_and_unload(admin, zoo):
     assert card.status_code == 200, card.text
     card = card.json()
     assert card["id"] == "fin" and card["parent"] == "base" and card["root"] == str(zoo.mem_gpt2.resolve())
-    assert (card["alpha"], card["domain"], card["object"], card["owned_by"]) == (0.7, "finance", "model", "memdec")
+    assert ((card["alpha"], card["domain"], card["object"], card["owned_by"])
+            == (0.7, "finance", "model", "memdec"))
     assert _memory_ids(admin) == ["fin", "med"]
 
     # alpha = 1 is the memory alone: greedy tokens equal HF generate on the memory model.
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     prompt = tok(PROMPT)["input_ids"]
     out = admin.complete(prompt=PROMPT, memory="fin", alpha=1.0, temperature=0, max_tokens=8, ignore_eos=True,
-                         logprobs=0, return_tokens_as_token_ids=True)  # fmt: skip
+                         logprobs=0, return_tokens_as_token_ids=True)
     with torch.no_grad():
         expected = load_hf(zoo.mem_gpt2).generate(
             torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
             pad_token_id=tok.eos_token_id,
-        )[0, len(prompt):].tolist()  # fmt: skip
+        )[0, len(prompt):].tolist()
     assert ids_of(out["choices"][0]["logprobs"]["tokens"]) == expected
 
     deleted = admin.delete("/v1/memories/fin")
@@ -136,7 +138,7 @@ def test_memory_paths_are_confined_to_the_root(admin, zoo, tmp_path):
     link.symlink_to(tmp_path, target_is_directory=True)  # inside the root, pointing out of it
     try:
         for path in (str(outside), f"{link.name}/outside_mem", str(link / "outside_mem"),
-                     f"../{root.name}/mem_gpt2", "mem_gpt2/../mem_gpt2", "/etc"):  # fmt: skip
+                     f"../{root.name}/mem_gpt2", "mem_gpt2/../mem_gpt2", "/etc"):
             err = assert_error(admin.post("/v1/memories", {"name": "fin", "path": path}), 403, "path")
             assert err["code"] == "path_not_allowed"
         assert _memory_ids(admin) == ["med"]
@@ -149,7 +151,8 @@ def test_memory_paths_are_confined_to_the_root(admin, zoo, tmp_path):
 
 def test_unload_while_streaming_lets_the_stream_finish(admin, zoo):
     assert admin.post("/v1/memories", {"name": "fin", "path": "mem_gpt2"}).status_code == 200
-    body = {"prompt": PROMPT, "memory": "fin", "alpha": 0.5, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPT, "memory": "fin", "alpha": 0.5, "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
 
     async def scenario():
         async with admin.client.stream("POST", "/v1/completions", json=body) as r:
@@ -179,9 +182,10 @@ def test_unload_while_streaming_lets_the_stream_finish(admin, zoo):
 def test_registry_file_loads_memories_at_start_up(zoo, tmp_path):
     registry = tmp_path / "memories.json"
     rel = os.path.relpath(zoo.mem_qwen_padded, tmp_path)
-    registry.write_text(json.dumps([{"name": "law", "path": rel}, {"name": "fin", "path": str(zoo.mem_gpt2), "alpha": 0.1}]))
-    config = ServerConfig(model=ModelConfig(str(zoo.base)), memories=(MemorySpec("med", str(zoo.mem_llama), 0.9),),
-                          registry_file=registry)  # fmt: skip
+    registry.write_text(json.dumps([{"name": "law", "path": rel},
+                                    {"name": "fin", "path": str(zoo.mem_gpt2), "alpha": 0.1}]))
+    config = ServerConfig(model=ModelConfig(str(zoo.base)),
+                          memories=(MemorySpec("med", str(zoo.mem_llama), 0.9),), registry_file=registry)
     with InProcessServer(config) as s:
         cards = {c["id"]: c for c in s.get("/v1/memories").json()["data"]}
         assert {k: c["alpha"] for k, c in cards.items()} == {"med": 0.9, "law": 0.4, "fin": 0.1}
@@ -197,6 +201,7 @@ def test_prompts_are_not_logged_unless_asked(zoo, caplog, log_prompts):
     config = ServerConfig(model=ModelConfig(str(zoo.base)), log_prompts=log_prompts)
     with InProcessServer(config) as s, caplog.at_level(logging.DEBUG):
         assert s.post("/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
-        assert s.post("/v1/completions", {"prompt": secret, "max_tokens": 2, "stream": True}).status_code == 200
+        assert s.post("/v1/completions",
+                      {"prompt": secret, "max_tokens": 2, "stream": True}).status_code == 200
     assert "cmpl-" in caplog.text  # the requests were logged ...
     assert (secret in caplog.text) == log_prompts  # ... their text only when asked

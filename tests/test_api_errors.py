@@ -72,7 +72,8 @@ COMPLETION_ERRORS = [
     ({"prompt": PROMPT, "stream": "sometimes"}, 400, "stream", None),
     ({"prompt": PROMPT, "echo": [1]}, 400, "echo", None),
     ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ({"prompt": PROMPT, "stream": True, "stream_options": {"include_usage": "x"}}, 400, "stream_options.include_usage", None),
+    ({"prompt": PROMPT, "stream": True, "stream_options": {"include_usage": "x"}},
+     400, "stream_options.include_usage", None),
     ({"prompt": PROMPT, "stream": True, "stream_options": 3}, 400, "stream_options", None),
     ({"prompt": PROMPT, "model": "nope"}, 404, "model", "model_not_found"),
     ({"prompt": PROMPT, "memory": "nope"}, 404, "memory", "memory_not_found"),
@@ -109,8 +110,10 @@ COMPLETION_ERRORS = [
     ({"prompt": PROMPT, "memory": ["med"] * 9}, 400, "memory", None),
     ({"prompt": PROMPT, "memory": ["med", 3]}, 400, "memory", None),
     ({"prompt": PROMPT, "model": "med", "memory": ["med", "law"], "alpha": [0.3, 0.3]}, 400, "memory", None),
-    ({"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1.0]}, 400, "memory_temperature", None),
-    ({"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1.0, 0]}, 400, "memory_temperature", None),
+    ({"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1.0]},
+     400, "memory_temperature", None),
+    ({"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1.0, 0]},
+     400, "memory_temperature", None),
     ({"prompt": PROMPT, "memory": "med", "alpha": [0.3, 0.3]}, 400, "alpha", None),
     ({"prompt": PROMPT, "memory": "med", "memory_temperature": [1.0, 2.0]}, 400, "memory_temperature", None),
     ({"prompt": PROMPT, "memory_temperature": [1.0]}, 400, "memory_temperature", None),
@@ -126,7 +129,8 @@ def test_completion_errors(server, body, status, param, code, stream):
 
 
 def test_context_length_message_reads_like_vllm(server):
-    err = assert_error(server.post("/v1/completions", {"prompt": [5] * 500, "max_tokens": 20}), 400, "max_tokens")
+    err = assert_error(server.post("/v1/completions", {"prompt": [5] * 500, "max_tokens": 20}), 400,
+                       "max_tokens")
     assert "maximum context length is 512 tokens" in err["message"]
     assert "520 tokens (500 in the messages, 20 in the completion)" in err["message"]
     assert err["type"] == "invalid_request_error"
@@ -143,7 +147,8 @@ PERPLEXITY_ERRORS = [
     ({"input": DOC, "memory": ["med", "law"], "alpha": [0.7, 0.4]}, 400, "alpha", None),
     ({"input": DOC, "memory": ["med", "med"], "alpha": [0.3, 0.3]}, 400, "memory", None),
     ({"input": DOC, "memory": ["med", "law"], "alpha": [0.3, 0.3], "logprobs": 2}, 400, "logprobs", None),
-    ({"input": DOC, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1, 2, 3]}, 400, "memory_temperature", None),
+    ({"input": DOC, "memory": ["med", "law"], "alpha": [0.3, 0.3], "memory_temperature": [1, 2, 3]},
+     400, "memory_temperature", None),
     ({"input": DOC, "context_length": 1}, 400, "context_length", None),
     ({"input": DOC, "context_length": 100000}, 400, "context_length", None),
     ({"input": DOC, "stride": 0}, 400, "stride", None),
@@ -213,7 +218,7 @@ def test_malformed_bodies_are_400_not_422(server, content, content_type, code):
     (b'{"prompt": "x", "temperature": NaN}', "temperature"),
     (b'{"prompt": "x", "memory": "med", "alpha": Infinity}', "alpha"),
     (b'{"prompt": "x", "top_p": -Infinity}', "top_p"),
-])  # fmt: skip
+])  # fmt: skip  # a table: one row per case
 def test_non_finite_numbers_are_refused(server, raw, param):
     r = server.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, param)
@@ -234,7 +239,8 @@ def test_oversized_bodies_are_413(server):
     # just under the limit is parsed normally (and here refused for its content, not its size)
     ok = json.dumps({"prompt": [5] * 600, "max_tokens": 0}).encode()
     assert len(ok) < BODY_LIMIT
-    assert_error(server.post("/v1/completions", content=ok, headers={"content-type": "application/json"}), 400)
+    assert_error(server.post("/v1/completions", content=ok, headers={"content-type": "application/json"}),
+                 400)
 
 
 def test_unknown_paths_and_methods(server):
@@ -244,19 +250,22 @@ def test_unknown_paths_and_methods(server):
     assert_error(server.delete("/v1/models"), 405)
 
 
-FUZZ_VALUES = [None, True, False, 0, -1, 1, 0.5, 1e-300, 5e-324, 2**70, -(2**70), 1e300, "", "x", [], [1], ["a"], [[1]], {}, {"a": 1}]
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 0.5, 1e-300, 5e-324, 2**70, -(2**70), 1e300, "", "x", [], [1],
+               ["a"], [[1]], {}, {"a": 1}]
 FUZZ_FIELDS = [
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "logprobs",
-    "echo", "stop", "stop_token_ids", "seed", "ignore_eos", "user", "memory", "alpha", "presence_penalty",
-    "frequency_penalty", "logit_bias", "suffix", "best_of", "return_tokens_as_token_ids", "speculative",
-]  # fmt: skip
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
+    "logprobs", "echo", "stop", "stop_token_ids", "seed", "ignore_eos", "user", "memory", "alpha",
+    "presence_penalty", "frequency_penalty", "logit_bias", "suffix", "best_of", "return_tokens_as_token_ids",
+    "speculative",
+]
 
 
 def test_fuzzed_completion_fields_never_give_5xx(server):
     rng = random.Random(1234)
     base = {"prompt": "Once", "max_tokens": 2}
     bodies = [{**base, field: value} for field in FUZZ_FIELDS for value in FUZZ_VALUES]
-    bodies += [{f: rng.choice(FUZZ_VALUES) for f in rng.sample(FUZZ_FIELDS, 4)} | {"prompt": "x"} for _ in range(150)]
+    bodies += [{f: rng.choice(FUZZ_VALUES) for f in rng.sample(FUZZ_FIELDS, 4)} | {"prompt": "x"}
+               for _ in range(150)]
 
     async def run_all():
         sem = asyncio.Semaphore(16)
@@ -281,7 +290,7 @@ def test_fuzzed_completion_fields_never_give_5xx(server):
 @pytest.mark.parametrize("path,base,fields", [
     ("/v1/perplexity", {"input": DOC}, ["model", "memory", "alpha", "input", "context_length", "stride"]),
     ("/v1/memories", {"name": "z", "path": "mem_gpt2"}, ["name", "path", "alpha"]),
-])  # fmt: skip
+])  # fmt: skip  # a table: one row per case
 def test_fuzzed_other_endpoints_never_give_5xx(server, path, base, fields):
     for field in fields:
         for value in FUZZ_VALUES:
@@ -315,7 +324,8 @@ def test_queue_full_is_429_with_retry_after(zoo):
                     assert err["type"] == "rate_limit_error"
                     assert int(r.headers["retry-after"]) >= 1
                 else:
-                    assert r.text.endswith("data: [DONE]\n\n") if stream else r.json()["usage"]["completion_tokens"] == 300
+                    assert (r.text.endswith("data: [DONE]\n\n") if stream
+                            else r.json()["usage"]["completion_tokens"] == 300)
         assert s.serving.engine.num_waiting == 0 and s.serving.engine.num_running == 0
 
 
@@ -353,7 +363,8 @@ def test_failed_start_up_is_503_with_the_reason(tmp_path):
 
 
 def test_bad_startup_memory_fails_start_up(zoo):
-    config = ServerConfig(model=ModelConfig(str(zoo.base)), memories=(MemorySpec("alien", str(zoo.mem_foreign)),))
+    config = ServerConfig(model=ModelConfig(str(zoo.base)),
+                          memories=(MemorySpec("alien", str(zoo.mem_foreign)),))
     with InProcessServer(config, wait=False) as s:
         for _ in range(200):
             if s.state.phase.value == "failed":
@@ -368,11 +379,12 @@ def test_engine_stopping_mid_request_gives_error_frame_then_done_and_health_503(
 
     with InProcessServer(ServerConfig(model=ModelConfig(str(zoo.base)))) as s:
         body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
-        client = openai.AsyncOpenAI(base_url="http://memdec.test/v1", api_key="x", http_client=s.client, max_retries=0)
+        client = openai.AsyncOpenAI(base_url="http://memdec.test/v1", api_key="x", http_client=s.client,
+                                    max_retries=0)
 
         async def openai_stream():
             stream = await client.completions.create(model="base", prompt=PROMPT, max_tokens=400, stream=True,
-                                                     extra_body={"ignore_eos": True})  # fmt: skip
+                                                     extra_body={"ignore_eos": True})
             return [chunk async for chunk in stream]
 
         async def scenario():

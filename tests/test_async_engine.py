@@ -27,7 +27,9 @@ def setup(zoo):
 
 
 def req(rid, n=8, memory=None, alpha=0.0, seed=None, temperature=0.0):
-    return GenerationRequest(rid, (5, 6, 7, 8), SamplingParams(max_tokens=n, temperature=temperature, seed=seed, ignore_eos=True), Mixture.single(memory, alpha))
+    return GenerationRequest(rid, (5, 6, 7, 8),
+                             SamplingParams(max_tokens=n, temperature=temperature, seed=seed,
+                                            ignore_eos=True), Mixture.single(memory, alpha))
 
 
 async def collect(engine, request):
@@ -36,7 +38,8 @@ async def collect(engine, request):
 
 def test_concurrent_requests_match_sync_engine(setup):
     base, registry = setup
-    requests = [req(f"r{i}", n=6 + i, memory="med" if i % 2 else None, alpha=0.5, seed=i, temperature=0.8) for i in range(6)]
+    requests = [req(f"r{i}", n=6 + i, memory="med" if i % 2 else None, alpha=0.5, seed=i, temperature=0.8)
+                for i in range(6)]
     expected = run(Engine(base, registry, EngineConfig()), requests)
     engine = AsyncEngine(base, registry, EngineConfig())
     engine.start()

@@ -12,10 +12,13 @@ from server.api.auto import HEADER, MIN_AUTO_TOKENS
 from tests.api_harness import assert_error
 
 TEXTS = [
-    "The patient was given a dose of the drug and the court held that the statute applies to every case here.",
+    ("The patient was given a dose of the drug and the court held that the statute "
+     "applies to every case here."),
     "Once upon a time there was a little town by the sea where the fishermen sold their catch every morning.",
-    "The committee expects inflation to remain near two percent while the labour market stays tight this year.",
-    "In the trial, the defendant argued that the contract was void because the clause was never signed by him.",
+    ("The committee expects inflation to remain near two percent while the labour market "
+     "stays tight this year."),
+    ("In the trial, the defendant argued that the contract was void because the clause "
+     "was never signed by him."),
 ]
 
 
@@ -25,7 +28,9 @@ def prompt_nll(ref, ids: list[int], memory, alpha: float, temperature: float) ->
     t = torch.tensor([ids])
     p = torch.softmax(ref.base(t).logits[0, :-1, : ref.vocab].double(), -1)
     if memory is not None:
-        p = (1 - alpha) * p + alpha * torch.softmax(memory(t).logits[0, :-1, : ref.vocab].double() / temperature, -1)
+        p = (1 - alpha) * p + alpha * torch.softmax(
+            memory(t).logits[0, :-1, : ref.vocab].double() / temperature, -1
+        )
     return -torch.log(p.gather(-1, t[0, 1:, None])).sum().item()
 
 
@@ -51,14 +56,16 @@ def test_choice_is_the_argmin_and_tokens_match_the_named_memory(med_law_server, 
                 body["memory_candidates"] = candidates
             r = med_law_server.post("/v1/completions", body)
             assert r.status_code == 200, r.text
-            want = expected_choice(med_law_server, ref, ids, candidates if candidates is not None else ["med", "law"])
+            want = expected_choice(med_law_server, ref, ids,
+                                   candidates if candidates is not None else ["med", "law"])
             got = r.json()
             assert got["memory"] == want, (text, candidates)
             assert r.headers[HEADER] == (want or "none")
             outcomes.add(want)
             alpha = med_law_server.get(f"/v1/models/{want}").json()["alpha"] if want else None
             assert got["alpha"] == alpha
-            named = med_law_server.post("/v1/completions", {"prompt": text, "max_tokens": 6, "temperature": 0, "memory": want})
+            named = med_law_server.post("/v1/completions",
+                                        {"prompt": text, "max_tokens": 6, "temperature": 0, "memory": want})
             assert named.json()["choices"][0]["text"] == got["choices"][0]["text"]
     assert len(outcomes) >= 2, outcomes  # the tiny models disagree: the choice is not a constant
 
@@ -71,7 +78,8 @@ def test_short_prompts_run_on_the_base_and_the_choice_is_counted(med_law_server)
     after = med_law_server.get("/metrics").text
 
     def count(body: str) -> float:
-        line = next(x for x in body.splitlines() if x.startswith('memdec_auto_memory_choices_total{memory="none"}'))
+        line = next(x for x in body.splitlines()
+                    if x.startswith('memdec_auto_memory_choices_total{memory="none"}'))
         return float(line.split()[-1])
 
     assert count(after) == count(before) + 1
@@ -88,7 +96,8 @@ def test_chat_and_stream_report_the_choice(med_law_server):
 
 
 def test_stream_carries_the_header(med_law_server):
-    r = med_law_server.post("/v1/completions", {"prompt": TEXTS[1], "max_tokens": 2, "memory": "auto", "stream": True})
+    r = med_law_server.post("/v1/completions",
+                            {"prompt": TEXTS[1], "max_tokens": 2, "memory": "auto", "stream": True})
     assert r.status_code == 200 and HEADER in r.headers
 
 
@@ -101,7 +110,7 @@ def test_stream_carries_the_header(med_law_server):
     ({"memory": "auto", "memory_candidates": ["med", "med"]}, 400, "memory_candidates"),
     ({"memory": "auto", "memory_candidates": "med"}, 400, "memory_candidates"),
     ({"memory": "auto", "model": "med"}, 400, "memory"),
-])  # fmt: skip
+])  # fmt: skip  # a table: one row per case
 def test_auto_errors(med_law_server, body, status, param):
     assert_error(med_law_server.post("/v1/completions", {"prompt": TEXTS[0], **body}), status, param)
 

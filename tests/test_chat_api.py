@@ -1,5 +1,5 @@
-"""Chat and tokenizer endpoints in process: a model without a chat template, `--chat-template FILE`, the API key,
-and the served model's name."""
+"""Chat and tokenizer endpoints in process: a model without a chat template, `--chat-template FILE`, the API
+key, and the served model's name."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from tests.api_harness import InProcessServer, assert_error
 
 MESSAGES = [{"role": "user", "content": "The court held"}]
 # A template of the file's own, so that its use is visible in the prompt.
-FILE_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+FILE_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
 
 
 def test_a_model_without_a_chat_template_refuses_chat_with_a_clear_400(zoo):
     with InProcessServer(ServerConfig(model=ModelConfig(str(zoo.base)))) as s:
-        err = assert_error(s.post("/v1/chat/completions", {"messages": MESSAGES}), 400, "messages", "no_chat_template")
+        err = assert_error(s.post("/v1/chat/completions", {"messages": MESSAGES}), 400, "messages",
+                           "no_chat_template")
         assert "--chat-template" in err["message"]
         assert_error(s.post("/tokenize", {"messages": MESSAGES}), 400, "messages", "no_chat_template")
         assert s.get("/tokenizer_info").json()["chat_template"] is None
@@ -25,7 +27,8 @@ def test_a_model_without_a_chat_template_refuses_chat_with_a_clear_400(zoo):
 def test_chat_template_file_replaces_the_tokenizers(zoo, tmp_path):
     template = tmp_path / "template.jinja"
     template.write_text(FILE_TEMPLATE)
-    config = ServerConfig(model=ModelConfig(str(zoo.chat_base)), chat_template=template, served_model_name="tiny")
+    config = ServerConfig(model=ModelConfig(str(zoo.chat_base)), chat_template=template,
+                          served_model_name="tiny")
     with InProcessServer(config) as s:
         ids = s.post("/tokenize", {"messages": MESSAGES}).json()["tokens"]
         assert s.post("/detokenize", {"tokens": ids}).json()["prompt"] == "[user] The court held\n[assistant]"
@@ -49,7 +52,8 @@ def test_api_key_guards_chat_and_the_tokenizer_but_not_version(zoo):
 
 
 def test_malformed_chat_bodies_are_400_naming_messages(zoo):
-    bodies = [{"messages": "hi"}, {"messages": [{"content": "x"}]}, {"messages": [{"role": "user", "content": 5}]}, {}]
+    bodies = [{"messages": "hi"}, {"messages": [{"content": "x"}]},
+              {"messages": [{"role": "user", "content": 5}]}, {}]
     with InProcessServer(ServerConfig(model=ModelConfig(str(zoo.chat_base)))) as s:
         for body in bodies:
             err = assert_error(s.post("/v1/chat/completions", body), 400)

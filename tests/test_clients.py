@@ -2,8 +2,8 @@
 
 - lm-evaluation-harness: `local-completions` (log-likelihoods and generate_until, with the server's own
   tokenizer through /tokenizer_info and /tokenize) and `local-chat-completions`, on the local tasks of
-  `testkit.lm_eval_tasks`; its log-likelihoods must equal the mixture's computed from plain HF forwards, and its
-  generations the reference's greedy text.
+  `testkit.lm_eval_tasks`; its log-likelihoods must equal the mixture's computed from plain HF forwards, and
+  its generations the reference's greedy text.
 - GuideLLM (`guidellm run`) on both endpoints with synthetic prompts made with the server's tokenizer: no
   errors, and its per-request token counts equal the server's usage and its metrics counters.
 
@@ -40,11 +40,12 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
     return {
         **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf-home"), "OPENAI_API_KEY": "unused", "PYTHONPATH": "",
-    }  # fmt: skip
+    }
 
 
 def _run(cmd: list[str], tmp_path: Path, timeout: int = 600) -> str:
-    res = subprocess.run(cmd, env=_offline_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, env=_offline_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=timeout)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-6000:]
     return output
@@ -59,7 +60,7 @@ def _lm_eval(model: str, args: str, tasks: list[str], tmp_path: Path, *extra: st
     out = tmp_path / f"lm-eval-{model}"
     _run([str(BIN / "lm_eval"), "run", "--model", model, "--model_args", args, "--include_path",
           str(write_tasks(tmp_path / "tasks")), "--tasks", *tasks, "--output_path", str(out), "--log_samples",
-          *extra], tmp_path)  # fmt: skip
+          *extra], tmp_path)  # fmt: skip  # flag/value pairs on one line
     return out
 
 
@@ -107,7 +108,7 @@ def test_lm_eval_local_chat_completions_generates_through_the_chat_template(serv
         messages = json.loads(sent)
         assert messages[-1]["role"] == "user" and messages[-1]["content"] == sample["doc"]["prompt"]
         text = ref.tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
-                                           tokenize=False)  # fmt: skip
+                                           tokenize=False)
         prompt = ref.tok(text, add_special_tokens=False)["input_ids"]
         assert sample["resps"][0][0] == _greedy_text(ref, prompt, GEN_MAX_TOKENS)
 
@@ -134,7 +135,7 @@ def test_guidellm_benchmark_runs_clean_and_counts_what_the_server_counts(server,
         "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
         "--tokenizer", f"kind=hf_auto,model={zoo.chat_base}",
         "--output", f"kind=json,path={report_path}", "--disable-console-interactive",
-    ], tmp_path)  # fmt: skip
+    ], tmp_path)  # fmt: skip  # flag/value pairs on one line
     after = _token_counters(server.url)
 
     [benchmark] = json.loads(report_path.read_text())["benchmarks"]
@@ -143,12 +144,15 @@ def test_guidellm_benchmark_runs_clean_and_counts_what_the_server_counts(server,
     sent_in = sent_out = 0
     for r in done["successful"]:
         body = json.loads(r["request_args"])["body"]
-        assert body["stream"] and body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+        assert body["stream"] and body["stream_options"] == {"include_usage": True,
+                                                             "continuous_usage_stats": True}
         assert body["ignore_eos"] is True and body.get("stop") is None  # (the report leaves out nulls)
         shape = {"messages": body["messages"]} if "messages" in body else {"prompt": body["prompt"]}
         tokens = httpx.post(server.url + "/tokenize", json=shape, timeout=60).json()["count"]
-        assert r["input_metrics"]["text_tokens"] == tokens  # the benchmark's count is the server's tokenization
+        # the benchmark's count is the server's tokenization
+        assert r["input_metrics"]["text_tokens"] == tokens
         assert r["output_metrics"]["text_tokens"] == output_tokens  # ignore_eos: exactly what was asked
         sent_in += tokens
         sent_out += output_tokens
-    assert (after[0] - before[0], after[1] - before[1]) == (sent_in, sent_out)  # and the server's own counters
+    # and the server's own counters
+    assert (after[0] - before[0], after[1] - before[1]) == (sent_in, sent_out)

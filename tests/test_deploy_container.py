@@ -54,13 +54,14 @@ def image() -> str:
     if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
         pytest.fail(f"base image {BASE_IMAGE} is missing: run ../shared/tools/container-setup.sh")
     if not any(WHEELS.glob("torch-*.whl")):
-        pytest.fail(f"no torch wheel in {WHEELS} (set MEMDEC_WHEELS): the build would pull a multi-GB CUDA torch")
+        pytest.fail(f"no torch wheel in {WHEELS} (set MEMDEC_WHEELS): "
+                    "the build would pull a multi-GB CUDA torch")
     env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "WHEELS": str(WHEELS)}
     t0 = time.monotonic()
     res = subprocess.run(
         ["bash", str(REPO / "scripts" / "container-build-cpu.sh"), IMAGE],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
-    )  # fmt: skip
+    )
     assert res.returncode == 0, f"image build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
     print(f"\nimage {IMAGE} built in {time.monotonic() - t0:.0f} s")
     return IMAGE
@@ -83,7 +84,7 @@ def start(image: str, run_args: list[str], serve_args: list[str], ready_timeout:
     podman(
         "run", "-d", "--name", name, "--network", "host", "--health-interval", "disable",
         "-e", f"MEMDEC_PORT={port}", *run_args, image, "--port", str(port), *serve_args,
-    )  # fmt: skip
+    )  # fmt: skip  # flag/value pairs on one line
     running = Running(name, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -128,7 +129,7 @@ def mounted(image: str, tmp_path_factory: pytest.TempPathFactory, zoo) -> Iterat
         ],
         ["--model", "/models/base", "--registry", "/etc/memdec/registry.json", "--memory-root", "/memories",
          "--max-num-seqs", "4", "--shutdown-timeout", "10"],
-    )  # fmt: skip
+    )  # fmt: skip  # flag/value pairs on one line
     yield running
     stop(running)
 
@@ -152,11 +153,11 @@ def test_completions_from_the_container(mounted: Running):
     out = client.completions.create(
         model="base", prompt="The patient was given", max_tokens=6, temperature=0,
         extra_body={"memory": "med", "alpha": 0.6, "ignore_eos": True},
-    )  # fmt: skip
+    )
     assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
     assert isinstance(out.choices[0].text, str) and out.choices[0].text
     base_only = client.completions.create(model="base", prompt="The patient was given", max_tokens=6,
-                                          temperature=0, extra_body={"memory": None})  # fmt: skip
+                                          temperature=0, extra_body={"memory": None})
     assert base_only.usage.prompt_tokens == out.usage.prompt_tokens
     with pytest.raises(AuthenticationError):  # MEMDEC_API_KEY from the environment is enforced
         OpenAI(base_url=mounted.url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -165,17 +166,17 @@ def test_completions_from_the_container(mounted: Running):
 def test_hot_load_from_the_memory_volume(mounted: Running):
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     r = httpx.post(mounted.url + "/v1/memories", json={"name": "law", "path": "/memories/law"}, headers=admin,
-                   timeout=60)  # fmt: skip
+                   timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["id"] == "law"
     # Paths outside --memory-root are refused, with an OpenAI-shaped error.
     r = httpx.post(mounted.url + "/v1/memories", json={"name": "x", "path": "/models/base"}, headers=admin,
-                   timeout=60)  # fmt: skip
+                   timeout=60)
     assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
     r = httpx.post(
         mounted.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
         json={"model": "law", "prompt": "The court held", "max_tokens": 3, "temperature": 0},
-    )  # fmt: skip
+    )
     assert r.status_code == 200 and r.json()["memory"] == "law", r.text
 
 
@@ -203,7 +204,8 @@ def test_graceful_stop(image: str, tmp_path_factory: pytest.TempPathFactory, zoo
     shutil.copytree(zoo.base, models / "base")
     for p in [models, *models.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    running = start(image, ["-v", f"{models}:/models:ro"], ["--model", "/models/base", "--shutdown-timeout", "5"])
+    running = start(image, ["-v", f"{models}:/models:ro"],
+                    ["--model", "/models/base", "--shutdown-timeout", "5"])
     try:
         t0 = time.monotonic()
         podman("stop", "-t", "30", running.name, timeout=60)
@@ -224,7 +226,7 @@ def test_baked_demo_serves_without_flags(image: str):
         cards = httpx.get(running.url + "/v1/models", timeout=30).json()["data"]
         assert {"biomed", "legal", "finance"} <= {c["id"] for c in cards}, cards
         r = httpx.post(running.url + "/v1/completions", timeout=120,
-                       json={"prompt": "The patient", "max_tokens": 4, "memory": "biomed"})  # fmt: skip
+                       json={"prompt": "The patient", "max_tokens": 4, "memory": "biomed"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
     finally:
         stop(running)

@@ -34,11 +34,11 @@ MEMORY = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--max-len", "
 # ivfpq: the harder index to reproduce (a trained quantizer); 2 windows per forward and 64-query searches
 # make many shards of each stage out of a tiny corpus.
 STAGES = ["--context", "64", "--batch-size", "2", "--index", "ivfpq", "--nlist", "8", "--code-size", "8",
-          "--k", "8", "--search-batch", "64"]  # fmt: skip
+          "--k", "8", "--search-batch", "64"]  # fmt: skip  # flag/value pairs on one line
 TRAIN = ["--seq-len", "32", "--train-batch-size", "3", "--grad-accum", "2", "--max-steps", "4",
-         "--lr", "3e-3"]  # fmt: skip
+         "--lr", "3e-3"]  # fmt: skip  # flag/value pairs on one line
 FILES = ["datastore/tokens.npy", "datastore/values.npy", "datastore/keys.npy", "index/index.faiss",
-         "targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]  # fmt: skip
+         "targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _build(paths: dict[str, Path], out: Path) -> list[str]:
-    return ["memory", "build", "--base", str(paths["base"]), "--corpus", str(paths["corpus"]), "--out", str(out),
-            "--valid", str(paths["valid"]), "--alphas", "0.5", "--eval-max-tokens", "300",
-            "--name", "tiny", *STAGES, *MEMORY, *TRAIN, "--quiet"]  # fmt: skip
+    return ["memory", "build", "--base", str(paths["base"]), "--corpus", str(paths["corpus"]),
+            "--out", str(out), "--valid", str(paths["valid"]), "--alphas", "0.5", "--eval-max-tokens", "300",
+            "--name", "tiny", *STAGES, *MEMORY, *TRAIN,
+            "--quiet"]  # fmt: skip  # flag/value pairs on one line
 
 
-def _torchrun(args: list[str], env: dict[str, str] | None = None, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:  # fmt: skip
-    """`torchrun --standalone` (a free rendezvous port), two processes running `memdec memory …` from this checkout."""
+def _torchrun(args: list[str], env: dict[str, str] | None = None,
+              launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free rendezvous port), two processes running `memdec memory …` from this
+    checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *launcher,
-           "-m", "memories.cli", *args]  # fmt: skip
+           "-m", "memories.cli", *args]  # fmt: skip  # flag/value pairs on one line
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -171,7 +174,8 @@ def test_training_stopped_on_two_processes_resumes_on_one(tiny: dict[str, Path])
     work = Path(f"{tiny['one']}.work")
     out = tiny["root"] / "resumed"
     train = ["memory", "train", "--base", str(tiny["base"]), "--datastore", str(work / "datastore"),
-             "--targets", str(work / "targets"), "--out", str(out), *MEMORY, *TRAIN, "--quiet"]  # fmt: skip
+             "--targets", str(work / "targets"), "--out", str(out), *MEMORY, *TRAIN,
+             "--quiet"]  # fmt: skip  # flag/value pairs on one line
     part = _torchrun([*train, "--stop-after", "2"])
     assert part.returncode == 0, part.stderr[-3000:]
     assert (out / "checkpoint" / "trainer_state.json").is_file() and not (out / "model.safetensors").exists()
@@ -181,8 +185,9 @@ def test_training_stopped_on_two_processes_resumes_on_one(tiny: dict[str, Path])
 
 def test_datastore_command_on_two_processes_equals_one(tiny: dict[str, Path]) -> None:
     """`memory datastore` on its own, with its flat index beside the keys (index shards merged by rank 0)."""
-    args = ["memory", "datastore", "--base", str(tiny["base"]), "--corpus", str(tiny["corpus"]), "--context", "48",
-            "--batch-size", "3", "--index", "flat", "--quiet"]  # fmt: skip
+    args = ["memory", "datastore", "--base", str(tiny["base"]), "--corpus", str(tiny["corpus"]),
+            "--context", "48", "--batch-size", "3", "--index", "flat",
+            "--quiet"]  # fmt: skip  # flag/value pairs on one line
     one, two = tiny["root"] / "ds-one", tiny["root"] / "ds-two"
     assert main([*args, "--out", str(one)]) == 0
     run = _torchrun([*args, "--out", str(two)])
@@ -210,6 +215,6 @@ def test_one_process_commands_refuse_torchrun(
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     rc = main(["memory", "eval", "--base", str(tiny["base"]), "--memory", str(tiny["one"]),
-               "--valid", str(tiny["corpus"])])  # fmt: skip
+               "--valid", str(tiny["corpus"])])  # fmt: skip  # flag/value pairs on one line
     assert rc == 1
     assert "memdec memory eval runs in one process" in capsys.readouterr().err

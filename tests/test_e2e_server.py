@@ -27,7 +27,7 @@ def server(zoo, live_server):
         "--model", str(zoo.base), "--served-model-name", "tiny",
         "--memory", f"med={zoo.mem_llama}", "--memory", f"law={zoo.mem_qwen_padded}:0.3",
         "--admin-key", ADMIN_KEY, "--memory-root", str(zoo.base.parent),
-    ]  # fmt: skip
+    ]  # fmt: skip  # flag/value pairs on one line
     with live_server("e2e", args, env={"MEMDEC_API_KEY": API_KEY}) as s:
         yield s
 
@@ -52,7 +52,7 @@ def test_completion_with_memory_matches_reference(client, ref):
     resp = client.completions.create(
         model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2,
         extra_body={"memory": "med", "alpha": 0.5, "ignore_eos": True, "return_tokens_as_token_ids": True},
-    )  # fmt: skip
+    )
     assert resp.object == "text_completion" and resp.model == "tiny"
     assert resp.model_extra["memory"] == "med" and resp.model_extra["alpha"] == 0.5
     choice = resp.choices[0]
@@ -69,9 +69,9 @@ def test_completion_with_memory_matches_reference(client, ref):
 
 def test_streamed_text_equals_non_streamed_text(client):
     kwargs = dict(
-        model="tiny", prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=24, temperature=0.8, seed=42, logprobs=1,
-        extra_body={"memory": "med", "alpha": 0.6, "ignore_eos": True},
-    )  # fmt: skip
+        model="tiny", prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=24, temperature=0.8, seed=42,
+        logprobs=1, extra_body={"memory": "med", "alpha": 0.6, "ignore_eos": True},
+    )
     plain = client.completions.create(**kwargs)
     stream = client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
     texts: dict[int, str] = {}
@@ -98,8 +98,8 @@ def test_streamed_text_equals_non_streamed_text(client):
 
 
 def test_logprobs_and_echo(client):
-    resp = client.completions.create(model="med", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3, echo=True,
-                                     extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+    resp = client.completions.create(model="med", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3,
+                                     echo=True, extra_body={"return_tokens_as_token_ids": True})
     lp = resp.choices[0].logprobs
     assert resp.choices[0].text.startswith(PROMPT)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -110,12 +110,12 @@ def test_logprobs_and_echo(client):
 
 def test_perplexity_from_echo_equals_endpoint(client, server, ref):
     echo = client.completions.create(model="tiny", prompt=DOC, max_tokens=0, echo=True, logprobs=0,
-                                     extra_body={"memory": "med", "alpha": 0.5})  # fmt: skip
+                                     extra_body={"memory": "med", "alpha": 0.5})
     lps = echo.choices[0].logprobs.token_logprobs
     assert lps[0] is None
     from_echo = math.exp(-sum(lps[1:]) / len(lps[1:]))
     r = httpx.post(server.url + "/v1/perplexity", json={"input": DOC, "memory": "med", "alpha": [0.5, 0.0]},
-                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)  # fmt: skip
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert r.status_code == 200, r.text
     doc = r.json()["data"][0]
     assert doc["num_tokens"] == len(lps) - 1
@@ -146,7 +146,8 @@ def test_client_errors_surface_as_openai_exceptions(client, server):
 
 def test_hot_swap_over_http(client, server, zoo):
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    r = httpx.post(server.url + "/v1/memories", json={"name": "fin", "path": "mem_gpt2"}, headers=admin, timeout=60)
+    r = httpx.post(server.url + "/v1/memories", json={"name": "fin", "path": "mem_gpt2"}, headers=admin,
+                   timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["parent"] == "tiny"
     resp = client.completions.create(model="fin", prompt=PROMPT, max_tokens=3, temperature=0)

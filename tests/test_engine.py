@@ -47,12 +47,14 @@ def test_pure_endpoints_match_hf_generate(setup, memory):
     # Padded rows (the Qwen2 memory) must never win: tell generate so, as the engine does by construction.
     padded = {"suppress_tokens": list(range(base.vocab_size, rows))} if rows > base.vocab_size else {}
     # ignore_eos on our side = no EOS at all on HF's (min_new_tokens would *suppress* EOS instead).
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0, **padded)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, **padded)
     ref = ref[0, len(ids) :].tolist()
     alpha = 0.0 if memory is None else 1.0
     # block_size 4: 40 tokens cross many pages of both caches.
     engine = engine_for(setup, block_size=4)
-    out = run(engine, [greedy("r", ids, n=40, memory=memory, alpha=alpha), greedy("noise", prompt(base, "x y"), memory="fin", alpha=0.5)])
+    out = run(engine, [greedy("r", ids, n=40, memory=memory, alpha=alpha),
+                       greedy("noise", prompt(base, "x y"), memory="fin", alpha=0.5)])
     assert tokens_of(out["r"]) == ref
     assert_clean(engine)
 
@@ -75,7 +77,8 @@ CHURN = [  # rid, text, memory, alpha, tokens, joins before step
     [
         {},  # default pages (16 base tokens)
         {"block_size": 2},  # rows cross pages every step or two, in every model
-        {"block_size": 2, "num_gpu_blocks_override": 235, "max_num_seqs": 4},  # the long row alone nearly fills it: waits, preemptions
+        # the long row alone nearly fills it: waits, preemptions
+        {"block_size": 2, "num_gpu_blocks_override": 235, "max_num_seqs": 4},
     ],
     ids=["default", "small-pages", "tight-cache"],
 )
@@ -85,15 +88,18 @@ def test_mixed_distribution_matches_full_forward_reference_under_churn(setup, co
     base, _ = setup
     vocab = base.vocab_size
     long_text = " ".join(["the court held that the patient was given a dose of the statute"] * 9)
-    specs = [*CHURN, ("long", long_text, "med", 0.5, 3, 1)]  # past the first attended-blocks bucket (256 tokens)
-    reqs = {rid: greedy(rid, prompt(base, text), n=n, memory=m, alpha=a, logprobs=vocab) for rid, text, m, a, n, _ in specs}
+    # past the first attended-blocks bucket (256 tokens)
+    specs = [*CHURN, ("long", long_text, "med", 0.5, 3, 1)]
+    reqs = {rid: greedy(rid, prompt(base, text), n=n, memory=m, alpha=a, logprobs=vocab)
+            for rid, text, m, a, n, _ in specs}
     assert 280 < len(reqs["long"].prompt_token_ids) < 300  # the tight cache below is sized for it
     join: dict[int, list] = {}
     for rid, *_, at in specs:
         if at:
             join.setdefault(at, []).append(reqs[rid])
     engine = engine_for(setup, **config)
-    out = run(engine, [reqs[rid] for rid, *_, at in specs if at == 0], join, after_step=assert_pages_owned_once)
+    out = run(engine, [reqs[rid] for rid, *_, at in specs if at == 0], join,
+              after_step=assert_pages_owned_once)
     ref_specs = [(rid, reqs[rid].prompt_token_ids, m, a, n) for rid, _, m, a, n, _ in specs]
     worst = worst_error(out, ref_specs, setup)
     assert 0.0 < worst <= 1e-4, worst  # > 0: the two paths are really different computations
@@ -105,9 +111,13 @@ def test_an_echo_row_decoding_in_a_mixed_step_does_not_fail_the_prompts_beside_i
     that segment is its next token only (its prompt log-probs were sent), so a prompt chunk beside it runs (it
     used to trip the echo assertion: the step's prompts failed, and under tensor parallelism the server)."""
     base, registry = setup
-    engine = Engine(base, registry, EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True))
-    echo = GenerationRequest("e", prompt(base, "The court"), SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1), Mixture.one("med", 0.5))
-    other = greedy("x", prompt(base, "The patient was given a dose of the drug and"), n=3, memory="med", alpha=0.5)
+    engine = Engine(base, registry,
+                    EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True))
+    echo = GenerationRequest("e", prompt(base, "The court"),
+                             SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1),
+                             Mixture.one("med", 0.5))
+    other = greedy("x", prompt(base, "The patient was given a dose of the drug and"), n=3, memory="med",
+                   alpha=0.5)
     kinds = []
     step = engine.step
     engine.step = lambda: kinds.append((r := step()).kind) or r  # type: ignore[method-assign]
@@ -144,34 +154,42 @@ def test_same_result_alone_and_in_busy_batch(setup):
     base, _ = setup
     ids = prompt(base, "Once upon a time")
     sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    target = [greedy("g", ids, memory="med", alpha=0.6), GenerationRequest("s", ids, sampled, Mixture.one("law", 0.5))]
+    target = [greedy("g", ids, memory="med", alpha=0.6),
+              GenerationRequest("s", ids, sampled, Mixture.one("law", 0.5))]
     alone = run(engine_for(setup), target)
     crowd = [
-        GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=8 + i, temperature=1.0), Mixture.single(m, 0.5))
+        GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)),
+                          SamplingParams(max_tokens=8 + i, temperature=1.0), Mixture.single(m, 0.5))
         for i, m in enumerate(["med", "law", "fin", None, "med"])
     ]
     busy = run(engine_for(setup), crowd[:3] + target, {1: crowd[3:]})
     assert tokens_of(busy["g"]) == tokens_of(alone["g"])
     assert tokens_of(busy["s"]) == tokens_of(alone["s"])
-    other_seed = run(engine_for(setup), [GenerationRequest("s", ids, SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True), Mixture.one("law", 0.5))])
+    other_seed = run(engine_for(setup), [
+        GenerationRequest("s", ids, SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True),
+                          Mixture.one("law", 0.5))
+    ])
     assert tokens_of(other_seed["s"]) != tokens_of(alone["s"])
 
 
-@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}, {"temperature": 1.3, "top_k": 5}])
+@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8},
+                                    {"temperature": 1.3, "top_k": 5}])
 def test_sampled_tokens_follow_the_exact_mixture(setup, params):
     """4,000 seeded draws of the first token: a chi-square test against the mixture computed from full
     forwards of both models (with the same temperature / top-k / top-p transform)."""
     base, registry = setup
     ids = prompt(base, "The court held that")
     alpha, n = 0.6, 4000
-    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=1, seed=i, ignore_eos=True, **params), Mixture.one("law", alpha)) for i in range(n)]
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=1, seed=i, ignore_eos=True, **params),
+                              Mixture.one("law", alpha)) for i in range(n)]
     out = run(engine_for(setup), reqs)
     counts = torch.zeros(base.vocab_size)
     for r in reqs:
         counts[tokens_of(out[r.request_id])[0]] += 1
     logp = reference_logp(base.model, registry.loaded("law").model, list(ids), alpha, base.vocab_size)
     logits = (logp / params["temperature"]).unsqueeze(0)
-    logits = apply_top_k_top_p(logits, torch.tensor([params.get("top_k", 0)]), torch.tensor([params.get("top_p", 1.0)]))[0]
+    logits = apply_top_k_top_p(logits, torch.tensor([params.get("top_k", 0)]),
+                               torch.tensor([params.get("top_p", 1.0)]))[0]
     stat, df = chi_square(counts, logits.softmax(-1))
     assert df >= 3, "the test needs several likely tokens"
     assert stat < chi_square_critical(df), (stat, df)
@@ -189,7 +207,8 @@ def test_padded_vocabulary_never_gets_probability(setup):
     base, registry = setup
     lm = registry.loaded("law")
     assert lm.model.get_output_embeddings().weight.shape[0] > base.vocab_size
-    out = run(engine_for(setup), [greedy("p", prompt(base, "The court"), n=4, memory="law", alpha=1.0, logprobs=base.vocab_size)])
+    out = run(engine_for(setup), [greedy("p", prompt(base, "The court"), n=4, memory="law", alpha=1.0,
+                                         logprobs=base.vocab_size)])
     for lp in logprobs_of(out["p"]):
         assert len(lp.top) == base.vocab_size and all(t < base.vocab_size for t, _ in lp.top)
         total = torch.logsumexp(torch.tensor([v for _, v in lp.top]), 0).item()
@@ -212,7 +231,8 @@ def test_stop_conditions(setup):
         assert out[-1].finish_reason is FinishReason.STOP and out[-1].stop_reason == stop
         assert out[-1].num_output_tokens == len(tokens_of(out)) < 12
         assert_clean(engine)  # the engine ended the request when the stop string matched
-    eos_model = run(engine_for(setup), [GenerationRequest("e", ids, SamplingParams(max_tokens=5, temperature=0))])["e"]
+    eos_model = run(engine_for(setup),
+                    [GenerationRequest("e", ids, SamplingParams(max_tokens=5, temperature=0))])["e"]
     assert eos_model[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
     assert len(tokens_of(eos_model)) <= 5
 
@@ -224,7 +244,8 @@ def test_validation_errors(setup):
         engine.add_request(greedy("x", (base.vocab_size,)))
     with pytest.raises(InvalidRequestError, match="maximum context length is 512"):
         engine.add_request(greedy("x", (1, 2, 3), n=510))
-    with pytest.raises(InvalidRequestError, match="alpha"), mixture_errors():  # refused where the mixture is built
+    # refused where the mixture is built
+    with pytest.raises(InvalidRequestError, match="alpha"), mixture_errors():
         engine.add_request(greedy("x", (1, 2), memory="med", alpha=1.5))
     with pytest.raises(NotFoundError):
         engine.add_request(greedy("x", (1, 2), memory="nope", alpha=0.5))
@@ -238,7 +259,8 @@ def test_request_larger_than_the_kv_cache_is_refused_and_a_flood_waits(setup):
     with pytest.raises(InvalidRequestError, match="KV cache") as err:
         engine.add_request(greedy("big", tuple(range(5, 85)), n=60, memory="med", alpha=0.5))
     assert err.value.code == "kv_cache_too_small" and not engine.has_unfinished()
-    flood = [greedy(f"f{i}", prompt(base, f"flood {i} of requests"), n=20, memory=["med", "law", None][i % 3], alpha=0.5)
+    flood = [greedy(f"f{i}", prompt(base, f"flood {i} of requests"), n=20, memory=["med", "law", None][i % 3],
+                    alpha=0.5)
              for i in range(12)]
     waited = run(engine, flood)
     roomy = run(engine_for(setup), flood)
@@ -302,7 +324,8 @@ def test_memory_failure_fails_only_its_requests(setup, zoo):
     registry.load("med", str(zoo.mem_llama))
     registry.load("fin", str(zoo.mem_gpt2))
     engine = Engine(base, registry, EngineConfig())
-    reqs = [greedy("ok", prompt(base, "a b c"), n=6, memory="fin", alpha=0.5), greedy("bad", prompt(base, "a b"), n=6, memory="med", alpha=0.5)]
+    reqs = [greedy("ok", prompt(base, "a b c"), n=6, memory="fin", alpha=0.5),
+            greedy("bad", prompt(base, "a b"), n=6, memory="med", alpha=0.5)]
     alone = run(Engine(base, registry, EngineConfig()), [reqs[0]])
     fail_at = {"n": 0}
 
@@ -317,7 +340,8 @@ def test_memory_failure_fails_only_its_requests(setup, zoo):
     finally:
         handle.remove()
     assert out["bad"][-1].finish_reason is FinishReason.ERROR and "simulated OOM" in out["bad"][-1].error
-    assert tokens_of(out["ok"]) == tokens_of(alone["ok"]) and out["ok"][-1].finish_reason is FinishReason.LENGTH
+    assert (tokens_of(out["ok"]) == tokens_of(alone["ok"])
+            and out["ok"][-1].finish_reason is FinishReason.LENGTH)
     assert registry.users("med") == 0
     assert_clean(engine)
 
@@ -363,7 +387,8 @@ def test_unload_while_in_use_finishes_then_frees(setup, zoo):
     outs = []
     while engine.has_unfinished():
         outs += engine.step().outputs
-    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].num_output_tokens == 8
+    assert (outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+            and outs[-1].num_output_tokens == 8)
     gc.collect()
     assert model_ref() is None and registry.list() == []
     assert_clean(engine)
@@ -372,7 +397,8 @@ def test_unload_while_in_use_finishes_then_frees(setup, zoo):
 def test_echo_prompt_logprobs_are_mixed(setup):
     base, registry = setup
     ids = prompt(base, "The court held that the statute")
-    req = GenerationRequest("e", ids, SamplingParams(max_tokens=0, prompt_logprobs=3), Mixture.one("law", 0.4))
+    req = GenerationRequest("e", ids, SamplingParams(max_tokens=0, prompt_logprobs=3),
+                            Mixture.one("law", 0.4))
     out = run(engine_for(setup), [req])["e"]
     plps = out[0].prompt_logprobs
     assert plps[0] is None and len(plps) == len(ids) and out[-1].num_output_tokens == 0
@@ -390,7 +416,9 @@ def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
     engine = engine_for(setup, block_size=2)
     reqs = [
         greedy("a", prompt(base, "The patient was"), n=30, memory="med", alpha=0.6, logprobs=3),
-        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), Mixture.one("law", 0.4)),
+        GenerationRequest("b", prompt(base, "The court"),
+                          SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+                          Mixture.one("law", 0.4)),
         greedy("c", prompt(base, "Once upon"), n=30),
     ]
     for r in reqs:
@@ -404,11 +432,13 @@ def test_one_host_read_per_steady_decode_step(setup, monkeypatch):
 
 def test_cache_kv_ops_truncate_and_leak_free(setup):
     """Slot bookkeeping under aborts, errors and unloads: every page and slot comes back. (Without prefix
-    caching: truncating into the prompt's published blocks is refused when it is on, see test_prefix_cache.)"""
+    caching: truncating into the prompt's published blocks is refused when it is on, see
+    test_prefix_cache.)"""
     base, registry = setup
     engine = engine_for(setup, block_size=2, enable_prefix_caching=False)
     for i in range(6):
-        engine.add_request(greedy(f"r{i}", prompt(base, f"request {i} about the patient"), n=20, memory=["med", "law", None][i % 3], alpha=0.5))
+        engine.add_request(greedy(f"r{i}", prompt(base, f"request {i} about the patient"), n=20,
+                                  memory=["med", "law", None][i % 3], alpha=0.5))
     for _ in range(4):
         engine.step()
     engine.abort_request("r0")
@@ -441,7 +471,8 @@ def test_cuda_streams_path_matches_cpu_reference(zoo):
     engine = Engine(base, registry, EngineConfig(use_cuda_streams=True))
     assert engine.runner.side_stream is not None
     ids = prompt(base, "The patient was given")
-    out = run(engine, [greedy("a", ids, n=6, memory="med", alpha=0.6, logprobs=base.vocab_size), greedy("b", ids, n=6)])
+    out = run(engine, [greedy("a", ids, n=6, memory="med", alpha=0.6, logprobs=base.vocab_size),
+                       greedy("b", ids, n=6)])
     mem = registry.loaded("med").model
     context = list(ids)
     for lp in logprobs_of(out["a"]):
@@ -503,14 +534,18 @@ def test_sliding_window_layers_match_the_reference(setup, tmp_path, engine_confi
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
     model.save_pretrained(tmp_path / "swa")
     tok.save_pretrained(tmp_path / "swa")
-    write_manifest(tmp_path / "swa", Manifest(name="swa", alpha=0.5, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
+    write_manifest(tmp_path / "swa",
+                   Manifest(name="swa", alpha=0.5, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
     registry = MemoryRegistry(base)
     registry.load("swa", str(tmp_path / "swa"))
     engine = Engine(base, registry, EngineConfig(block_size=4, **engine_config))
     vocab = base.vocab_size
-    texts = [("The patient was given a dose of the drug and", 0.5), ("The court", 1.0), ("The patient was given a dose of the drug and", 0.5)]
-    reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab) for i, (text, a) in enumerate(texts)]
-    out = run(engine, reqs[:2], {4: reqs[2:]}, after_step=assert_pages_owned_once)  # w2 hits w0's cached blocks
+    texts = [("The patient was given a dose of the drug and", 0.5), ("The court", 1.0),
+             ("The patient was given a dose of the drug and", 0.5)]
+    reqs = [greedy(f"w{i}", prompt(base, text), n=12, memory="swa", alpha=a, logprobs=vocab)
+            for i, (text, a) in enumerate(texts)]
+    # w2 hits w0's cached blocks
+    out = run(engine, reqs[:2], {4: reqs[2:]}, after_step=assert_pages_owned_once)
     specs = [(r.request_id, r.prompt_token_ids, "swa", r.mixture.terms[0].alpha, 12) for r in reqs]
     assert 0.0 < worst_error(out, specs, (base, registry)) <= 1e-4
     assert len(reqs[0].prompt_token_ids) > 8 and engine.runner.kv("swa").num_cached_blocks > 0

@@ -99,7 +99,7 @@ def hf_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
     x = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=eos)[0, len(prompt):].tolist()  # fmt: skip
+                             eos_token_id=None, pad_token_id=eos)[0, len(prompt):].tolist()
     assert len(out) == n
     return out
 
@@ -140,7 +140,8 @@ def test_a_gguf_base_on_a_cpu_runs_in_its_files_precision_by_default(g, zoo, qty
         quantize_model(reference, scheme)
         layer = base.model.model.layers[0].self_attn.q_proj
         assert isinstance(layer, Int4Linear if scheme == "int4" else Int8Linear)
-        # Q4_1 blocks re-quantize onto their own grid: only the bfloat16 scale and zero round (≤ 2^-8 relative).
+        # Q4_1 blocks re-quantize onto their own grid: only the bfloat16 scale and zero round (≤ 2^-8
+        # relative).
         if scheme == "int4":
             assert (layer.weight - stored_q).abs().max().item() <= 2**-7 * stored_q.abs().max().item()
     ids = g.tok(PROMPT)["input_ids"]
@@ -195,7 +196,7 @@ def test_broken_gguf_is_one_model_load_error_naming_the_file(g, kind):
 def test_serve_with_a_broken_gguf_exits_2_with_one_line_naming_the_file(g, kind, capsys):
     path = g.broken[kind]
     code = cli.main(["serve", "--model", str(path), "--host", "127.0.0.1", "--port", str(free_port()),
-                     "--log-level", "critical"])  # fmt: skip
+                     "--log-level", "critical"])  # fmt: skip  # flag/value pairs on one line
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -232,7 +233,7 @@ def _post(server, path: str, body: dict) -> httpx.Response:
 
 def _greedy(server, n: int, **body) -> list[int]:
     body = {"prompt": PROMPT, "temperature": 0, "max_tokens": n, "logprobs": 0, "ignore_eos": True,
-            "return_tokens_as_token_ids": True, **body}  # fmt: skip
+            "return_tokens_as_token_ids": True, **body}
     r = _post(server, "/v1/completions", body)
     assert r.status_code == 200, r.text
     return ids_of(r.json()["choices"][0]["logprobs"]["tokens"])
@@ -302,7 +303,7 @@ def test_tokenizer_flag_serves_a_gguf_with_that_directorys_tokenizer(g, zoo, liv
         assert (card["format"], card["quantization"]) == ("gguf", "Q4_1")
         r = _post(s, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0, "max_tokens": 5,
                                               "ignore_eos": True, "logprobs": True,
-                                              "return_tokens_as_token_ids": True})  # fmt: skip
+                                              "return_tokens_as_token_ids": True})
         assert r.status_code == 200, r.text
         ids = chat_ids(g.chat_tok)
         assert r.json()["usage"]["prompt_tokens"] == len(ids)
@@ -327,7 +328,7 @@ def test_train_init_from_a_gguf(g, corpus, tmp_path):
     out = tmp_path / "mem"
     assert memory_main(["memory", "train", "--base", str(g.base["F32"]), "--init-from", str(g.base["Q8_0"]),
                         "--corpus", str(corpus), "--out", str(out), "--max-steps", "2", "--name", "gmem",
-                        *TRAIN]) == 0  # fmt: skip
+                        *TRAIN]) == 0  # fmt: skip  # flag/value pairs on one line
     manifest = read_manifest(out)
     assert manifest.training["steps"] == 2 and manifest.tokenizer_fingerprint == tokenizer_fingerprint(g.tok)
     assert manifest.base_model == str(g.base["F32"].resolve())
@@ -344,7 +345,7 @@ def test_init_embeddings_from_a_gguf_are_its_embedding_on_its_top_singular_vecto
     assert memory_main(["memory", "train", "--base", str(g.base["F32"]), "--init-embeddings-from",
                         str(g.base["F32"]), "--hidden-size", str(r), "--layers", "1", "--heads", "4",
                         "--max-len", "64", "--corpus", str(corpus), "--out", str(out), "--max-steps", "1",
-                        "--lr", "0", *TRAIN]) == 0  # fmt: skip
+                        "--lr", "0", *TRAIN]) == 0  # fmt: skip  # flag/value pairs on one line
     model = load_causal_lm(out)
     mine = model.get_input_embeddings().weight.detach()  # [V, r]
     assert torch.equal(model.get_output_embeddings().weight, mine)  # tied: the output layer follows

@@ -1,8 +1,9 @@
-"""The GPU acceptance checks (a), (b), (d) and part of (f) of bench/gpu_acceptance.py on the demo models: `pytest -m gpu`.
+"""The GPU acceptance checks (a), (b), (d) and part of (f) of bench/gpu_acceptance.py on the demo models:
+`pytest -m gpu`.
 
 The demo models are its base (SmolLM2-135M-Instruct, the GGUF file pinned in demo/base.json) and its memories.
-Skipped without CUDA, or when the demo base is not installed (`python -m server.demo install`); the full script
-(real shapes, overlap trace, speed) is `python -m bench.gpu_acceptance`.
+Skipped without CUDA, or when the demo base is not installed (`python -m server.demo install`); the full
+script (real shapes, overlap trace, speed) is `python -m bench.gpu_acceptance`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,6 @@ def test_speculative_rounds_keep_greedy_tokens_and_make_no_implicit_sync(base):
     rounds (drafts on the device, verify graphs, acceptance) never synchronise implicitly."""
     assert spec_tokens_identical("cuda")
     engine, _ = engine_with(base, {"memory": str(DEMO / "memories" / "biomed")}, "cuda", "float32",
-                            max_num_seqs=8, speculative_tokens=4, speculative_adaptive=False)  # fmt: skip
+                            max_num_seqs=8, speculative_tokens=4, speculative_adaptive=False)
     result = steps_without_sync(engine, 10)
     assert result["ok"], result

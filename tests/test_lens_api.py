@@ -62,7 +62,8 @@ def test_token_logprobs_match_hf_and_the_totals(server, ref):
     lp = doc["logprobs"]
     assert doc["num_windows"] == 1 and lp["offset"] == 0
     assert lp["token_ids"] == ids and "".join(lp["tokens"]) == TEXT
-    assert lp["base"][0] is None and lp["memory"][0] is None and lp["mixed"][0] is None and lp["top_logprobs"][0] is None
+    assert (lp["base"][0] is None and lp["memory"][0] is None and lp["mixed"][0] is None
+            and lp["top_logprobs"][0] is None)
     base_ref = reference_logprobs(ref.base, ids, 512, 256, ref.vocab)
     mem_ref = reference_logprobs(ref.med, ids, 512, 256, ref.vocab)
     for t in range(1, len(ids)):
@@ -130,10 +131,12 @@ def test_parts_concatenate_to_the_whole(server, ref):
         assert part["num_tokens"] == sum(w.num_scored for w in windows[first : first + 4])
         parts.append(part)
         first += 4
-    joined = {key: [v for p in parts for v in p["logprobs"][key]] for key in whole["logprobs"] if key != "offset"}
+    joined = {key: [v for p in parts for v in p["logprobs"][key]]
+              for key in whole["logprobs"] if key != "offset"}
     assert joined["token_ids"] == whole["logprobs"]["token_ids"] == ids
     assert joined["tokens"] == whole["logprobs"]["tokens"] and "".join(joined["tokens"]) == text
-    assert [a is None for a in joined["top_logprobs"]] == [a is None for a in whole["logprobs"]["top_logprobs"]]
+    assert ([a is None for a in joined["top_logprobs"]]
+            == [a is None for a in whole["logprobs"]["top_logprobs"]])
     for key in ("base", "memory", "mixed"):
         assert joined[key][0] is None
         assert joined[key][1:] == pytest.approx(whole["logprobs"][key][1:], abs=1e-4)
@@ -152,7 +155,8 @@ def test_token_text_rebuilds_text_with_split_characters(server, ref):
     assert "".join(whole["logprobs"]["tokens"]) == UNICODE
     pieces = []
     for first in range(whole["num_windows"]):
-        pieces += perplexity(server, {**body, "first_window": first, "max_windows": 1})["data"][0]["logprobs"]["tokens"]
+        pieces += perplexity(server, {**body, "first_window": first,
+                                      "max_windows": 1})["data"][0]["logprobs"]["tokens"]
     assert pieces == whole["logprobs"]["tokens"]
 
 
@@ -182,7 +186,8 @@ def test_per_token_answers_are_bounded(server):
     err = assert_error(server.post("/v1/perplexity", {"input": ids, "logprobs": 0}), 400, "logprobs")
     assert "score the text in parts" in err["message"]
     part = perplexity(server, {"input": ids, "logprobs": 0, "first_window": 3, "max_windows": 2})["data"][0]
-    assert part["num_tokens"] == 512 and part["logprobs"]["offset"] == 4 * 256  # windows 3 and 4 score 256 each
+    # windows 3 and 4 score 256 each
+    assert part["num_tokens"] == 512 and part["logprobs"]["offset"] == 4 * 256
     assert perplexity(server, {"input": ids})["data"][0]["num_tokens"] == len(ids) - 1  # sums only: no bound
 
 
@@ -230,7 +235,8 @@ def test_lens_page_and_its_files_are_served_with_a_strict_policy(server):
         seen.add(path)
         r = server.get("/" + path)
         assert r.status_code == 200, path
-        assert r.headers["content-type"].split(";")[0] == {"js": "text/javascript", "css": "text/css"}[path.rsplit(".", 1)[1]]
+        assert (r.headers["content-type"].split(";")[0]
+                == {"js": "text/javascript", "css": "text/css"}[path.rsplit(".", 1)[1]])
         if path.endswith(".js"):
             code = r.text.replace('"http://www.w3.org/2000/svg"', "")  # SVG's namespace name, not a fetch
             assert "http://" not in code and "https://" not in code, f"{path} reaches outside the origin"

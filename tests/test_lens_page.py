@@ -24,7 +24,8 @@ import pytest
 from memories.mixing import mix_scalar
 from testkit.text import sample_text
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra has it)")
+playwright_api = pytest.importorskip("playwright.sync_api",
+                                     reason="pip install playwright (the dev extra has it)")
 
 API_KEY = "lens-secret"
 SCALE_NATS = 3.0  # the page's full-colour change (server/lens/mix.js)
@@ -52,8 +53,9 @@ def browser() -> Iterator[Any]:
 
 
 def _serve_args(zoo) -> list[str]:
-    return ["--model", str(zoo.base), "--memory", f"med={zoo.mem_llama}", "--memory", f"law={zoo.mem_qwen_padded}",
-            "--served-model-name", "tiny"]  # fmt: skip
+    return ["--model", str(zoo.base), "--memory", f"med={zoo.mem_llama}",
+            "--memory", f"law={zoo.mem_qwen_padded}",
+            "--served-model-name", "tiny"]  # fmt: skip  # flag/value pairs on one line
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,8 @@ class Page:
     def unexpected(self) -> list[str]:
         """Problems other than the console line Chromium writes for each refusal the test provoked."""
         codes = tuple(f"status of {code}" for code in self.refusals)
-        return [p for p in self.problems if not (p.startswith("console:") and codes and any(c in p for c in codes))]
+        return [p for p in self.problems
+                if not (p.startswith("console:") and codes and any(c in p for c in codes))]
 
 
 @pytest.fixture
@@ -193,7 +196,8 @@ def test_scoring_colours_every_token_and_shows_the_api_numbers(lens, server):
             "mix": pytest.approx(lp["mixed"][position], abs=6e-4),
         }, position
         rows = tab.eval_on_selector_all(
-            "#detail table tr:not(:first-of-type)", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+            "#detail table tr:not(:first-of-type)",
+            "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
         )
         top = lp["top_logprobs"][position]
         assert len(rows) == len(top)  # distinct tokens of both models' top 5, ranked by the mixture at α
@@ -218,11 +222,13 @@ def test_alpha_slider_recolours_and_plots_the_api_perplexity(lens, server):
     plotted = number(re.search(r"perplexity at α 0\.35: ([\d.]+)", readout).group(1))
     assert plotted == pytest.approx(at["alphas"][0]["perplexity"], abs=0.06)
     assert number(tab.text_content("#ppl-mix")) == plotted
-    marker = tab.eval_on_selector("#plot circle.current", "c => [Number(c.getAttribute('cx')), Number(c.getAttribute('cy'))]")
+    marker = tab.eval_on_selector("#plot circle.current",
+                                  "c => [Number(c.getAttribute('cx')), Number(c.getAttribute('cy'))]")
     tab.keyboard.press("End")
     tab.wait_for_function("() => document.getElementById('alpha-value').textContent === '1.00'")
     assert number(tab.text_content("#ppl-mix")) == pytest.approx(at["alphas"][2]["perplexity"], abs=0.06)
-    moved = tab.eval_on_selector("#plot circle.current", "c => [Number(c.getAttribute('cx')), Number(c.getAttribute('cy'))]")
+    moved = tab.eval_on_selector("#plot circle.current",
+                                 "c => [Number(c.getAttribute('cx')), Number(c.getAttribute('cy'))]")
     assert moved[0] > marker[0]
     default_x = tab.eval_on_selector("#plot line.default", "l => Number(l.getAttribute('x1'))")
     assert default_x == pytest.approx(52 + 0.4 * (360 - 52 - 12), abs=0.1)  # law's default α is 0.4
@@ -236,13 +242,17 @@ def test_compare_scores_the_text_under_every_memory(lens, server):
     assert tab.get_attribute("#tab-compare", "aria-selected") == "true" and tab.is_visible("#panel-compare")
     tab.click("#compare-run")
     tab.wait_for_function("() => document.getElementById('compare-status').textContent.endsWith('compared')")
-    rows = tab.eval_on_selector_all(".compare-row", "rs => rs.map(r => [r.dataset.memory, r.querySelector('.ppl').textContent])")
+    rows = tab.eval_on_selector_all(
+        ".compare-row", "rs => rs.map(r => [r.dataset.memory, r.querySelector('.ppl').textContent])"
+    )
     assert [r[0] for r in rows] == ["med", "law"]
     for name, text in rows:
         out = api(server, "/v1/perplexity", {"input": TEXT, "memory": name})["data"][0]
         base, mixed = (number(v) for v in re.search(r"perplexity ([\d.]+) → ([\d.]+)", text).groups())
-        assert (base, mixed) == (pytest.approx(out["base_perplexity"], abs=0.06), pytest.approx(out["perplexity"], abs=0.06))
-    strips = tab.eval_on_selector_all(".compare-row .tokens", "ss => ss.map(s => s.querySelectorAll('.help, .hurt').length)")
+        assert (base, mixed) == (pytest.approx(out["base_perplexity"], abs=0.06),
+                                 pytest.approx(out["perplexity"], abs=0.06))
+    strips = tab.eval_on_selector_all(".compare-row .tokens",
+                                      "ss => ss.map(s => s.querySelectorAll('.help, .hurt').length)")
     assert all(n > 0 for n in strips)
 
 
@@ -256,10 +266,13 @@ def test_generate_streams_both_sides(lens, server):
     tab.fill("#gen-seed", "7")
     tab.fill("#gen-max", "12")
     streamed: list[str] = []
-    tab.on("response", lambda r: r.url.endswith("/v1/completions") and streamed.append(r.headers["content-type"]))
+    tab.on("response",
+           lambda r: r.url.endswith("/v1/completions") and streamed.append(r.headers["content-type"]))
     tab.click("#generate-run")
     for side in ("base", "mem"):
-        tab.wait_for_function(f"() => document.getElementById('gen-{side}-status').textContent.startsWith('done')")
+        tab.wait_for_function(
+            f"() => document.getElementById('gen-{side}-status').textContent.startsWith('done')"
+        )
     assert len(streamed) == 2 and all(t.startswith("text/event-stream") for t in streamed)
     common = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 7}
     for side, extra in (("base", {"memory": None}), ("mem", {"memory": "law", "alpha": 0.4})):
@@ -305,7 +318,8 @@ def test_text_is_readable_in_both_colour_schemes(browser, server, scheme):
     colours = tab.evaluate(
         """() => {
         const style = (el) => getComputedStyle(el);
-        const tok = document.querySelector('#tokens .tok.help') || document.querySelector('#tokens .tok.hurt');
+        const tok = document.querySelector('#tokens .tok.help')"""
+        """ || document.querySelector('#tokens .tok.hurt');
         tok.style.setProperty('--a', '1');  // the strongest colour a token can get
         const hurt = document.querySelector('#tokens .tok.hurt');
         if (hurt) hurt.style.setProperty('--a', '1');
@@ -331,7 +345,8 @@ def test_text_is_readable_in_both_colour_schemes(browser, server, scheme):
 
 def test_a_wrong_api_key_shows_the_servers_message(browser, zoo, live_server):
     with live_server("lens-keyed", [*_serve_args(zoo), "--api-key", API_KEY]) as keyed:
-        refusal = httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["message"]
+        refusal = httpx.get(keyed.url + "/v1/models",
+                            headers={"Authorization": "Bearer wrong"}).json()["error"]["message"]
         page = Page(browser, keyed.url)
         page.refusals.add(401)  # the page's first look, and the wrong key
         tab = page.open()

@@ -38,7 +38,8 @@ ROWS = [  # rid, text, memory, alpha, memory temperature, tokens
 
 
 @torch.no_grad()
-def reference(base_model, mem_model, context: list[int], alpha: float, temperature: float, vocab: int) -> torch.Tensor:
+def reference(base_model, mem_model, context: list[int], alpha: float, temperature: float,
+              vocab: int) -> torch.Tensor:
     """The formula, from one full forward of each model (float32)."""
     ids = torch.tensor([context])
     base = torch.log_softmax(base_model(ids).logits[0, -1, :vocab].float(), -1)
@@ -52,8 +53,9 @@ def reference(base_model, mem_model, context: list[int], alpha: float, temperatu
 
 def requests(base, logprobs: int) -> dict[str, GenerationRequest]:
     return {
-        rid: GenerationRequest(rid, prompt(base, text), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                               logprobs=logprobs), Mixture.single(m, a, t))  # fmt: skip
+        rid: GenerationRequest(rid, prompt(base, text),
+                               SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                              logprobs=logprobs), Mixture.single(m, a, t))
         for rid, text, m, a, t, n in ROWS
     }
 
@@ -64,13 +66,15 @@ def worst(out, reqs, setup) -> float:
     err = 0.0
     for rid, r in reqs.items():
         mem = registry.loaded(r.mixture.names[0]).model if r.mixture.terms else None
-        alpha, temperature = (r.mixture.terms[0].alpha, r.mixture.terms[0].temperature) if r.mixture.terms else (0.0, 1.0)
+        alpha, temperature = ((r.mixture.terms[0].alpha, r.mixture.terms[0].temperature) if r.mixture.terms
+                              else (0.0, 1.0))
         context = list(r.prompt_token_ids)
         lps = logprobs_of(out[rid])
         assert len(lps) == r.params.max_tokens
         for lp in lps:
             got = dense_logp(lp, vocab)
-            err = max(err, (got - reference(base.model, mem, context, alpha, temperature, vocab)).abs().max().item())
+            err = max(err, (got - reference(base.model, mem, context, alpha, temperature,
+                                            vocab)).abs().max().item())
             context.append(lp.token_id)
     return err
 
@@ -83,7 +87,8 @@ def test_every_step_equals_the_formula_with_per_row_temperatures(setup):
     assert worst(out, reqs, setup) <= 1e-4
     assert_clean(engine)
     # The temperature matters: the same row at T = 1 decodes differently.
-    plain = {**reqs, "a": GenerationRequest("a", reqs["a"].prompt_token_ids, reqs["a"].params, Mixture.one("med", 0.6))}
+    plain = {**reqs, "a": GenerationRequest("a", reqs["a"].prompt_token_ids, reqs["a"].params,
+                                            Mixture.one("med", 0.6))}
     assert tokens_of(run(Engine(*setup, EngineConfig()), [plain["a"]])["a"]) != tokens_of(out["a"])
 
 
@@ -106,7 +111,8 @@ def test_speculative_mixing_stays_exact_with_tempered_memories(setup, k):
 def test_echo_logprobs_use_the_tempered_memory(setup):
     base, registry = setup
     ids = prompt(base, "The patient was given a dose of")
-    r = GenerationRequest("p", ids, SamplingParams(max_tokens=0, prompt_logprobs=base.vocab_size), Mixture.one("med", 0.5, 0.6))  # fmt: skip
+    r = GenerationRequest("p", ids, SamplingParams(max_tokens=0, prompt_logprobs=base.vocab_size),
+                          Mixture.one("med", 0.5, 0.6))
     out = run(Engine(*setup, EngineConfig()), [r])["p"]
     echo = out[0].prompt_logprobs
     assert echo is not None and echo[0] is None
@@ -145,8 +151,10 @@ def test_a_bad_temperature_is_the_clients_mistake(setup):
     base, _ = setup
     engine = Engine(*setup, EngineConfig())
     for t in (0.0, -1.0, float("nan"), 1e9):
-        with pytest.raises(InvalidRequestError) as err, mixture_errors():  # a mixture is refused where it is built
-            engine.add_request(GenerationRequest("z", prompt(base, "x"), SamplingParams(max_tokens=2), Mixture.one("med", 0.5, t)))
+        # a mixture is refused where it is built
+        with pytest.raises(InvalidRequestError) as err, mixture_errors():
+            engine.add_request(GenerationRequest("z", prompt(base, "x"), SamplingParams(max_tokens=2),
+                                                 Mixture.one("med", 0.5, t)))
         assert err.value.param == "memory_temperature"
     assert_clean(engine)
 
@@ -160,7 +168,8 @@ def test_sampled_speculative_tokens_follow_the_tempered_mixture(setup):
     ids = prompt(base, "The patient was")
     n = 1500
     engine = Engine(*setup, EngineConfig(speculative_tokens=1, speculative_adaptive=False, max_num_seqs=256))
-    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True), Mixture.one("med", alpha, temp)) for i in range(n)]  # fmt: skip
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True),
+                              Mixture.one("med", alpha, temp)) for i in range(n)]
     out = run(engine, reqs)
     mem = registry.loaded("med").model
 

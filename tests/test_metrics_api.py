@@ -33,7 +33,7 @@ DOC = "The court held that the statute applies to the contract signed last year.
 BODY_LIMIT = 16 * 1024
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "memdec.json"
 LATENCY = ("time_to_first_token", "e2e_request_latency", "request_queue_time", "request_prefill_time",
-           "request_decode_time")  # fmt: skip
+           "request_decode_time")
 PHASES = ("schedule", "base_forward", "memory_forward", "mix_sample")
 
 Samples = dict[tuple[str, frozenset], float]
@@ -136,11 +136,13 @@ def test_generation_requests_move_latency_and_token_metrics_exactly(server):
     before = scrape(server)
     t0 = time.monotonic()
     a = server.complete(prompt=PROMPT, max_tokens=5, temperature=0, ignore_eos=True)  # the base alone
-    r = server.post("/v1/completions", {"prompt": OTHER, "memory": "med", "alpha": 0.5, "n": 2, "max_tokens": 4,
-                                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    r = server.post("/v1/completions", {"prompt": OTHER, "memory": "med", "alpha": 0.5, "n": 2,
+                                        "max_tokens": 4, "ignore_eos": True, "stream": True,
+                                        "stream_options": {"include_usage": True}})
     assert r.status_code == 200
     b_usage = sse_events(r.text)[-2]["usage"]
-    c = server.complete(prompt=PROMPT, memory="law", alpha=0.0, max_tokens=3, ignore_eos=True)  # alpha 0 = the base
+    # alpha 0 = the base
+    c = server.complete(prompt=PROMPT, memory="law", alpha=0.0, max_tokens=3, ignore_eos=True)
     d = server.complete(prompt=DOC, memory="med", max_tokens=0, echo=True, logprobs=0)  # prompt scoring only
     wall = time.monotonic() - t0
     wait_idle(server)
@@ -161,7 +163,7 @@ def test_generation_requests_move_latency_and_token_metrics_exactly(server):
         "med": {"time_to_first_token": 2, "e2e_request_latency": 3, "request_queue_time": 3,
                 "request_prefill_time": 2, "request_decode_time": 2, "inter_token_latency": 2 * 3},
         "law": dict.fromkeys((*LATENCY, "inter_token_latency"), 0),
-    }  # fmt: skip
+    }  # fmt: skip  # a table: one row per memory
     for memory, counts in expected_counts.items():
         for metric, n in counts.items():
             got = delta(before, after, f"memdec_{metric}_seconds_count", memory=memory)
@@ -171,12 +173,11 @@ def test_generation_requests_move_latency_and_token_metrics_exactly(server):
         e2e = delta(before, after, "memdec_e2e_request_latency_seconds_sum", memory=memory)
         assert 0 < ttft <= e2e <= wall * 3  # med: 3 requests, each within the wall time
         # the +Inf bucket holds every observation
-        assert delta(before, after, "memdec_e2e_request_latency_seconds_bucket", memory=memory, le="+Inf") == (
-            expected_counts[memory]["e2e_request_latency"]
-        )
-    # Sequential requests: 5 + (1 + 3) + 3 + 1 engine steps, each timing all four phases; one or two more if b's
-    # two samples (submitted concurrently) reached the engine thread one or two steps apart: the second one's
-    # prompt then runs beside the first one's decode and its last token comes one or two steps later.
+        assert delta(before, after, "memdec_e2e_request_latency_seconds_bucket", memory=memory,
+                     le="+Inf") == expected_counts[memory]["e2e_request_latency"]
+    # Sequential requests: 5 + (1 + 3) + 3 + 1 engine steps, each timing all four phases; one or two more if
+    # b's two samples (submitted concurrently) reached the engine thread one or two steps apart: the second
+    # one's prompt then runs beside the first one's decode and its last token comes one or two steps later.
     steps = {delta(before, after, "memdec_step_phase_seconds_count", phase=phase) for phase in PHASES}
     assert len(steps) == 1 and steps.pop() in (13, 14, 15)
     assert delta(before, after, "memdec_step_phase_seconds_sum", phase="base_forward") > 0
@@ -186,7 +187,8 @@ def test_generation_requests_move_latency_and_token_metrics_exactly(server):
 
 
 def test_finish_reasons_statuses_and_endpoints(server):
-    first = server.complete(prompt=PROMPT, max_tokens=1, temperature=0, logprobs=0, return_tokens_as_token_ids=True)
+    first = server.complete(prompt=PROMPT, max_tokens=1, temperature=0, logprobs=0,
+                            return_tokens_as_token_ids=True)
     stop_id = int(first["choices"][0]["logprobs"]["tokens"][0].split(":")[1])
     before = scrape(server)
     stopped = server.complete(prompt=PROMPT, max_tokens=5, temperature=0, stop_token_ids=[stop_id])
@@ -195,7 +197,8 @@ def test_finish_reasons_statuses_and_endpoints(server):
     mixed = server.complete(prompt=[PROMPT, OTHER], max_tokens=3, temperature=0, stop_token_ids=[stop_id])
     reasons = {c["finish_reason"] for c in mixed["choices"]}
     mixed_reason = "length" if "length" in reasons else "stop"
-    assert_error(server.post("/v1/completions", {"prompt": PROMPT, "memory": "med", "alpha": 3}), 400, "alpha")
+    assert_error(server.post("/v1/completions", {"prompt": PROMPT, "memory": "med", "alpha": 3}), 400,
+                 "alpha")
     assert_error(server.post("/v1/completions", {"prompt": PROMPT, "memory": "nope"}), 404, "memory")
     assert_error(server.post("/v1/completions", {"prompt": "x" * (BODY_LIMIT + 1)}), 413)
     assert_error(server.get("/v1/completions"), 405)
@@ -220,7 +223,7 @@ def test_finish_reasons_statuses_and_endpoints(server):
         ("perplexity", "400", "none"): 1,
         ("models", "200", "none"): 2,
         ("memories", "200", "none"): 1,
-    })  # fmt: skip
+    })
     assert requests_delta(before, after) == expected
     # Refused requests never reached the engine: only the two completions generated.
     gen = delta(before, after, "memdec_generation_tokens_total", memory="none")
@@ -266,8 +269,10 @@ def test_perplexity_requests(server):
     assert delta(before, after, "memdec_perplexity_request_seconds_count", memory="med") == 1
     assert delta(before, after, "memdec_perplexity_request_seconds_count", memory="none") == 1
     assert 0 < delta(before, after, "memdec_perplexity_request_seconds_sum", memory="med") < wall
-    assert delta(before, after, "memdec_prompt_tokens_total", memory="med") == mixed.json()["usage"]["prompt_tokens"]
-    assert delta(before, after, "memdec_prompt_tokens_total", memory="none") == base.json()["usage"]["prompt_tokens"]
+    assert (delta(before, after, "memdec_prompt_tokens_total", memory="med")
+            == mixed.json()["usage"]["prompt_tokens"])
+    assert (delta(before, after, "memdec_prompt_tokens_total", memory="none")
+            == base.json()["usage"]["prompt_tokens"])
     assert delta(before, after, "memdec_generation_tokens_total", memory="med") == 0
     assert requests_delta(before, after) == Counter({("perplexity", "200", "none"): 2})
 
@@ -294,12 +299,13 @@ def test_hot_loads_unloads_and_their_results(server, zoo):
     assert get(after, "memdec_memories_loaded") == 2
     assert ("memdec_memory_parameters", frozenset({("memory", "fin")})) not in after
     # A memory's latency series outlive it (requests in flight may still finish with its label).
-    assert delta(before, after, "memdec_generation_tokens_total", memory="fin") == used["usage"]["completion_tokens"]
+    assert (delta(before, after, "memdec_generation_tokens_total", memory="fin")
+            == used["usage"]["completion_tokens"])
     assert delta(before, after, "memdec_e2e_request_latency_seconds_count", memory="fin") == 1
     assert requests_delta(before, after) == Counter({
         ("memories", "200", "none"): 2, ("memories", "400", "none"): 3, ("memories", "409", "none"): 1,
         ("memories", "403", "none"): 1, ("completions", "200", "length"): 1,
-    })  # fmt: skip
+    })
 
 
 def test_queue_full_and_engine_stop_are_counted(zoo):
@@ -323,10 +329,12 @@ def test_queue_full_and_engine_stop_are_counted(zoo):
 
         async def stop_under_requests():
             engine = s.serving.engine
-            async with s.client.stream("POST", "/v1/completions", json={**body, "max_tokens": 400, "stream": True}) as r:
+            async with s.client.stream("POST", "/v1/completions",
+                                       json={**body, "max_tokens": 400, "stream": True}) as r:
                 lines = r.aiter_lines()
                 await anext(lines)
-                plain = asyncio.ensure_future(s.client.post("/v1/completions", json={**body, "max_tokens": 400}))
+                plain = asyncio.ensure_future(s.client.post("/v1/completions",
+                                                            json={**body, "max_tokens": 400}))
                 while engine.num_waiting == 0:
                     await asyncio.sleep(0.01)
                 await asyncio.to_thread(engine.shutdown)
@@ -335,7 +343,8 @@ def test_queue_full_and_engine_stop_are_counted(zoo):
 
         rest, plain = s.call(stop_under_requests)
         events = [line for line in rest if line]
-        assert events[-1] == "data: [DONE]" and set(json.loads(events[-2].removeprefix("data: "))) == {"error"}
+        assert (events[-1] == "data: [DONE]"
+                and set(json.loads(events[-2].removeprefix("data: "))) == {"error"})
         assert_error(plain, 503)
         after = scrape(s)
         assert requests_delta(mid, after) == Counter(
@@ -344,7 +353,8 @@ def test_queue_full_and_engine_stop_are_counted(zoo):
 
 
 def test_failed_start_up_load_is_counted_and_metrics_still_served(zoo):
-    config = ServerConfig(model=ModelConfig(str(zoo.base)), memories=(MemorySpec("alien", str(zoo.mem_foreign)),))
+    config = ServerConfig(model=ModelConfig(str(zoo.base)),
+                          memories=(MemorySpec("alien", str(zoo.mem_foreign)),))
     with InProcessServer(config, wait=False) as s:
         deadline = time.monotonic() + 60
         while s.state.phase.value != "failed" and time.monotonic() < deadline:
@@ -364,14 +374,14 @@ API_KEY = "metrics-user-key"
 @pytest.fixture(scope="module")
 def live(zoo, live_server):
     args = ["--model", str(zoo.base), "--served-model-name", "tiny", "--memory", f"med={zoo.mem_llama}",
-            "--api-key", API_KEY]  # fmt: skip
+            "--api-key", API_KEY]  # fmt: skip  # flag/value pairs on one line
     with live_server("metrics", args) as s:
         auth = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=s.url, headers=auth, timeout=60) as c:
             # traffic on every path that fills a series: memory, base, stream, perplexity, a refusal
             for body in ({"prompt": PROMPT, "memory": "med", "max_tokens": 4, "ignore_eos": True},
                          {"prompt": PROMPT, "max_tokens": 3, "ignore_eos": True, "stream": True},
-                         {"prompt": PROMPT, "memory": "med", "alpha": 2}):  # fmt: skip
+                         {"prompt": PROMPT, "memory": "med", "alpha": 2}):
                 c.post("/v1/completions", json=body)
             assert c.post("/v1/perplexity", json={"input": DOC, "memory": "med"}).status_code == 200
         yield s
@@ -398,7 +408,8 @@ def test_live_metrics_need_no_api_key_and_negotiate_the_format(live):
 def test_promtool_accepts_the_live_exposition(live):
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not found: `apt-get install prometheus` (.ci/run does) to lint the live /metrics")
+        pytest.skip("promtool not found: `apt-get install prometheus` (.ci/run does) "
+                    "to lint the live /metrics")
     body = httpx.get(live.url + "/metrics").content
     assert b'memory="med"' in body
     res = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
@@ -429,4 +440,6 @@ def test_dashboard_queries_match_the_live_series(live):
         used |= set(re.findall(r"label_values\(\w+,\s*(\w+)\)", query))
         used -= {"instance"}
         for label in used:
-            assert any(label in labels_of[n] for n in names), f"no series in {query!r} carries label {label!r}"
+            assert any(label in labels_of[n] for n in names), (
+                f"no series in {query!r} carries label {label!r}"
+            )

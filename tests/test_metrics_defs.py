@@ -73,13 +73,14 @@ def exercise(m: Metrics) -> None:
     m.memory_load_result("success")
     m.memory_load_result("invalid")
     m.set_queue(running=3, waiting=5)
-    m.observe_step({"schedule": 0.00004, "base_forward": 0.02, "memory_forward": 0.003, "mix_sample": 0.0007}, 3)
+    m.observe_step({"schedule": 0.00004, "base_forward": 0.02, "memory_forward": 0.003, "mix_sample": 0.0007},
+                   3)
     m.observe_request_finished(
         "med", queue_s=0.0002, e2e_s=1.3, ttft_s=0.1, prefill_s=0.0998, decode_s=1.2,
         itl=[0.3, 0.3, 0.6], prompt_tokens=11, generation_tokens=4,
-    )  # fmt: skip
+    )
     m.observe_request_finished(None, queue_s=0.01, e2e_s=0.02, ttft_s=0.02, prefill_s=0.01, decode_s=0.0,
-                               prompt_tokens=2, generation_tokens=1)  # fmt: skip
+                               prompt_tokens=2, generation_tokens=1)
     m.observe_perplexity("law", 2.0, tokens=100)
     m.request_done("completions", 200, FinishReason.STOP)
     m.request_done("perplexity", 200)
@@ -117,7 +118,7 @@ def test_request_finished_moves_histograms_and_token_counters():
     m.observe_request_finished(
         "med", queue_s=0.0002, e2e_s=1.3, ttft_s=0.1, prefill_s=0.0998, decode_s=1.2,
         itl=[0.3, 0.3, 0.6], prompt_tokens=11, generation_tokens=4,
-    )  # fmt: skip
+    )
     med = {"memory": "med"}
     assert val(m, "memdec_time_to_first_token_seconds_count", **med) == 1
     assert val(m, "memdec_time_to_first_token_seconds_sum", **med) == pytest.approx(0.1)
@@ -217,7 +218,8 @@ def test_steps_queue_and_requests():
     for phase in ("schedule", "base_forward", "memory_forward", "mix_sample"):
         assert val(m, "memdec_step_phase_seconds_count", phase=phase) == 0
     m.observe_step({"schedule": 0.00004, "base_forward": 0.02, "mix_sample": 0.0007}, batch_size=3)
-    m.observe_step({"schedule": 0.00004, "base_forward": 0.03, "memory_forward": 0.004, "mix_sample": 0.0007}, 5)
+    m.observe_step({"schedule": 0.00004, "base_forward": 0.03, "memory_forward": 0.004, "mix_sample": 0.0007},
+                   5)
     assert val(m, "memdec_step_phase_seconds_count", phase="base_forward") == 2
     assert val(m, "memdec_step_phase_seconds_sum", phase="base_forward") == pytest.approx(0.05)
     assert val(m, "memdec_step_phase_seconds_count", phase="memory_forward") == 1
@@ -286,7 +288,8 @@ def test_speculation_counts_drafted_and_accepted_tokens_per_memory():
 
 def test_prefix_cache_counts_queried_and_hit_tokens_per_cache():
     m = Metrics()
-    assert val(m, "memdec_prefix_cache_queries_total", cache="base") == 0  # exists from the start: a rate of 0
+    # exists from the start: a rate of 0
+    assert val(m, "memdec_prefix_cache_queries_total", cache="base") == 0
     assert val(m, "memdec_prefix_cache_hits_total", cache="memory") == 0
     m.observe_prefix_cache("base", 420, 400)
     m.observe_prefix_cache("base", 30, 0)
@@ -323,7 +326,8 @@ def test_openmetrics_negotiation():
     assert content_type.startswith("application/openmetrics-text")
     fams = {f.name: f for f in parse_openmetrics(body.decode())}
     assert fams["memdec_generation_tokens"].type == "counter"
-    assert any(s.value == 4 and s.labels == {"memory": "med"} for s in fams["memdec_generation_tokens"].samples)
+    assert any(s.value == 4 and s.labels == {"memory": "med"}
+               for s in fams["memdec_generation_tokens"].samples)
 
 
 def test_promtool_check_metrics():

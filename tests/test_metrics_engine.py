@@ -30,9 +30,13 @@ def test_requests_move_latency_token_and_step_metrics(zoo):
     try:
         async def main():
             reqs = [
-                GenerationRequest("a", (5, 6, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), Mixture.one("med", 0.5)),
-                GenerationRequest("b", (5, 6), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), Mixture()),
-                GenerationRequest("c", (8, 9), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), Mixture.one("med", 0.0)),
+                GenerationRequest("a", (5, 6, 7),
+                                  SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                                  Mixture.one("med", 0.5)),
+                GenerationRequest("b", (5, 6), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                                  Mixture()),
+                GenerationRequest("c", (8, 9), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                                  Mixture.one("med", 0.0)),
             ]
             async def consume(r):
                 return [o async for o in engine.generate(r)]
@@ -43,7 +47,8 @@ def test_requests_move_latency_token_and_step_metrics(zoo):
     finally:
         engine.shutdown()
     assert sample(metrics, "memdec_generation_tokens_total", memory="med") == 5
-    assert sample(metrics, "memdec_generation_tokens_total", memory="none") == 3 + 4  # alpha 0 = the base alone
+    # alpha 0 = the base alone
+    assert sample(metrics, "memdec_generation_tokens_total", memory="none") == 3 + 4
     assert sample(metrics, "memdec_prompt_tokens_total", memory="med") == 3
     assert sample(metrics, "memdec_time_to_first_token_seconds_count", memory="med") == 1
     assert sample(metrics, "memdec_time_to_first_token_seconds_count", memory="none") == 2

@@ -41,7 +41,8 @@ def _bigram_reference(model: _BigramLM, ids: torch.Tensor) -> torch.Tensor:
     return logp[ids[:-1], ids[1:]]
 
 
-@pytest.mark.parametrize(("context", "stride", "max_tokens"), [(8, 4, 64), (8, 7, 8), (5, 1, 20), (64, 32, 128)])
+@pytest.mark.parametrize(("context", "stride", "max_tokens"),
+                         [(8, 4, 64), (8, 7, 8), (5, 1, 20), (64, 32, 128)])
 def test_window_scorer_scores_every_token_once_in_order(context, stride, max_tokens):
     base, mem = _BigramLM(11, 0), _BigramLM(11, 1)
     ids = torch.randint(0, 11, (37,), generator=torch.Generator().manual_seed(2))
@@ -76,7 +77,8 @@ def test_window_batches_never_mix_shapes_and_respect_every_bound():
         for b in batches:
             assert len({(w.end - w.begin, w.num_scored) for w in b}) == 1
             assert len(b) * (b[0].end - b[0].begin) <= bounds.get("max_tokens", 10**9) or len(b) == 1
-            assert len(b) * b[0].num_scored * bounds.get("vocab_size", 1) <= bounds.get("max_logits", 10**9) or len(b) == 1
+            assert (len(b) * b[0].num_scored * bounds.get("vocab_size", 1)
+                    <= bounds.get("max_logits", 10**9) or len(b) == 1)
             assert len(b) <= bounds.get("max_windows", 10**9)
     assert windows[0] == Window(0, 16, 1)
 

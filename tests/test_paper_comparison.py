@@ -1,4 +1,5 @@
-"""bench/paper_comparison.py's own pieces, on tiny random-init models and arrays made here (nothing downloaded)."""
+"""bench/paper_comparison.py's own pieces, on tiny random-init models and arrays made here (nothing
+downloaded)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ pytest.importorskip("faiss")
 
 def tiny_llama(vocab: int = 61, seed: int = 0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg: dict[str, Any] = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3)  # fmt: skip
+    cfg: dict[str, Any] = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               initializer_range=0.3)
     cfg.update(kw)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
@@ -43,7 +45,8 @@ def test_knn_lm_mixture_is_lambda_p_knn_plus_one_minus_lambda_p_base():
             assert float(got[i]) == pytest.approx(want, rel=1e-4, abs=1e-5), (i, tau, lam)
     # A target no neighbour holds gets only the base's share.
     lone = pc.knn_target_logprob(dists[:1], ids[:1], values, np.array([vocab + 5]), 1.0)
-    assert float(pc.knn_mix(base_lp[:1], lone, 0.25)) == pytest.approx(float(base_lp[0]) + math.log(0.75), rel=1e-5)
+    assert float(pc.knn_mix(base_lp[:1], lone, 0.25)) == pytest.approx(float(base_lp[0]) + math.log(0.75),
+                                                                       rel=1e-5)
 
 
 def test_rag_scores_each_token_once_and_never_the_passage():
@@ -69,7 +72,8 @@ def test_rag_scores_each_token_once_and_never_the_passage():
     other = pc.rag_logprobs(model, ids, blocks, [p[::-1] + 1 for p in retrieved], vocab=61, context=context)
     assert not torch.allclose(got, other)
     with pytest.raises(ValueError, match="no context"):
-        pc.rag_logprobs(model, ids, blocks, [np.zeros(12, dtype=np.int64)] * len(blocks), vocab=61, context=context)
+        pc.rag_logprobs(model, ids, blocks, [np.zeros(12, dtype=np.int64)] * len(blocks), vocab=61,
+                        context=context)
 
 
 def test_passages_cut_documents_never_join_them():
@@ -84,14 +88,15 @@ def test_lora_rank_matches_peft_and_the_memory_size():
     peft = pytest.importorskip("peft")
     model = tiny_llama()
     for rank in (1, 3, 8):
-        wrapped = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=rank, target_modules=list(pc.LORA_TARGETS)))
+        wrapped = peft.get_peft_model(tiny_llama(),
+                                      peft.LoraConfig(r=rank, target_modules=list(pc.LORA_TARGETS)))
         trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         assert pc.lora_parameters(model, rank) == trainable
-    # The demo base's shape (SmolLM2-135M: 30 layers × 576, MLP 1536, 3 KV heads of 64): r = 46 is closest to the
-    # memory's 14,189,824 parameters (46 × 305,280 = 14,042,880; 47 would give 14,348,160).
+    # The demo base's shape (SmolLM2-135M: 30 layers × 576, MLP 1536, 3 KV heads of 64): r = 46 is closest to
+    # the memory's 14,189,824 parameters (46 × 305,280 = 14,042,880; 47 would give 14,348,160).
     with torch.device("meta"):
         smol = tiny_llama(vocab=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3)  # fmt: skip
+                          num_attention_heads=9, num_key_value_heads=3)
     assert pc.lora_parameters(smol, 1) == 305_280
     assert pc.lora_rank_for(smol, 14_189_824) == 46
 
@@ -105,7 +110,8 @@ def test_base_pass_matches_the_protocol_and_the_datastore_keys():
     torch.testing.assert_close(out["base"], pc.slice_logprobs(base, ids, 61))
     torch.testing.assert_close(out["memory"], pc.slice_logprobs(memory, ids, 61))
     assert out["targets"].tolist() == ids[1:].tolist() and out["x"].shape == (119, 8)
-    with torch.inference_mode(), capture_mlp_input(base) as cap:  # one window: key of target t = hidden at t − 1
+    # one window: key of target t = hidden at t − 1
+    with torch.inference_mode(), capture_mlp_input(base) as cap:
         base(input_ids=torch.as_tensor(ids)[None])
         hidden = cap.take()[0]
     torch.testing.assert_close(out["keys"].float(), hidden[:-1].to(torch.float16).float())

@@ -69,7 +69,8 @@ def test_perplexity_matches_reference_loop_and_alpha_list(engine):
     text = sample_text("legal", 6000)
     docs = [tuple(base.tokenizer(text[:1500]).input_ids), tuple(base.tokenizer(text[1500:1800]).input_ids)]
     alphas = (0.0, 0.3, 0.7, 1.0)
-    result = asyncio.run(engine.perplexity(PerplexityRequest("p", tuple(docs), sweep("law", alphas), context_length=128, stride=48)))
+    result = asyncio.run(engine.perplexity(PerplexityRequest("p", tuple(docs), sweep("law", alphas),
+                                                             context_length=128, stride=48)))
     for doc, got in zip(docs, result.documents, strict=True):
         ref_base, n = reference_nll(base.model, None, list(doc), 128, 48, 0.0, base.vocab_size)
         assert got.base.num_tokens == n == len(doc) - 1
@@ -77,7 +78,8 @@ def test_perplexity_matches_reference_loop_and_alpha_list(engine):
         for a, score in zip(alphas, got.mixed, strict=True):
             ref, _ = reference_nll(base.model, mem, list(doc), 128, 48, a, base.vocab_size)
             assert math.isclose(score.nll, ref, rel_tol=1e-4), (a, score.nll, ref)
-            single = asyncio.run(engine.perplexity(PerplexityRequest("s", (doc,), sweep("law", (a,)), 128, 48)))
+            single = asyncio.run(engine.perplexity(PerplexityRequest("s", (doc,), sweep("law", (a,)),
+                                                                     128, 48)))
             assert math.isclose(single.documents[0].mixed[0].nll, score.nll, rel_tol=1e-6)
         assert math.isclose(got.memory_alone.nll, got.mixed[-1].nll, rel_tol=1e-6)
         assert math.isclose(got.base.nll, got.mixed[0].nll, rel_tol=1e-6)
@@ -86,7 +88,8 @@ def test_perplexity_matches_reference_loop_and_alpha_list(engine):
 def test_perplexity_defaults_and_errors(engine):
     ids = tuple(range(1, 40))
     result = asyncio.run(engine.perplexity(PerplexityRequest("d", (ids,))))
-    assert result.context_length == min(1024, engine.base.max_model_len) and result.stride == result.context_length // 2
+    assert (result.context_length == min(1024, engine.base.max_model_len)
+            and result.stride == result.context_length // 2)
     assert result.documents[0].mixed == () and result.documents[0].base.num_tokens == len(ids) - 1
     with pytest.raises(InvalidRequestError):
         asyncio.run(engine.perplexity(PerplexityRequest("e", ((1,),))))

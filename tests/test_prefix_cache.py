@@ -62,11 +62,13 @@ SHARED = [  # rid, suffix, memory, alpha, tokens, joins before step
 
 def shared_workload(base, vocab: int):
     reqs = {rid: greedy(rid, prompt(base, SYSTEM + suffix), n=n, memory=m, alpha=a, logprobs=vocab)
-            for rid, suffix, m, a, n, _ in SHARED}  # fmt: skip
-    echo = GenerationRequest("echo", prompt(base, SYSTEM + "the end"), SamplingParams(max_tokens=2, temperature=0.0,
-                             prompt_logprobs=3, ignore_eos=True), Mixture.one("law", 0.4))  # fmt: skip
-    sampled = GenerationRequest("seeded", prompt(base, SYSTEM + "rates"), SamplingParams(max_tokens=8, temperature=0.9,
-                                top_p=0.95, seed=7, ignore_eos=True), Mixture.one("med", 0.5))  # fmt: skip
+            for rid, suffix, m, a, n, _ in SHARED}
+    echo = GenerationRequest("echo", prompt(base, SYSTEM + "the end"),
+                             SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3,
+                                            ignore_eos=True), Mixture.one("law", 0.4))
+    sampled = GenerationRequest("seeded", prompt(base, SYSTEM + "rates"),
+                                SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=7,
+                                               ignore_eos=True), Mixture.one("med", 0.5))
     join: dict[int, list[GenerationRequest]] = {}
     for rid, *_, at in SHARED:
         join.setdefault(at, []).append(reqs[rid])
@@ -112,25 +114,31 @@ def test_outputs_match_the_reference_with_prefix_caching_and_chunked_prefill_on_
 
 def test_speculative_mixing_with_prefix_caching_and_chunks_keeps_tokens(setup):
     """Speculative rounds over rows whose prompts share cached blocks (a rollback to a round's accepted prefix
-    never touches them): greedy tokens equal plain decoding, seeded samples equal speculation without the cache."""
+    never touches them): greedy tokens equal plain decoding, seeded samples equal speculation without the
+    cache."""
     base, _ = setup
     vocab = base.vocab_size
     reqs, _ = shared_workload(base, vocab)
     greedy_reqs = [reqs[rid] for rid in reqs]
-    seeded = [GenerationRequest(f"r{i}", prompt(base, SYSTEM + f"rates {i}"), SamplingParams(max_tokens=10, temperature=1.0,
-              seed=i, ignore_eos=True), Mixture.one(m, 0.6)) for i, m in enumerate(["med", "law", "fin", "med"])]  # fmt: skip
-    plain = run(engine_for(setup, block_size=4, enable_prefix_caching=False, enable_chunked_prefill=False), greedy_reqs)
+    seeded = [GenerationRequest(f"r{i}", prompt(base, SYSTEM + f"rates {i}"),
+                                SamplingParams(max_tokens=10, temperature=1.0, seed=i, ignore_eos=True),
+                                Mixture.one(m, 0.6))
+              for i, m in enumerate(["med", "law", "fin", "med"])]
+    plain = run(engine_for(setup, block_size=4, enable_prefix_caching=False, enable_chunked_prefill=False),
+                greedy_reqs)
 
     def spec(**kw):
         engine = engine_for(setup, block_size=4, speculative_tokens=3, speculative_adaptive=False, **kw)
-        out = run(engine, greedy_reqs[:2] + seeded[:2], {2: greedy_reqs[2:] + seeded[2:]}, after_step=assert_pages_owned_once)
+        out = run(engine, greedy_reqs[:2] + seeded[:2], {2: greedy_reqs[2:] + seeded[2:]},
+                  after_step=assert_pages_owned_once)
         assert_clean(engine)
         return out
 
     off = spec(enable_prefix_caching=False, enable_chunked_prefill=False)
     on = spec(enable_prefix_caching=True, max_num_batched_tokens=24)
     for r in greedy_reqs:
-        assert tokens_of(on[r.request_id]) == tokens_of(plain[r.request_id]) == tokens_of(off[r.request_id]), r.request_id
+        assert (tokens_of(on[r.request_id]) == tokens_of(plain[r.request_id])
+                == tokens_of(off[r.request_id])), r.request_id
     for r in seeded:
         assert tokens_of(on[r.request_id]) == tokens_of(off[r.request_id]), r.request_id
 
@@ -148,8 +156,10 @@ def test_unloaded_memory_blocks_are_never_served(setup, zoo):
 
     def ask(rid: str) -> tuple[int, int]:
         before = dict(lookups.hits)
-        out = run(engine, [greedy(rid, ids, n=5, memory="med", alpha=0.6, logprobs=vocab)], after_step=assert_pages_owned_once)
-        assert worst_error(out, [(rid, ids, "med", 0.6, 5)], (base, registry)) <= 1e-4  # against the model loaded now
+        out = run(engine, [greedy(rid, ids, n=5, memory="med", alpha=0.6, logprobs=vocab)],
+                  after_step=assert_pages_owned_once)
+        # against the model loaded now
+        assert worst_error(out, [(rid, ids, "med", 0.6, 5)], (base, registry)) <= 1e-4
         return lookups.hits["base"] - before.get("base", 0), lookups.hits["memory"] - before.get("memory", 0)
 
     assert ask("first") == (0, 0)
@@ -180,8 +190,10 @@ def test_eviction_under_a_small_cache_reuses_nothing_wrong_and_leaks_nothing(set
     vocab = base.vocab_size
     evicted = []
     real_forget = ModelKV.forget
-    monkeypatch.setattr(ModelKV, "forget", lambda self, page: (evicted.append(page), real_forget(self, page))[1])
-    words = ["the", "court", "held", "that", "the", "patient", "was", "given", "a", "dose", "of", "the", "statute"]
+    monkeypatch.setattr(ModelKV, "forget",
+                        lambda self, page: (evicted.append(page), real_forget(self, page))[1])
+    words = ["the", "court", "held", "that", "the", "patient", "was", "given", "a", "dose", "of", "the",
+             "statute"]
     specs = []
     for i in range(10):
         text = " ".join((words * 2)[: 4 + (i * 7) % 12]) + f" case {i % 4}"
@@ -191,7 +203,8 @@ def test_eviction_under_a_small_cache_reuses_nothing_wrong_and_leaks_nothing(set
     for rid, *_, at in specs:
         join.setdefault(at, []).append(reqs[rid])
     lookups = Recorder()
-    engine = engine_for(setup, lookups, block_size=2, num_gpu_blocks_override=48, max_num_seqs=4, max_num_batched_tokens=8)
+    engine = engine_for(setup, lookups, block_size=2, num_gpu_blocks_override=48, max_num_seqs=4,
+                        max_num_batched_tokens=8)
     out = run(engine, join.pop(0), join, after_step=assert_pages_owned_once)
     assert worst_error(out, [(rid, ids, m, a, n) for rid, ids, m, a, n, _ in specs], setup) <= 1e-4
     assert evicted and lookups.hits["base"] > 0 and lookups.hits["memory"] > 0 and lookups.preemptions > 0
@@ -211,14 +224,16 @@ def test_abort_and_rollback_release_shared_pages_correctly(setup):
     for _ in range(3):
         engine.step()
         assert_pages_owned_once(engine)
-    assert engine.abort_request("gone").finish_reason is FinishReason.ABORT  # mid-prompt or decoding: refs dropped
+    # mid-prompt or decoding: refs dropped
+    assert engine.abort_request("gone").finish_reason is FinishReason.ABORT
     assert_pages_owned_once(engine)
     while engine.scheduler.find("b").in_prefill:
         engine.step()
     for _ in range(4):
         engine.step()
     seq = engine.scheduler.find("b")
-    engine.rollback(seq, len(ids))  # back to the prompt: the shared blocks before its last token stay untouched
+    # back to the prompt: the shared blocks before its last token stay untouched
+    engine.rollback(seq, len(ids))
     assert_pages_owned_once(engine)
     outs: dict[str, list] = {}
     while engine.has_unfinished():
@@ -240,8 +255,8 @@ def test_abort_and_rollback_release_shared_pages_correctly(setup):
 def test_pages_are_zeroed_before_anything_reads_them(setup, budget):
     """Every byte of the arena but the scratch pages set to NaN first. After every step, each page a row's
     attention reads (its blocks up to its length; masked positions included, which some kernels multiply by
-    0) holds no NaN: a prompt's pages are zeroed chunk by chunk as its length reaches them, before they are read.
-    Outputs still equal the reference."""
+    0) holds no NaN: a prompt's pages are zeroed chunk by chunk as its length reaches them, before they are
+    read. Outputs still equal the reference."""
     base, _ = setup
     vocab = base.vocab_size
     engine = engine_for(setup, block_size=4, max_num_batched_tokens=budget)
@@ -249,8 +264,9 @@ def test_pages_are_zeroed_before_anything_reads_them(setup, budget):
     pool.arena.fill_(255)  # float32 0xFFFFFFFF is a NaN
     for state in engine.runner.models.values():
         pool.words[state.kv.scratch_page].zero_()
-    specs = [("z1", prompt(base, SYSTEM + "and so"), "med", 0.6, 5), ("z2", prompt(base, SYSTEM + "x"), "law", 0.4, 5),
-             ("z3", prompt(base, "The court held"), None, 0.0, 5)]  # fmt: skip
+    specs = [("z1", prompt(base, SYSTEM + "and so"), "med", 0.6, 5),
+             ("z2", prompt(base, SYSTEM + "x"), "law", 0.4, 5),
+             ("z3", prompt(base, "The court held"), None, 0.0, 5)]
     reqs = {rid: greedy(rid, ids, n=n, memory=m, alpha=a, logprobs=vocab) for rid, ids, m, a, n in specs}
 
     def check(e: Engine) -> None:
@@ -258,8 +274,11 @@ def test_pages_are_zeroed_before_anything_reads_them(setup, budget):
         for seq in e.scheduler.running:
             for key in seq.model_keys:
                 kv = e.runner.kv(key)
-                pages = torch.as_tensor(kv.host_tables[seq.row, : kv.blocks_for(int(kv.host_lengths[seq.row]))])
-                assert not kv.keys[0][pages].isnan().any() and not kv.values[-1][pages].isnan().any(), (seq.request_id, key)
+                pages = torch.as_tensor(
+                    kv.host_tables[seq.row, : kv.blocks_for(int(kv.host_lengths[seq.row]))]
+                )
+                assert (not kv.keys[0][pages].isnan().any()
+                        and not kv.values[-1][pages].isnan().any()), (seq.request_id, key)
 
     out = run(engine, [reqs["z1"]], {2: [reqs["z2"], reqs["z3"]]}, after_step=check)
     assert worst_error(out, specs, setup) <= 1e-4

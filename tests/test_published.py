@@ -66,8 +66,8 @@ def gpt2_tokenizer_files(tok, out: Path) -> None:
 
 def gpt2_model(out: Path, vocab: int, eos: int, seed: int, hidden: int = 48) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=hidden, n_layer=2, n_head=4, bos_token_id=eos,
-                        eos_token_id=eos, initializer_range=0.3)  # fmt: skip
+    config = GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=hidden, n_layer=2, n_head=4,
+                        bos_token_id=eos, eos_token_id=eos, initializer_range=0.3)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(str(out))
     return model
@@ -77,8 +77,8 @@ def qwen_model(out: Path, vocab: int, eos: int, seed: int) -> Qwen2ForCausalLM:
     """Qwen2.5-style: embedding padded past the tokenizer, tied input and output embeddings."""
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=eos,
-                         eos_token_id=eos, initializer_range=0.3, tie_word_embeddings=True)  # fmt: skip
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=eos, eos_token_id=eos, initializer_range=0.3, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(str(out))
     return model
@@ -86,9 +86,9 @@ def qwen_model(out: Path, vocab: int, eos: int, seed: int) -> Qwen2ForCausalLM:
 
 def llama_model(out: Path, vocab: int, eos: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
-                         initializer_range=0.3, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=eos, eos_token_id=eos, initializer_range=0.3, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(out))
     return model
@@ -101,7 +101,8 @@ def as_pickle(model: torch.nn.Module, out: Path) -> None:
     torch.save(model.state_dict(), out / "pytorch_model.bin")
 
 
-def cache_repo(hub_cache: Path, repo_id: str, src: Path, commit: str = COMMIT, ref: str | None = "main") -> None:
+def cache_repo(hub_cache: Path, repo_id: str, src: Path, commit: str = COMMIT,
+               ref: str | None = "main") -> None:
     """`src` as snapshot `commit` of `repo_id` in a Hugging Face cache (refs/<ref> names it)."""
     folder = hub_cache / f"models--{repo_id.replace('/', '--')}"
     shutil.copytree(src, folder / "snapshots" / commit)
@@ -162,7 +163,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
         mp.setenv("HF_HOME", str(root / "hf"))
         mp.setenv("HF_HUB_CACHE", str(hub_cache))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        yield Published(root, hub_cache, base, memory, old, qwen_bin, qwen_bare, llama_bin, foreign, small, wrong_eos)
+        yield Published(root, hub_cache, base, memory, old, qwen_bin, qwen_bare, llama_bin, foreign, small,
+                        wrong_eos)
 
 
 @torch.no_grad()
@@ -173,14 +175,15 @@ def reference(base, mem, ids: list[int], alpha: float, temperature: float, vocab
     return torch.logaddexp(b + math.log1p(-alpha), m + math.log(alpha))
 
 
-def assert_mixture(server: InProcessServer, base_dir: Path, mem_dir: Path, memory: str, alpha: float, temperature: float,
-                   **extra) -> None:  # fmt: skip
-    """Greedy completion with top-20 log-probs: every step's chosen token and alternatives equal the formula."""
+def assert_mixture(server: InProcessServer, base_dir: Path, mem_dir: Path, memory: str, alpha: float,
+                   temperature: float, **extra) -> None:
+    """Greedy completion with top-20 log-probs: every step's chosen token and alternatives equal the
+    formula."""
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     vocab = len(tok)
     base, mem = load_hf(base_dir), load_hf(mem_dir)
-    out = server.complete(prompt=PROMPT, memory=memory, alpha=alpha, temperature=0, max_tokens=8, ignore_eos=True,
-                          logprobs=20, return_tokens_as_token_ids=True, **extra)  # fmt: skip
+    out = server.complete(prompt=PROMPT, memory=memory, alpha=alpha, temperature=0, max_tokens=8,
+                          ignore_eos=True, logprobs=20, return_tokens_as_token_ids=True, **extra)
     lp = out["choices"][0]["logprobs"]
     ids = tok(PROMPT)["input_ids"]
     for token, top in zip(ids_of(lp["tokens"]), lp["top_logprobs"], strict=True):
@@ -199,10 +202,12 @@ def memory_cards(server: InProcessServer) -> dict[str, dict]:
 
 
 def test_gpt2_memory_without_manifest_serves_with_defaults(published):
-    config = ServerConfig(model=ModelConfig(str(published.base)), memories=(MemorySpec("wiki", str(published.gpt2_memory)),))
+    config = ServerConfig(model=ModelConfig(str(published.base)),
+                          memories=(MemorySpec("wiki", str(published.gpt2_memory)),))
     with InProcessServer(config) as s:
         card = memory_cards(s)["wiki"]
-        assert (card["alpha"], card["domain"], card["temperature"], card["tokenizer_verified"]) == (PAPER_ALPHA, "general", 1.0, True)
+        assert ((card["alpha"], card["domain"], card["temperature"], card["tokenizer_verified"])
+                == (PAPER_ALPHA, "general", 1.0, True))
         assert card["parent"] == "gpt2"
         assert_mixture(s, published.base, published.gpt2_memory, "wiki", PAPER_ALPHA, 1.0)
         assert_mixture(s, published.base, published.gpt2_memory, "wiki", 0.3, 1.7, memory_temperature=1.7)
@@ -219,11 +224,13 @@ def test_hub_ids_resolve_through_the_offline_cache(published):
         assert models[HUB_BASE]["root"] == HUB_BASE and models["wiki"]["root"] == HUB_MEMORY
         assert models["wiki_old"]["root"] == f"{HUB_MEMORY}@{OLD_COMMIT}"
         assert_mixture(s, published.base, published.gpt2_memory, "wiki", 0.6, 1.0, model=HUB_BASE)
-        assert_mixture(s, published.base, published.gpt2_memory_old, "wiki_old", 0.6, 0.8, memory_temperature=0.8)
+        assert_mixture(s, published.base, published.gpt2_memory_old, "wiki_old", 0.6, 0.8,
+                       memory_temperature=0.8)
         # perplexity under a memory temperature, from the hub-id memory
         tok = AutoTokenizer.from_pretrained(str(published.base))
         text = "The committee said that the patient was given a dose."
-        r = s.post("/v1/perplexity", {"memory": "wiki", "alpha": [0.25, 0.6], "input": text, "memory_temperature": 1.5})
+        r = s.post("/v1/perplexity",
+                   {"memory": "wiki", "alpha": [0.25, 0.6], "input": text, "memory_temperature": 1.5})
         assert r.status_code == 200, r.text
         ids = tok(text)["input_ids"]
         base, mem = load_hf(published.base), load_hf(published.gpt2_memory)
@@ -237,7 +244,8 @@ def test_hub_ids_resolve_through_the_offline_cache(published):
         assert abs(doc["memory_nll"] + m.mean().item()) <= 1e-4
         for entry in doc["alphas"]:
             a = entry["alpha"]
-            assert abs(entry["nll"] + torch.logaddexp(b + math.log1p(-a), m + math.log(a)).mean().item()) <= 1e-4
+            assert abs(entry["nll"] + torch.logaddexp(b + math.log1p(-a),
+                                                      m + math.log(a)).mean().item()) <= 1e-4
 
 
 def test_an_uncached_hub_id_offline_is_a_clear_4xx(published):
@@ -249,48 +257,57 @@ def test_an_uncached_hub_id_offline_is_a_clear_4xx(published):
 
 
 def test_memory_temperature_needs_a_memory_and_a_sane_value(published):
-    config = ServerConfig(model=ModelConfig(str(published.base)), memories=(MemorySpec("wiki", str(published.gpt2_memory)),))
+    config = ServerConfig(model=ModelConfig(str(published.base)),
+                          memories=(MemorySpec("wiki", str(published.gpt2_memory)),))
     with InProcessServer(config) as s:
-        assert_error(s.post("/v1/completions", {"prompt": "x", "memory_temperature": 2.0}), 400, "memory_temperature")
+        assert_error(s.post("/v1/completions", {"prompt": "x", "memory_temperature": 2.0}), 400,
+                     "memory_temperature")
         for bad in (0, -1, 1000, "hot"):
-            assert_error(s.post("/v1/completions", {"prompt": "x", "memory": "wiki", "memory_temperature": bad}), 400, "memory_temperature")
-            assert_error(s.post("/v1/perplexity", {"input": "x y z", "memory": "wiki", "memory_temperature": bad}), 400, "memory_temperature")
+            assert_error(s.post("/v1/completions", {"prompt": "x", "memory": "wiki",
+                                                    "memory_temperature": bad}), 400, "memory_temperature")
+            assert_error(s.post("/v1/perplexity", {"input": "x y z", "memory": "wiki",
+                                                   "memory_temperature": bad}), 400, "memory_temperature")
         chat = {"messages": [{"role": "user", "content": "hi"}], "memory": "wiki", "memory_temperature": 0.0}
         assert_error(s.post("/v1/chat/completions", chat), 400, "memory_temperature")
-        assert_error(s.post("/v1/perplexity", {"input": "x y z", "memory_temperature": 2.0}), 400, "memory_temperature")
+        assert_error(s.post("/v1/perplexity", {"input": "x y z", "memory_temperature": 2.0}), 400,
+                     "memory_temperature")
 
 
 # -- tokenizer verification -------------------------------------------------------------------------------
 
 
 def test_memory_without_tokenizer_is_checked_by_vocabulary_and_special_ids(published):
-    config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True, memory_root=published.root)
+    config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True,
+                          memory_root=published.root)
     with InProcessServer(config) as s:
         card = s.post("/v1/memories", {"name": "bare", "path": "qwen-bare"})
         assert card.status_code == 200, card.text
         assert card.json()["tokenizer_verified"] is False and card.json()["alpha"] == PAPER_ALPHA
         assert_mixture(s, published.base, published.qwen_bare, "bare", 0.7, 0.6, memory_temperature=0.6)
         for path, what in (("small-vocab", "rows"), ("wrong-eos", "_token_id"), ("foreign", "token->id map")):
-            err = assert_error(s.post("/v1/memories", {"name": "bad", "path": path}), 400, "path", "tokenizer_mismatch")
+            err = assert_error(s.post("/v1/memories", {"name": "bad", "path": path}), 400, "path",
+                               "tokenizer_mismatch")
             assert what in err["message"], err
             assert path in err["message"] and str(published.base) in err["message"]  # names both models
         assert sorted(memory_cards(s)) == ["bare"]  # the registry is unchanged by the refusals
 
 
-# -- pickled checkpoints: refused by the server, converted by `memdec memory import` ---------------------------
+# -- pickled checkpoints: refused by the server, converted by `memdec memory import` -------------------------
 
 
 def test_pickled_memory_is_refused_with_the_import_command(published, capsys):
-    config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True, memory_root=published.root,
-                          allow_hub_memories=True)  # fmt: skip
+    config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True,
+                          memory_root=published.root, allow_hub_memories=True)
     with InProcessServer(config) as s:
         for path in (published.qwen_bin.name, HUB_QWEN):
-            err = assert_error(s.post("/v1/memories", {"name": "bio", "path": path}), 400, "path", "pickled_weights")
+            err = assert_error(s.post("/v1/memories", {"name": "bio", "path": path}), 400, "path",
+                               "pickled_weights")
             assert "memdec memory import" in err["message"], err
         assert memory_cards(s) == {}
     port = free_port()
-    argv = ["serve", "--model", str(published.base), "--memory", f"bio={published.qwen_bin}", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "error"]  # fmt: skip
+    argv = ["serve", "--model", str(published.base), "--memory", f"bio={published.qwen_bin}",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error"]  # fmt: skip  # flag/value pairs on one line
     assert cli.main(argv) == 1
     assert "memdec memory import" in capsys.readouterr().err
 
@@ -313,10 +330,12 @@ def sharded(src: Path, out: Path) -> Path:
 @pytest.mark.parametrize("source", ["dir", "hub", "sharded", "llama"])
 def test_import_round_trips_the_weights_bit_for_bit_and_serves(published, tmp_path, source):
     checkpoint = published.llama_bin if source == "llama" else published.qwen_bin
-    src = {"dir": str(checkpoint), "llama": str(checkpoint), "hub": HUB_QWEN}.get(source) or str(sharded(checkpoint, tmp_path / "shards"))
+    src = ({"dir": str(checkpoint), "llama": str(checkpoint), "hub": HUB_QWEN}.get(source)
+           or str(sharded(checkpoint, tmp_path / "shards")))
     out = tmp_path / "bio"
-    code = memories_cli.main(["memory", "import", src, str(out), "--base", str(published.base), "--name", "bio",
-                              "--domain", "biomedical", "--alpha", "0.4", "--temperature", "1.25"])  # fmt: skip
+    code = memories_cli.main(["memory", "import", src, str(out), "--base", str(published.base),
+                              "--name", "bio", "--domain", "biomedical", "--alpha", "0.4",
+                              "--temperature", "1.25"])  # fmt: skip  # flag/value pairs on one line
     assert code == 0
     original = torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
     converted = load_file(str(out / "model.safetensors"))
@@ -327,13 +346,16 @@ def test_import_round_trips_the_weights_bit_for_bit_and_serves(published, tmp_pa
     manifest = read_manifest(out)
     tok = AutoTokenizer.from_pretrained(str(published.base))
     assert manifest.tokenizer_fingerprint == tokenizer_fingerprint(tok)
-    assert (manifest.name, manifest.domain, manifest.alpha, manifest.temperature) == ("bio", "biomedical", 0.4, 1.25)
+    assert ((manifest.name, manifest.domain, manifest.alpha, manifest.temperature)
+            == ("bio", "biomedical", 0.4, 1.25))
     assert not list(out.glob("*.bin"))
     config = ServerConfig(model=ModelConfig(str(published.base)), memories=(MemorySpec("bio", str(out)),))
     with InProcessServer(config) as s:
         card = memory_cards(s)["bio"]
-        assert (card["tokenizer_verified"], card["alpha"], card["temperature"], card["domain"]) == (True, 0.4, 1.25, "biomedical")
-        assert_mixture(s, published.base, out, "bio", 0.4, 1.25)  # the weights are the original's, bit for bit
+        assert ((card["tokenizer_verified"], card["alpha"], card["temperature"], card["domain"])
+                == (True, 0.4, 1.25, "biomedical"))
+        # the weights are the original's, bit for bit
+        assert_mixture(s, published.base, out, "bio", 0.4, 1.25)
 
 
 class _Payload:
@@ -360,49 +382,55 @@ def test_import_refuses_a_pickle_that_carries_code(published, tmp_path, capsys):
 
 
 def test_import_refuses_a_memory_for_another_tokenizer(published, tmp_path, capsys):
-    assert memories_cli.main(["memory", "import", str(published.foreign), str(tmp_path / "o"), "--base", str(published.base)]) == 2
+    assert memories_cli.main(["memory", "import", str(published.foreign), str(tmp_path / "o"),
+                              "--base", str(published.base)]) == 2
     assert "tokenizer" in capsys.readouterr().err
-    assert memories_cli.main(["memory", "import", str(published.small_vocab), str(tmp_path / "o"), "--base", str(published.base)]) == 2
+    assert memories_cli.main(["memory", "import", str(published.small_vocab), str(tmp_path / "o"),
+                              "--base", str(published.base)]) == 2
     assert "scores" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-# -- hub memories under --memory-root -------------------------------------------------------------------------
+# -- hub memories under --memory-root ------------------------------------------------------------------------
 
 
 def test_hub_ids_under_a_memory_root_need_allow_hub_memories(published):
     for allow in (False, True):
-        config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True, memory_root=published.root,
-                              allow_hub_memories=allow)  # fmt: skip
+        config = ServerConfig(model=ModelConfig(str(published.base)), enable_admin=True,
+                              memory_root=published.root, allow_hub_memories=allow)
         with InProcessServer(config) as s:
             r = s.post("/v1/memories", {"name": "wiki", "path": HUB_MEMORY})
             if not allow:
                 assert_error(r, 403, "path", "hub_not_allowed")
                 assert memory_cards(s) == {}
                 # a directory of that name under the root is still a directory
-                assert s.post("/v1/memories", {"name": "local", "path": published.gpt2_memory.name}).status_code == 200
+                assert s.post("/v1/memories",
+                              {"name": "local", "path": published.gpt2_memory.name}).status_code == 200
             else:
                 assert r.status_code == 200, r.text
                 assert r.json()["root"] == HUB_MEMORY
-                assert_error(s.post("/v1/memories", {"name": "x", "path": "/etc"}), 403, "path", "path_not_allowed")
+                assert_error(s.post("/v1/memories", {"name": "x", "path": "/etc"}), 403, "path",
+                             "path_not_allowed")
 
 
-# -- a persisted registry ---------------------------------------------------------------------------------------
+# -- a persisted registry ------------------------------------------------------------------------------------
 
 
 def test_persisted_registry_survives_a_restart_and_a_crash_mid_write(published, tmp_path, monkeypatch):
     registry = tmp_path / "registry.json"  # does not exist yet: --persist-registry starts empty
-    config = ServerConfig(model=ModelConfig(str(published.base)), registry_file=registry, persist_registry=True,
-                          enable_admin=True, memory_root=published.root, allow_hub_memories=True)  # fmt: skip
+    config = ServerConfig(model=ModelConfig(str(published.base)), registry_file=registry,
+                          persist_registry=True, enable_admin=True, memory_root=published.root,
+                          allow_hub_memories=True)
     with InProcessServer(config) as s:
-        for body in ({"name": "wiki", "path": HUB_MEMORY, "alpha": 0.35}, {"name": "bare", "path": "qwen-bare"},
-                     {"name": "gone", "path": published.gpt2_memory.name, "alpha": 0.9}):  # fmt: skip
+        for body in ({"name": "wiki", "path": HUB_MEMORY, "alpha": 0.35},
+                     {"name": "bare", "path": "qwen-bare"},
+                     {"name": "gone", "path": published.gpt2_memory.name, "alpha": 0.9}):
             assert s.post("/v1/memories", body).status_code == 200
         assert s.delete("/v1/memories/gone").status_code == 200
         before = memory_cards(s)
         saved = json.loads(registry.read_text())
         assert saved == [{"name": "wiki", "path": HUB_MEMORY, "alpha": 0.35},
-                         {"name": "bare", "path": str(published.qwen_bare.resolve()), "alpha": PAPER_ALPHA}]  # fmt: skip
+                         {"name": "bare", "path": str(published.qwen_bare.resolve()), "alpha": PAPER_ALPHA}]
 
         # A crash between writing the new file and renaming it (kill -9 there, simulated): the old file stays
         # whole, and the half-done temporary file is never read.
@@ -415,7 +443,10 @@ def test_persisted_registry_survives_a_restart_and_a_crash_mid_write(published, 
         monkeypatch.undo()
         assert json.loads(registry.read_text()) == saved
         (tmp_path / ".registry.json.leftover.tmp").write_text('[{"name": "half')  # what a kill -9 could leave
-    assert read_registry_file(registry) == (MemorySpec("wiki", HUB_MEMORY, 0.35), MemorySpec("bare", str(published.qwen_bare.resolve()), PAPER_ALPHA))
+    assert read_registry_file(registry) == (
+        MemorySpec("wiki", HUB_MEMORY, 0.35),
+        MemorySpec("bare", str(published.qwen_bare.resolve()), PAPER_ALPHA),
+    )
     with InProcessServer(config) as s:  # restart: the same memories with the same alpha
         after = memory_cards(s)
         assert {k: (c["alpha"], c["root"]) for k, c in after.items()} == {
@@ -428,7 +459,7 @@ def test_persist_registry_needs_a_registry_file(capsys):
     assert "--registry" in capsys.readouterr().err
 
 
-# -- bench/paper_table.py ----------------------------------------------------------------------------------------
+# -- bench/paper_table.py ------------------------------------------------------------------------------------
 
 
 def test_paper_table_through_a_running_server(published, live_server, tmp_path, capsys):
@@ -437,11 +468,14 @@ def test_paper_table_through_a_running_server(published, live_server, tmp_path, 
     from bench import paper_table
 
     text = tmp_path / "wiki.test.txt"
-    text.write_text(" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . \n" * 8)
-    assert paper_table.main(["--server", "http://127.0.0.1:9", "--text", str(text)]) == 2  # nothing listens there
+    text.write_text((" = Robert Boulter = \n"
+                     " Robert Boulter is an English film , television and theatre actor . \n") * 8)
+    # nothing listens there
+    assert paper_table.main(["--server", "http://127.0.0.1:9", "--text", str(text)]) == 2
     assert "no memdec server answers" in capsys.readouterr().err
     assert paper_table.main(["--server", "http://127.0.0.1:9", "--text", str(tmp_path / "missing.txt")]) == 2
-    env = {"HF_HOME": str(published.hub_cache.parent), "HF_HUB_CACHE": str(published.hub_cache), "HF_HUB_OFFLINE": "1"}
+    env = {"HF_HOME": str(published.hub_cache.parent), "HF_HUB_CACHE": str(published.hub_cache),
+           "HF_HUB_OFFLINE": "1"}
     args = ["--model", HUB_BASE, "--served-model-name", "gpt2", "--memory", f"wiki={HUB_MEMORY}"]
     with live_server("paper", args, env=env) as s:
         out = tmp_path / "rows.json"
@@ -451,8 +485,9 @@ def test_paper_table_through_a_running_server(published, live_server, tmp_path, 
         (row,) = json.loads(out.read_text())
         import httpx
 
-        direct = httpx.post(s.url + "/v1/perplexity", json={"memory": "wiki", "input": text.read_text(), "context_length": 1024,
-                                                             "stride": 512}, timeout=60).json()["overall"]  # fmt: skip
+        direct = httpx.post(s.url + "/v1/perplexity",
+                            json={"memory": "wiki", "input": text.read_text(), "context_length": 1024,
+                                  "stride": 512}, timeout=60).json()["overall"]
         assert row["mixed_ppl"] == direct["perplexity"] and row["base_ppl"] == direct["base_perplexity"]
         assert paper_table.main(["--server", s.url, "--text", str(text), "--memory", "nope"]) == 2
         assert "does not serve nope" in capsys.readouterr().err

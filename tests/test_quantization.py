@@ -1,6 +1,7 @@
 """Weight-only quantization (`--quantization`, memories/quantize.py): each layer against an independent
 reference built from the grid it should hold, and the engine's specifications re-run on quantized models with
-their references computed from the *same* quantized weights (full no-cache forwards + the formula, HF generate)."""
+their references computed from the *same* quantized weights (full no-cache forwards + the formula, HF
+generate)."""
 
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def test_schemes_and_their_refusals():
 
 @pytest.fixture(scope="module")
 def qsetup(zoo):
-    """The engine tests' base and memories, loaded with --quantization int4 (layers the int4 kernel cannot take,
-    like the 48-wide Llama memory's, hold int8)."""
+    """The engine tests' base and memories, loaded with --quantization int4 (layers the int4 kernel cannot
+    take, like the 48-wide Llama memory's, hold int8)."""
     base = load_base(ModelConfig(str(zoo.base), quantization="int4"))
     registry = MemoryRegistry(base)
     registry.load("med", str(zoo.mem_llama))

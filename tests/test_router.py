@@ -66,7 +66,8 @@ def _with_router(src: Path, dst: Path, router: Router | None) -> Path:
     shutil.copytree(src, dst)
     if router is not None:
         entry = save_router(router, dst)
-        if not router.context_decays:  # written as routers were before context features: no `context_decays` key
+        # written as routers were before context features: no `context_decays` key
+        if not router.context_decays:
             entry.pop("context_decays")
             config = json.loads((dst / ROUTER_CONFIG).read_text())
             config.pop("context_decays")
@@ -77,8 +78,8 @@ def _with_router(src: Path, dst: Path, router: Router | None) -> Path:
 
 @pytest.fixture(scope="module")
 def routed(zoo, tmp_path_factory):
-    """The zoo's base with "rmed" (Llama, MLP router), "rlaw" (Qwen2, padded vocabulary, logistic router) — both
-    router files as they were written before context features — and "med" (no router)."""
+    """The zoo's base with "rmed" (Llama, MLP router), "rlaw" (Qwen2, padded vocabulary, logistic router) —
+    both router files as they were written before context features — and "med" (no router)."""
     root = tmp_path_factory.mktemp("routed")
     base = load_base(ModelConfig(str(zoo.base)))
     registry = MemoryRegistry(base)
@@ -106,7 +107,7 @@ def _hand_emas(d: list[float], decays: tuple[float, ...]) -> torch.Tensor:
 
 
 def _hand_alpha(directory: Path, base_logits: torch.Tensor, mem_logits: torch.Tensor,
-                context: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                context: torch.Tensor | None = None) -> torch.Tensor:
     """α [T] from the router's saved tensors, every feature and layer written out again here (float64);
     `context` [T, K]: the advantage EMAs before each position, for a router that reads them."""
     t = load_file(str(Path(directory) / ROUTER_WEIGHTS))
@@ -117,7 +118,7 @@ def _hand_alpha(directory: Path, base_logits: torch.Tensor, mem_logits: torch.Te
     x = torch.stack([
         -(pb * b).sum(-1), -(pm * m).sum(-1), b.max(-1).values, m.max(-1).values, (bt == mt).double(),
         m.gather(-1, bt[:, None])[:, 0], b.gather(-1, mt[:, None])[:, 0], (pm * (m - b)).sum(-1),
-    ], -1)  # fmt: skip
+    ], -1)
     if context is not None:
         x = torch.cat([x, context], -1)
     x = (x - t["mean"].double()) / t["std"].double()
@@ -131,8 +132,9 @@ def _hand_alpha(directory: Path, base_logits: torch.Tensor, mem_logits: torch.Te
 
 @torch.no_grad()
 def _reference(base, registry, root, name: str, ids: list[int]) -> torch.Tensor:
-    """log p_t [T, V] at every position of `ids`: α_t·p_mem + (1 − α_t)·p_base from one full forward each (and,
-    for a router with context features, the advantage log p_mem(y_s) − log p_base(y_s) of every s < t averaged)."""
+    """log p_t [T, V] at every position of `ids`: α_t·p_mem + (1 − α_t)·p_base from one full forward each
+    (and, for a router with context features, the advantage log p_mem(y_s) − log p_base(y_s) of every s < t
+    averaged)."""
     vocab = base.vocab_size
     t = torch.tensor([ids])
     bl = base.model(t).logits[0, :, :vocab].double()
@@ -141,7 +143,8 @@ def _reference(base, registry, root, name: str, ids: list[int]) -> torch.Tensor:
     context = None
     if decays:
         b, m = torch.log_softmax(bl, -1), torch.log_softmax(ml, -1)
-        context = _hand_emas([(m[s, ids[s + 1]] - b[s, ids[s + 1]]).item() for s in range(len(ids) - 1)], decays)
+        context = _hand_emas([(m[s, ids[s + 1]] - b[s, ids[s + 1]]).item() for s in range(len(ids) - 1)],
+                             decays)
     a = _hand_alpha(root / name, bl, ml, context)[:, None]
     return torch.log(a * torch.softmax(ml, -1) + (1 - a) * torch.softmax(bl, -1))
 
@@ -173,9 +176,13 @@ def test_router_round_trips_and_bad_files_are_clear_errors(tmp_path):
     assert "missing" in broken(lambda d: (d / ROUTER_WEIGHTS).unlink())
     assert "does not hold" in broken(lambda d: (d / ROUTER_WEIGHTS).write_bytes(b"\x00garbage" * 10))
     assert "not a router config" in broken(lambda d: (d / ROUTER_CONFIG).write_text("{"))
-    assert "features" in broken(lambda d: (d / ROUTER_CONFIG).write_text(json.dumps({**cfg, "features": ["x"]})))
+    assert "features" in broken(
+        lambda d: (d / ROUTER_CONFIG).write_text(json.dumps({**cfg, "features": ["x"]}))
+    )
     assert "version" in broken(lambda d: (d / ROUTER_CONFIG).write_text(json.dumps({**cfg, "version": 99})))
-    assert "does not hold" in broken(lambda d: (d / ROUTER_CONFIG).write_text(json.dumps({**cfg, "hidden": 5})))
+    assert "does not hold" in broken(
+        lambda d: (d / ROUTER_CONFIG).write_text(json.dumps({**cfg, "hidden": 5}))
+    )
 
 
 def test_advantage_emas_is_one_recurrence_however_the_text_is_cut():
@@ -199,7 +206,8 @@ def test_context_router_files_and_older_files(tmp_path):
     entry = save_router(router, tmp_path / "c")
     assert entry["context_decays"] == list(DECAYS)
     again = load_router(tmp_path / "c", entry)
-    assert again.context_decays == DECAYS and again.config.features[-2:] == ("advantage_ema_0.5", "advantage_ema_0.9")
+    assert (again.context_decays == DECAYS
+            and again.config.features[-2:] == ("advantage_ema_0.5", "advantage_ema_0.9"))
     x = torch.randn(6, len(FEATURES) + 2)
     assert torch.equal(router.logit(x), again.logit(x))
     b, m = torch.log_softmax(torch.randn(6, 11), -1), torch.log_softmax(torch.randn(6, 11), -1)
@@ -225,7 +233,7 @@ def test_registry_refuses_a_memory_whose_router_is_missing_or_corrupt(routed, zo
     base, registry, root = routed
     before = [m.name for m in registry.list()]
     for i, damage in enumerate([lambda d: (d / ROUTER_WEIGHTS).unlink(),
-                                lambda d: (d / ROUTER_WEIGHTS).write_bytes(b"not safetensors")]):  # fmt: skip
+                                lambda d: (d / ROUTER_WEIGHTS).write_bytes(b"not safetensors")]):
         d = tmp_path / f"m{i}"
         shutil.copytree(root / "rmed", d)
         damage(d)
@@ -251,16 +259,19 @@ def test_registry_refuses_a_memory_whose_router_is_missing_or_corrupt(routed, zo
     EngineConfig(block_size=4),
     EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True),
     EngineConfig(block_size=4, speculative_tokens=3),
-], ids=["plain", "chunked", "speculative"])  # fmt: skip
+], ids=["plain", "chunked", "speculative"])  # fmt: skip  # a table: one row per case
 def test_every_routed_step_equals_the_reference_in_a_mixed_batch(routed, config):
-    """Routed rows of two memories beside a fixed-α row of a routed memory's group, and a row of the base alone."""
+    """Routed rows of two memories beside a fixed-α row of a routed memory's group, and a row of the base
+    alone."""
     base, registry, root = routed
     reqs = [
         _routed(base, "a", "The patient was given", "rmed", 8),
         _routed(base, "b", "The court held that", "rlaw", 9),
-        GenerationRequest("c", prompt(base, "The dose of"), SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
-                          logprobs=base.vocab_size), Mixture.one("rmed", 0.6)),  # fmt: skip
-        GenerationRequest("d", prompt(base, "Once upon"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
+        GenerationRequest("c", prompt(base, "The dose of"),
+                          SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
+                                         logprobs=base.vocab_size), Mixture.one("rmed", 0.6)),
+        GenerationRequest("d", prompt(base, "Once upon"),
+                          SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
     ]
     engine = Engine(base, registry, config)
     out = run(engine, reqs[:2], join={2: reqs[2:]})
@@ -271,7 +282,9 @@ def test_every_routed_step_equals_the_reference_in_a_mixed_batch(routed, config)
     with torch.no_grad():
         for lp in fixed:
             t = torch.tensor([ctx])
-            p = 0.6 * torch.softmax(registry.loaded("rmed").model(t).logits[0, -1, : base.vocab_size].double(), -1)
+            p = 0.6 * torch.softmax(
+                registry.loaded("rmed").model(t).logits[0, -1, : base.vocab_size].double(), -1
+            )
             p += 0.4 * torch.softmax(base.model(t).logits[0, -1, : base.vocab_size].double(), -1)
             assert abs(lp.logprob - math.log(p[lp.token_id])) <= 1e-4
             ctx.append(lp.token_id)
@@ -300,19 +313,22 @@ LONG = TEXT + " and the memory of the case"  # long enough for several chunks an
     EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True),
     EngineConfig(block_size=4, speculative_tokens=3),
     EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True, speculative_tokens=2),
-], ids=["plain", "chunked", "speculative", "chunked-speculative"])  # fmt: skip
+], ids=["plain", "chunked", "speculative", "chunked-speculative"])  # fmt: skip  # a table: one row per case
 def test_context_router_steps_equal_the_reference_in_a_mixed_batch(routed, config):
-    """Routers with context features (two memories, one joining mid-run while others decode, so its prompt runs
-    in MIXED steps and, chunked, across steps) beside an old router's row, a fixed-α row of a context router's
-    group and a row of the base alone: every position equals full forwards + the EMAs and router by hand."""
+    """Routers with context features (two memories, one joining mid-run while others decode, so its prompt
+    runs in MIXED steps and, chunked, across steps) beside an old router's row, a fixed-α row of a context
+    router's group and a row of the base alone: every position equals full forwards + the EMAs and router by
+    hand."""
     base, registry, root = routed
     reqs = [
         _routed(base, "a", LONG, "cmed", 8),
         _routed(base, "b", "The court held that", "claw", 9),
-        GenerationRequest("c", prompt(base, "The dose of"), SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
-                          logprobs=base.vocab_size), Mixture.one("cmed", 0.6)),  # fmt: skip
+        GenerationRequest("c", prompt(base, "The dose of"),
+                          SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
+                                         logprobs=base.vocab_size), Mixture.one("cmed", 0.6)),
         _routed(base, "o", "The patient was given", "rmed", 6),
-        GenerationRequest("d", prompt(base, "Once upon"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
+        GenerationRequest("d", prompt(base, "Once upon"),
+                          SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
         _routed(base, "j", LONG + " again", "claw", 5),
     ]
     engine = Engine(base, registry, config)
@@ -333,7 +349,9 @@ def test_context_prompts_run_in_capped_chunks(routed, monkeypatch, chunked):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4, enable_chunked_prefill=chunked))
     reqs = [_routed(base, "a", LONG, "cmed", 5), _routed(base, "b", TEXT, "claw", 4),
-            GenerationRequest("c", prompt(base, LONG), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), Mixture.one("cmed", 0.5))]
+            GenerationRequest("c", prompt(base, LONG),
+                              SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                              Mixture.one("cmed", 0.5))]
     sizes: list[int] = []
     original = engine.runner.prefill
 
@@ -356,7 +374,9 @@ def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
     base, registry, root = routed
     config = EngineConfig(block_size=4)
     engine = Engine(base, registry, config)
-    warm = GenerationRequest("w", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), Mixture.one("cmed", 0.5))
+    warm = GenerationRequest("w", prompt(base, LONG),
+                             SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                             Mixture.one("cmed", 0.5))
     run(engine, [warm])
     r = _routed(base, "r", LONG + " today", "cmed", 6)
     seq = engine.add_request(r)
@@ -370,7 +390,8 @@ def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
         t = torch.tensor([full])
         b = torch.log_softmax(base.model(t).logits[0, :, : base.vocab_size].double(), -1)
         m = torch.log_softmax(registry.loaded("cmed").model(t).logits[0, :, : base.vocab_size].double(), -1)
-    want = _hand_emas([(m[s, full[s + 1]] - b[s, full[s + 1]]).item() for s in range(len(full) - 1)], DECAYS)[-1]
+    want = _hand_emas([(m[s, full[s + 1]] - b[s, full[s + 1]]).item() for s in range(len(full) - 1)],
+                      DECAYS)[-1]
     assert (state - want).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="context"):  # its state would keep the forgotten tokens
         engine.rollback(seq, len(ids))
@@ -386,10 +407,12 @@ def test_context_rows_bypass_the_prefix_cache_and_match_a_fresh_engine(routed):
 
 def test_preempted_context_rows_recompute_their_state(routed):
     """With pages for barely two rows, context-routed rows are preempted and recomputed from the start (their
-    generated tokens too, so their EMAs): outputs equal a roomy engine's and the reference. One memory for them
-    all, so a re-admitted row's slot holds what an earlier row left in that memory's state (it is reset)."""
+    generated tokens too, so their EMAs): outputs equal a roomy engine's and the reference. One memory for
+    them all, so a re-admitted row's slot holds what an earlier row left in that memory's state (it is
+    reset)."""
     base, registry, root = routed
-    reqs = [_routed(base, f"p{i}", f"The patient number {i} was", m, 24) for i, m in enumerate(["rmed", "cmed", "cmed", "cmed"])]
+    reqs = [_routed(base, f"p{i}", f"The patient number {i} was", m, 24)
+            for i, m in enumerate(["rmed", "cmed", "cmed", "cmed"])]
     roomy = run(Engine(base, registry, EngineConfig(block_size=2)), reqs)
     preemptions = []
 
@@ -413,15 +436,17 @@ def test_preempted_context_rows_recompute_their_state(routed):
 def test_echo_of_a_context_router_follows_its_emas(routed):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4))
-    r = GenerationRequest("e", prompt(base, LONG), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
-                          prompt_logprobs=3, logprobs=base.vocab_size), Mixture.auto("claw"))  # fmt: skip
+    r = GenerationRequest("e", prompt(base, LONG),
+                          SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3,
+                                         logprobs=base.vocab_size), Mixture.auto("claw"))
     out = run(engine, [r])
     _check_echo(out, r, base, registry, root, "claw")
     _check_routed(out, r, base, registry, root)
 
 
 def _check_echo(out, r: GenerationRequest, base, registry, root, name: str, top: int = 0) -> None:
-    """The prompt log-probs of echo request `r` (and, with `top`, its top alternatives) against the reference."""
+    """The prompt log-probs of echo request `r` (and, with `top`, its top alternatives) against the
+    reference."""
     plps = out[r.request_id][0].prompt_logprobs
     ids = list(r.prompt_token_ids)
     ref = _reference(base, registry, root, name, ids)
@@ -434,7 +459,8 @@ def _check_echo(out, r: GenerationRequest, base, registry, root, name: str, top:
 def test_routed_rows_do_not_draft_and_echo_follows_the_router(routed):
     base, registry, root = routed
     engine = Engine(base, registry, EngineConfig(block_size=4, speculative_tokens=3))
-    r = GenerationRequest("e", prompt(base, TEXT), SamplingParams(max_tokens=0, prompt_logprobs=3), Mixture.auto("rmed"))
+    r = GenerationRequest("e", prompt(base, TEXT), SamplingParams(max_tokens=0, prompt_logprobs=3),
+                          Mixture.auto("rmed"))
     seq = engine.add_request(r)
     assert not seq.speculative and seq.base_weight == 1.0
     engine.abort_request("e")
@@ -446,7 +472,8 @@ def test_engine_refuses_auto_alpha_without_a_router(routed):
     base, registry, _ = routed
     engine = Engine(base, registry, EngineConfig(block_size=4))
     with pytest.raises(InvalidRequestError) as exc:
-        engine.add_request(GenerationRequest("x", prompt(base, "The"), SamplingParams(max_tokens=2), Mixture.auto("med")))
+        engine.add_request(GenerationRequest("x", prompt(base, "The"), SamplingParams(max_tokens=2),
+                                             Mixture.auto("med")))
     assert exc.value.code == "memory_has_no_router" and registry.users("med") == 0
     with pytest.raises(InvalidRequestError):
         engine.add_perplexity(PerplexityRequest("p", (prompt(base, TEXT),), (Mixture.auto("med"),)))
@@ -458,8 +485,9 @@ def test_one_host_read_per_decode_step_with_a_router(routed, monkeypatch):
     base, registry, _ = routed
     engine = Engine(base, registry, EngineConfig(block_size=2))
     for r in [_routed(base, "a", "The patient was", "rmed", 30), _routed(base, "c", "The court", "cmed", 30),
-              GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=30, temperature=0.8, seed=1,
-                                ignore_eos=True), Mixture.one("rmed", 0.4))]:  # fmt: skip
+              GenerationRequest("b", prompt(base, "The court"),
+                                SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True),
+                                Mixture.one("rmed", 0.4))]:
         engine.add_request(r)
     for _ in range(3):
         engine.step()
@@ -478,8 +506,8 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
     ids = list(prompt(base, " ".join([TEXT] * 3)))
     context, stride = 16, 8
     engine = Engine(base, registry, EngineConfig(block_size=4))
-    job = engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("rmed"),), context_length=context,
-                                                  stride=stride, token_logprobs=2))  # fmt: skip
+    job = engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("rmed"),),
+                                                  context_length=context, stride=stride, token_logprobs=2))
     while True:
         result = engine.step()
         if result.jobs:
@@ -490,7 +518,7 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
     server_nll = doc.mixed[0].mean_nll
     # The toolkit's evaluation (what `memdec memory router` reports) on the same windows.
     scored = score_text(base.model, registry.loaded("rmed").model, np.asarray(ids), base.vocab_size, "t",
-                        EvalConfig(context=context, stride=stride), progress=False)  # fmt: skip
+                        EvalConfig(context=context, stride=stride), progress=False)
     toolkit_nll = evaluate_router(load_router(root / "rmed"), scored, (0.5,), 0.5)["router_nll"]
     assert abs(server_nll - toolkit_nll) <= 1e-4
     # The reference: each window's full forward, the router by hand, the formula.
@@ -504,8 +532,8 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
     assert abs(server_nll + sum(per_token) / len(per_token)) <= 1e-4
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token, strict=True)) <= 1e-4
     # Without per-token answers (the plain request), and through the HTTP-sized defaults: the same NLL.
-    engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("rmed"),), context_length=context,
-                                            stride=stride))  # fmt: skip
+    engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("rmed"),),
+                                            context_length=context, stride=stride))
     while not (result := engine.step()).jobs:
         pass
     assert result.jobs[0].error is None
@@ -516,20 +544,21 @@ def test_perplexity_auto_equals_the_toolkit_evaluation_and_the_reference(routed)
 @torch.no_grad()
 def test_perplexity_auto_with_context_equals_the_toolkit_and_the_reference(routed):
     """The EMAs run over the document's scored positions in text order, window batch after window batch: the
-    server's NLL equals the toolkit's evaluation (which runs them over the whole text at once) and the hand one."""
+    server's NLL equals the toolkit's evaluation (which runs them over the whole text at once) and the hand
+    one."""
     base, registry, root = routed
     ids = list(prompt(base, " ".join([LONG] * 4)))
     context, stride = 16, 8
     engine = Engine(base, registry, EngineConfig(block_size=4))
-    engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("cmed"),), context_length=context,
-                                            stride=stride, token_logprobs=2))  # fmt: skip
+    engine.add_perplexity(PerplexityRequest("p", (tuple(ids),), (Mixture.auto("cmed"),),
+                                            context_length=context, stride=stride, token_logprobs=2))
     while not (result := engine.step()).jobs:
         pass
     (done,) = result.jobs
     assert done.error is None
     doc = done.result.documents[0]
     scored = score_text(base.model, registry.loaded("cmed").model, np.asarray(ids), base.vocab_size, "t",
-                        EvalConfig(context=context, stride=stride), progress=False)  # fmt: skip
+                        EvalConfig(context=context, stride=stride), progress=False)
     toolkit_nll = evaluate_router(load_router(root / "cmed"), scored, (0.5,), 0.5)["router_nll"]
     assert abs(doc.mixed[0].mean_nll - toolkit_nll) <= 1e-4
     from memories.perplexity import sliding_windows
@@ -549,8 +578,8 @@ def test_perplexity_auto_with_context_equals_the_toolkit_and_the_reference(route
     assert abs(doc.mixed[0].mean_nll + per_token.mean().item()) <= 1e-4
     assert max(abs(a - b) for a, b in zip(doc.tokens.mixed, per_token.tolist(), strict=True)) <= 1e-4
     with pytest.raises(InvalidRequestError) as exc:  # the EMAs start at the document's start
-        engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("cmed"),), context_length=context,
-                                                stride=stride, first_window=1))  # fmt: skip
+        engine.add_perplexity(PerplexityRequest("q", (tuple(ids),), (Mixture.auto("cmed"),),
+                                                context_length=context, stride=stride, first_window=1))
     assert exc.value.param == "first_window"
     assert registry.users("cmed") == 0
 
@@ -561,7 +590,7 @@ def test_fit_router_reads_the_context_of_the_whole_text(routed):
     base, registry, _ = routed
     ids = np.asarray(prompt(base, " ".join([LONG] * 6)))
     scored = score_text(base.model, registry.loaded("cmed").model, ids, base.vocab_size, "t",
-                        EvalConfig(context=16, stride=8), progress=False)  # fmt: skip
+                        EvalConfig(context=16, stride=8), progress=False)
     router, summary = fit_router([scored], 0.5, FitConfig(hidden=(0,), max_steps=20), progress=False)
     assert router.context_decays == DEFAULT_CONTEXT_DECAYS and len(router.mean) == len(FEATURES) + 2
     assert summary["positions_fit"] + summary["positions_select"] == len(scored.base)
@@ -576,7 +605,8 @@ def test_fit_router_reads_the_context_of_the_whole_text(routed):
 def routed_server(routed, zoo):
     _, _, root = routed
     config = ServerConfig(model=ModelConfig(str(zoo.base)),
-                          memories=(MemorySpec("rmed", str(root / "rmed")), MemorySpec("med", str(zoo.mem_llama))))  # fmt: skip
+                          memories=(MemorySpec("rmed", str(root / "rmed")),
+                                    MemorySpec("med", str(zoo.mem_llama))))
     with InProcessServer(config) as s:
         yield s
 
@@ -586,8 +616,8 @@ def test_api_auto_alpha(routed_server, routed):
     s = routed_server
     cards = {c["id"]: c for c in s.get("/v1/models").json()["data"]}
     assert cards["rmed"]["router"] is True and cards["med"]["router"] is False
-    r = s.post("/v1/completions", {"prompt": TEXT, "memory": "rmed", "alpha": "auto", "max_tokens": 0, "echo": True,
-                                   "logprobs": 0})  # fmt: skip
+    r = s.post("/v1/completions", {"prompt": TEXT, "memory": "rmed", "alpha": "auto", "max_tokens": 0,
+                                   "echo": True, "logprobs": 0})
     assert r.status_code == 200, r.text
     assert r.json()["alpha"] == "auto"
     ids = list(prompt(base, TEXT))
@@ -598,7 +628,8 @@ def test_api_auto_alpha(routed_server, routed):
     p = s.post("/v1/perplexity", {"input": TEXT, "memory": "rmed", "alpha": "auto", "logprobs": 0})
     assert p.status_code == 200, p.text
     assert p.json()["alpha"] == "auto" and abs(p.json()["overall"]["nll"] + sum(want) / len(want)) <= 1e-4
-    g = s.post("/v1/completions", {"prompt": "The patient", "model": "rmed", "alpha": "auto", "max_tokens": 3})
+    g = s.post("/v1/completions",
+               {"prompt": "The patient", "model": "rmed", "alpha": "auto", "max_tokens": 3})
     assert g.status_code == 200, g.text
     for body, code in [
         ({"prompt": "x", "memory": "med", "alpha": "auto"}, "memory_has_no_router"),
@@ -627,12 +658,13 @@ def test_cli_fits_saves_and_refuses_in_source_text(zoo, tmp_path, capsys):
     write_manifest(mem, manifest.replace(
         corpus={"holdout_sources": ["held"]},
         evaluation={"texts": [{"label": "seen", "kind": "in-source", "file": str(tmp_path / "seen.txt")}]},
-    ))  # fmt: skip
+    ))
     common = ["memory", "router", "--memory", str(mem), "--base", str(zoo.base), "--quiet", "--context", "32"]
     assert toolkit([*common, "--text", f"seen={text}"]) == 2
     assert "comes from a source of this memory's datastore" in capsys.readouterr().err
     assert not (mem / ROUTER_WEIGHTS).exists()
-    assert toolkit([*common, "--text", str(text), "--eval-text", f"other={text}", "--alphas", "0.2,0.5,0.8"]) == 0
+    assert toolkit([*common, "--text", str(text), "--eval-text", f"other={text}",
+                    "--alphas", "0.2,0.5,0.8"]) == 0
     out = capsys.readouterr().out
     assert "router for" in out and "other" in out
     m = read_manifest(mem)
@@ -644,8 +676,9 @@ def test_cli_fits_saves_and_refuses_in_source_text(zoo, tmp_path, capsys):
     assert t["router_ppl"] > 0 and len(t["mixture"]) == 3
     # --from copies a router into another memory without fitting.
     other = _with_router(zoo.mem_llama, tmp_path / "other", None)
-    assert toolkit(["memory", "router", "--memory", str(other), "--base", str(zoo.base), "--from", str(mem), "--quiet",
-                    "--context", "32", "--eval-text", f"x={text}"]) == 0  # fmt: skip
+    assert toolkit(["memory", "router", "--memory", str(other), "--base", str(zoo.base), "--from", str(mem),
+                    "--quiet", "--context", "32",
+                    "--eval-text", f"x={text}"]) == 0  # fmt: skip  # flag/value pairs on one line
     copied = load_router(other, read_manifest(other).router)
     x = torch.randn(5, len(FEATURES) + len(DEFAULT_CONTEXT_DECAYS))  # the default: with the context features
     assert router.context_decays == copied.context_decays == DEFAULT_CONTEXT_DECAYS

@@ -1,6 +1,6 @@
 """The sampler on its public entry points (`sample`, `sampling_rows`, `apply_top_k_top_p`, `propose`,
-`accept`): top-k / top-p boundaries, greedy and seeded rows, the uniform hash, speculative accept; milliseconds,
-no model files."""
+`accept`): top-k / top-p boundaries, greedy and seeded rows, the uniform hash, speculative accept;
+milliseconds, no model files."""
 
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def _draw(logp: torch.Tensor, params: list[SamplingParams], seeds: list[int], po
 
 def test_greedy_rows_take_the_argmax_whatever_the_seed():
     logp = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), -1)
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6, seed=3), SamplingParams(temperature=0.0)]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6, seed=3),
+              SamplingParams(temperature=0.0)]
     assert _draw(logp, params, [1, 3, 5]) == logp.argmax(-1).tolist()
 
 
@@ -98,7 +99,8 @@ def test_a_seeded_row_draws_the_same_token_alone_or_in_any_batch():
     logp = torch.log_softmax(torch.randn(4, 64), -1)
     seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=11)
     alone = [_draw(logp[2:3], [seeded], [11])[0] for _ in range(3)]
-    others = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3), SamplingParams(temperature=0.7)]
+    others = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3),
+              SamplingParams(temperature=0.7)]
     batch = _draw(logp, [others[0], others[1], seeded, others[2]], [5, 6, 11, 8])
     assert alone == [alone[0]] * 3 and batch[2] == alone[0]
     draws = {_draw(logp[2:3], [seeded], [seed])[0] for seed in range(40)}
@@ -108,12 +110,13 @@ def test_a_seeded_row_draws_the_same_token_alone_or_in_any_batch():
 
 
 def test_sampling_follows_the_filtered_distribution():
-    """Frequencies of 20k draws (one seed each) match the top-k / temperature distribution; filtered tokens never appear."""
+    """Frequencies of 20k draws (one seed each) match the top-k / temperature distribution; filtered tokens
+    never appear."""
     probs = torch.tensor([0.45, 0.3, 0.15, 0.1])
     n = 20_000
     logp = probs.log().expand(n, -1)
-    counts = torch.bincount(torch.tensor(_draw(logp, [SamplingParams(temperature=1.0, top_k=3)] * n, list(range(n)))),
-                            minlength=4).double() / n  # fmt: skip
+    counts = torch.bincount(torch.tensor(_draw(logp, [SamplingParams(temperature=1.0, top_k=3)] * n,
+                                               list(range(n)))), minlength=4).double() / n
     expected = torch.tensor([0.45, 0.3, 0.15, 0.0]) / 0.9
     assert counts[3] == 0
     assert torch.allclose(counts, expected.double(), atol=0.015), counts
@@ -134,7 +137,8 @@ def test_the_uniform_hash_is_uniform():
 
 def test_random_streams_keep_plain_sampling_and_come_three_at_a_time():
     """Stream TOKEN hashes exactly as before speculative mixing existed (seeded outputs did not move: values
-    from the previous implementation); `speculative_uniforms` equals `uniform` on each stream; streams differ."""
+    from the previous implementation); `speculative_uniforms` equals `uniform` on each stream; streams
+    differ."""
     seeds, counters = torch.tensor([0, 1, 12345, 2**62 + 7]), torch.tensor([0, 5, 99, 4096])
     before = [1.120240011864837e-10, 0.4239480554378408, 0.6488414915294607, 0.9850145429246431]
     assert uniform(seeds, counters).tolist() == before
@@ -175,7 +179,8 @@ def test_speculative_accept_without_a_draft_is_plain_sampling_and_greedy_is_argm
     drafts = propose(q_logp, rows, u[DRAFT])
     none = torch.zeros(6, dtype=torch.bool)
     tokens, accepted = accept(logp, drafts, none, rows, u)
-    assert torch.equal(tokens, sample(logp, rows, counter)) and not accepted.any()  # bit for bit the plain draw
+    # bit for bit the plain draw
+    assert torch.equal(tokens, sample(logp, rows, counter)) and not accepted.any()
     tokens, accepted = accept(logp, drafts, None, rows, u)
     greedy = rows.greedy
     assert torch.equal(tokens[greedy], logp.argmax(-1)[greedy])

@@ -15,16 +15,19 @@ from server.sequence import Sequence
 
 
 def _scheduler(max_num_seqs: int, budget: int, pages: int = 1000, block: int = 4, chunked: bool = True,
-               caching: bool = False) -> Scheduler:  # fmt: skip
-    """A scheduler over a real (tiny, CPU) page pool of `block`-token pages: one layer, one head of 8 floats."""
+               caching: bool = False) -> Scheduler:
+    """A scheduler over a real (tiny, CPU) page pool of `block`-token pages: one layer, one head of 8
+    floats."""
     geometry = KVGeometry(1, 1, 8, torch.float32)  # 64 bytes a token
     pool = PagePool(pages, page_bytes=block * geometry.token_bytes, device=torch.device("cpu"))
-    kv = ModelKV(pool, geometry, max_num_seqs, max_model_len=512, scratch_page=SCRATCH_PAGE, prefix_caching=caching)
+    kv = ModelKV(pool, geometry, max_num_seqs, max_model_len=512, scratch_page=SCRATCH_PAGE,
+                 prefix_caching=caching)
     return Scheduler(max_num_seqs, budget, pool, lambda key: kv, chunked_prefill=chunked)
 
 
 def _seq(i: int, n: int, first: int = 5) -> Sequence:
-    request = GenerationRequest(f"r{i}", tuple(range(first, first + n)), SamplingParams(max_tokens=64, ignore_eos=True))
+    request = GenerationRequest(f"r{i}", tuple(range(first, first + n)),
+                                SamplingParams(max_tokens=64, ignore_eos=True))
     return Sequence(request, (), frozenset(), 512)
 
 
@@ -37,7 +40,8 @@ def _chunks(batch) -> list[tuple[str, int, int]]:
 
 
 def _ran(sched: Scheduler, batch) -> None:
-    """What the engine does after a step: decode rows append a token; chunks are cached, a last one samples."""
+    """What the engine does after a step: decode rows append a token; chunks are cached, a last one
+    samples."""
     for s in batch.seqs:
         s.token_ids.append(1)
         sched.kv_of(None).advance_host([s.slot])
@@ -52,10 +56,12 @@ def test_scheduler_decodes_first_then_fills_the_token_budget_with_prompt_chunks(
     for i, n in enumerate([5, 5, 5]):
         sched.add(_seq(i, n))
     first = sched.schedule()
-    assert first.kind is StepKind.PREFILL and _chunks(first) == [("r0", 0, 5), ("r1", 0, 5), ("r2", 0, 2)]  # 5 + 5 + 2 = 12
+    # 5 + 5 + 2 = 12
+    assert first.kind is StepKind.PREFILL and _chunks(first) == [("r0", 0, 5), ("r1", 0, 5), ("r2", 0, 2)]
     _ran(sched, first)
     second = sched.schedule()  # two decode tokens, then the rest of r2's prompt
-    assert second.kind is StepKind.MIXED and _ids(second) == ["r0", "r1"] and _chunks(second) == [("r2", 2, 5)]
+    assert (second.kind is StepKind.MIXED and _ids(second) == ["r0", "r1"]
+            and _chunks(second) == [("r2", 2, 5)])
     _ran(sched, second)
     third = sched.schedule()
     assert third.kind is StepKind.DECODE and _ids(third) == ["r0", "r1", "r2"] and not third.prefill
@@ -117,7 +123,8 @@ def test_scheduler_waits_for_pages_and_preempts_the_newest_row():
     for s in seqs:
         sched.add(s)
     first = sched.schedule()
-    assert [c for c, _, _ in _chunks(first)] == ["r0", "r1"]  # r2 would leave no page for the next decode: it waits
+    # r2 would leave no page for the next decode: it waits
+    assert [c for c, _, _ in _chunks(first)] == ["r0", "r1"]
     _ran(sched, first)
     preempted: list[str] = []
     for _ in range(20):
@@ -154,7 +161,8 @@ def test_spare_draft_pages_go_back_before_anyone_is_preempted():
         kv.advance_host([b.slot])
         batch = sched.schedule()
         assert batch.kind is StepKind.DECODE and not batch.preempted
-    assert int(kv.host_blocks[b.slot]) == 5 and int(kv.host_blocks[a.slot]) == 3  # a kept its next token's page
+    # a kept its next token's page
+    assert int(kv.host_blocks[b.slot]) == 5 and int(kv.host_blocks[a.slot]) == 3
     sched.remove([a, b])
     assert sched.pool.num_free == sched.pool.num_usable
 
@@ -169,14 +177,16 @@ def test_prefix_cache_shares_full_blocks_refcounted_and_evicts_lru():
     sched.add(a)
     first = sched.schedule()
     _ran(sched, first)
-    assert _chunks(first) == [("r0", 0, 10)] and int(kv.host_frozen[a.slot]) == 2  # blocks [0,4) [4,8): before token 9
+    # blocks [0,4) [4,8): before token 9
+    assert _chunks(first) == [("r0", 0, 10)] and int(kv.host_frozen[a.slot]) == 2
     b = _seq(1, 10)  # the same 10 tokens
     sched.add(b)
     batch = sched.schedule()
     assert _chunks(batch) == [("r1", 8, 10)]  # 8 tokens hit, 2 computed
     shared = [int(p) for p in kv.host_tables[a.slot, :2]]
     assert [int(p) for p in kv.host_tables[b.slot, :2]] == shared and all(pool.refs[p] == 2 for p in shared)
-    assert int(kv.host_tables[b.slot, 2]) != int(kv.host_tables[a.slot, 2])  # the last token's block is private
+    # the last token's block is private
+    assert int(kv.host_tables[b.slot, 2]) != int(kv.host_tables[a.slot, 2])
     with pytest.raises(ValueError, match="shared prefix"):
         kv.truncate(b.slot, 7)
     _ran(sched, batch)
@@ -185,9 +195,11 @@ def test_prefix_cache_shares_full_blocks_refcounted_and_evicts_lru():
     assert all(p in pool.cached for p in shared) and pool.num_free == pool.num_usable > free_before
     c = _seq(2, 12)  # the same first 8 tokens, then others
     sched.add(c)
-    assert _chunks(sched.schedule()) == [("r2", 8, 12)] and [int(p) for p in kv.host_tables[c.slot, :2]] == shared
+    assert (_chunks(sched.schedule()) == [("r2", 8, 12)]
+            and [int(p) for p in kv.host_tables[c.slot, :2]] == shared)
     sched.remove([c])
-    assert sched.prefix_stats and [(st.queries, st.hits) for st in sched.prefix_stats] == [(10, 0), (10, 8), (12, 8)]
+    assert (sched.prefix_stats
+            and [(st.queries, st.hits) for st in sched.prefix_stats] == [(10, 0), (10, 8), (12, 8)])
     # Fill the pool with unrelated prompts: the cached blocks are evicted (oldest first), never served stale.
     d = _seq(3, 43, first=100)  # 11 pages: every usable one
     sched.add(d)

@@ -47,18 +47,20 @@ CONFIG = schemathesis.Config.from_dict(
         "checks": {"positive_data_acceptance": {"enabled": False}},
     }
 )
-schema = schemathesis.openapi.from_dict(create_app(ServerConfig(model=ModelConfig("tiny"))).openapi(), config=CONFIG)
+schema = schemathesis.openapi.from_dict(create_app(ServerConfig(model=ModelConfig("tiny"))).openapi(),
+                                        config=CONFIG)
 
 
 @pytest.fixture(scope="module")
 def live(zoo, live_server):
     args = [
-        # The chat-capable model, so that chat requests are rendered and run, not all refused for want of a template.
+        # The chat-capable model, so that chat requests are rendered and run, not all refused for want of a
+        # template.
         "--model", str(zoo.chat_base), "--served-model-name", "tiny", "--memory", f"med={zoo.mem_llama}",
         "--api-key", "fuzz-user-key", "--admin-key", ADMIN_KEY, "--memory-root", str(zoo.base.parent),
         # Short contexts keep every generated request cheap: prompt + max_tokens <= 64 tokens.
         "--max-model-len", "64", "--max-num-seqs", "16",
-    ]  # fmt: skip
+    ]  # fmt: skip  # flag/value pairs on one line
     with live_server("schemathesis", args) as s:
         yield s
         assert "Traceback" not in s.logs(), s.logs()[-5000:]
@@ -68,15 +70,16 @@ def live(zoo, live_server):
             for sample in family.samples:
                 if sample.name == "memdec_requests_total":
                     statuses[sample.labels["status"]] += int(sample.value)
-        print(f"\nschemathesis: {sum(statuses.values())} API requests answered, by status {dict(sorted(statuses.items()))}")
+        print(f"\nschemathesis: {sum(statuses.values())} API requests answered, "
+              f"by status {dict(sorted(statuses.items()))}")
         assert not [code for code in statuses if code.startswith("5")], statuses
 
 
 def test_the_document_is_what_the_server_serves(live):
     served = httpx.get(live.url + "/openapi.json").json()
     assert served == create_app(ServerConfig(model=ModelConfig("tiny"))).openapi()
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/memories", "/metrics", "/tokenize",
-            "/detokenize", "/tokenizer_info", "/version"} <= set(served["paths"])  # fmt: skip
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/memories", "/metrics",
+            "/tokenize", "/detokenize", "/tokenizer_info", "/version"} <= set(served["paths"])
 
 
 @schema.parametrize()

@@ -30,10 +30,12 @@ ROWS = [
 
 @torch.no_grad()
 def reference(base, registry, context: list[int], mixture) -> torch.Tensor:
-    """The formula in probability space (float64), from one full forward of each model over the whole context."""
+    """The formula in probability space (float64), from one full forward of each model over the whole
+    context."""
     vocab = base.vocab_size
     ids = torch.tensor([context])
-    p = torch.softmax(base.model(ids).logits[0, -1, :vocab].double(), -1) * (1.0 - sum(a for _, a, _ in mixture))
+    p = (torch.softmax(base.model(ids).logits[0, -1, :vocab].double(), -1)
+         * (1.0 - sum(a for _, a, _ in mixture)))
     for name, alpha, temperature in mixture:
         logits = registry.loaded(name).model(ids).logits[0, -1, :vocab].double()
         p = p + alpha * torch.softmax(logits / temperature, -1)
@@ -74,11 +76,13 @@ def all_requests(base):
 
 @pytest.mark.parametrize("config", [
     EngineConfig(block_size=4),
-    # Rows join mid-decode and prompts are chunked: mixed steps (decode rows and prompt chunks in one forward).
+    # Rows join mid-decode and prompts are chunked: mixed steps (decode rows and prompt chunks in one
+    # forward).
     EngineConfig(block_size=4, max_num_batched_tokens=8, enable_chunked_prefill=True),
-    # A speculating engine: the single-memory row may draft; the multi-memory rows decode plainly in its rounds.
+    # A speculating engine: the single-memory row may draft; the multi-memory rows decode plainly in its
+    # rounds.
     EngineConfig(block_size=4, speculative_tokens=3),
-], ids=["plain", "chunked", "speculative"])  # fmt: skip
+], ids=["plain", "chunked", "speculative"])  # fmt: skip  # a table: one row per case
 def test_every_step_equals_the_formula_in_a_mixed_batch(setup, config):
     base, registry = setup
     reqs = all_requests(base)
@@ -95,7 +99,8 @@ def test_a_multi_memory_row_never_drafts(setup):
     base, _ = setup
     engine = Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3))
     seq = engine.add_request(request(base, "x", "The court", ROWS[1][2], 4, None))
-    assert not seq.speculative and seq.memory_names == ("med", "law") and seq.model_keys == (None, "med", "law")
+    assert (not seq.speculative and seq.memory_names == ("med", "law")
+            and seq.model_keys == (None, "med", "law"))
     assert math.isclose(seq.base_weight, 0.2)
     while engine.has_unfinished():
         engine.step()
@@ -138,8 +143,10 @@ def test_engine_refuses_bad_mixtures(setup):
         (("med", "law"), (0.7, 0.4), "alpha"),  # Σα > 1
         (("med", "med"), (0.3, 0.3), "memory"),
     ]:
-        with pytest.raises(InvalidRequestError) as exc, mixture_errors():  # a mixture is refused where it is built
-            engine.add_request(GenerationRequest("x", ids, SamplingParams(max_tokens=2), Mixture.of(memories, alphas, (1.0, 1.0))))
+        # a mixture is refused where it is built
+        with pytest.raises(InvalidRequestError) as exc, mixture_errors():
+            engine.add_request(GenerationRequest("x", ids, SamplingParams(max_tokens=2),
+                                                 Mixture.of(memories, alphas, (1.0, 1.0))))
         assert exc.value.param == param
     assert_clean(engine)
 
@@ -173,7 +180,7 @@ def test_perplexity_of_two_memories_equals_the_formula(setup):
     engine = Engine(*setup, EngineConfig(block_size=4))
     job = engine.add_perplexity(PerplexityRequest(
         "p", (ids,), (Mixture.of(("med", "law"), (0.3, 0.45), (0.5, 1.5)),), token_logprobs=0,
-    ))  # fmt: skip
+    ))
     while not job.done or engine.scheduler.jobs:
         result = engine.step()
         if result.jobs:
@@ -186,7 +193,9 @@ def test_perplexity_of_two_memories_equals_the_formula(setup):
     vocab = base.vocab_size
     p = torch.softmax(base.model(t).logits[0, :-1, :vocab].double(), -1) * (1 - 0.75)
     for name, alpha, temperature in mixture:
-        p = p + alpha * torch.softmax(registry.loaded(name).model(t).logits[0, :-1, :vocab].double() / temperature, -1)
+        p = p + alpha * torch.softmax(
+            registry.loaded(name).model(t).logits[0, :-1, :vocab].double() / temperature, -1
+        )
     per_token = torch.log(p.gather(-1, t[0, 1:, None]).squeeze(-1))
     assert abs(doc.mixed[0].mean_nll - (-per_token.mean().item())) <= 1e-4
     assert doc.memory_alone is None and len(doc.mixed) == 1
@@ -199,8 +208,8 @@ def test_api_several_memories(med_law_server, ref):
     """Completions, chat and perplexity accept a memory list; the response echoes it; echo log-probs follow
     the mixture (checked against the HF reference models)."""
     text = "The court held that"
-    body = {"prompt": text, "memory": ["med", "law"], "alpha": [0.3, 0.4], "max_tokens": 0, "echo": True, "logprobs": 0,
-            "memory_temperature": [1.0, 1.0]}  # fmt: skip
+    body = {"prompt": text, "memory": ["med", "law"], "alpha": [0.3, 0.4], "max_tokens": 0, "echo": True,
+            "logprobs": 0, "memory_temperature": [1.0, 1.0]}
     r = med_law_server.post("/v1/completions", body)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -214,15 +223,18 @@ def test_api_several_memories(med_law_server, ref):
     want = torch.log(p.gather(-1, t[0, 1:, None]).squeeze(-1)).tolist()
     got = data["choices"][0]["logprobs"]["token_logprobs"][1:]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
-    chat = med_law_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                                                "memory": ["law", "med"], "alpha": [0.5, 0.5]})  # fmt: skip
+    chat = med_law_server.post("/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                "memory": ["law", "med"], "alpha": [0.5, 0.5]})
     assert chat.status_code in (200, 400), chat.text  # 400 only when the base has no chat template
     if chat.status_code == 200:
         assert chat.json()["memory"] == ["law", "med"]
-    ppl = med_law_server.post("/v1/perplexity", {"input": text, "memory": ["med", "law"], "alpha": [0.3, 0.4]})
+    ppl = med_law_server.post("/v1/perplexity",
+                              {"input": text, "memory": ["med", "law"], "alpha": [0.3, 0.4]})
     assert ppl.status_code == 200, ppl.text
     pj = ppl.json()
-    assert pj["memory"] == ["med", "law"] and pj["alpha"] == [0.3, 0.4] and pj["overall"]["memory_nll"] is None
+    assert (pj["memory"] == ["med", "law"] and pj["alpha"] == [0.3, 0.4]
+            and pj["overall"]["memory_nll"] is None)
     assert abs(pj["overall"]["nll"] - (-sum(want) / len(want))) <= 1e-4
 
 
@@ -264,9 +276,11 @@ def test_sampled_multi_memory_rows_draw_the_same_alone_or_beside_speculating_row
 
     mixture = ROWS[1][2]
     alone = run(Engine(*setup, EngineConfig(block_size=4)), [sampled("x", mixture, "The court")])
-    drafting = GenerationRequest("d", prompt(base, "The patient"), SamplingParams(max_tokens=12, temperature=1.0, seed=3,
-                                 ignore_eos=True), Mixture.one("med", 0.6))  # fmt: skip
-    crowd = run(Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3)), [drafting, sampled("x", mixture, "The court")])
+    drafting = GenerationRequest("d", prompt(base, "The patient"),
+                                 SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True),
+                                 Mixture.one("med", 0.6))
+    crowd = run(Engine(*setup, EngineConfig(block_size=4, speculative_tokens=3)),
+                [drafting, sampled("x", mixture, "The court")])
     assert tokens_of(alone["x"]) == tokens_of(crowd["x"])
 
 
@@ -281,11 +295,13 @@ def _score(engine, request):
 
 
 def test_memories_scored_separately_equal_one_job_per_memory(setup):
-    """What `"memory": "auto"` compares: each memory's own mixture at its own α and temperature, from one job."""
+    """What `"memory": "auto"` compares: each memory's own mixture at its own α and temperature, from one
+    job."""
     base, _ = setup
     ids = prompt(base, "The court held that the patient was given a dose of the statute on inflation.")
     engine = Engine(*setup, EngineConfig(block_size=4))
-    together = _score(engine, PerplexityRequest("s", (ids,), (Mixture.one("med", 0.6, 0.5), Mixture.one("law", 0.4, 1.5))))
+    together = _score(engine, PerplexityRequest("s", (ids,),
+                                                (Mixture.one("med", 0.6, 0.5), Mixture.one("law", 0.4, 1.5))))
     assert len(together.mixed) == 2
     for i, (name, alpha, temperature) in enumerate((("med", 0.6, 0.5), ("law", 0.4, 1.5))):
         alone = _score(engine, PerplexityRequest(f"a{i}", (ids,), sweep(name, (alpha,), temperature)))

@@ -39,5 +39,8 @@ def test_acceptance_estimates_start_from_the_prior_and_follow_the_tests():
         ctl.observe_acceptance("m", tests=10, passed=3)
     assert ctl.acceptance("m") == pytest.approx(0.3, abs=0.01)
     assert ctl.row_acceptance("m", passed=0.0, tests=0.0) == pytest.approx(ctl.acceptance("m"))
-    assert ctl.row_acceptance("m", passed=9.0, tests=10.0) == pytest.approx((9 + PRIOR_WEIGHT * 0.3) / (10 + PRIOR_WEIGHT), abs=0.01)
-    assert ctl.row_acceptance("m", passed=30.0, tests=30.0) > 0.8  # enough of its own tests outweigh its memory's
+    assert ctl.row_acceptance("m", passed=9.0, tests=10.0) == pytest.approx(
+        (9 + PRIOR_WEIGHT * 0.3) / (10 + PRIOR_WEIGHT), abs=0.01
+    )
+    # enough of its own tests outweigh its memory's
+    assert ctl.row_acceptance("m", passed=30.0, tests=30.0) > 0.8

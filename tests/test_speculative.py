@@ -41,7 +41,8 @@ MIXED = [  # rid, text, memory, alpha, tokens, extra request fields
     ("c", "Once upon a time there was a little house", None, 0.0, 12, {}),  # no memory: plain rows in rounds
     ("d", "inflation", "fin", 0.9, 14, {}),
     ("e", "The statute applies to the contract and", "med", 1.0, 11, {}),  # α = 1: every draft accepted
-    ("f", "The patient", "med", 0.25, 16, {"speculative": False}),  # opted out, beside drafting rows of its memory
+    # opted out, beside drafting rows of its memory
+    ("f", "The patient", "med", 0.25, 16, {"speculative": False}),
     ("g", "rates rose", "fin", 0.0, 6, {}),  # α = 0: the base alone
     ("h", "x", "law", 0.75, 13, {}),
 ]
@@ -49,8 +50,9 @@ MIXED = [  # rid, text, memory, alpha, tokens, extra request fields
 
 def mixed_requests(base, logprobs: int | None = None) -> dict[str, GenerationRequest]:
     return {
-        rid: GenerationRequest(rid, prompt(base, text), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                               logprobs=logprobs), Mixture.single(m, a), **extra)  # fmt: skip
+        rid: GenerationRequest(rid, prompt(base, text),
+                               SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                              logprobs=logprobs), Mixture.single(m, a), **extra)
         for rid, text, m, a, n, extra in MIXED
     }
 
@@ -78,14 +80,15 @@ def test_greedy_tokens_equal_plain_decoding_and_logprobs_equal_the_reference(set
 
 
 def test_stop_ids_stop_strings_and_max_tokens_inside_accepted_runs(setup):
-    """α = 1 accepts every draft, so stops fall inside runs: the result equals non-speculative decoding and the
-    rest of the run is rolled back (the engine is clean, a later request is unaffected)."""
+    """α = 1 accepts every draft, so stops fall inside runs: the result equals non-speculative decoding and
+    the rest of the run is rolled back (the engine is clean, a later request is unaffected)."""
     base, _ = setup
     ids = prompt(base, "Once upon a time")
     free = run(engine_for(setup), [greedy("f", ids, n=24, memory="med", alpha=1.0)])["f"]
     toks, text = tokens_of(free), "".join(o.new_text for o in free)
     stop_id = next(t for t in toks[4:] if t not in toks[:4])  # its first appearance is past a round's start
-    stop = next(text[i : i + 3] for i in range(len(text) // 2, len(text) - 3) if text[i : i + 3].strip() and text.index(text[i : i + 3]) == i)
+    stop = next(text[i : i + 3] for i in range(len(text) // 2, len(text) - 3)
+                if text[i : i + 3].strip() and text.index(text[i : i + 3]) == i)
     cases = {
         "ids": greedy("ids", ids, n=24, memory="med", alpha=1.0, stop_token_ids=(stop_id,)),
         "str": greedy("str", ids, n=24, memory="med", alpha=1.0, stop=(stop,)),
@@ -97,7 +100,8 @@ def test_stop_ids_stop_strings_and_max_tokens_inside_accepted_runs(setup):
     for rid in cases:
         assert tokens_of(spec[rid]) == tokens_of(plain[rid]), rid
         assert "".join(o.new_text for o in spec[rid]) == "".join(o.new_text for o in plain[rid])
-        assert spec[rid][-1].finish_reason == plain[rid][-1].finish_reason and spec[rid][-1].stop_reason == plain[rid][-1].stop_reason
+        assert (spec[rid][-1].finish_reason == plain[rid][-1].finish_reason
+                and spec[rid][-1].stop_reason == plain[rid][-1].stop_reason)
         assert spec[rid][-1].num_output_tokens == len(tokens_of(spec[rid]))
     assert tokens_of(spec["ids"])[-1] == stop_id and len(tokens_of(spec["len"])) == 7
     assert "".join(o.new_text for o in spec["str"]) == text[: text.index(stop)]
@@ -116,7 +120,8 @@ def test_logprobs_stay_aligned_when_a_stop_string_cuts_a_run(setup):
     stop = text[len(text) // 2 :][:2]
     if not stop.strip():
         pytest.skip("no printable stop string in this text")
-    cut = run(spec_engine(setup, 5), [greedy("lp", ids, n=20, memory="law", alpha=1.0, logprobs=2, stop=(stop,))])["lp"]
+    cut = run(spec_engine(setup, 5),
+              [greedy("lp", ids, n=20, memory="law", alpha=1.0, logprobs=2, stop=(stop,))])["lp"]
     toks, lps = tokens_of(cut), logprobs_of(cut)
     assert len(lps) == len(toks) and [lp.token_id for lp in lps] == toks
     assert lps == logprobs_of(full)[: len(lps)]
@@ -127,18 +132,21 @@ def test_seeded_requests_are_reproducible_whatever_the_rounds(setup):
     and after preemptions."""
     base, _ = setup
     ids = prompt(base, "The patient was given")
-    req = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True), Mixture.one("med", 0.6))
+    req = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7,
+                                                     ignore_eos=True), Mixture.one("med", 0.6))
     runs = [tokens_of(run(spec_engine(setup, k), [req])["s"]) for k in (1, 2, 5)]
     runs.append(tokens_of(run(spec_engine(setup, 4, adaptive=True), [req])["s"]))
-    crowd = [GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)), SamplingParams(max_tokens=20, temperature=1.0), Mixture.single(m, 0.5))
-             for i, m in enumerate(["med", "law", "fin", None, "med"])]  # fmt: skip
+    crowd = [GenerationRequest(f"n{i}", prompt(base, f"noise {i} " * (i + 1)),
+                               SamplingParams(max_tokens=20, temperature=1.0), Mixture.single(m, 0.5))
+             for i, m in enumerate(["med", "law", "fin", None, "med"])]
     runs.append(tokens_of(run(spec_engine(setup, 3), [*crowd[:3], req], {1: crowd[3:]})["s"]))
     counts = Recorder()
     tight = spec_engine(setup, 3, counts, block_size=2, num_gpu_blocks_override=60)
     runs.append(tokens_of(run(tight, [*crowd, req])["s"]))
     assert counts.preemptions > 0
     assert all(r == runs[0] for r in runs), runs
-    other = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=8, ignore_eos=True), Mixture.one("med", 0.6))
+    other = GenerationRequest("s", ids, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=8,
+                                                       ignore_eos=True), Mixture.one("med", 0.6))
     assert tokens_of(run(spec_engine(setup, 3), [other])["s"]) != runs[0]
     assert_clean(tight)
 
@@ -154,7 +162,8 @@ def exact_first_two(setup, memory: str, ids: tuple[int, ...], alpha: float, para
     temperature, top_k, top_p = params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0)
 
     def transformed(logp: torch.Tensor) -> torch.Tensor:
-        logits = apply_top_k_top_p(logp / temperature, torch.full((len(logp),), top_k), torch.full((len(logp),), top_p))
+        logits = apply_top_k_top_p(logp / temperature, torch.full((len(logp),), top_k),
+                                   torch.full((len(logp),), top_p))
         return logits.softmax(-1)
 
     def dists(contexts: torch.Tensor):
@@ -164,7 +173,8 @@ def exact_first_two(setup, memory: str, ids: tuple[int, ...], alpha: float, para
         return b.exp(), q.exp(), transformed(p), transformed(q)
 
     _, _, first, _ = dists(torch.tensor([ids]))
-    contexts = torch.cat([torch.tensor([ids]).expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)  # every x
+    # every x
+    contexts = torch.cat([torch.tensor([ids]).expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
     b2, q2, p2, qt2 = dists(contexts)
     w = first[0]  # [V] probability of each first token
     second = (w[:, None] * p2).sum(0)
@@ -173,19 +183,21 @@ def exact_first_two(setup, memory: str, ids: tuple[int, ...], alpha: float, para
     return first[0], second, acceptance, formula
 
 
-@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}], ids=["t1", "t0.7-p0.8"])
+@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}],
+                         ids=["t1", "t0.7-p0.8"])
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
 def test_first_two_sampled_tokens_follow_the_exact_mixture(setup, alpha, params):
-    """3,000 seeds, one draft per round (K = 1, three tokens: the round drafts the second and draws the third):
-    the first token (a prefill) and the second (the round's accepted draft or its residual draw) follow the
-    exact mixture by a chi-square test at significance 0.001, and the drafts' acceptance is ≥ α and equals
-    its exact value (and, untransformed, 1 − (1−α)·TV(b, q)) within 4 standard errors."""
+    """3,000 seeds, one draft per round (K = 1, three tokens: the round drafts the second and draws the
+    third): the first token (a prefill) and the second (the round's accepted draft or its residual draw)
+    follow the exact mixture by a chi-square test at significance 0.001, and the drafts' acceptance is ≥ α and
+    equals its exact value (and, untransformed, 1 − (1−α)·TV(b, q)) within 4 standard errors."""
     base, _ = setup
     ids = prompt(base, "The patient was")
     n = 3000
     counts = Recorder()
     engine = spec_engine(setup, 1, counts, max_num_seqs=256)
-    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True, **params), Mixture.one("med", alpha)) for i in range(n)]
+    reqs = [GenerationRequest(f"s{i}", ids, SamplingParams(max_tokens=3, seed=i, ignore_eos=True, **params),
+                              Mixture.one("med", alpha)) for i in range(n)]
     out = run(engine, reqs)
     first, second, acceptance, formula = exact_first_two(setup, "med", ids, alpha, params)
     for position, probs in ((0, first), (1, second)):
@@ -211,8 +223,9 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
     base, registry = setup
     engine = spec_engine(setup, 4, block_size=2)
     reqs = [GenerationRequest(f"r{i}", prompt(base, f"request {i} about the patient"),
-                              SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True), Mixture.single(m, 0.5))
-            for i, m in enumerate(["med", "law", None, "fin", "med", "law"])]  # fmt: skip
+                              SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True),
+                              Mixture.single(m, 0.5))
+            for i, m in enumerate(["med", "law", None, "fin", "med", "law"])]
     for r in reqs:
         engine.add_request(r)
     for _ in range(4):
@@ -235,7 +248,8 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
     finally:
         handle.remove()
     for rid in ("r1", "r5"):
-        assert outs[rid][-1].finish_reason is FinishReason.ERROR and "simulated draft OOM" in outs[rid][-1].error
+        assert (outs[rid][-1].finish_reason is FinishReason.ERROR
+                and "simulated draft OOM" in outs[rid][-1].error)
     for rid in ("r2", "r3", "r4"):
         assert outs[rid][-1].finish_reason is FinishReason.LENGTH and outs[rid][-1].num_output_tokens == 30
     assert registry.users("law") == 0 and registry.users("med") == 0
@@ -256,7 +270,8 @@ def test_no_slot_or_page_leaks_after_partial_acceptance_aborts_and_failures(setu
         outs_ = engine.step().outputs
     finally:
         handle.remove()
-    assert {o.request_id for o in outs_} == {"running", "plain"} and all(o.finish_reason is FinishReason.ERROR for o in outs_)
+    assert ({o.request_id for o in outs_} == {"running", "plain"}
+            and all(o.finish_reason is FinishReason.ERROR for o in outs_))
     assert_clean(engine)
 
 
@@ -267,7 +282,9 @@ def test_one_host_read_per_speculative_round(setup, monkeypatch):
     engine = spec_engine(setup, 3, block_size=2)
     reqs = [
         greedy("a", prompt(base, "The patient was"), n=60, memory="med", alpha=0.6, logprobs=3),
-        GenerationRequest("b", prompt(base, "The court"), SamplingParams(max_tokens=60, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True), Mixture.one("law", 0.4)),
+        GenerationRequest("b", prompt(base, "The court"),
+                          SamplingParams(max_tokens=60, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+                          Mixture.one("law", 0.4)),
         greedy("c", prompt(base, "Once upon"), n=60),
     ]
     for r in reqs:

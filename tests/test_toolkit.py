@@ -54,7 +54,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _reference_logprobs(model: torch.nn.Module, ids: torch.Tensor, context: int, stride: int, vocab: int) -> torch.Tensor:
+def _reference_logprobs(model: torch.nn.Module, ids: torch.Tensor, context: int, stride: int,
+                        vocab: int) -> torch.Tensor:
     """Sliding-window log-probabilities written out plainly: full log_softmax over each window."""
     out, scored_until = [], 1
     for begin in range(0, len(ids) - 1, stride):
@@ -69,12 +70,14 @@ def _reference_logprobs(model: torch.nn.Module, ids: torch.Tensor, context: int,
     return torch.stack(out)
 
 
-def test_build_end_to_end_improves_heldout_perplexity(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_build_end_to_end_improves_heldout_perplexity(env: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture) -> None:
     out = env["root"] / "memory"
     argv = [
-        "memory", "build", "--base", str(env["base"]), "--corpus", str(env["train"]), "--valid", str(env["valid"]),
-        "--out", str(out), "--name", "synthmed", "--domain", "synthetic", "--k", "32", "--context", "128",
-        *SMALL_MODEL, "--seq-len", "64", "--train-batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--quiet",
+        "memory", "build", "--base", str(env["base"]), "--corpus", str(env["train"]),
+        "--valid", str(env["valid"]), "--out", str(out), "--name", "synthmed", "--domain", "synthetic",
+        "--k", "32", "--context", "128", *SMALL_MODEL, "--seq-len", "64", "--train-batch-size", "8",
+        "--epochs", "2", "--lr", "3e-3", "--quiet",
     ]
     assert main(argv) == 0
     first = capsys.readouterr().out
@@ -119,7 +122,8 @@ def test_build_end_to_end_improves_heldout_perplexity(env: dict[str, Path], caps
 
     # The memory learned the domain's associations: after "Patients with kelitosis were treated with",
     # its top continuation starts the right drug, which the base does not know.
-    prompt = torch.tensor([tok("Patients with kelitosis were treated with", add_special_tokens=False)["input_ids"]])
+    prompt = torch.tensor([tok("Patients with kelitosis were treated with",
+                               add_special_tokens=False)["input_ids"]])
     drug_first = tok(" " + DRUGS[0], add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
         assert int(memory(input_ids=prompt).logits[0, -1, :vocab].argmax()) == drug_first
@@ -230,7 +234,8 @@ def test_ivfpq_path_runs_and_finds_neighbours(tmp_path: Path) -> None:
     centres = rng.normal(scale=4.0, size=(40, 32))
     keys = (centres[rng.integers(0, 40, 6000)] + rng.normal(size=(6000, 32))).astype(np.float16)
     values = rng.integers(0, 50, 6000).astype(np.int32)
-    index, info = build_index(keys, IndexConfig(kind="ivfpq", nlist=32, code_size=8, nprobe=8), progress=False)
+    index, info = build_index(keys, IndexConfig(kind="ivfpq", nlist=32, code_size=8, nprobe=8),
+                              progress=False)
     assert isinstance(index, faiss.IndexIVFPQ) and info["nlist"] == 32 and index.nprobe == 8
     exact = faiss.IndexFlatL2(32)
     exact.add(keys.astype(np.float32))
@@ -253,7 +258,8 @@ def test_ivfpq_path_runs_and_finds_neighbours(tmp_path: Path) -> None:
 @pytest.mark.parametrize("which", ["base", "llama_base", "mem_qwen_padded"])
 def test_hook_captures_the_last_mlp_input(zoo, which: str) -> None:
     model = load_causal_lm(getattr(zoo, which))
-    norm = model.transformer.h[-1].ln_2 if which == "base" else model.model.layers[-1].post_attention_layernorm
+    norm = (model.transformer.h[-1].ln_2 if which == "base"
+            else model.model.layers[-1].post_attention_layernorm)
     seen = {}
     handle = norm.register_forward_hook(lambda _m, _i, out: seen.update(ref=out.detach()))
     ids = torch.randint(0, 300, (2, 11))
@@ -275,38 +281,43 @@ def test_datastore_keys_and_values_line_up(zoo, tmp_path: Path) -> None:
     assert ds.size == 149 and np.array_equal(ds.values(), tokens[1:])
     np.testing.assert_array_equal(ds.keys(), full[:-1].to(torch.float16).numpy())
     # With short windows every position still gets exactly one key, never a zero row.
-    windowed = build_datastore(model, tokens, tmp_path / "win", context=32, stride=16, batch_size=3, progress=False)
+    windowed = build_datastore(model, tokens, tmp_path / "win", context=32, stride=16, batch_size=3,
+                               progress=False)
     keys = windowed.keys()
     assert keys.shape == (149, model.config.hidden_size) and (np.abs(keys).sum(1) > 0).all()
     with pytest.raises(ValueError, match="stride"):  # windows that do not overlap would leave zero rows
         build_datastore(model, tokens, tmp_path / "gap", context=32, stride=32, progress=False)
     # The first window sees the same prefix as the single long window (kernels may round differently).
-    np.testing.assert_allclose(keys[:31].astype(np.float32), ds.keys()[:31].astype(np.float32), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(keys[:31].astype(np.float32), ds.keys()[:31].astype(np.float32),
+                               rtol=1e-2, atol=1e-2)
 
 
 @pytest.fixture(scope="module")
 def small_targets(env: dict[str, Path]) -> tuple[np.ndarray, SparseTargets]:
     tok = AutoTokenizer.from_pretrained(env["base"])
     tokens, _ = tokenize_corpus(tok, env["train"], max_tokens=3000, progress=False)
-    ds = build_datastore(load_causal_lm(env["base"]), tokens, env["root"] / "small_ds", context=128, stride=64,
-                         progress=False)
+    ds = build_datastore(load_causal_lm(env["base"]), tokens, env["root"] / "small_ds", context=128,
+                         stride=64, progress=False)
     index, _ = build_index(ds.keys(), IndexConfig(kind="flat"), progress=False)
     tg = build_targets(index, ds.keys(), ds.values(), env["root"] / "small_tg", k=16, progress=False)
     return np.asarray(Datastore.open(ds.path).tokens()), tg
 
 
-def test_resume_reproduces_uninterrupted_training(env: dict[str, Path], small_targets, tmp_path: Path) -> None:
+def test_resume_reproduces_uninterrupted_training(env: dict[str, Path], small_targets,
+                                                  tmp_path: Path) -> None:
     tokens, targets = small_targets
     tok = AutoTokenizer.from_pretrained(env["base"])
     # A GPT-2 memory has dropout, so an exact match also proves the RNG state is restored.
     init = build_model(tmp_path / "init", tok, "gpt2", hidden=32, layers=2, seed=7)
     config = TrainConfig(seq_len=32, batch_size=4, grad_accum=2, max_steps=6, lr=2e-3, warmup=2, save_every=0)
     full = train(config, tmp_path / "full", tok, tokens, targets, init_from=init, progress=False)
-    part = train(config, tmp_path / "part", tok, tokens, targets, init_from=init, stop_after=3, progress=False)
+    part = train(config, tmp_path / "part", tok, tokens, targets, init_from=init, stop_after=3,
+                 progress=False)
     assert not part.finished and part.steps_done == 3 and part.losses == full.losses[:3]
     assert (tmp_path / "part" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "part" / "model.safetensors").exists()
-    resumed = train(config, tmp_path / "part", tok, tokens, targets, init_from=init, resume=True, progress=False)
+    resumed = train(config, tmp_path / "part", tok, tokens, targets, init_from=init, resume=True,
+                    progress=False)
     assert resumed.finished and resumed.steps_done == 6
     assert resumed.losses == full.losses  # the same loss at every step, bit for bit
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
@@ -320,8 +331,8 @@ def test_resume_reproduces_uninterrupted_training(env: dict[str, Path], small_ta
 
 
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = main(["memory", "datastore", "--base", str(tmp_path / "nope"), "--corpus", str(tmp_path / "none.txt"),
-               "--out", str(tmp_path / "ds"), "--quiet"])
+    rc = main(["memory", "datastore", "--base", str(tmp_path / "nope"),
+               "--corpus", str(tmp_path / "none.txt"), "--out", str(tmp_path / "ds"), "--quiet"])
     assert rc == 2
     assert "memdec memory: error:" in capsys.readouterr().err
 
@@ -336,29 +347,33 @@ def test_tokenizer_command(tmp_path: Path) -> None:
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-def test_stage_commands_one_by_one(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_stage_commands_one_by_one(env: dict[str, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
     """datastore → targets → train → eval as separate commands, the way a user steps through them."""
     ds, tg, mem = tmp_path / "ds", tmp_path / "tg", tmp_path / "mem"
     common = ["--quiet"]
-    assert main(["memory", "datastore", "--base", str(env["base"]), "--corpus", str(env["train"]), "--out", str(ds),
-                 "--max-tokens", "2500", "--context", "64", "--index", "flat", *common]) == 0
+    assert main(["memory", "datastore", "--base", str(env["base"]), "--corpus", str(env["train"]),
+                 "--out", str(ds), "--max-tokens", "2500", "--context", "64", "--index", "flat",
+                 *common]) == 0
     assert Datastore.open(ds).size == 2499 and (ds / "index.faiss").is_file()
     assert main(["memory", "targets", "--datastore", str(ds), "--out", str(tg), "--k", "8", *common]) == 0
     assert len(SparseTargets.open(tg)) == 2499
     assert main(["memory", "train", "--base", str(env["base"]), "--datastore", str(ds), "--targets", str(tg),
-                 "--out", str(mem), "--name", "steps", "--domain", "synthetic", *SMALL_MODEL, "--arch", "qwen2",
-                 "--seq-len", "32", "--max-steps", "4", *common]) == 0
+                 "--out", str(mem), "--name", "steps", "--domain", "synthetic", *SMALL_MODEL,
+                 "--arch", "qwen2", "--seq-len", "32", "--max-steps", "4", *common]) == 0
     assert not (mem / "checkpoint").exists()  # dropped once training finished
     assert read_manifest(mem).training["steps"] == 4
-    assert main(["memory", "eval", "--base", str(env["base"]), "--memory", str(mem), "--valid", str(env["valid"]),
-                 "--eval-max-tokens", "600", "--alphas", "0.3,0.6", *common]) == 0
+    assert main(["memory", "eval", "--base", str(env["base"]), "--memory", str(mem),
+                 "--valid", str(env["valid"]), "--eval-max-tokens", "600", "--alphas", "0.3,0.6",
+                 *common]) == 0
     report = json.loads((mem / "evaluation.json").read_text())
     assert report["tokens_scored"] == 599 and [r["alpha"] for r in report["mixture"]] == [0.3, 0.6]
     assert read_manifest(mem).alpha == report["best_alpha"] and report["alpha_from"] == "in-source"
     assert "in-source" in capsys.readouterr().out
 
 
-# -- sources held out of the datastore (memories/sources.py) and cross-source evaluation (memories/crosseval.py)
+# -- sources held out of the datastore (memories/sources.py) and cross-source evaluation
+# (memories/crosseval.py)
 
 
 def _numbered(source: str, n: int) -> list[str]:
@@ -375,32 +390,36 @@ def test_holdout_split_by_line_ranges(tmp_path: Path) -> None:
     (data / "dom" / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
     (data / "dom" / "valid.txt").write_text("\n".join(valid) + "\n", encoding="utf-8")
     spec = {"dom": {
-        "train.txt": [{"source": "a", "lines": [0, 5]}, {"source": "b", "lines": [5, 7]}, {"source": "c", "lines": [7, 10]}],
-        "valid.txt": [{"source": "a", "lines": [0, 2]}, {"source": "b", "lines": [2, 3]}, {"source": "c", "lines": [3, 5]}],
-    }}  # fmt: skip
+        "train.txt": [{"source": "a", "lines": [0, 5]}, {"source": "b", "lines": [5, 7]},
+                      {"source": "c", "lines": [7, 10]}],
+        "valid.txt": [{"source": "a", "lines": [0, 2]}, {"source": "b", "lines": [2, 3]},
+                      {"source": "c", "lines": [3, 5]}],
+    }}
     (data / "sources.json").write_text(json.dumps(spec), encoding="utf-8")
 
     split = domain_holdout(data, "dom", "a", tmp_path / "split")
     assert split.kept == ("b", "c") and split.datastore_docs == {"b": 2, "c": 3}
     assert split.datastore.read_text().splitlines() == [
-        "b document 0", "c document 0", "b document 1", "c document 1", "c document 2"]  # fmt: skip
+        "b document 0", "c document 0", "b document 1", "c document 1", "c document 2"]
     assert split.heldout["a"].read_text().splitlines() == ["va document 0", "va document 1"]
     assert {k: p.read_text().splitlines() for k, p in split.in_source.items()} == {
-        "b": ["vb document 0"], "c": ["vc document 0", "vc document 1"]}  # fmt: skip
+        "b": ["vb document 0"], "c": ["vc document 0", "vc document 1"]}
 
     # The same split from a directory corpus, one file per source.
     for part, lines in (("train", train), ("valid", valid)):
         for name, (a, b) in {"a": (0, 5), "b": (5, 7), "c": (7, 10)}.items():
             rng = (a, b) if part == "train" else {"a": (0, 2), "b": (2, 3), "c": (3, 5)}[name]
             (tmp_path / part).mkdir(exist_ok=True)
-            (tmp_path / part / f"{name}.txt").write_text("\n".join(lines[rng[0]:rng[1]]) + "\n", encoding="utf-8")
+            (tmp_path / part / f"{name}.txt").write_text("\n".join(lines[rng[0]:rng[1]]) + "\n",
+                                                         encoding="utf-8")
     by_file = holdout_split(tmp_path / "train", tmp_path / "valid", ["a"], tmp_path / "split2")
     assert by_file.datastore.read_text() == split.datastore.read_text()
     assert by_file.heldout["a"].read_text() == split.heldout["a"].read_text()
 
     # Without held-out text for it, a held-out source is judged on its own corpus lines.
     no_valid = holdout_split(tmp_path / "train", None, ["b"], tmp_path / "split3")
-    assert no_valid.heldout["b"].read_text().splitlines() == ["b document 0", "b document 1"] and not no_valid.in_source
+    assert (no_valid.heldout["b"].read_text().splitlines() == ["b document 0", "b document 1"]
+            and not no_valid.in_source)
     with pytest.raises(CorpusError, match="unknown source"):
         domain_holdout(data, "dom", "zzz", tmp_path / "x")
     with pytest.raises(CorpusError, match="nothing is left"):
@@ -420,7 +439,7 @@ def test_alpha_comes_from_cross_source_text_and_disagreement_warns() -> None:
     cross_a = _report(800, 1600, {0.3: 700, 0.6: 780, 0.9: 1100}, tokens=50)
     cross_b = _report(200, 300, {0.3: 190, 0.6: 195, 0.9: 260}, tokens=500)
     texts = [{"label": "mine", "kind": IN_SOURCE, **inside}, {"label": "a", "kind": CROSS_SOURCE, **cross_a},
-             {"label": "b", "kind": CROSS_SOURCE, **cross_b}]  # fmt: skip
+             {"label": "b", "kind": CROSS_SOURCE, **cross_b}]
     report = combine(texts)
     assert report["alpha"] == 0.3 and report["alpha_from"] == CROSS_SOURCE
     # Pooled over sources as a geometric mean: each source weighs the same whatever its token count.
@@ -443,7 +462,8 @@ def test_alpha_comes_from_cross_source_text_and_disagreement_warns() -> None:
     assert any("no cross-source text" in w for w in alone["warnings"])
 
 
-def test_alpha_command_pools_leave_one_source_out_builds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_alpha_command_pools_leave_one_source_out_builds(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
     """Two builds, each holding one source out: alone they want α = 0.3 and 0.9; pooled (geometric mean per α)
     0.6 wins, which neither build's best α would have given."""
     fold_a = combine([{"label": "a", "kind": CROSS_SOURCE, **_report(100, 90, {0.3: 50, 0.6: 52, 0.9: 200})}])
@@ -455,7 +475,8 @@ def test_alpha_command_pools_leave_one_source_out_builds(tmp_path: Path, capsys:
     assert main(["memory", "alpha", *map(str, paths)]) == 0
     assert capsys.readouterr().out.strip() == "0.60"
     in_source_only = tmp_path / "in.json"
-    in_source_only.write_text(json.dumps(combine([{"label": "c", "kind": IN_SOURCE, **_report(1, 1, {0.5: 1})}])))
+    in_source_only.write_text(json.dumps(combine([{"label": "c", "kind": IN_SOURCE,
+                                                   **_report(1, 1, {0.5: 1})}])))
     assert main(["memory", "alpha", str(paths[0]), str(in_source_only)]) == 2
     assert "--holdout-source" in capsys.readouterr().err
 
@@ -470,7 +491,8 @@ def test_build_holds_a_source_out_and_chooses_alpha_on_it(
     write_corpus(corpus / "facts.txt", 120, seed=1)
     write_corpus(valid / "facts.txt", 25, seed=2)
     for folder, seed, chars in ((corpus, 1, 40_000), (valid, 2, 6_000)):
-        (folder / "prose.txt").write_text(sample_text("biomedical", chars, seed=seed) + "\n", encoding="utf-8")
+        (folder / "prose.txt").write_text(sample_text("biomedical", chars, seed=seed) + "\n",
+                                          encoding="utf-8")
     out = tmp_path / "memory"
     assert main([
         "memory", "build", "--base", str(env["base"]), "--corpus", str(corpus), "--valid", str(valid),
@@ -488,7 +510,8 @@ def test_build_holds_a_source_out_and_chooses_alpha_on_it(
     report = json.loads((out / "evaluation.json").read_text())
     by_label = {t["label"]: t for t in report["texts"]}
     assert {k: t["kind"] for k, t in by_label.items()} == {"prose": CROSS_SOURCE, "facts": IN_SOURCE}
-    assert report["alpha_from"] == CROSS_SOURCE and manifest.alpha == report["alpha"] == by_label["prose"]["best_alpha"]
+    assert (report["alpha_from"] == CROSS_SOURCE
+            and manifest.alpha == report["alpha"] == by_label["prose"]["best_alpha"])
     # The held-out numbers agree with an independent sliding-window computation over the prose text.
     base = AutoModelForCausalLM.from_pretrained(env["base"], use_safetensors=True).eval()
     memory = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()

@@ -40,8 +40,9 @@ PROMPT = "The patient was given a dose of the drug and the court held that the s
 
 
 def _args(zoo: Any) -> list[str]:
-    return ["--model", str(zoo.llama_base), "--memory", f"med={zoo.mem_llama}", "--memory", f"law={zoo.mem_qwen_padded}",
-            *FLAGS, "--tensor-parallel-timeout", str(TIMEOUT)]  # fmt: skip
+    return ["--model", str(zoo.llama_base), "--memory", f"med={zoo.mem_llama}",
+            "--memory", f"law={zoo.mem_qwen_padded}", *FLAGS,
+            "--tensor-parallel-timeout", str(TIMEOUT)]  # fmt: skip  # flag/value pairs on one line
 
 
 def _context_routed(src: Path, dst: Path) -> Path:
@@ -65,8 +66,9 @@ def servers(zoo: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     cmed = _context_routed(zoo.mem_llama, logs / "cmed")
     args = [*_args(zoo), "--memory", f"cmed={cmed}"]
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(stack.enter_context, serve([*args, "--tensor-parallel-size", str(n)], logs / f"tp{n}.log"))
-                   for n in (2, 1)]  # fmt: skip
+        futures = [pool.submit(stack.enter_context,
+                               serve([*args, "--tensor-parallel-size", str(n)], logs / f"tp{n}.log"))
+                   for n in (2, 1)]
         tp, ref = (f.result() for f in futures)
         yield tp, ref
 
@@ -93,13 +95,20 @@ def _close(a: Any, b: Any, path: str = "") -> None:
 REQUESTS: list[tuple[str, dict[str, Any], float]] = [  # (endpoint, body, start delay in seconds)
     ("/v1/completions", {"prompt": PROMPT * 3, "memory": "med", "max_tokens": 20, "logprobs": 2}, 0.0),
     ("/v1/completions", {"prompt": "Hello", "max_tokens": 12, "logprobs": 1}, 0.0),
-    ("/v1/completions", {"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.4], "max_tokens": 10, "logprobs": 1}, 0.3),
-    ("/v1/completions", {"prompt": PROMPT, "memory": "law", "max_tokens": 6, "echo": True, "logprobs": 1}, 0.6),
-    ("/v1/completions", {"prompt": PROMPT[:30], "memory": "med", "max_tokens": 8, "speculative": False, "logprobs": 1}, 0.9),
-    ("/v1/perplexity", {"input": PROMPT * 4, "memory": "med", "alpha": [0.2, 0.6], "context_length": 32, "logprobs": 1}, 0.2),
-    # A router with context features: chunked prompt (no prefix cache), per-row EMAs on rank 0, and perplexity.
-    ("/v1/completions", {"prompt": PROMPT * 2, "memory": "cmed", "alpha": "auto", "max_tokens": 8, "logprobs": 1}, 0.4),
-    ("/v1/perplexity", {"input": PROMPT * 4, "memory": "cmed", "alpha": "auto", "context_length": 32, "logprobs": 1}, 0.5),
+    ("/v1/completions",
+     {"prompt": PROMPT, "memory": ["med", "law"], "alpha": [0.3, 0.4], "max_tokens": 10, "logprobs": 1}, 0.3),
+    ("/v1/completions",
+     {"prompt": PROMPT, "memory": "law", "max_tokens": 6, "echo": True, "logprobs": 1}, 0.6),
+    ("/v1/completions",
+     {"prompt": PROMPT[:30], "memory": "med", "max_tokens": 8, "speculative": False, "logprobs": 1}, 0.9),
+    ("/v1/perplexity",
+     {"input": PROMPT * 4, "memory": "med", "alpha": [0.2, 0.6], "context_length": 32, "logprobs": 1}, 0.2),
+    # A router with context features: chunked prompt (no prefix cache), per-row EMAs on rank 0, and
+    # perplexity.
+    ("/v1/completions",
+     {"prompt": PROMPT * 2, "memory": "cmed", "alpha": "auto", "max_tokens": 8, "logprobs": 1}, 0.4),
+    ("/v1/perplexity",
+     {"input": PROMPT * 4, "memory": "cmed", "alpha": "auto", "context_length": 32, "logprobs": 1}, 0.5),
 ]
 
 
@@ -108,7 +117,8 @@ def _run_all(server: Server) -> list[Any]:
 
     def one(endpoint: str, body: dict[str, Any], delay: float) -> Any:
         time.sleep(delay)
-        r = httpx.post(server.url + endpoint, json={"temperature": 0, **body} if "completions" in endpoint else body, timeout=120)
+        r = httpx.post(server.url + endpoint,
+                       json={"temperature": 0, **body} if "completions" in endpoint else body, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -121,18 +131,23 @@ def test_sharded_outputs_match_unsharded(servers):
     got, want = _run_all(tp), _run_all(ref)
     for g, w in zip(got, want, strict=True):
         _close(g, w)
-    assert got[3]["choices"][0]["logprobs"]["token_logprobs"][0] is None  # echo: the prompt's log-probs came back
+    # echo: the prompt's log-probs came back
+    assert got[3]["choices"][0]["logprobs"]["token_logprobs"][0] is None
     # The memories drafted, so the base's speculative verify ran sharded too (beside plain decode steps).
-    drafted = [ln for ln in httpx.get(tp.url + "/metrics").text.splitlines() if ln.startswith("memdec_spec_draft_tokens_total")]
+    drafted = [ln for ln in httpx.get(tp.url + "/metrics").text.splitlines()
+               if ln.startswith("memdec_spec_draft_tokens_total")]
     assert any(float(ln.split()[-1]) > 0 for ln in drafted), drafted
-    # The first prompt again: its full blocks are now cached, so the sharded base serves them from its prefix cache.
+    # The first prompt again: its full blocks are now cached, so the sharded base serves them from its prefix
+    # cache.
     def hits() -> float:
         lines = httpx.get(tp.url + "/metrics").text.splitlines()
-        return float(next(ln for ln in lines if ln.startswith('memdec_prefix_cache_hits_total{cache="base"}')).split()[-1])
+        return float(next(ln for ln in lines
+                          if ln.startswith('memdec_prefix_cache_hits_total{cache="base"}')).split()[-1])
 
     before = hits()
     endpoint, body, _ = REQUESTS[0]
-    again = [httpx.post(s.url + endpoint, json={"temperature": 0, **body}, timeout=120).json() for s in (tp, ref)]
+    again = [httpx.post(s.url + endpoint, json={"temperature": 0, **body}, timeout=120).json()
+             for s in (tp, ref)]
     _close(*again)
     _close(again[0], got[0])
     assert hits() > before
@@ -151,7 +166,8 @@ def test_hot_swap_under_tp(servers, zoo):
     assert httpx.delete(tp.url + "/v1/memories/fin", timeout=30).status_code == 200
     assert httpx.post(tp.url + "/v1/completions", json=body, timeout=30).status_code == 404
     # Loaded again under the same name: it serves again, with a fresh cache view.
-    assert httpx.post(tp.url + "/v1/memories", json={"name": "fin", "path": str(zoo.mem_gpt2)}, timeout=60).status_code == 200
+    assert httpx.post(tp.url + "/v1/memories", json={"name": "fin", "path": str(zoo.mem_gpt2)},
+                      timeout=60).status_code == 200
     _close(*(httpx.post(s.url + "/v1/completions", json=body, timeout=60).json() for s in (tp, ref)))
 
 
@@ -163,8 +179,10 @@ def test_metrics_describe_the_whole_server(servers):
 
 
 def _stream(url: str, lines: list[str], started: threading.Event, max_tokens: int = 400) -> None:
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "speculative": False}
-    with suppress(httpx.TransportError), httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "speculative": False}
+    with suppress(httpx.TransportError), httpx.stream("POST", url + "/v1/completions", json=body,
+                                                      timeout=120) as r:
         for line in r.iter_lines():
             lines.append(line)
             started.set()
@@ -190,8 +208,9 @@ def test_sigterm_drains_then_stops_every_rank(servers):
 def test_failed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path, how):
     """A worker killed (SIGKILL) or hung (SIGSTOP) mid-stream: the client gets an error, /health answers 503,
     the server exits with code 3 within the timeout plus slack, and no process is left."""
-    args = ["--model", str(zoo.llama_base), "--tensor-parallel-size", "2", "--tensor-parallel-timeout", str(TIMEOUT),
-            "--log-level", "warning"]  # fmt: skip
+    args = ["--model", str(zoo.llama_base), "--tensor-parallel-size", "2",
+            "--tensor-parallel-timeout", str(TIMEOUT),
+            "--log-level", "warning"]  # fmt: skip  # flag/value pairs on one line
     with serve(args, tmp_path / f"{how}.log") as s:
         descendants = psutil.Process(s.proc.pid).children(recursive=True)
         assert len(descendants) == 1
@@ -228,19 +247,21 @@ def test_failed_rank_fails_requests_and_exits_in_bound(zoo, tmp_path, how):
 
 def test_a_worker_dies_with_rank_0():
     """Rank 0 killed outright (SIGKILL: no handler runs): its worker goes too, never an orphan."""
-    worker = ("import sys, time; from server.distributed import die_with_parent; die_with_parent(int(sys.argv[1])); "
-              "print('ready', flush=True); time.sleep(120)")  # fmt: skip
-    rank0 = ("import os, subprocess, sys; w = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); "
-             "print(w.pid, flush=True); w.wait()")  # fmt: skip
+    worker = ("import sys, time; from server.distributed import die_with_parent; "
+              "die_with_parent(int(sys.argv[1])); print('ready', flush=True); time.sleep(120)")
+    rank0 = ("import os, subprocess, sys; "
+             "w = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); "
+             "print(w.pid, flush=True); w.wait()")
     parent = subprocess.Popen([sys.executable, "-c", rank0, worker], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+                              cwd=Path(__file__).resolve().parents[1])
     assert parent.stdout is not None
     pid = int(parent.stdout.readline())
     assert parent.stdout.readline().strip() == "ready"
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+    while (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -287,7 +308,8 @@ def test_worker_spec_round_trips():
     from server.config import EngineConfig, ModelConfig, ParallelConfig
     from server.distributed import WorkerSpec
 
-    spec = WorkerSpec(1, 2, 1234, 99, ModelConfig("m", device="cpu"), EngineConfig(max_num_seqs=3), ParallelConfig(2, 7.0))
+    spec = WorkerSpec(1, 2, 1234, 99, ModelConfig("m", device="cpu"), EngineConfig(max_num_seqs=3),
+                      ParallelConfig(2, 7.0))
     assert WorkerSpec.from_json(spec.to_json()) == spec
     assert json.loads(spec.to_json())["parallel"]["timeout"] == 7.0
 

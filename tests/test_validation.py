@@ -57,7 +57,8 @@ def test_a_temperature_a_request_may_not_use_is_no_manifest_default_either(tempe
 def test_temperature_ends_are_valid():
     for t in (0.01, 1, 100):
         assert check_memory_temperature(t) == float(t)
-        assert Manifest(name="m", domain="d", alpha=0.5, tokenizer_fingerprint="sha256:0", temperature=t).temperature == t
+        assert Manifest(name="m", domain="d", alpha=0.5, tokenizer_fingerprint="sha256:0",
+                        temperature=t).temperature == t
 
 
 def test_token_ids_context_and_memory_names():
@@ -67,7 +68,8 @@ def test_token_ids_context_and_memory_names():
     assert exc.value.param == "input"
     with pytest.raises(InvalidRequestError):
         check_token_ids([-1], 10, "prompt")
-    assert request_context(512, None) == 512 and request_context(512, 256) == 256 and request_context(128, 256) == 128
+    assert (request_context(512, None) == 512 and request_context(512, 256) == 256
+            and request_context(128, 256) == 128)
     check_context(10, 6, 16)
     with pytest.raises(InvalidRequestError, match="maximum context length is 16 tokens") as exc:
         check_context(10, 7, 16)
@@ -80,21 +82,25 @@ def test_token_ids_context_and_memory_names():
 
 
 def test_generation_and_perplexity_requests_are_validated_whole():
-    ok = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=5, stop_token_ids=(4,)), Mixture.one("med", 0.5))
+    ok = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=5, stop_token_ids=(4,)),
+                           Mixture.one("med", 0.5))
     validate_generation(ok, vocab_size=10, max_len=8)
     cases = [  # each request is built inside the check: a mixture is refused where it is built
         (lambda: GenerationRequest("r", ()), "prompt"),
         (lambda: GenerationRequest("r", (1, 99), SamplingParams(max_tokens=1)), "prompt"),
-        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1), Mixture.one("med", 1.5)), "alpha"),
+        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1), Mixture.one("med", 1.5)),
+         "alpha"),
         (lambda: GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=6)), "max_tokens"),
         (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1, logprobs=11)), "logprobs"),
-        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1, stop_token_ids=(10,))), "stop_token_ids"),
+        (lambda: GenerationRequest("r", (1,), SamplingParams(max_tokens=1, stop_token_ids=(10,))),
+         "stop_token_ids"),
     ]
     for make, param in cases:
         with pytest.raises(InvalidRequestError) as exc, mixture_errors():
             validate_generation(make(), vocab_size=10, max_len=8)
         assert exc.value.param == param, make
-    assert validate_perplexity(PerplexityRequest("p", ((1, 2, 3),), sweep("m", (0.0, 1.0))), 10, 4096) == (1024, 512)
+    assert (validate_perplexity(PerplexityRequest("p", ((1, 2, 3),), sweep("m", (0.0, 1.0))), 10, 4096)
+            == (1024, 512))
     for make_job, param in [  # built inside the check, as above
         (lambda: PerplexityRequest("p", ()), "input"),
         (lambda: PerplexityRequest("p", ((1,),)), "input"),
