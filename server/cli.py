@@ -116,96 +116,227 @@ def add_serve_parser(subparsers: Any) -> None:
         help="serve a base model and its memories over an OpenAI-compatible HTTP API",
         description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
     )
-    p.add_argument("--model", default=None,
-                   help="base model: local HF directory (safetensors), FILE.gguf (dequantized to --dtype) or hub id "
-                        "(org/name[@revision], through the HF cache); default: the demo, "
-                        f"${DEMO_ENV} or ./demo (the base pinned in its base.json and every memory under memories/)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="load the tokenizer (and its chat template) from here instead of from --model (vLLM's flag)")
-    p.add_argument(
-        "--memory", action="append", default=[], type=parse_memory_spec, metavar="NAME=SOURCE[:ALPHA]",
-        help="load a memory at start-up (repeatable): a directory, FILE.gguf or a hub id (org/name[@revision]); ALPHA "
-             "overrides its manifest's default (0.55 for a memory without a manifest)",
-    )  # fmt: skip
-    p.add_argument("--registry", type=Path, default=None, metavar="FILE",
-                   help='JSON list of {"name", "path", "alpha"?} memories to load at start-up (path: a directory '
-                        "or a hub id)")
-    p.add_argument("--persist-registry", action="store_true",
-                   help="with --registry: every runtime load and unload rewrites FILE (atomically), so a restarted "
-                        "server serves the same memories with the same alpha; a missing FILE starts empty")
-    p.add_argument("--served-model-name", default=None,
-                   help="the base model's name in the API (default: a hub id as given, a local directory's own name; "
-                        f"the demo: {DEMO_MODEL_NAME})")
-    p.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
-                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's; without one, chat "
-                        "requests get 400)")
-    defaults, engine = ServerConfig(model=ModelConfig("-")), EngineConfig()
-    p.add_argument("--host", default=defaults.host)
-    p.add_argument("--port", type=_port, default=defaults.port)
-    p.add_argument("--dtype", choices=DTYPES, default=defaults.model.dtype, help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--device", default=defaults.model.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--quantization", "-q", choices=QUANTIZATION_SCHEMES, default=defaults.model.quantization,
-                   help="weight-only quantization of the base's and every memory's linear layers on a CPU (vLLM's "
-                        "flag): int4 or int8 with bfloat16 activations; auto: a GGUF base in its file's precision "
-                        "(Q4_* -> int4, Q8_0 -> int8), anything else unquantized; none: the --dtype weights")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
-                   help="tokens per engine step (decode rows first, then prompt chunks); with chunked prefill a "
-                        "longer prompt is split over several steps, without it a longer prompt runs whole and alone")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=engine.enable_prefix_caching,
-                   help="reuse the KV cache of full blocks of a prompt prefix seen before, in the base's and each "
-                        "memory's cache (on by default)")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=engine.enable_chunked_prefill,
-                   help="split prompts longer than the step's token budget into chunks that share steps with "
-                        "running decodes (on by default)")
-    p.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len,
-                   help="cap below the model's own context")
-    p.add_argument("--gpu-memory-utilization", type=_fraction, default=engine.gpu_memory_utilization,
-                   help="fraction of the GPU's memory this server may use (weights, activations, KV cache); "
-                        "the KV cache gets what the rest leaves")
-    p.add_argument("--num-gpu-blocks-override", type=_positive_int, default=engine.num_gpu_blocks_override, metavar="N",
-                   help="KV cache pages to allocate instead of measuring (any device; on CPU the default is "
-                        "room for --max-num-seqs full-length sequences in the base and as many in memories)")
-    p.add_argument("--block-size", type=_positive_int, default=engine.block_size,
-                   help="base tokens per KV cache page")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)")
-    p.add_argument("--speculative-tokens", type=_speculative_tokens, default=DEFAULT_SPECULATIVE_TOKENS, metavar="K",
-                   help="speculative mixing: a request's memory drafts up to K tokens per round and the base "
-                        "verifies them in one forward (same output distribution; the engine picks 0..K each step "
-                        "from measured speed); 0 = off; a request opts out with \"speculative\": false")
-    p.add_argument("--speculative-fixed", action="store_true",
-                   help="always draft K tokens instead of adapting (benchmarks, tests)")
-    parallel = ParallelConfig()
-    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=parallel.tensor_parallel_size, metavar="N",
-                   help="shard the base by attention heads over N processes, one per GPU (cuda:0..N-1; on a machine "
-                        "without GPUs, N CPU processes over gloo); memdec starts them itself. Memories run on rank 0")
-    p.add_argument("--tensor-parallel-timeout", type=_positive_float, default=parallel.timeout, metavar="SECONDS",
-                   help="a tensor-parallel rank that dies, or leaves a base forward unfinished this long, brings the "
-                        "server down: requests in flight get an error, /health 503, exit code 3")
-    p.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
-                   help="waiting requests beyond this get 429 with Retry-After")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)")
-    p.add_argument("--admin-key", default=None,
-                   help="key for loading/unloading memories over HTTP (env MEMDEC_ADMIN_KEY)")
-    p.add_argument("--enable-admin", action="store_true",
-                   help="allow memory load/unload without an admin key (trusted networks only)")
-    p.add_argument("--memory-root", type=Path, default=None,
-                   help="memories loaded over HTTP must lie under this directory")
-    p.add_argument("--allow-hub-memories", action="store_true",
-                   help="with --memory-root: memories loaded over HTTP may also be hub ids (org/name[@revision]), "
-                        "fetched into the HF cache unless HF_HUB_OFFLINE is set")
-    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=defaults.shutdown_timeout,
-                   help="seconds in-flight requests get to finish on SIGTERM")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=defaults.max_body_bytes,
-                   help="larger request bodies get 413")
-    p.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default: prompts are private)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    # One group per concern, so `memdec serve --help` reads in sections; flags keep vLLM's names.
+    _model_arguments(p.add_argument_group("model and memories"))
+    _engine_arguments(p.add_argument_group("engine"))
+    _server_arguments(p.add_argument_group("server"))
     p.set_defaults(func=cmd_serve)
 
 
+def _model_arguments(g: argparse._ArgumentGroup) -> None:
+    defaults = ModelConfig("-")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="base model: local HF directory (safetensors), FILE.gguf (dequantized to --dtype) or hub id "
+        "(org/name[@revision], through the HF cache); default: the demo, "
+        f"${DEMO_ENV} or ./demo (the base pinned in its base.json and every memory under memories/)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="load the tokenizer (and its chat template) from here instead of from --model (vLLM's flag)",
+    )
+    g.add_argument(
+        "--memory",
+        action="append",
+        default=[],
+        type=parse_memory_spec,
+        metavar="NAME=SOURCE[:ALPHA]",
+        help="load a memory at start-up (repeatable): a directory, FILE.gguf or a hub id "
+        "(org/name[@revision]); ALPHA overrides its manifest's default "
+        "(0.55 for a memory without a manifest)",
+    )
+    g.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='JSON list of {"name", "path", "alpha"?} memories to load at start-up (path: a directory '
+        "or a hub id)",
+    )
+    g.add_argument(
+        "--persist-registry",
+        action="store_true",
+        help="with --registry: every runtime load and unload rewrites FILE (atomically), so a restarted "
+        "server serves the same memories with the same alpha; a missing FILE starts empty",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the base model's name in the API (default: a hub id as given, a local directory's own name; "
+        f"the demo: {DEMO_MODEL_NAME})",
+    )
+    g.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's; without one, chat "
+        "requests get 400)",
+    )
+    g.add_argument(
+        "--dtype", choices=DTYPES, default=defaults.dtype, help="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    g.add_argument(
+        "--device", default=defaults.device, help="auto (CUDA when available), cpu, cuda, cuda:1 ..."
+    )
+    g.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATION_SCHEMES,
+        default=defaults.quantization,
+        help="weight-only quantization of the base's and every memory's linear layers on a CPU (vLLM's "
+        "flag): int4 or int8 with bfloat16 activations; auto: a GGUF base in its file's precision "
+        "(Q4_* -> int4, Q8_0 -> int8), anything else unquantized; none: the --dtype weights",
+    )
+
+
+def _engine_arguments(g: argparse._ArgumentGroup) -> None:
+    engine, parallel = EngineConfig(), ParallelConfig()
+    g.add_argument(
+        "--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=engine.max_num_batched_tokens,
+        help="tokens per engine step (decode rows first, then prompt chunks); with chunked prefill a "
+        "longer prompt is split over several steps, without it a longer prompt runs whole and alone",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=engine.enable_prefix_caching,
+        help="reuse the KV cache of full blocks of a prompt prefix seen before, in the base's and each "
+        "memory's cache (on by default)",
+    )
+    g.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=engine.enable_chunked_prefill,
+        help="split prompts longer than the step's token budget into chunks that share steps with "
+        "running decodes (on by default)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=engine.max_model_len,
+        help="cap below the model's own context",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=engine.gpu_memory_utilization,
+        help="fraction of the GPU's memory this server may use (weights, activations, KV cache); "
+        "the KV cache gets what the rest leaves",
+    )
+    g.add_argument(
+        "--num-gpu-blocks-override",
+        type=_positive_int,
+        default=engine.num_gpu_blocks_override,
+        metavar="N",
+        help="KV cache pages to allocate instead of measuring (any device; on CPU the default is "
+        "room for --max-num-seqs full-length sequences in the base and as many in memories)",
+    )
+    g.add_argument(
+        "--block-size", type=_positive_int, default=engine.block_size, help="base tokens per KV cache page"
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)",
+    )
+    g.add_argument(
+        "--speculative-tokens",
+        type=_speculative_tokens,
+        default=DEFAULT_SPECULATIVE_TOKENS,
+        metavar="K",
+        help="speculative mixing: a request's memory drafts up to K tokens per round and the base "
+        "verifies them in one forward (same output distribution; the engine picks 0..K each step "
+        'from measured speed); 0 = off; a request opts out with "speculative": false',
+    )
+    g.add_argument(
+        "--speculative-fixed",
+        action="store_true",
+        help="always draft K tokens instead of adapting (benchmarks, tests)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive_int,
+        default=parallel.tensor_parallel_size,
+        metavar="N",
+        help="shard the base by attention heads over N processes, one per GPU (cuda:0..N-1; on a machine "
+        "without GPUs, N CPU processes over gloo); memdec starts them itself. Memories run on rank 0",
+    )
+    g.add_argument(
+        "--tensor-parallel-timeout",
+        type=_positive_float,
+        default=parallel.timeout,
+        metavar="SECONDS",
+        help="a tensor-parallel rank that dies, or leaves a base forward unfinished this long, brings the "
+        "server down: requests in flight get an error, /health 503, exit code 3",
+    )
+
+
+def _server_arguments(g: argparse._ArgumentGroup) -> None:
+    defaults = ServerConfig(model=ModelConfig("-"))
+    g.add_argument("--host", default=defaults.host)
+    g.add_argument("--port", type=_port, default=defaults.port)
+    g.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=defaults.max_queue,
+        help="waiting requests beyond this get 429 with Retry-After",
+    )
+    g.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (env MEMDEC_API_KEY)"
+    )
+    g.add_argument(
+        "--admin-key",
+        default=None,
+        help="key for loading/unloading memories over HTTP (env MEMDEC_ADMIN_KEY)",
+    )
+    g.add_argument(
+        "--enable-admin",
+        action="store_true",
+        help="allow memory load/unload without an admin key (trusted networks only)",
+    )
+    g.add_argument(
+        "--memory-root",
+        type=Path,
+        default=None,
+        help="memories loaded over HTTP must lie under this directory",
+    )
+    g.add_argument(
+        "--allow-hub-memories",
+        action="store_true",
+        help="with --memory-root: memories loaded over HTTP may also be hub ids (org/name[@revision]), "
+        "fetched into the HF cache unless HF_HUB_OFFLINE is set",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=defaults.shutdown_timeout,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=defaults.max_body_bytes,
+        help="larger request bodies get 413",
+    )
+    g.add_argument(
+        "--log-prompts", action="store_true", help="log prompt text (off by default: prompts are private)"
+    )
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memdec", description="Serve and build Memory Decoder domain memories.")
+    description = "Serve and build Memory Decoder domain memories."
+    parser = argparse.ArgumentParser(prog="memdec", description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     try:
@@ -261,7 +392,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _file_error(config: ServerConfig) -> str | None:
-    """What is wrong with a file or folder the flags name, found before any weights load; None when nothing is."""
+    """What is wrong with a file or folder the flags name, found before any weights load (None: nothing)."""
     from server.api.chat_template import ChatTemplateFileError, read_chat_template
 
     if config.persist_registry and config.registry_file is None:
@@ -293,7 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
     from server.api.state import Phase
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=log_format)
     config = config_from_args(args)
     error = _file_error(config)
     if error is not None:

@@ -8,8 +8,9 @@ Labels and cardinality
     `memory` is a registered memory name, `none` for the base model alone, or `other` for anything
     else (a name never registered, or one past `max_memory_labels` distinct names). Names stay valid
     after their memory is unloaded so that requests still in flight keep their label. `none` and
-    `other` are therefore reserved: a memory so named is served, but its latencies count as `other`. `endpoint`, `status`, `finish_reason`,
-    `result` and `phase` come from the fixed sets below (unknown endpoint or finish reason -> `other`).
+    `other` are therefore reserved: a memory so named is served, but its latencies count as `other`.
+    `endpoint`, `status`, `finish_reason`, `result` and `phase` come from the fixed sets below
+    (unknown endpoint or finish reason -> `other`).
 
 Buckets (seconds; a 1-2.5-5 series per decade, so a p99 read off a bucket is within a factor 2-2.5)
     STEP_BUCKETS, 50 us .. 5 s: `memdec_step_phase_seconds` and `memdec_inter_token_latency_seconds`.
@@ -37,15 +38,16 @@ NAMESPACE = "memdec"
 NONE = "none"  # the base model alone; also finish_reason where nothing was generated
 OTHER = "other"
 RESERVED_MEMORY_LABELS = frozenset({NONE, OTHER})
+MEMORY = ("memory",)  # the label of every per-memory series
 
 STEP_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005,
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-)  # fmt: skip
+)  # fmt: skip  # the 1-2.5-5 series in rows, not a value per line
 REQUEST_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 600.0,
-)  # fmt: skip
+)  # fmt: skip  # the 1-2.5-5 series in rows, not a value per line
 
 PHASES: tuple[str, ...] = ("schedule", "base_forward", "memory_forward", "mix_sample")
 ENDPOINTS: tuple[str, ...] = ("completions", "chat", "perplexity", "models", "memories")
@@ -111,10 +113,9 @@ class _WithoutCreated:
 
 
 class Metrics:
-    """memdec's metrics on a private CollectorRegistry (several apps or tests in one process never collide)."""
+    """memdec's metrics on a private CollectorRegistry: several apps or tests in one process never collide."""
 
     def __init__(self, *, max_memory_labels: int = 64, registry: CollectorRegistry | None = None) -> None:
-        # Long on purpose: every metric's name, help, labels and buckets in one flat list, read as a table.
         if max_memory_labels < 0:
             raise ValueError("max_memory_labels must be >= 0")
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -122,29 +123,48 @@ class Metrics:
         self._lock = threading.Lock()
         self._memory_labels: set[str] = set()  # every name ever registered (capped): valid label values
         self._loaded: set[str] = set()
+        # Each group of definitions reads as a table: name, help, labels (and buckets).
+        self._define_latencies()
+        self._define_counters()
+        self._define_gauges()
+        # Series that exist from the start, so dashboards show 0 rather than "no data".
+        for phase in PHASES:
+            self.step_phase.labels(phase)
+        for result in LOAD_RESULTS:
+            self.memory_loads.labels(result)
+        for cache in PREFIX_CACHES:
+            self.prefix_cache_queries.labels(cache)
+            self.prefix_cache_hits.labels(cache)
+        self._init_memory_series(NONE)
 
-        def hist(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
-            return Histogram(name, doc, labels, namespace=NAMESPACE, registry=self.registry, buckets=buckets)
+    def _hist(self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+        return Histogram(name, doc, labels, namespace=NAMESPACE, registry=self.registry, buckets=buckets)
 
-        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
-            return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+    def _counter(self, name: str, doc: str, labels: Sequence[str]) -> Counter:
+        return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
 
-        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-            return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+    def _gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
 
-        mem = ("memory",)
+    def _define_latencies(self) -> None:
+        hist, mem = self._hist, MEMORY
         self.time_to_first_token = hist(
             "time_to_first_token_seconds", "Arrival to first generated token.", mem, REQUEST_BUCKETS
         )
         self.inter_token_latency = hist(
-            "inter_token_latency_seconds", "Time between consecutive generated tokens of one request.", mem,
+            "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+            mem,
             STEP_BUCKETS,
         )
         self.e2e_request_latency = hist(
             "e2e_request_latency_seconds", "Arrival to the request's last output.", mem, REQUEST_BUCKETS
         )
         self.request_queue_time = hist(
-            "request_queue_time_seconds", "Arrival to first scheduled (time spent waiting).", mem, REQUEST_BUCKETS
+            "request_queue_time_seconds",
+            "Arrival to first scheduled (time spent waiting).",
+            mem,
+            REQUEST_BUCKETS,
         )
         self.request_prefill_time = hist(
             "request_prefill_time_seconds", "First scheduled to first generated token.", mem, REQUEST_BUCKETS
@@ -158,74 +178,92 @@ class Metrics:
         self.perplexity_request = hist(
             "perplexity_request_seconds", "Time to score one /v1/perplexity request.", mem, REQUEST_BUCKETS
         )
+
+    def _define_counters(self) -> None:
+        counter, mem = self._counter, MEMORY
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens processed.", mem)
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated.", mem)
         self.requests = counter(
-            "requests_total", "Requests answered, by endpoint, HTTP status and finish reason.",
+            "requests_total",
+            "Requests answered, by endpoint, HTTP status and finish reason.",
             ("endpoint", "status", "finish_reason"),
         )
-        self.memory_loads = counter("memory_loads_total", "Attempts to load a memory, by result.", ("result",))
-        self.requests_running = gauge("requests_running", "Requests in the running batch.")
-        self.requests_waiting = gauge("requests_waiting", "Requests queued, waiting to be scheduled.")
-        self.memories_loaded = gauge("memories_loaded", "Memories loaded and servable.")
-        self.memory_parameters = gauge("memory_parameters", "Parameters of each loaded memory.", mem)
-        self.batch_size = gauge("batch_size", "Sequences in the last engine step.")
-        self.kv_cache_usage = gauge(
-            "kv_cache_usage_perc", "Fraction of the KV cache's pages in use (base and memories share them), 0 to 1."
+        self.memory_loads = counter(
+            "memory_loads_total", "Attempts to load a memory, by result.", ("result",)
         )
         self.num_preemptions = counter(
-            "num_preemptions", "Sequences preempted (pages freed, recomputed later) when the KV cache ran out.", ()
-        )
-        self.graph_capture = gauge(
-            "cuda_graph_capture_seconds", "Time to capture a model's decode CUDA graphs (0 when eager).", mem
+            "num_preemptions",
+            "Sequences preempted (pages freed, recomputed later) when the KV cache ran out.",
+            (),
         )
         self.spec_draft_tokens = counter(
-            "spec_draft_tokens_total", "Tokens a memory drafted for the base to verify (speculative mixing).", mem
+            "spec_draft_tokens_total",
+            "Tokens a memory drafted for the base to verify (speculative mixing).",
+            mem,
         )
         self.spec_accepted_tokens = counter(
             "spec_accepted_tokens_total", "Drafted tokens the base's verify kept (speculative mixing).", mem
         )
         self.prefix_cache_queries = counter(
-            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache, by cache (base or memory).",
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache, by cache (base or memory).",
             ("cache",),
         )
         self.prefix_cache_hits = counter(
-            "prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed), by cache.", ("cache",)
+            "prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (not recomputed), by cache.",
+            ("cache",),
+        )
+        self.auto_memory_choices = counter(
+            "auto_memory_choices",
+            'Memories chosen for `"memory": "auto"` requests (`none`: the base alone).',
+            mem,
+        )
+
+    def _define_gauges(self) -> None:
+        gauge = self._gauge
+        self.requests_running = gauge("requests_running", "Requests in the running batch.")
+        self.requests_waiting = gauge("requests_waiting", "Requests queued, waiting to be scheduled.")
+        self.memories_loaded = gauge("memories_loaded", "Memories loaded and servable.")
+        self.memory_parameters = gauge("memory_parameters", "Parameters of each loaded memory.", MEMORY)
+        self.batch_size = gauge("batch_size", "Sequences in the last engine step.")
+        self.kv_cache_usage = gauge(
+            "kv_cache_usage_perc",
+            "Fraction of the KV cache's pages in use (base and memories share them), 0 to 1.",
+        )
+        self.graph_capture = gauge(
+            "cuda_graph_capture_seconds",
+            "Time to capture a model's decode CUDA graphs (0 when eager).",
+            MEMORY,
         )
         self.tensor_parallel_size = gauge(
             "tensor_parallel_size",
-            "Processes (GPUs) the base is sharded over. Rank 0 serves every metric for all of them: one server, one target.",
+            "Processes (GPUs) the base is sharded over. "
+            "Rank 0 serves every metric for all of them: one server, one target.",
         )
         self.tensor_parallel_size.set(1)
-        self.auto_memory_choices = counter(
-            "auto_memory_choices", 'Memories chosen for `"memory": "auto"` requests (`none`: the base alone).', mem
-        )
-
-        # Series that exist from the start, so dashboards show 0 rather than "no data".
-        for phase in PHASES:
-            self.step_phase.labels(phase)
-        for result in LOAD_RESULTS:
-            self.memory_loads.labels(result)
-        for cache in PREFIX_CACHES:
-            self.prefix_cache_queries.labels(cache)
-            self.prefix_cache_hits.labels(cache)
-        self._init_memory_series(NONE)
 
     # -- label bounding ------------------------------------------------------------------------------
 
     def memory_label(self, memory: str | None) -> str:
-        """The label value for a request's memory: its name if registered, `none` without one, else `other`."""
+        """The label value for a request's memory: its name if registered, `none` without one, else
+        `other`."""
         if memory is None:
             return NONE
         with self._lock:
             return memory if memory in self._memory_labels else OTHER
 
     def _init_memory_series(self, label: str) -> None:
-        for h in (
-            self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
-            self.request_queue_time, self.request_prefill_time, self.request_decode_time,
+        latencies = (
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.e2e_request_latency,
+            self.request_queue_time,
+            self.request_prefill_time,
+            self.request_decode_time,
             self.perplexity_request,
-        ):  # fmt: skip
+        )
+        for h in latencies:
             h.labels(label)
         self.prompt_tokens.labels(label)
         self.generation_tokens.labels(label)
@@ -240,12 +278,12 @@ class Metrics:
         """A memory became servable (at start-up or hot-loaded)."""
         reserved = name in RESERVED_MEMORY_LABELS
         if reserved:  # the registry should refuse such names; here they only must not corrupt a series
-            log.warning("memory name %r is a reserved metrics label: its latencies are counted as %r", name, OTHER)
+            message = "memory name %r is a reserved metrics label: its latencies are counted as %r"
+            log.warning(message, name, OTHER)
         with self._lock:
             self._loaded.add(name)
-            new_label = (
-                not reserved and name not in self._memory_labels and len(self._memory_labels) < self._max_memory_labels
-            )
+            room = len(self._memory_labels) < self._max_memory_labels
+            new_label = not reserved and name not in self._memory_labels and room
             if new_label:
                 self._memory_labels.add(name)
             n_loaded = len(self._loaded)
