@@ -21,6 +21,10 @@ class CorpusError(ValueError):
     """The corpus path is missing, empty or unreadable."""
 
 
+def no_text_files(path: Path) -> CorpusError:
+    return CorpusError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+
+
 def corpus_files(path: str | Path) -> list[Path]:
     """The text files of a corpus: the file itself, or the text files under a directory, sorted."""
     path = Path(path)
@@ -29,7 +33,7 @@ def corpus_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise CorpusError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            raise no_text_files(path)
         return files
     raise CorpusError(f"corpus {path} does not exist")
 

@@ -60,6 +60,7 @@ MAX_MEMORIES = 8  # memories mixed in one request
 # Σ αᵢ may exceed 1 by this much (decimal rounding: 0.1 + 0.2 + 0.7); the base weight is clamped at 0
 ALPHA_SUM_SLACK = 1e-6
 AUTO_ALPHA = "auto"  # `"alpha": "auto"`: the memory's learned router sets α at every position
+AUTO_TAKES_ONE = '"alpha": "auto" takes one memory: several memories need a list of numbers'
 
 
 class MixtureError(ValueError):
@@ -148,7 +149,7 @@ class Mixture:
         if dup is not None:
             raise MixtureError(f"memory {dup!r} is named twice in 'memory'", param="memory")
         if any(t.routed for t in self.terms) and len(self.terms) > 1:
-            raise MixtureError('"alpha": "auto" takes one memory: several memories need a list of numbers')
+            raise MixtureError(AUTO_TAKES_ONE)
         total = sum(t.alpha or 0.0 for t in self.terms)
         if total > 1.0 + ALPHA_SUM_SLACK:
             raise MixtureError("the memories' alphas must sum to at most 1 (the base gets 1 minus their "
@@ -189,8 +190,7 @@ class Mixture:
         memory's) or a list, one per memory; null is each memory's own."""
         if alpha == AUTO_ALPHA:
             if len(memories) > 1:
-                raise MixtureError('"alpha": "auto" takes one memory: several memories need a list of '
-                                   "numbers")
+                raise MixtureError(AUTO_TAKES_ONE)
             if not memories:
                 raise MixtureError('"alpha": "auto" needs a memory (\'memory\' or a memory as \'model\')')
             if not memories[0].router:

@@ -107,7 +107,7 @@ def resolve_source(source: str | Path, patterns: tuple[str, ...] = HUB_SERVE_FIL
         _check_path(source)
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise ModelLoadError(f"model directory {source!r} does not exist")
+            raise _no_directory(source)
         return path
     repo, revision = split_revision(source)
     from huggingface_hub import snapshot_download
@@ -187,12 +187,16 @@ def context_length(model_or_config: Any, cap: int | None = None) -> int:
     )
 
 
+def _no_directory(path: str) -> ModelLoadError:
+    return ModelLoadError(f"model directory {path!r} does not exist")
+
+
 def _check_path(path: str) -> None:
     """A path that looks local must be a directory; an OS-unusable one (NUL, name too long) is our error."""
     try:
         local = path.startswith(("/", "./", "../", "~")) or Path(path).exists()
         if local and not Path(path).expanduser().is_dir():
-            raise ModelLoadError(f"model directory {path!r} does not exist")
+            raise _no_directory(path)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelLoadError):
             raise

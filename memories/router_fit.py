@@ -313,16 +313,15 @@ def run(job: RouterJob, progress: bool = True) -> dict[str, Any]:
     """Fit (or copy) the router, evaluate it, save it into the memory and its manifest; returns the report."""
     from memories.corpus import tokenize_corpus
     from memories.jsonfile import write_json
-    from memories.manifest import read_manifest, tokenizer_fingerprint, write_manifest
-    from memories.models import load_causal_lm, load_tokenizer
+    from memories.manifest import read_manifest, write_manifest
+    from memories.models import load_causal_lm
     from memories.router import load_router, save_router
     from memories.stages import Base
 
     started = time.perf_counter()
     manifest = read_manifest(job.memory)
     base = Base(job.base, job.device, job.dtype)
-    if tokenizer_fingerprint(load_tokenizer(job.memory)) != base.fingerprint:
-        raise ValueError(f"{job.memory} uses a different tokenizer from {job.base}")
+    base.check_tokenizer_of(job.memory)
     warnings: list[str] = []
     if job.from_dir is None:
         if not job.texts:

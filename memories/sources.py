@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from memories.corpus import TEXT_SUFFIXES, CorpusError
+from memories.corpus import TEXT_SUFFIXES, CorpusError, no_text_files
 from memories.jsonfile import read_json
 
 FILES = "files"  # the `--sources` value that makes each file of a directory corpus a source
@@ -88,7 +88,7 @@ def read_sources(path: str | Path, spec: dict | None = None) -> SourceTexts:
         raise CorpusError(f"{path}: sources without a line-range file need a directory, one file per source")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise CorpusError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        raise no_text_files(path)
     return SourceTexts({p.stem: _non_empty(_read_lines(p)) for p in files})
 
 

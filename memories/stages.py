@@ -56,6 +56,11 @@ class Base:
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self._model: PreTrainedModel | None = None
 
+    def check_tokenizer_of(self, memory: str | Path) -> None:
+        """A memory must share this base's tokenizer: its token ids index the same vocabulary."""
+        if tokenizer_fingerprint(load_tokenizer(memory)) != self.fingerprint:
+            raise ValueError(f"{memory} uses a different tokenizer from {self.path}")
+
     @property
     def model(self) -> PreTrainedModel:
         if self._model is None:
@@ -160,8 +165,7 @@ def eval_stage(
     cross-source texts when there are any: memories.crosseval); the report lands in `report_dir`."""
     if not texts:
         raise ValueError("no evaluation text")
-    if tokenizer_fingerprint(load_tokenizer(memory)) != base.fingerprint:
-        raise ValueError(f"{memory} uses a different tokenizer from {base.path}")
+    base.check_tokenizer_of(memory)
     mem_model = load_causal_lm(memory, base.device, base.dtype)
     reports = []
     for text in texts:

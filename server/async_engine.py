@@ -113,7 +113,7 @@ class AsyncEngine:
 
     def _check_accepting(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+            raise EngineDeadError(self._dead)
         if not self._admitting or self._stop.is_set():
             raise ServiceUnavailableError("the server is shutting down and accepts no new requests")
         if self.num_waiting >= self.max_queue:
@@ -204,7 +204,7 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - anything here means the loop is gone: tell everyone
             self._dead = exc
             log.exception("engine loop died")
-            self._fail_everything(EngineDeadError(f"the engine has stopped: {type(exc).__name__}: {exc}"))
+            self._fail_everything(EngineDeadError(exc))
         else:
             self._fail_everything(
                 ServiceUnavailableError("the server shut down before this request finished")

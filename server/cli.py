@@ -117,8 +117,10 @@ def add_serve_parser(subparsers: Any) -> None:
         description="Serve a Hugging Face causal LM with domain memories over an OpenAI-compatible API.",
     )
     # One group per concern, so `memdec serve --help` reads in sections; flags keep vLLM's names.
-    _model_arguments(p.add_argument_group("model and memories"))
+    _model_arguments(p.add_argument_group("model"))
+    _memory_arguments(p.add_argument_group("memories"))
     _engine_arguments(p.add_argument_group("engine"))
+    _speculative_and_parallel_arguments(p.add_argument_group("speculative mixing and tensor parallelism"))
     _server_arguments(p.add_argument_group("server"))
     p.set_defaults(func=cmd_serve)
 
@@ -137,30 +139,6 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="DIR",
         help="load the tokenizer (and its chat template) from here instead of from --model (vLLM's flag)",
-    )
-    g.add_argument(
-        "--memory",
-        action="append",
-        default=[],
-        type=parse_memory_spec,
-        metavar="NAME=SOURCE[:ALPHA]",
-        help="load a memory at start-up (repeatable): a directory, FILE.gguf or a hub id "
-        "(org/name[@revision]); ALPHA overrides its manifest's default "
-        "(0.55 for a memory without a manifest)",
-    )
-    g.add_argument(
-        "--registry",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help='JSON list of {"name", "path", "alpha"?} memories to load at start-up (path: a directory '
-        "or a hub id)",
-    )
-    g.add_argument(
-        "--persist-registry",
-        action="store_true",
-        help="with --registry: every runtime load and unload rewrites FILE (atomically), so a restarted "
-        "server serves the same memories with the same alpha; a missing FILE starts empty",
     )
     g.add_argument(
         "--served-model-name",
@@ -193,8 +171,35 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _memory_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--memory",
+        action="append",
+        default=[],
+        type=parse_memory_spec,
+        metavar="NAME=SOURCE[:ALPHA]",
+        help="load a memory at start-up (repeatable): a directory, FILE.gguf or a hub id "
+        "(org/name[@revision]); ALPHA overrides its manifest's default "
+        "(0.55 for a memory without a manifest)",
+    )
+    g.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='JSON list of {"name", "path", "alpha"?} memories to load at start-up (path: a directory '
+        "or a hub id)",
+    )
+    g.add_argument(
+        "--persist-registry",
+        action="store_true",
+        help="with --registry: every runtime load and unload rewrites FILE (atomically), so a restarted "
+        "server serves the same memories with the same alpha; a missing FILE starts empty",
+    )
+
+
 def _engine_arguments(g: argparse._ArgumentGroup) -> None:
-    engine, parallel = EngineConfig(), ParallelConfig()
+    engine = EngineConfig()
     g.add_argument(
         "--max-num-seqs", type=_positive_int, default=engine.max_num_seqs, help="sequences decoding at once"
     )
@@ -248,6 +253,10 @@ def _engine_arguments(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="no CUDA graphs: run each decode step eagerly (the same code, launched kernel by kernel)",
     )
+
+
+def _speculative_and_parallel_arguments(g: argparse._ArgumentGroup) -> None:
+    parallel = ParallelConfig()
     g.add_argument(
         "--speculative-tokens",
         type=_speculative_tokens,

@@ -71,7 +71,24 @@ class MemoryLoadError(InvalidRequestError):
 
 
 class EngineDeadError(ServiceUnavailableError):
-    """The engine loop has stopped; nothing can be served."""
+    """The engine loop has stopped; nothing can be served. `reason`: what stopped it (an exception is named
+    with its type), when known."""
+
+    def __init__(self, reason: BaseException | str | None = None) -> None:
+        if isinstance(reason, EngineDeadError):  # passed on (a caller told after the loop died): as it was
+            message = reason.message
+        else:
+            if isinstance(reason, BaseException):
+                reason = f"{type(reason).__name__}: {reason}"
+            message = "the engine has stopped" + (f": {reason}" if reason else "")
+        super().__init__(message, code="engine_dead")
+
+
+class StartupFailedError(ServiceUnavailableError):
+    """The server could not load what it was asked to serve; every request and /health say why."""
+
+    def __init__(self, error: str | None) -> None:
+        super().__init__(f"the server failed to start: {error}", code="startup_failed")
 
 
 def forward_failed(model: str, exc: BaseException) -> str:

@@ -18,6 +18,9 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # a failure inside the engine affected this request only
 
 
+EMPTY_STOP = "stop strings must not be empty"  # refused here and, as a 400, at the API edge
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -39,7 +42,7 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError(EMPTY_STOP)
 
     @property
     def greedy(self) -> bool:

@@ -21,7 +21,7 @@ from memories.perplexity import WindowSettingsError, window_settings
 from server.errors import InvalidRequestError, MemdecError, MemoryLoadError
 from server.metrics import RESERVED_MEMORY_LABELS
 from server.perplexity import document_windows
-from server.request import GenerationRequest, PerplexityRequest
+from server.request import EMPTY_STOP, GenerationRequest, PerplexityRequest
 
 MAX_PROMPTS = 256  # prompts (or perplexity inputs) in one request, and prompts x n
 MAX_STOP = 16  # stop strings per request
@@ -134,7 +134,7 @@ def check_stop_strings(stop: tuple[str, ...]) -> tuple[str, ...]:
     if len(stop) > MAX_STOP:
         raise InvalidRequestError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
     if any(s == "" for s in stop):
-        raise InvalidRequestError("stop strings must not be empty", param="stop")
+        raise InvalidRequestError(EMPTY_STOP, param="stop")
     return stop
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from server.api.schemas import HealthStatus
 from server.api.state import Phase, ServingState
-from server.errors import EngineDeadError, ServiceUnavailableError
+from server.errors import EngineDeadError, StartupFailedError
 
 router = APIRouter()
 
@@ -18,12 +18,12 @@ async def health(request: Request) -> dict[str, Any]:
     """200 while the process and the engine loop live (also while loading); 503 once either failed."""
     state: ServingState = request.app.state.memdec
     if state.phase is Phase.FAILED:
-        raise ServiceUnavailableError(f"the server failed to start: {state.error}", code="startup_failed")
+        raise StartupFailedError(state.error)
     if state.serving is None:
         return {"status": state.phase.value}
     engine = state.serving.engine
     if not engine.is_alive and state.phase is not Phase.STOPPING:
-        raise EngineDeadError("the engine loop has stopped", code="engine_dead")
+        raise EngineDeadError()
     return {"status": state.phase.value, "running": engine.num_running, "waiting": engine.num_waiting}
 
 

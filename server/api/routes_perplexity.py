@@ -130,6 +130,17 @@ def _total(scores: list[PerplexityScore]) -> PerplexityScore:
     return PerplexityScore(sum(s.nll for s in scores), sum(s.num_tokens for s in scores))
 
 
+def _overall(
+    result: PerplexityResult, target: Target, alphas: list[float], alpha_is_list: bool, several: bool
+) -> dict[str, Any]:
+    """The `overall` entry: every document's scores summed, as one document's are reported."""
+    docs = result.documents
+    with_memory = target.memory is not None or several
+    mixed = [_total([d.mixed[k] for d in docs]) for k in range(len(docs[0].mixed))] if with_memory else []
+    memory = _total([d.memory_alone for d in docs if d.memory_alone]) if target.memory else None
+    return _scores(_total([d.base for d in docs]), mixed, memory, alphas, alpha_is_list, several)
+
+
 @router.post(
     "/v1/perplexity",
     response_model=None,
@@ -177,14 +188,7 @@ async def perplexity(body: PerplexityRequestBody, request: Request) -> Response:
     data = await asyncio.to_thread(_documents, serving.token_strings, docs, result, alphas, alpha_is_list,
                                    body.first_window == 0, several)
     with_memory = target.memory is not None or several
-    overall_mixed = ([_total([d.mixed[k] for d in result.documents])
-                      for k in range(len(result.documents[0].mixed))] if with_memory else [])
-    overall_memory = (_total([d.memory_alone for d in result.documents if d.memory_alone]) if target.memory
-                      else None)
-    overall = _scores(
-        _total([d.base for d in result.documents]), overall_mixed, overall_memory, alphas, alpha_is_list,
-        several,
-    )
+    overall = _overall(result, target, alphas, alpha_is_list, several)
     return JSONResponse(
         {
             "id": job.request_id,

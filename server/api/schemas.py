@@ -35,6 +35,11 @@ MemoryTemperature = Annotated[StrictFloat, Field(ge=MIN_MEMORY_TEMPERATURE, le=M
 MemoryTemperatureList = Annotated[list[MemoryTemperature], Field(min_length=1, max_length=MAX_MEMORIES)]
 
 PROMPT_DOC = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+MEMORY_TEMPERATURE_DOC = (
+    "The memory's logits are divided by it before its softmax, then mixed (the reference "
+    "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
+    "memories: one number for all, or a list (one per memory); default: each memory's own."
+)
 
 
 class _Body(BaseModel):
@@ -86,9 +91,7 @@ class SamplingRequest(_Body):
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
-        description="The memory's logits are divided by it before its softmax, then mixed (the reference "
-        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
-        "memories: one number for all, or a list (one per memory); default: each memory's own.",
+        description=MEMORY_TEMPERATURE_DOC,
     )
     memory_candidates: list[StrictStr] | None = Field(
         None,
@@ -245,9 +248,7 @@ class PerplexityRequestBody(_Body):
     )
     memory_temperature: MemoryTemperature | MemoryTemperatureList | None = Field(
         None,
-        description="The memory's logits are divided by it before its softmax, then mixed (the reference "
-        "implementation's knn_temp); default: the memory's manifest `temperature`, else 1. With several "
-        "memories: one number for all, or a list (one per memory); default: each memory's own.",
+        description=MEMORY_TEMPERATURE_DOC,
     )
     input: Prompt = Field(..., description=f"The document(s): {PROMPT_DOC}.")
     context_length: StrictInt | None = Field(

@@ -31,6 +31,7 @@ from server.errors import (
     MemdecError,
     NotFoundError,
     ServiceUnavailableError,
+    StartupFailedError,
 )
 from server.loader import LoadedModel, load_base
 from server.metrics import Metrics
@@ -210,7 +211,7 @@ class ServingState:
         """A tensor-parallel rank died or hangs (the watchdog's thread; the process exits right after): every
         caller gets the error and /health fails."""
         if self.serving is not None:
-            self.serving.engine.die(EngineDeadError(f"the engine has stopped: {reason}", code="engine_dead"))
+            self.serving.engine.die(EngineDeadError(reason))
         else:
             self.error, self.phase = reason, Phase.FAILED
 
@@ -271,9 +272,9 @@ class ServingState:
             raise ServiceUnavailableError("the model is still loading; retry shortly", code="model_loading",
                                           retry_after=5)
         if self.phase is Phase.FAILED:
-            raise ServiceUnavailableError(f"the server failed to start: {self.error}", code="startup_failed")
+            raise StartupFailedError(self.error)
         if self.phase is Phase.STOPPING or self.serving is None:
             raise ServiceUnavailableError("the server is shutting down", code="shutting_down")
         if not self.serving.engine.is_alive:
-            raise EngineDeadError("the engine has stopped", code="engine_dead")
+            raise EngineDeadError()
         return self.serving
