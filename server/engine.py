@@ -3,13 +3,14 @@
 It owns no thread; `AsyncEngine` drives it from one. Tests drive it directly, step by step. It works
 on token ids only: text and stop strings are `server.output`'s business, off the engine thread.
 
-Every step that runs the models is one or two forwards, each through the same pipeline (`_run`): a forward
-object (`server.step`: decode, prefill or a speculative round) runs the models, mixes and draws on the device and names
-what the host needs (`server.mixer.Readback`); the engine reads it all in one `fetch` (the step's one host
-synchronisation, `_read`) and the forward object postprocesses its sequences with the named host arrays. A
-`Frame` owns the step's clocks, observer events and base failures. Everything else the device needs is
-already there: each slot's last token (written when it is drawn), KV tables and lengths (updated in
-place), and the batch's per-row parameters (uploaded when the batch's membership changes, not every step).
+Every step that runs the models is one or two forwards, each through the same pipeline (`_run`): a
+forward object (`server.step`: decode, prefill or a speculative round) runs the models, mixes and draws on
+the device and names what the host needs (`server.mixer.Readback`); the engine reads it all in one `fetch`
+(the step's one host synchronisation, `_read`) and the forward object postprocesses its sequences with the
+named host arrays. A `Frame` owns the step's clocks, observer events and base failures. Everything else
+the device needs is already there: each slot's last token (written when it is drawn), KV tables and
+lengths (updated in place), and the batch's per-row parameters (uploaded when the batch's membership
+changes, not every step).
 
 With `speculative_tokens` K > 0 a decode step may be a speculative round instead (`server.speculative`):
 each memory drafts k <= K tokens per row, the base verifies them in one forward; still one `fetch`.
@@ -68,8 +69,13 @@ class Engine:
         self.observer = observer
         self.max_model_len = min(base.max_model_len, self.config.max_model_len or base.max_model_len)
         self.runner = ModelRunner(base, self.config)
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.runner.pool, self.runner.caches,
-                                   chunked_prefill=self.config.enable_chunked_prefill)  # fmt: skip
+        self.scheduler = Scheduler(
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            self.runner.pool,
+            self.runner.caches,
+            chunked_prefill=self.config.enable_chunked_prefill,
+        )
         self._decode_batch: tuple[int, RowBatch] | None = None  # (scheduler version, batch)
         self._plan: tuple[tuple[int, tuple[int, ...]], SpecPlan] | None = None  # ((version, k per row), plan)
         self.mixer = Mixer(self.runner, self.config.max_num_seqs)
@@ -116,14 +122,23 @@ class Engine:
         checked when it was built (`Mixture`): here only what it needs of the registry and the cache."""
         memory_len, memories = None, []
         for term in request.mixture.terms:
-            memory_len = min(memory_len or self.max_model_len, self.registry.get(term.memory).max_model_len)  # NotFoundError when unknown
+            memory_len = min(
+                memory_len or self.max_model_len,
+                self.registry.get(term.memory).max_model_len,  # NotFoundError when unknown
+            )
             if term in request.mixture.active:
                 memories.append(self.registry.loaded(term.memory))
         validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
         total = len(request.prompt_token_ids) + request.params.max_tokens
         pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memories))
         if pages > self.runner.pool.num_usable:
-            what = "" if not memories else " and the memory" if len(memories) == 1 else f" and {len(memories)} memories"
+            what = (
+                ""
+                if not memories
+                else " and the memory"
+                if len(memories) == 1
+                else f" and {len(memories)} memories"
+            )
             raise InvalidRequestError(
                 f"This request needs {pages} KV cache pages ({total} tokens in the base"
                 f"{what}) but the whole cache has "
@@ -135,7 +150,8 @@ class Engine:
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         self.validate(request)
-        uses: list[MemoryUse] = []  # the mixture's active terms, bound: each model held until the sequence retires
+        # the mixture's active terms, bound: each model held until the sequence retires
+        uses: list[MemoryUse] = []
         try:
             for term in request.mixture.active:
                 memory = self.registry.acquire(term.memory)  # NotFoundError when unknown or retiring
@@ -182,7 +198,9 @@ class Engine:
         self.scheduler.add_job(job)
         return job
 
-    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> EngineOutput | None:
+    def abort_request(
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT
+    ) -> EngineOutput | None:
         """End a request early: ABORT (the client left) or STOP (a stop string matched downstream)."""
         seq = self.scheduler.find(request_id)
         if seq is None:
@@ -198,11 +216,13 @@ class Engine:
     def rollback(self, seq: Sequence, num_tokens: int) -> None:
         """Forget what a running sequence generated after its first `num_tokens` tokens, in every cache.
 
-        O(1) per model (lengths and the pages past the new end); speculative decoding rolls rejected drafts back.
+        O(1) per model (lengths and the pages past the new end); speculative decoding rolls rejected drafts
+        back.
         """
         if seq.slot is None or seq.is_finished:
             raise ValueError("only a running sequence can be rolled back")
-        if seq.context_routed:  # its advantage EMAs hold the forgotten tokens; no caller needs to undo them (yet)
+        # its advantage EMAs hold the forgotten tokens; no caller needs to undo them (yet)
+        if seq.context_routed:
             raise ValueError("a row routed with context features cannot be rolled back")
         seq.rollback(num_tokens)
         self.runner.caches.rollback(seq, num_tokens - 1)  # the last token is the next input, not cached
@@ -211,7 +231,9 @@ class Engine:
 
     def cache_usage(self) -> CacheUsage:
         pool = self.runner.pool
-        return CacheUsage(pool.num_free, pool.num_usable, self.scheduler.num_free_slots, self.config.max_num_seqs)
+        return CacheUsage(
+            pool.num_free, pool.num_usable, self.scheduler.num_free_slots, self.config.max_num_seqs
+        )
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -227,21 +249,23 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
-        """Decode rows first, then prompt chunks within the token budget. A step with both (MIXED) runs them in
-        one forward per model (`PrefillForward` with decode segments); a step of decode rows alone runs the decode
-        graphs (or a speculative round), one of prompt chunks alone a packed prefill. When a MIXED step's
-        decode rows are a speculative round, the round and the chunks are two forwards."""
+        """Decode rows first, then prompt chunks within the token budget. A step with both (MIXED) runs them
+        in one forward per model (`PrefillForward` with decode segments); a step of decode rows alone runs the
+        decode graphs (or a speculative round), one of prompt chunks alone a packed prefill. When a MIXED
+        step's decode rows are a speculative round, the round and the chunks are two forwards."""
         frame = Frame(self)
         batch = self.scheduler.schedule()
         self._report_prefix_stats()
         if batch.kind is StepKind.IDLE:
             return StepResult(batch.kind)
         if batch.kind is StepKind.SCORE:
-            if batch.preempted and self.observer is not None:  # making room for decode preempted, then it scored
+            # making room for decode preempted, then it scored
+            if batch.preempted and self.observer is not None:
                 self.observer.on_kv_cache(self.runner.kv_usage, len(batch.preempted))
             return self._score(batch)
         preempted = len(batch.preempted)
-        k_rows = None if batch.kind is StepKind.PREFILL else self._lookahead(batch.seqs)  # reserves draft pages
+        # reserves draft pages
+        k_rows = None if batch.kind is StepKind.PREFILL else self._lookahead(batch.seqs)
         if batch.kind is StepKind.PREFILL:
             outputs, stats = self._run(frame, self._prefill(batch.prefill), preempted)
         elif batch.kind is StepKind.MIXED and k_rows is None:
@@ -254,7 +278,9 @@ class Engine:
                 outputs += more
         return StepResult(batch.kind, outputs, stats=stats)
 
-    def _run(self, frame: Frame, fw: Forward[Any], preempted: int) -> tuple[list[EngineOutput], StepStats | None]:
+    def _run(
+        self, frame: Frame, fw: Forward[Any], preempted: int
+    ) -> tuple[list[EngineOutput], StepStats | None]:
         """One forward's pipeline: forward → mix → named readback (the one host sync) → postprocess."""
         frame.scheduled(fw.seqs)
         try:
@@ -267,7 +293,8 @@ class Engine:
         host = self._read(fw.mix(logits))
         self.runner.step_done()
         fw.postprocess(logits, host)
-        if self.speculation is not None and fw.spec_k is not None:  # what a step drafting k cost, for adaptive K
+        # what a step drafting k cost, for adaptive K
+        if self.speculation is not None and fw.spec_k is not None:
             self.speculation.observe(len(fw.seqs), fw.spec_k, frame.seconds())
         outputs = [o for s in fw.seqs if not s.is_finished and (o := s.take_output()) is not None]
         outputs += self._retire(list(dict.fromkeys(s for s in fw.seqs if s.is_finished)))
@@ -278,7 +305,9 @@ class Engine:
         """The step's one host synchronisation: every tensor the host needs, by name."""
         return dict(zip(wanted, fetch(*wanted.values()), strict=True))
 
-    def _mixed_failed(self, frame: Frame, fw: PrefillForward, exc: Exception, preempted: int) -> tuple[list[EngineOutput], StepStats | None]:
+    def _mixed_failed(
+        self, frame: Frame, fw: PrefillForward, exc: Exception, preempted: int
+    ) -> tuple[list[EngineOutput], StepStats | None]:
         """The base failed in a mixed step: its prompts fail, and its decode rows re-run on their own, so that
         running streams go on as in a two-forward step."""
         log.exception("base forward failed in a mixed step: its prompts fail, its decode rows run alone")
@@ -304,7 +333,8 @@ class Engine:
         return time.thread_time() if self.runner.device.type == "cpu" else time.perf_counter()
 
     def _lookahead(self, seqs: list[Sequence]) -> list[int] | None:
-        """Drafts per row for a speculative round (their pages reserved: before the flush), or None for a plain step."""
+        """Drafts per row for a speculative round (their pages reserved: before the flush), or None for a
+        plain step."""
         if self.speculation is None:
             return None
         return self.speculation.lookahead(seqs, self.scheduler.reserve_lookahead)
@@ -324,10 +354,17 @@ class Engine:
             self._plan = (key, self.runner.make_plan(rows, k_rows))
         return EngineRound(self, rows, self._plan[1])
 
-    def _prefill(self, chunks: tuple[PrefillChunk, ...] | list[PrefillChunk], decode: list[Sequence] | None = None) -> PrefillForward:
-        """Prompt chunks (and, in a mixed step, decode rows as one-token segments) in one forward per model."""
-        # A decode row is a one-token segment: its input is its last token, which every cache counts from now.
-        segments = [PrefillChunk(s, self.runner.caches.decode_segment(s), len(s.token_ids), decode=True) for s in decode or []]
+    def _prefill(
+        self, chunks: tuple[PrefillChunk, ...] | list[PrefillChunk], decode: list[Sequence] | None = None
+    ) -> PrefillForward:
+        """Prompt chunks (and, in a mixed step, decode rows as one-token segments) in one forward per
+        model."""
+        # A decode row is a one-token segment: its input is its last token, which every cache counts from
+        # now.
+        segments = [
+            PrefillChunk(s, self.runner.caches.decode_segment(s), len(s.token_ids), decode=True)
+            for s in decode or []
+        ]
         return PrefillForward(self, segments + list(chunks), decode or [])
 
     def _score(self, batch: ScheduledBatch) -> StepResult:

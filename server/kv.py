@@ -70,7 +70,10 @@ class KVGeometry:
 
     @property
     def token_bytes(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            self.num_layers * 2 * self.num_kv_heads * self.head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
+        )
 
     @classmethod
     def of(cls, config: PretrainedConfig, dtype: torch.dtype, shards: int = 1) -> KVGeometry:
@@ -129,7 +132,8 @@ class PagePool:
         self._scratch -= 1
 
     def take(self, n: int) -> list[int]:
-        """n pages with one reference each; cached pages are evicted (LRU first) only when free ones run out."""
+        """n pages with one reference each; cached pages are evicted (LRU first) only when free ones run
+        out."""
         if n > self.num_free:
             raise MemoryError(f"KV cache: {n} pages asked, {self.num_free} free")
         while len(self._free) < n:
@@ -145,7 +149,8 @@ class PagePool:
         self._free.extend(reversed(pages))
 
     def unref(self, pages: list[int], owner: ModelKV) -> None:
-        """Drop one reference to each page; at zero it becomes free, or cached-free if it holds a published block."""
+        """Drop one reference to each page; at zero it becomes free, or cached-free if it holds a published
+        block."""
         for page in pages:
             self.refs[page] -= 1
             if self.refs[page] == 0:
@@ -187,8 +192,8 @@ class ModelKV:
         g = geometry
         if g.token_bytes > pool.page_bytes:
             raise ValueError(
-                f"a token of this model needs {g.token_bytes} KV bytes, more than a whole page ({pool.page_bytes}); "
-                "raise --block-size"
+                f"a token of this model needs {g.token_bytes} KV bytes, "
+                f"more than a whole page ({pool.page_bytes}); raise --block-size"
             )
         self.pool = pool
         self.geometry = g
@@ -199,12 +204,16 @@ class ModelKV:
         self.scratch_page = scratch_page
         used = self.block_size * g.token_bytes
         # [P, layers, 2, block, kv_heads, head_dim]: a strided view of the arena (page stride = page_bytes).
-        view = pool.arena[:, :used].view(g.dtype).unflatten(1, (g.num_layers, 2, self.block_size, g.num_kv_heads, g.head_dim))
-        self.keys = [view[:, layer, 0] for layer in range(g.num_layers)]  # each [P, block, kv_heads, head_dim]
+        view = pool.arena[:, :used].view(g.dtype).unflatten(
+            1, (g.num_layers, 2, self.block_size, g.num_kv_heads, g.head_dim)
+        )
+        # each [P, block, kv_heads, head_dim]
+        self.keys = [view[:, layer, 0] for layer in range(g.num_layers)]
         self.values = [view[:, layer, 1] for layer in range(g.num_layers)]
         device = pool.device
         rows = num_slots + 1
-        self.tables = torch.full((rows, self.max_blocks), scratch_page, dtype=torch.long, device=device)  # [S+1, blocks]
+        # [S+1, blocks]
+        self.tables = torch.full((rows, self.max_blocks), scratch_page, dtype=torch.long, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # [S+1] tokens cached per slot
         self.host_tables = np.full((rows, self.max_blocks), scratch_page, dtype=np.int64)
         self.host_lengths = np.zeros(rows, dtype=np.int64)
@@ -218,9 +227,10 @@ class ModelKV:
         self._table_updates: list[tuple[int, int, int]] = []  # (slot, block, page)
         self._length_updates: dict[int, int] = {}
         self._new_pages: list[int] = []
-        # Pages reserved for a prompt are zeroed when a chunk first reaches them (`set_length`), not at admission:
-        # a long prompt's pages are then zeroed (and, on a CPU, first touched) chunk by chunk, so the admission
-        # step of a chunked prompt costs no more than its other steps. First block not yet zeroed, per slot.
+        # Pages reserved for a prompt are zeroed when a chunk first reaches them (`set_length`), not at
+        # admission: a long prompt's pages are then zeroed (and, on a CPU, first touched) chunk by chunk, so
+        # the admission step of a chunked prompt costs no more than its other steps. First block not yet
+        # zeroed, per slot.
         self._lazy_from = np.full(rows, self.max_blocks, dtype=np.int64)  # max_blocks: none
 
     # -- host bookkeeping (the scheduler's view) ---------------------------------------------------
@@ -249,8 +259,8 @@ class ModelKV:
             self._new_pages.extend(pages)
 
     def set_length(self, slot: int, num_tokens: int) -> None:
-        """The slot holds `num_tokens` tokens (or is about to: a chunk's length is set before its forward, which
-        reads every page up to it, so lazily reserved pages up to it are zeroed by the next flush)."""
+        """The slot holds `num_tokens` tokens (or is about to: a chunk's length is set before its forward,
+        which reads every page up to it, so lazily reserved pages up to it are zeroed by the next flush)."""
         self.host_lengths[slot] = num_tokens
         self._length_updates[slot] = num_tokens
         lazy = int(self._lazy_from[slot])
@@ -263,10 +273,14 @@ class ModelKV:
     def truncate(self, slot: int, num_tokens: int) -> None:
         """Roll `slot` back to its first `num_tokens` tokens: O(1) plus the pages it gives back."""
         if num_tokens > self.host_lengths[slot]:
-            raise ValueError(f"cannot truncate slot {slot} to {num_tokens} tokens: it holds {self.host_lengths[slot]}")
+            raise ValueError(
+                f"cannot truncate slot {slot} to {num_tokens} tokens: it holds {self.host_lengths[slot]}"
+            )
         if num_tokens < self.host_frozen[slot] * self.block_size:
             # A rollback never reaches into the prompt's last token, and frozen blocks end before it.
-            raise ValueError(f"cannot truncate slot {slot} into its shared prefix ({self.host_frozen[slot]} blocks)")
+            raise ValueError(
+                f"cannot truncate slot {slot} into its shared prefix ({self.host_frozen[slot]} blocks)"
+            )
         keep = self.blocks_for(num_tokens)
         self._release_blocks(slot, keep)
         self.set_length(slot, num_tokens)
@@ -297,7 +311,8 @@ class ModelKV:
 
     # -- prefix caching ----------------------------------------------------------------------------
     def block_keys(self, tokens: Sequence[int], num_blocks: int) -> list[BlockKey]:
-        """Keys of the first `num_blocks` full blocks of `tokens`: (hash of the previous block's key, own tokens).
+        """Keys of the first `num_blocks` full blocks of `tokens`: (hash of the previous block's key, own
+        tokens).
 
         A block's keys and values depend on every token up to its end and on nothing else (positions are
         implied by the block's index), so two prompts agreeing on a block's key agree on its contents.
@@ -312,7 +327,8 @@ class ModelKV:
         return keys
 
     def match(self, tokens: Sequence[int], max_blocks: int) -> list[int]:
-        """Pages of the longest run of cached leading blocks of `tokens`, at most `max_blocks` (no side effects)."""
+        """Pages of the longest run of cached leading blocks of `tokens`, at most `max_blocks` (no side
+        effects)."""
         if not self.prefix_caching or max_blocks <= 0:
             return []
         pages = []
@@ -392,14 +408,20 @@ class ModelKV:
 
     def pages_held(self) -> list[int]:
         """Every page this model's slots hold (host view), for bookkeeping checks."""
-        return [int(p) for slot in range(self.num_slots) for p in self.host_tables[slot, : self.host_blocks[slot]]]
+        return [
+            int(p)
+            for slot in range(self.num_slots)
+            for p in self.host_tables[slot, : self.host_blocks[slot]]
+        ]
 
     def pending_updates(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, int]]:
         """What the next `flush` applies (new pages, table entries, lengths): under tensor parallelism rank 0
         sends them to the other ranks, whose caches mirror the base's tables (`queue_updates`)."""
         return list(self._new_pages), list(self._table_updates), dict(self._length_updates)
 
-    def queue_updates(self, new_pages: list[int], table_updates: list[tuple[int, int, int]], lengths: dict[int, int]) -> None:
+    def queue_updates(
+        self, new_pages: list[int], table_updates: list[tuple[int, int, int]], lengths: dict[int, int]
+    ) -> None:
         """Another rank's `pending_updates`, to apply with `flush` (a tensor-parallel rank's base cache)."""
         self._new_pages.extend(new_pages)
         self._table_updates.extend(table_updates)
@@ -448,7 +470,8 @@ class SequenceKV:
         return cached
 
     def chunk_scheduled(self, seq: CacheUser, start: dict[str | None, int], end: int) -> None:
-        """A prompt chunk up to `end` runs this step: each model holds it (or more: a hit that ended past it)."""
+        """A prompt chunk up to `end` runs this step: each model holds it (or more: a hit that ended past
+        it)."""
         for key, cached in start.items():
             self.kv_of(key).set_length(seq.row, max(cached, end))
 
@@ -462,7 +485,10 @@ class SequenceKV:
 
     def pages_missing(self, seq: CacheUser, extra: int = 0) -> int:
         """Pages its models still need for its next token and `extra` more (a lookahead's drafts)."""
-        return sum(kv.pages_missing(seq.row, int(kv.host_lengths[seq.row]) + 1 + extra) for kv in map(self.kv_of, seq.model_keys))
+        return sum(
+            kv.pages_missing(seq.row, int(kv.host_lengths[seq.row]) + 1 + extra)
+            for kv in map(self.kv_of, seq.model_keys)
+        )
 
     def reserve(self, seq: CacheUser, extra: int = 0) -> None:
         """A decode is scheduled (extra 0: its next token's page) or a lookahead of `extra` drafts reserved:
@@ -471,7 +497,8 @@ class SequenceKV:
             kv.reserve(seq.row, int(kv.host_lengths[seq.row]) + 1 + extra)
 
     def trim_lookahead(self, seqs: Sequence[CacheUser]) -> None:
-        """Every row keeps only the pages its next token needs (its spare draft pages go back), model by model."""
+        """Every row keeps only the pages its next token needs (its spare draft pages go back), model by
+        model."""
         keys = list(dict.fromkeys(k for seq in seqs for k in seq.model_keys))
         for key in keys:
             kv = self.kv_of(key)
@@ -486,8 +513,9 @@ class SequenceKV:
         kv.advance_host(slots)
 
     def mirrored_decode(self, slots_dev: torch.Tensor) -> None:
-        """A tensor-parallel worker ran rank 0's decode step on its share of the base: its device lengths follow
-        rank 0's (its host lengths are unused: each operation rank 0 sends carries the bounds it needs)."""
+        """A tensor-parallel worker ran rank 0's decode step on its share of the base: its device lengths
+        follow rank 0's (its host lengths are unused: each operation rank 0 sends carries the bounds it
+        needs)."""
         self.kv_of(None).advance(slots_dev)
 
     def accepted(self, seq: CacheUser, num_tokens: int) -> None:

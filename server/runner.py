@@ -128,7 +128,8 @@ class RowBatch:
 
 @dataclass(frozen=True)
 class DraftStep:
-    """The rows of one memory group that run draft step i of a round (those drafting at least i − 1 tokens)."""
+    """The rows of one memory group that run draft step i of a round (those drafting at least i − 1
+    tokens)."""
 
     rows: torch.Tensor  # [b_i] indices into the group's rows
     batch_rows: torch.Tensor  # [b_i] indices into the batch
@@ -155,7 +156,9 @@ class DraftBuffers:
     probs: torch.Tensor | None  # [b, T, V] transformed q̃ the draft was drawn from (None: all rows greedy)
     tokens: torch.Tensor  # [b, T] drafts (position j's draft is the token proposed for position j)
 
-    def put(self, step: DraftStep, j: int, logp: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None) -> None:
+    def put(
+        self, step: DraftStep, j: int, logp: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None
+    ) -> None:
         for buf, val in ((self.logp, logp), (self.tokens, tokens), (self.probs, probs)):
             if buf is None or val is None:
                 continue
@@ -173,7 +176,8 @@ class _Drafting:
     plan: SpecPlan
     uniforms: torch.Tensor | None  # [3, B, T]
     drafts: dict[str, DraftBuffers]
-    multi_inputs: torch.Tensor | None  # [m] the last tokens of the rows with several memories (`multi_slots_dev`)
+    # [m] the last tokens of the rows with several memories (`multi_slots_dev`)
+    multi_inputs: torch.Tensor | None
     failed: dict[int, str] = field(default_factory=dict)  # batch row -> error
     failed_groups: set[str] = field(default_factory=set)
 
@@ -189,13 +193,18 @@ class SpecLogits:
 
     base: torch.Tensor  # [B, T, V] verify logits, T = k + 1
     drafts: dict[str, DraftBuffers]  # memory -> its group's drafts, rows in the group's order
-    uniforms: torch.Tensor | None  # [3, B, T] the round's random numbers (`speculative_uniforms`); None if all greedy
+    # [3, B, T] the round's random numbers (`speculative_uniforms`); None if all greedy
+    uniforms: torch.Tensor | None
     failed: dict[int, str]
     timers: tuple[_Timer, _Timer, _Timer]  # verify, serial drafts (steps 1..k), the last draft step
 
     def forward_seconds(self) -> dict[str, float]:
-        """Per-phase device time (after the step's host sync on CUDA): verify as the base's forward, drafts as the memory's."""
-        return {"base_forward": self.timers[0].seconds(), "memory_forward": self.timers[1].seconds() + self.timers[2].seconds()}
+        """Per-phase device time (after the step's host sync on CUDA): verify as the base's forward, drafts
+        as the memory's."""
+        return {
+            "base_forward": self.timers[0].seconds(),
+            "memory_forward": self.timers[1].seconds() + self.timers[2].seconds(),
+        }
 
 
 @dataclass
@@ -205,9 +214,11 @@ class StepLogits:
     prompt: dict[int, dict[ModelKey, torch.Tensor]]  # echo row -> model -> [T, V] logits over its prompt
     failed: dict[int, str]  # batch row -> error message
     timers: tuple[_Timer, _Timer]  # base, memories
-    failed_chunks: dict[int, str] = field(default_factory=dict)  # seq_id of a failed non-final prompt chunk -> error
-    # Context-routed prompt chunks: seq_id -> model -> [n, V] logits at each of the chunk's positions (the engine
-    # reduces them at once to the targets' log-probs for the row's advantage EMAs; CONTEXT_CHUNK_TOKENS at most).
+    # seq_id of a failed non-final prompt chunk -> error
+    failed_chunks: dict[int, str] = field(default_factory=dict)
+    # Context-routed prompt chunks: seq_id -> model -> [n, V] logits at each of the chunk's positions (the
+    # engine reduces them at once to the targets' log-probs for the row's advantage EMAs;
+    # CONTEXT_CHUNK_TOKENS at most).
     scored: dict[int, dict[ModelKey, torch.Tensor]] = field(default_factory=dict)
 
     def forward_seconds(self) -> dict[str, float]:
@@ -233,25 +244,30 @@ class PrefillInputs:
 class PrefillOutput(NamedTuple):
     """One model's prefill forward: what the engine keeps of its logits."""
 
-    last: torch.Tensor | None  # [b, V] the last position of each final chunk, in chunk order (None: no chunk ended)
+    # [b, V] the last position of each final chunk, in chunk order (None: no chunk ended)
+    last: torch.Tensor | None
     prompt: dict[int, torch.Tensor]  # echo row -> [T, V] at every prompt position (an echo prompt runs whole)
     scored: dict[int, torch.Tensor]  # seq_id of a context-routed chunk -> [n, V] at each of its positions
 
 
 @dataclass
 class PackedPrefill:
-    """One model's prefill, packed (`ModelRunner._pack_prefill`): its inputs, and which positions' logits are kept."""
+    """One model's prefill, packed (`ModelRunner._pack_prefill`): its inputs, and which positions' logits
+    are kept."""
 
     key: ModelKey
     inputs: PrefillInputs | None = None
     keep: list[int] = field(default_factory=list)  # packed positions whose logits are kept
     last: list[int] = field(default_factory=list)  # index into `keep` of each final chunk's last position
-    echo: dict[int, tuple[int, int]] = field(default_factory=dict)  # echo row -> (first index into `keep`, count)
-    scored: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq_id -> (first index into `keep`, count)
+    # echo row -> (first index into `keep`, count)
+    echo: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # seq_id -> (first index into `keep`, count)
+    scored: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def keep_positions(self, c: PrefillChunk, row: int | None, key: ModelKey, start: int, n: int) -> None:
-        """Which of chunk c's n packed positions (from `start`) keep their logits: every one for a context-routed
-        chunk (its targets' log-probs feed the EMAs) and an echo prompt, else a final chunk's last."""
+        """Which of chunk c's n packed positions (from `start`) keep their logits: every one for a
+        context-routed chunk (its targets' log-probs feed the EMAs) and an echo prompt, else a final chunk's
+        last."""
         if c.seq.context_routed and not c.decode:
             self.scored[c.seq.seq_id] = (len(self.keep), n)
             self.keep.extend(range(start, start + n))
@@ -259,7 +275,8 @@ class PackedPrefill:
                 self.echo[row] = self.scored[c.seq.seq_id]
         elif row is None:
             return
-        elif c.seq.wants_prompt_logprobs and not c.decode:  # an echo row decoding in a MIXED step: its next token only
+        # an echo row decoding in a MIXED step: its next token only
+        elif c.seq.wants_prompt_logprobs and not c.decode:
             assert c.start[key] == 0, "echo prompts bypass the prefix cache and are never chunked"
             self.echo[row] = (len(self.keep), n)
             self.keep.extend(range(start, start + n))
@@ -269,14 +286,23 @@ class PackedPrefill:
             self.last.append(len(self.keep) - 1)
 
 
-def prefill_forward(lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+def prefill_forward(
+    lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Callable[[np.ndarray], torch.Tensor]
+) -> torch.Tensor:
     """The packed forward of `inputs` on `lm` over its cache `kv`: logits [K, V] of the kept positions."""
     singles = None
     if inputs.singles is not None:
         segments, starts, tables, lengths = inputs.singles
         singles = SingleTokens(segments, up(starts), up(tables), up(lengths))
-    ctx = PrefillContext(kv, up(inputs.pages), up(inputs.pos % kv.block_size), inputs.segments, cached=inputs.cached,
-                         context=[None if c is None else up(c) for c in inputs.context], singles=singles)  # fmt: skip
+    ctx = PrefillContext(
+        kv,
+        up(inputs.pages),
+        up(inputs.pos % kv.block_size),
+        inputs.segments,
+        cached=inputs.cached,
+        context=[None if c is None else up(c) for c in inputs.context],
+        singles=singles,
+    )
     out = lm.model(
         input_ids=up(inputs.ids).unsqueeze(0),  # [1, N]
         position_ids=up(inputs.pos).unsqueeze(0),
@@ -288,7 +314,9 @@ def prefill_forward(lm: LoadedModel, kv: ModelKV, inputs: PrefillInputs, up: Cal
     return out.logits[0, :, : lm.vocab_size]
 
 
-def default_num_pages(base: LoadedModel, config: EngineConfig, geometry: KVGeometry, block_tokens: int) -> int:
+def default_num_pages(
+    base: LoadedModel, config: EngineConfig, geometry: KVGeometry, block_tokens: int
+) -> int:
     """The KV budget in pages: `--num-gpu-blocks-override`, else measured on CUDA, else sized on CPU.
 
     CUDA (vLLM's meaning of --gpu-memory-utilization): this process may use that fraction of the
@@ -316,16 +344,25 @@ def default_num_pages(base: LoadedModel, config: EngineConfig, geometry: KVGeome
     workspace = 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
     workspace += 4 * config.max_num_seqs * base.vocab_size * 4
     if config.speculative_tokens:
-        # The verify graphs' own pool (the same gather), and a round's [B, K+1, V] float32 tensors: log-probs, the
-        # memories' log-probs and q̃, q̃ gathered, p̃, the residual, and its float64 cumulative sum (two).
+        # The verify graphs' own pool (the same gather), and a round's [B, K+1, V] float32 tensors: log-probs,
+        # the memories' log-probs and q̃, q̃ gathered, p̃, the residual, and its float64 cumulative sum (two).
         t = config.speculative_tokens + 1
-        workspace += 4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
+        workspace += (
+            4 * config.max_num_seqs * base.max_model_len * geometry.token_bytes // geometry.num_layers
+        )
         workspace += 8 * config.max_num_seqs * t * base.vocab_size * 4
     budget = int(total * config.gpu_memory_utilization) - (total - free) - activation - workspace
     pages = budget // page_bytes
     log.info(
-        "KV budget: %.2f GiB of %.1f GiB (in use %.2f, prefill activations %.2f, decode workspace %.2f): %d pages of %d tokens",
-        max(budget, 0) / 2**30, total / 2**30, (total - free) / 2**30, activation / 2**30, workspace / 2**30, pages, block_tokens,
+        "KV budget: %.2f GiB of %.1f GiB (in use %.2f, prefill activations %.2f, decode workspace %.2f): "
+        "%d pages of %d tokens",
+        max(budget, 0) / 2**30,
+        total / 2**30,
+        (total - free) / 2**30,
+        activation / 2**30,
+        workspace / 2**30,
+        pages,
+        block_tokens,
     )
     if pages < per_seq + 1:
         raise RuntimeError(
@@ -350,7 +387,8 @@ class Forwards(Generic[T]):
     """What `ModelRunner._forward` returns: the base's result and each memory's (on the main stream now)."""
 
     base: T
-    memories: dict[str, Any]  # memory -> what its job returned; absent when the job raised (and was contained)
+    # memory -> what its job returned; absent when the job raised (and was contained)
+    memories: dict[str, Any]
     timers: tuple[_Timer, _Timer]  # base, memories
 
 
@@ -377,30 +415,42 @@ class ModelRunner:
         self.config = config
         self.device = base.device
         self.num_slots = config.max_num_seqs
-        # Tensor parallelism: the base is sharded by heads over ranks that run its every forward with this one
-        # (server/tp.py); this rank's cache holds its own key/value heads, and every rank must agree on the pages.
-        # Without it the same calls go to `Unsharded`, which has no other rank to tell: no branch here knows.
+        # Tensor parallelism: the base is sharded by heads over ranks that run its every forward with this
+        # one (server/tp.py); this rank's cache holds its own key/value heads, and every rank must agree on
+        # the pages. Without it the same calls go to `Unsharded`, which has no other rank to tell: no branch
+        # here knows.
         self.shards: ShardedBase | Unsharded = base.tensor_parallel or Unsharded()
         base_geometry = self._geometry(None, base)
         page_bytes = page_bytes_for(base_geometry, config.block_size)
-        num_pages = self.shards.agree_on_pages(default_num_pages(base, config, base_geometry, config.block_size))
+        num_pages = self.shards.agree_on_pages(
+            default_num_pages(base, config, base_geometry, config.block_size)
+        )
         self.pool = PagePool(num_pages, page_bytes, self.device)
         self.upload = Uploader(self.device)
         # Each slot's last sampled token: the next decode step's input, written by the sampler on the device.
         self.tokens = torch.zeros(self.num_slots + 1, dtype=torch.long, device=self.device)  # [S+1]
         self.use_graphs = not config.enforce_eager and self.device.type == "cuda"
-        self.side_stream = torch.cuda.Stream(self.device) if config.use_cuda_streams and self.device.type == "cuda" else None
+        self.side_stream = (
+            torch.cuda.Stream(self.device) if config.use_cuda_streams and self.device.type == "cuda" else None
+        )
         self._token_updates: dict[int, int] = {}  # slot -> last token, set by the host (rollback)
         self.models: dict[ModelKey, ModelState] = {}
-        self.caches = SequenceKV(self.kv)  # the one writer of every sequence's lengths and pages (`server.kv`)
+        # the one writer of every sequence's lengths and pages (`server.kv`)
+        self.caches = SequenceKV(self.kv)
         self.add_model(None, base)
         if config.speculative_tokens:
             state = self.models[None]
-            state.verify = VerifyGraphs(base, state.kv, self.num_slots, config.speculative_tokens + 1, self.use_graphs)
+            state.verify = VerifyGraphs(
+                base, state.kv, self.num_slots, config.speculative_tokens + 1, self.use_graphs
+            )
             seconds = state.verify.capture()
             state.capture_seconds += seconds
             if seconds:
-                log.info("captured the base's verify graphs (T = %d) in %.2f s", config.speculative_tokens + 1, seconds)
+                log.info(
+                    "captured the base's verify graphs (T = %d) in %.2f s",
+                    config.speculative_tokens + 1,
+                    seconds,
+                )
 
     # -- models ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -412,10 +462,16 @@ class ModelRunner:
         geometry = self._geometry(key, lm)
         scratch = SCRATCH_PAGE if key is None else self.pool.take_scratch()  # one per model: see server/kv.py
         try:
-            # A fresh view per load: its prefix-cache table starts empty, so a memory reloaded under the same name
-            # (or another model given that name) never serves blocks computed by the one before.
-            kv = ModelKV(self.pool, geometry, self.num_slots, min(lm.max_model_len, self.base.max_model_len), scratch,
-                         prefix_caching=self.config.enable_prefix_caching)
+            # A fresh view per load: its prefix-cache table starts empty, so a memory reloaded under the same
+            # name (or another model given that name) never serves blocks computed by the one before.
+            kv = ModelKV(
+                self.pool,
+                geometry,
+                self.num_slots,
+                min(lm.max_model_len, self.base.max_model_len),
+                scratch,
+                prefix_caching=self.config.enable_prefix_caching,
+            )
             graphs = DecodeGraphs(lm, kv, self.tokens, self.num_slots, self.use_graphs)
             state = ModelState(lm, kv, graphs)
             state.capture_seconds = graphs.capture()
@@ -425,12 +481,17 @@ class ModelRunner:
             raise
         self.models[key] = state
         if state.capture_seconds:
-            log.info("captured %d decode graphs for %s in %.2f s", len(graphs.batch_sizes) * len(graphs.block_sizes),
-                     key or "the base", state.capture_seconds)
+            log.info(
+                "captured %d decode graphs for %s in %.2f s",
+                len(graphs.batch_sizes) * len(graphs.block_sizes),
+                key or "the base",
+                state.capture_seconds,
+            )
         return state.capture_seconds
 
     def _geometry(self, key: ModelKey, lm: LoadedModel) -> KVGeometry:
-        """A model's KV per token on this rank: the base's own heads under tensor parallelism (memories run whole)."""
+        """A model's KV per token on this rank: the base's own heads under tensor parallelism (memories run
+        whole)."""
         return KVGeometry.of(lm.model.config, lm.dtype, self.shards.world_size if key is None else 1)
 
     def has_model(self, key: ModelKey, lm: LoadedModel) -> bool:
@@ -462,14 +523,18 @@ class ModelRunner:
             group_slots = [slots[i] for i in rows]
             alpha = up(np.asarray([m.alpha for _, m in uses], dtype=np.float32))
             temps = [m.temperature for _, m in uses]
-            temperature = None if all(t == 1.0 for t in temps) else up(np.asarray(temps, dtype=np.float32)).unsqueeze(1)
+            temperature = (
+                None if all(t == 1.0 for t in temps) else up(np.asarray(temps, dtype=np.float32)).unsqueeze(1)
+            )
             routed = [m.router is not None for _, m in uses]
             router = next((m.router for _, m in uses if m.router is not None), None)
             groups.append(MemoryGroup(
                 name, rows, up(np.asarray(rows, dtype=np.int64)), group_slots,
                 up(np.asarray(group_slots, dtype=np.int64)), alpha, torch.log(alpha).unsqueeze(1),
                 temperature, whole_batch=len(rows) == len(seqs), router=router,
-                routed=up(np.asarray(routed)).unsqueeze(1) if router is not None and not all(routed) else None,
+                routed=(
+                    up(np.asarray(routed)).unsqueeze(1) if router is not None and not all(routed) else None
+                ),
             ))
         log_base_weight = None
         if groups:  # log(1 − Σ αᵢ) in float64 on the host (exact −inf at 0), then float32
@@ -498,7 +563,8 @@ class ModelRunner:
         )
 
     def make_plan(self, batch: RowBatch, k_rows: list[int]) -> SpecPlan:
-        """Upload a speculative round's shape (no host sync): step i of a memory runs its rows with k_row >= i − 1."""
+        """Upload a speculative round's shape (no host sync): step i of a memory runs its rows with
+        k_row >= i − 1."""
         up = self.upload
         k = max(k_rows)
         steps: dict[str, list[DraftStep]] = {}
@@ -516,8 +582,13 @@ class ModelRunner:
                     step = steps[g.name][-1]  # the same rows as the step before
                 else:
                     slots = [g.slots[j] for j in inside]
-                    step = DraftStep(up(inside), up(np.asarray([g.rows[j] for j in inside], dtype=np.int64)), slots,
-                                     up(np.asarray(slots, dtype=np.int64)), whole_group=False)  # fmt: skip
+                    step = DraftStep(
+                        up(inside),
+                        up(np.asarray([g.rows[j] for j in inside], dtype=np.int64)),
+                        slots,
+                        up(np.asarray(slots, dtype=np.int64)),
+                        whole_group=False,
+                    )
                 steps[g.name].append(step)
         return SpecPlan(k, k_rows, up(np.asarray(k_rows, dtype=np.int64)), steps)
 
@@ -543,7 +614,9 @@ class ModelRunner:
         self.upload.reset()
 
     # -- forwards ----------------------------------------------------------------------------------
-    def _pack_prefill(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]) -> PackedPrefill | None:
+    def _pack_prefill(
+        self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]
+    ) -> PackedPrefill | None:
         """One model's packed forward over prompt chunks, each from where this model's cache of it ends (None:
         its cache already holds them all, as when its prefix hit went further).
 
@@ -552,13 +625,20 @@ class ModelRunner:
         """
         kv = self.models[key].kv
         todo = [(c, r) for c, r in zip(chunks, rows, strict=True) if c.start[key] < c.end]
-        assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), "a final chunk computes its last token"
+        assert all(r is None for c, r in zip(chunks, rows, strict=True) if c.start[key] >= c.end), (
+            "a final chunk computes its last token"
+        )
         if not todo:
             return None
         spans = [(c.start[key], c.end) for c, _ in todo]
         lengths = [e - b for b, e in spans]
         starts = np.cumsum([0, *lengths[:-1]])
-        ids = np.concatenate([np.asarray(c.seq.token_ids[b:e], dtype=np.int64) for (c, _), (b, e) in zip(todo, spans, strict=True)])
+        ids = np.concatenate(
+            [
+                np.asarray(c.seq.token_ids[b:e], dtype=np.int64)
+                for (c, _), (b, e) in zip(todo, spans, strict=True)
+            ]
+        )
         pos = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in spans])  # [N]
         slots = np.repeat(np.asarray([c.seq.row for c, _ in todo], dtype=np.int64), lengths)
         packed = PackedPrefill(key=key)
@@ -571,20 +651,31 @@ class ModelRunner:
         if single:
             nblk = max(kv.blocks_for(spans[i][1]) for i in single)
             slot_ids = [todo[i][0].seq.row for i in single]
-            singles = (frozenset(single), starts[single].astype(np.int64),
-                       kv.host_tables[slot_ids, :nblk].copy(),  # past a row's blocks: its scratch entries, masked
-                       np.asarray([spans[i][1] for i in single], dtype=np.int64))  # fmt: skip
+            singles = (
+                frozenset(single),
+                starts[single].astype(np.int64),
+                kv.host_tables[slot_ids, :nblk].copy(),  # past a row's blocks: its scratch entries, masked
+                np.asarray([spans[i][1] for i in single], dtype=np.int64),
+            )
         packed.inputs = PrefillInputs(
-            ids=ids, pos=pos, pages=kv.host_tables[slots, pos // kv.block_size],
-            segments=list(zip(starts.tolist(), lengths, strict=True)), cached=[b for b, _ in spans],
-            context=[kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in in_single else None
-                     for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))],
+            ids=ids,
+            pos=pos,
+            pages=kv.host_tables[slots, pos // kv.block_size],
+            segments=list(zip(starts.tolist(), lengths, strict=True)),
+            cached=[b for b, _ in spans],
+            context=[
+                kv.host_tables[c.seq.row, : kv.blocks_for(e)].copy() if b and i not in in_single else None
+                for i, ((c, _), (b, e)) in enumerate(zip(todo, spans, strict=True))
+            ],
             singles=singles,
-            keep=np.asarray(packed.keep or [len(ids) - 1], dtype=np.int64),  # earlier chunks only: one, unused
-        )  # fmt: skip
+            # earlier chunks only: one, unused
+            keep=np.asarray(packed.keep or [len(ids) - 1], dtype=np.int64),
+        )
         return packed
 
-    def _prefill_model(self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]) -> PrefillOutput:
+    def _prefill_model(
+        self, key: ModelKey, chunks: list[PrefillChunk], rows: list[int | None]
+    ) -> PrefillOutput:
         """Pack (`_pack_prefill`) and run one model's prefill forward over these chunks."""
         packed = self._pack_prefill(key, chunks, rows)
         if packed is None:
@@ -612,10 +703,19 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             for name in c.seq.memory_names:
                 by_memory.setdefault(name, []).append(i)
-        jobs = [MemoryJob(name, partial(self._prefill_model, name, [chunks[i] for i in idx], [rows[i] for i in idx]),
-                          partial(_fail_chunks, failed, failed_chunks, [(chunks[i].seq.seq_id, rows[i]) for i in idx]))
-                for name, idx in by_memory.items()]  # fmt: skip  # one job per memory, its failure beside it
-        fw: Forwards[PrefillOutput] = self._forward(partial(self._prefill_model, None, chunks, rows), jobs, "prefill")
+        jobs = [
+            MemoryJob(
+                name,
+                partial(self._prefill_model, name, [chunks[i] for i in idx], [rows[i] for i in idx]),
+                partial(
+                    _fail_chunks, failed, failed_chunks, [(chunks[i].seq.seq_id, rows[i]) for i in idx]
+                ),
+            )
+            for name, idx in by_memory.items()
+        ]
+        fw: Forwards[PrefillOutput] = self._forward(
+            partial(self._prefill_model, None, chunks, rows), jobs, "prefill"
+        )
         outputs: dict[ModelKey, PrefillOutput] = {None: fw.base}
         outputs.update(fw.memories)
         prompt: dict[int, dict[ModelKey, torch.Tensor]] = {}
@@ -632,7 +732,8 @@ class ModelRunner:
         return StepLogits(base_logits, last, prompt, failed, fw.timers, failed_chunks, scored)
 
     def _longest(self, key: ModelKey, slots: list[int], new: int) -> int:
-        """The longest of these rows' caches in `key` once `new` more tokens are written: the attention's bound."""
+        """The longest of these rows' caches in `key` once `new` more tokens are written: the attention's
+        bound."""
         return int(self.models[key].kv.host_lengths[slots].max()) + new
 
     def _decode_model(self, key: ModelKey, slots_dev: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -645,8 +746,14 @@ class ModelRunner:
 
     def decode(self, batch: RowBatch) -> StepLogits:
         failed: dict[int, str] = {}
-        jobs = [MemoryJob(g.name, partial(self._decode_model, g.name, g.slots_dev, g.slots), partial(_fail_rows, failed, g.rows))
-                for g in batch.groups]  # fmt: skip  # one job per memory, its failure beside it
+        jobs = [
+            MemoryJob(
+                g.name,
+                partial(self._decode_model, g.name, g.slots_dev, g.slots),
+                partial(_fail_rows, failed, g.rows),
+            )
+            for g in batch.groups
+        ]
         fw: Forwards[torch.Tensor] = self._forward(partial(self._decode_base, batch), jobs, "decode")
         # The step's token is now cached in every model that ran it.
         self.caches.decoded(None, batch.slots, batch.slots_dev)
@@ -668,13 +775,24 @@ class ModelRunner:
         uniforms = None  # [3, B, T] every random number of the round, drawn at once
         if batch.sampling.any_sampled:
             start = base.kv.lengths.index_select(0, batch.slots_dev)  # [B] tokens the base has cached
-            counter = start[:, None] + 1 + torch.arange(t, device=self.device)  # [B, T] index of each position's token
-            uniforms = speculative_uniforms(batch.sampling.seed.repeat_interleave(t), counter.flatten()).view(3, -1, t)
+            # [B, T] index of each position's token
+            counter = start[:, None] + 1 + torch.arange(t, device=self.device)
+            uniforms = speculative_uniforms(
+                batch.sampling.seed.repeat_interleave(t), counter.flatten()
+            ).view(3, -1, t)
         ids = torch.zeros(len(batch.seqs), t, dtype=torch.long, device=self.device)  # [B, T] verify input
-        ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)  # each row's last token (drafts overwrite it below)
-        multi_inputs = self.tokens.index_select(0, batch.multi_slots_dev) if batch.multi_slots_dev is not None else None
-        rnd = _Drafting(batch, plan, uniforms, {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups},
-                        multi_inputs)  # fmt: skip  # the buffers' comprehension reads as one argument
+        # each row's last token (drafts overwrite it below)
+        ids[:, 0] = self.tokens.index_select(0, batch.slots_dev)
+        multi_inputs = (
+            self.tokens.index_select(0, batch.multi_slots_dev) if batch.multi_slots_dev is not None else None
+        )
+        rnd = _Drafting(
+            batch,
+            plan,
+            uniforms,
+            {g.name: self._draft_buffers(len(g.rows), t, batch) for g in batch.groups},
+            multi_inputs,
+        )
         live = [g for g in batch.groups if plan.steps[g.name]]
         draft_timer = _Timer(self.device)
         with draft_timer:
@@ -684,15 +802,19 @@ class ModelRunner:
         for g in live:
             if g.name not in rnd.failed_groups:
                 ids[:, 1:].index_copy_(0, g.rows_dev, rnd.drafts[g.name].tokens[:, : t - 1])
-        # The last draft steps overlap the verify. Buffers they write were made on the main stream, which waits
-        # for the side one before reading or freeing them; what the side stream allocates it also frees.
-        fw: Forwards[torch.Tensor] = self._forward(partial(self._verify, batch, plan, ids),
-                                                   [self._draft_job(rnd, g, t) for g in live], "draft step")  # fmt: skip  # base, then the memories' jobs
+        # The last draft steps overlap the verify. Buffers they write were made on the main stream, which
+        # waits for the side one before reading or freeing them; what the side stream allocates it also frees.
+        fw: Forwards[torch.Tensor] = self._forward(
+            partial(self._verify, batch, plan, ids),
+            [self._draft_job(rnd, g, t) for g in live],
+            "draft step",
+        )
         timers = (fw.timers[0], draft_timer, fw.timers[1])
         return SpecLogits(fw.base, rnd.drafts, uniforms, rnd.failed, timers)
 
     def _verify(self, batch: RowBatch, plan: SpecPlan, ids: torch.Tensor) -> torch.Tensor:
-        """The base's verify of a round's T = k + 1 tokens per row (`ids` [B, T]; row b's first k_b + 1 valid)."""
+        """The base's verify of a round's T = k + 1 tokens per row (`ids` [B, T]; row b's first k_b + 1
+        valid)."""
         base = self.models[None]
         assert base.verify is not None
         longest = self._longest(None, batch.slots, plan.k + 1)
@@ -712,8 +834,8 @@ class ModelRunner:
         return MemoryJob(g.name, partial(self._draft, rnd, g, i), partial(rnd.fail, g))
 
     def _draft(self, rnd: _Drafting, g: MemoryGroup, i: int) -> None:
-        """Memory step i (1-based) of group g: its distribution at position i − 1 and a draft from it, which is
-        the next step's input. Nothing once the group failed or has no rows left at step i."""
+        """Memory step i (1-based) of group g: its distribution at position i − 1 and a draft from it, which
+        is the next step's input. Nothing once the group failed or has no rows left at step i."""
         steps = rnd.plan.steps[g.name]
         if g.name in rnd.failed_groups or i > len(steps):
             return
@@ -724,7 +846,11 @@ class ModelRunner:
         if temperature is not None and not step.whole_group:
             temperature = temperature.index_select(0, step.rows)
         logp = memory_logprobs(logits, temperature)  # [b_i, V] q: the tempered memory distribution
-        u = rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows) if rnd.uniforms is not None else None
+        u = (
+            rnd.uniforms[DRAFT, :, i - 1].index_select(0, step.batch_rows)
+            if rnd.uniforms is not None
+            else None
+        )
         proposed = propose(logp, rnd.batch.sampling.select(step.batch_rows), u)
         rnd.drafts[g.name].put(step, i - 1, logp, proposed.tokens, proposed.probs)
         if i <= rnd.plan.k:
@@ -734,7 +860,11 @@ class ModelRunner:
                 self.tokens.index_copy_(0, rnd.batch.multi_slots_dev, rnd.multi_inputs)
 
     def score(
-        self, keys: list[tuple[str, float]], ids: torch.Tensor, windows: list[Window], distributions: bool = False,
+        self,
+        keys: list[tuple[str, float]],
+        ids: torch.Tensor,
+        windows: list[Window],
+        distributions: bool = False,
     ) -> dict[ModelKey, torch.Tensor | Exception]:
         """Perplexity windows: target log-probs [B, S] of the base and, overlapped, of each memory of `keys`
         ((name, temperature): its logits divided by the temperature); with `distributions`, whole next-token
@@ -743,17 +873,26 @@ class ModelRunner:
         result: dict[ModelKey, torch.Tensor | Exception] = {}
         vocab = self.base.vocab_size
         scorer = batch_distributions if distributions else batch_logprobs
-        jobs = [MemoryJob(key, partial(scorer, self.models[key].lm.model, ids, windows, vocab, temperature),
-                          partial(result.__setitem__, key))
-                for key, temperature in keys]  # fmt: skip  # one job per memory, its failure beside it
-        fw: Forwards[torch.Tensor] = self._forward(partial(self._score_base, ids, windows, distributions), jobs, "perplexity")
+        jobs = [
+            MemoryJob(
+                key,
+                partial(scorer, self.models[key].lm.model, ids, windows, vocab, temperature),
+                partial(result.__setitem__, key),
+            )
+            for key, temperature in keys
+        ]
+        fw: Forwards[torch.Tensor] = self._forward(
+            partial(self._score_base, ids, windows, distributions), jobs, "perplexity"
+        )
         result.update(fw.memories)
         result[None] = fw.base
         return result
 
     def _score_base(self, ids: torch.Tensor, windows: list[Window], distributions: bool) -> torch.Tensor:
         self.shards.score(ids, windows, distributions)
-        return (batch_distributions if distributions else batch_logprobs)(self.base.model, ids, windows, self.base.vocab_size)
+        return (batch_distributions if distributions else batch_logprobs)(
+            self.base.model, ids, windows, self.base.vocab_size
+        )
 
     # -- the one forward pattern ------------------------------------------------------------------
     def _forward(self, base: Callable[[], T], jobs: list[MemoryJob], phase: str) -> Forwards[T]:
@@ -772,7 +911,8 @@ class ModelRunner:
         self.side_stream.wait_stream(main)
         try:
             with torch.cuda.stream(self.side_stream):
-                self._run_memories(jobs, phase, timers[1], memories)  # enqueues kernels and returns: they overlap
+                # enqueues kernels and returns: they overlap
+                self._run_memories(jobs, phase, timers[1], memories)
             out = self._run_base(base, timers[0])
         finally:
             main.wait_stream(self.side_stream)  # mixing reads the memory logits
@@ -800,8 +940,8 @@ class ModelRunner:
             return False, None
 
     def _on_main(self, out: Any) -> Any:
-        """Tensors made on the side stream (in a job's result), now read on the main one: each keeps its memory
-        until main is done with it."""
+        """Tensors made on the side stream (in a job's result), now read on the main one: each keeps its
+        memory until main is done with it."""
         if self.side_stream is None:
             return out
         if isinstance(out, torch.Tensor):

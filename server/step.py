@@ -124,7 +124,11 @@ class Frame:
         observer = self.engine.observer
         if observer is None:
             return None
-        phases = {"schedule": self.t_sched, **logits.forward_seconds(), "mix_sample": time.perf_counter() - self.t1}
+        phases = {
+            "schedule": self.t_sched,
+            **logits.forward_seconds(),
+            "mix_sample": time.perf_counter() - self.t1,
+        }
         stats = StepStats(fw.is_prefill, len(fw.seqs), fw.num_tokens, phases)
         observer.on_step(stats)
         observer.on_kv_cache(self.engine.runner.kv_usage, preempted)
@@ -139,7 +143,9 @@ def count_speculation(engine: Engine, counts: dict[str, SpecCounts]) -> None:
             engine.observer.on_speculation(name, c.drafted, c.accepted)
 
 
-def postprocess_rows(engine: Engine, rows: RowBatch, logits: StepLogits, host: Host, is_prefill: bool) -> None:
+def postprocess_rows(
+    engine: Engine, rows: RowBatch, logits: StepLogits, host: Host, is_prefill: bool
+) -> None:
     """Each row appends its token (or fails, or ends after its echo), and the speculative rows' acceptance
     tests of a plain step are counted."""
     sampled = engine.mixer.sampled(rows, logits, host)
@@ -163,9 +169,12 @@ def postprocess_rows(engine: Engine, rows: RowBatch, logits: StepLogits, host: H
         count_speculation(engine, counts)
 
 
-def after_prompts(engine: Engine, chunks: list[PrefillChunk], rows: RowBatch | None, logits: StepLogits) -> None:
+def after_prompts(
+    engine: Engine, chunks: list[PrefillChunk], rows: RowBatch | None, logits: StepLogits
+) -> None:
     """After a step's sync: prompt chunks that ran are cached (and their full blocks published); sequences
-    whose earlier (non-final) chunk failed in a memory fail. Final chunks' failures are `postprocess_rows`'s."""
+    whose earlier (non-final) chunk failed in a memory fail. Final chunks' failures are
+    `postprocess_rows`'s."""
     final_failed = {rows.seqs[i].seq_id for i in logits.failed} if rows is not None else set()
     for c in chunks:
         if c.seq.seq_id not in logits.failed_chunks and c.seq.seq_id not in final_failed:
@@ -184,7 +193,8 @@ class DecodeForward:
         self.engine, self.rows = engine, rows
         self.seqs = rows.seqs
         self.num_tokens = len(rows.seqs)
-        self.spec_k: int | None = 0 if rows.spec_rows else None  # a plain step beside speculative rows is timed as k = 0
+        # a plain step beside speculative rows is timed as k = 0
+        self.spec_k: int | None = 0 if rows.spec_rows else None
 
     def forward(self) -> StepLogits:
         return self.engine.runner.decode(self.rows)

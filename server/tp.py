@@ -30,8 +30,9 @@ hear of memories.
 Failure: rank 0's watchdog thread (`TensorParallel`) polls the workers and the step in flight every
 0.2 s. A worker that exits, a step whose base forwards (device work included: the step ends with its host
 sync) are unfinished after `--tensor-parallel-timeout` seconds, or a base operation that raises, is fatal:
-callers get an error, /health answers 503, and rank 0 exits with code 3 within the bound plus a second's grace (`os._exit`: a thread stuck in a collective cannot be joined). Workers die with
-rank 0 (`server/distributed.py`). SIGTERM drains as without tensor parallelism, then stops the workers.
+callers get an error, /health answers 503, and rank 0 exits with code 3 within the bound plus a second's
+grace (`os._exit`: a thread stuck in a collective cannot be joined). Workers die with rank 0
+(`server/distributed.py`). SIGTERM drains as without tensor parallelism, then stops the workers.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ class ShardedBase:
         self.world_size = group.world_size
         self.workers = workers or []
         self._lock = threading.Lock()
-        # When the step's latest base operation started; None between steps. The engine thread clears it after the
-        # step (`step_ended`), whose host sync lies behind it; the watchdog only reads it, and never calls into CUDA
-        # (a query from another thread while a memory's graphs are captured would break the capture).
+        # When the step's latest base operation started; None between steps. The engine thread clears it after
+        # the step (`step_ended`), whose host sync lies behind it; the watchdog only reads it, and never calls
+        # into CUDA (a query from another thread while a memory's graphs are captured would break the
+        # capture).
         self._busy_since: float | None = None
         self.failure: str | None = None
 
@@ -145,7 +147,10 @@ class ShardedBase:
                 return None
             late = time.monotonic() - self._busy_since
         if late > timeout:
-            return f"a base forward has not finished on every tensor-parallel rank after {late:.0f} s: a rank hangs"
+            return (
+                f"a base forward has not finished on every tensor-parallel rank after {late:.0f} s: "
+                "a rank hangs"
+            )
         return None
 
     def _send(self, op: Op, payload: Any = None) -> None:
@@ -184,8 +189,9 @@ class ShardedBase:
 
 
 class Unsharded:
-    """The base on one device: `ShardedBase`'s rank-0 calls with no other rank to tell. The runner always calls
-    its base's shards, so tensor parallelism is that object's business rather than a branch at every forward."""
+    """The base on one device: `ShardedBase`'s rank-0 calls with no other rank to tell. The runner always
+    calls its base's shards, so tensor parallelism is that object's business rather than a branch at every
+    forward."""
 
     world_size = 1
 
@@ -248,7 +254,9 @@ def serve_shard(shards: ShardedBase, runner: Any) -> None:
                 n, windows, distributions = payload
                 ids = torch.empty(n, dtype=torch.long, device=device)
                 dist.broadcast(ids, src=0)
-                (batch_distributions if distributions else batch_logprobs)(lm.model, ids, windows, lm.vocab_size)
+                (batch_distributions if distributions else batch_logprobs)(
+                    lm.model, ids, windows, lm.vocab_size
+                )
             else:
                 raise TensorParallelError(f"unknown operation {op!r}")
         if device.type == "cuda":  # staging buffers are reused by the next operation's uploads
@@ -258,7 +266,9 @@ def serve_shard(shards: ShardedBase, runner: Any) -> None:
 
 def worker_main(spec: WorkerSpec) -> int:
     """`python -m server.tp SPEC`: rank `spec.rank`, started by rank 0."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s"
+    )
     die_with_parent(spec.parent)
     from memories.models import resolve_device
     from server.loader import load_base
@@ -280,8 +290,13 @@ def worker_main(spec: WorkerSpec) -> int:
 class TensorParallel:
     """Rank 0's side of a tensor-parallel server: the workers, the sharded base, the watchdog."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, parallel: ParallelConfig,
-                 on_failure: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: ModelConfig,
+        engine: EngineConfig,
+        parallel: ParallelConfig,
+        on_failure: Callable[[str], None],
+    ) -> None:
         """Start the workers now (call from the main thread); `on_failure(message)` runs on the watchdog's
         thread when the group fails, before the process exits."""
         self.parallel = parallel
@@ -309,8 +324,14 @@ class TensorParallel:
             if self.shards is not None:
                 reason = self.shards.overdue(self.parallel.timeout)
             else:  # still starting: only a worker's death is known
-                reason = next((f"tensor-parallel rank {r} exited with code {w.poll()} while starting"
-                               for r, w in enumerate(self.workers, start=1) if w.poll() is not None), None)  # fmt: skip
+                reason = next(
+                    (
+                        f"tensor-parallel rank {r} exited with code {w.poll()} while starting"
+                        for r, w in enumerate(self.workers, start=1)
+                        if w.poll() is not None
+                    ),
+                    None,
+                )
             if reason is not None and not self._stopping.is_set():
                 self._die(reason)
 
