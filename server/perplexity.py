@@ -1,8 +1,9 @@
 """Perplexity jobs: both models' target log-probs computed once per window, mixed per alpha.
 
 A job is scheduled like any other work (`Scheduler.jobs`): each SCORE step runs one batch of windows
-(at most `BATCH_TOKENS` tokens, which bounds the pause it imposes on decoding) through the model runner (base and memory overlapped on two streams, a failing memory fails the job
-only) and accumulates on the device; the host reads the sums once, when the job is done.
+(at most `BATCH_TOKENS` tokens, which bounds the pause it imposes on decoding) through the model runner
+(base and memory overlapped on two streams, a failing memory fails the job only) and accumulates on the
+device; the host reads the sums once, when the job is done.
 
 A job may score a range of each document's windows (`first_window`, `max_windows`) and keep per-token
 log-probs (`token_logprobs`); with top alternatives the runner returns whole next-token distributions,
@@ -32,7 +33,9 @@ from server.request import (
 from server.transfer import fetch
 
 
-def document_windows(num_tokens: int, context: int, stride: int, first: int = 0, count: int | None = None) -> tuple[list[Window], int]:
+def document_windows(
+    num_tokens: int, context: int, stride: int, first: int = 0, count: int | None = None
+) -> tuple[list[Window], int]:
     """(windows [first, first + count) of a document's sliding windows, how many it has in all)."""
     windows = list(sliding_windows(num_tokens, context, stride))
     return windows[first : None if count is None else first + count], len(windows)
@@ -55,16 +58,28 @@ class _TokenLog:
 class PerplexityJob:
     """One request's windows, in batches, and its running sums (on the device)."""
 
-    def __init__(self, request: PerplexityRequest, base: LoadedModel, memories: list[LoadedModel], context: int, stride: int,
-                 router: Router | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        request: PerplexityRequest,
+        base: LoadedModel,
+        memories: list[LoadedModel],
+        context: int,
+        stride: int,
+        router: Router | None = None,
+    ) -> None:
         self.request = request
-        # `"alpha": "auto"`: the memory's router sets α at every position, from both whole distributions (the
-        # toolkit's `memdec memory router` evaluation applies the same `Router.log_weights` to the same windows).
+        # `"alpha": "auto"`: the memory's router sets α at every position, from both whole distributions
+        # (the toolkit's `memdec memory router` evaluation applies the same `Router.log_weights`
+        # to the same windows).
         self.router = router if request.routed else None
         if self.router is not None and self.router.context_decays and request.first_window:
-            # Its context features average over every scored position before each one, from the document's start.
-            raise InvalidRequestError('"alpha": "auto" with this memory\'s router (context features) scores a document '
-                                      "from its first window: first_window must be 0", param="first_window")
+            # Its context features average over every scored position before each one,
+            # from the document's start.
+            raise InvalidRequestError(
+                '"alpha": "auto" with this memory\'s router (context features) scores a document '
+                "from its first window: first_window must be 0",
+                param="first_window",
+            )
         self.memories = memories  # held from the registry while the job lives, one per name of `memory_names`
         self.memory_names = request.memory_names if memories else ()
         # Several memories: one mixture, Σ αᵢ·pᵢ + (1 − Σ αᵢ)·p_base, with request.alphas as the weights (or,
@@ -79,14 +94,21 @@ class PerplexityJob:
         zeros = torch.zeros(len(request.documents), dtype=torch.float64)
         self._base_nll = zeros.clone().to(self.device)  # [D]
         self._mem_nll = zeros.clone().to(self.device)  # [D]
-        num_mixtures = 1 if (self.several and not self.separately) or self.router is not None else len(request.alphas)
-        self._mixed_nll = torch.zeros(len(request.documents), num_mixtures, dtype=torch.float64).to(self.device)  # [D, A]
+        num_mixtures = (
+            1 if (self.several and not self.separately) or self.router is not None else len(request.alphas)
+        )
+        self._mixed_nll = torch.zeros(  # [D, A]
+            len(request.documents), num_mixtures, dtype=torch.float64
+        ).to(self.device)
         self._counts = [0] * len(request.documents)
         self._num_windows = [0] * len(request.documents)
         self._offsets = [0] * len(request.documents)  # first scored position of each document's range
-        # A context router's advantage EMAs [K] after each document's positions so far (None: before its first).
+        # A context router's advantage EMAs [K] after each document's positions so far
+        # (None: before its first).
         self._context: list[torch.Tensor | None] = [None] * len(request.documents)
-        self._tokens = [_TokenLog() for _ in request.documents] if request.token_logprobs is not None else None
+        self._tokens = (
+            [_TokenLog() for _ in request.documents] if request.token_logprobs is not None else None
+        )
         self._batches = self._all_batches(base.vocab_size)
         self.current: tuple[int, torch.Tensor, list[Window]] | None = next(self._batches, None)
 
@@ -121,7 +143,8 @@ class PerplexityJob:
         weights = None  # the router's (log α_t, log(1 − α_t)) [B, S]
         if self.router is not None and mem_lp is not None:
             context = None
-            if self.router.context_decays:  # the windows' scored positions, in text order: the toolkit's sequence
+            # the windows' scored positions, in text order: the toolkit's sequence
+            if self.router.context_decays:
                 targets = torch.stack([ids[w.score_from : w.end] for w in windows]).unsqueeze(-1)  # [B, S, 1]
                 adv = (mem_lp.gather(-1, targets) - base_lp.gather(-1, targets)).flatten()  # [B*S]
                 before, self._context[d] = advantage_emas(adv, self.router.context_decays, self._context[d])
@@ -140,7 +163,9 @@ class PerplexityJob:
             if weights is not None:
                 mixed = apply(base_lp, [Part(mem_lp, *weights)]).flatten().unsqueeze(0)  # [1, B*S]
             else:
-                mixed = mix_logprobs(base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas)  # [A, B*S]
+                mixed = mix_logprobs(  # [A, B*S]
+                    base_lp.flatten().unsqueeze(0), mem_lp.flatten().unsqueeze(0), self._alphas
+                )
             self._mixed_nll[d] -= mixed.double().sum(dim=-1)
         if self._tokens is not None:
             parts = self._tokens[d].parts
@@ -162,7 +187,9 @@ class PerplexityJob:
             self._counts[d] += base_lp.numel()
             self.current = next(self._batches, None)
             return
-        mixed = mix_many(base_lp.flatten(), [(m.flatten(), a) for m, a in zip(mem_lps, self.request.alphas, strict=True)])
+        mixed = mix_many(
+            base_lp.flatten(), [(m.flatten(), a) for m, a in zip(mem_lps, self.request.alphas, strict=True)]
+        )
         self._base_nll[d] -= base_lp.double().sum()
         self._mixed_nll[d, 0] -= mixed.double().sum()
         if self._tokens is not None:
@@ -171,9 +198,15 @@ class PerplexityJob:
         self._counts[d] += base_lp.numel()
         self.current = next(self._batches, None)
 
-    def _keep_top(self, d: int, base: torch.Tensor, mem: torch.Tensor | None,
-                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Each model's top k of this batch ([B, S, V] log-probs), with both models' log-probs of every one."""
+    def _keep_top(
+        self,
+        d: int,
+        base: torch.Tensor,
+        mem: torch.Tensor | None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Each model's top k of this batch ([B, S, V] log-probs),
+        with both models' log-probs of every one."""
         assert self._tokens is not None
         k = min(self.top_k, base.shape[-1])
         ids = base.topk(k, dim=-1).indices
@@ -186,9 +219,13 @@ class PerplexityJob:
             parts["top_memory"].append(mem.gather(-1, ids).flatten(0, 1))
             if weights is not None:  # the router's α_t of each position, for each of its candidates
                 log_a, log_1ma = (w.flatten().unsqueeze(-1) for w in weights)  # [B*S, 1]
-                parts["top_mixed"].append(apply(parts["top_base"][-1], [Part(parts["top_memory"][-1], log_a, log_1ma)]))
+                parts["top_mixed"].append(
+                    apply(parts["top_base"][-1], [Part(parts["top_memory"][-1], log_a, log_1ma)])
+                )
             elif len(self._alphas):
-                parts["top_mixed"].append(mix_logprobs(parts["top_base"][-1], parts["top_memory"][-1], self._alphas[0]))
+                parts["top_mixed"].append(
+                    mix_logprobs(parts["top_base"][-1], parts["top_memory"][-1], self._alphas[0])
+                )
 
     def result(self) -> PerplexityResult:
         kept = [log.tensors() for log in self._tokens or []]
@@ -223,11 +260,13 @@ class PerplexityJob:
             memory, mixed = kept.get("top_memory"), kept.get("top_mixed")
             top = tuple(
                 TokenCandidates(
-                    tuple(ids), tuple(kept["top_base"][i]),
-                    tuple(memory[i]) if memory is not None else None, tuple(mixed[i]) if mixed is not None else None,
+                    tuple(ids),
+                    tuple(kept["top_base"][i]),
+                    tuple(memory[i]) if memory is not None else None,
+                    tuple(mixed[i]) if mixed is not None else None,
                 )
                 for i, ids in enumerate(kept["top_ids"])
-            )  # fmt: skip
+            )
         base = field("base")
         assert base is not None  # every scored token's base log-prob is kept
         return TokenScores(self._offsets[d], base, field("memory"), field("mixed"), top)

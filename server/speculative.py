@@ -99,7 +99,8 @@ class SpeculationController:
         return (passed + PRIOR_WEIGHT * self.acceptance(memory)) / (tests + PRIOR_WEIGHT)
 
     def throughput(self, batch_size: int, betas: list[float], k: int) -> float | None:
-        """Expected tokens per second of a step drafting k for rows with these acceptances (None: not measured)."""
+        """Expected tokens per second of a step drafting k for rows with these acceptances
+        (None: not measured)."""
         seconds = self._costs.get(bucket(batch_size), _Costs()).seconds.get(k)
         if seconds is None:
             return None
@@ -133,8 +134,11 @@ class SpeculationController:
         A row drafts at most one token fewer than it may still emit (the round adds one of its own), and
         none when `reserve` refuses its drafts' pages (above the watermark): speculation never preempts.
         """
-        betas = [self.row_acceptance(m, s.spec_passed, s.spec_tests)
-                 for s in seqs if s.speculative and (m := s.memory_name) is not None]  # fmt: skip
+        betas = [
+            self.row_acceptance(m, s.spec_passed, s.spec_tests)
+            for s in seqs
+            if s.speculative and (m := s.memory_name) is not None
+        ]
         k = self.choose(len(seqs), betas) if betas else 0
         if not k:
             return None
@@ -200,9 +204,10 @@ class RoundResult:
 
 
 class SpeculativeRound:
-    """One round: each memory drafts k <= K tokens per row on the device, the base verifies them in one forward,
-    and each row keeps its accepted prefix plus one token. Rows without a memory, at α = 0, opted out or with
-    several memories decode as usual in the same round (k = 0). Still one host read (the engine's)."""
+    """One round: each memory drafts k <= K tokens per row on the device, the base verifies them in one
+    forward, and each row keeps its accepted prefix plus one token. Rows without a memory, at α = 0,
+    opted out or with several memories decode as usual in the same round (k = 0). Still one host read
+    (the engine's)."""
 
     is_prefill = False
 
@@ -222,18 +227,20 @@ class SpeculativeRound:
         rows, plan = self.rows, self.plan
         b, t = len(rows.seqs), plan.k + 1
         base_lp = torch.log_softmax(logits.base.float(), dim=-1)  # [B, T, V]
-        q = torch.zeros_like(base_lp) if rows.sampling.any_sampled else None  # [B, T, V] q̃ each draft came from
+        # [B, T, V] q̃ each draft came from
+        q = torch.zeros_like(base_lp) if rows.sampling.any_sampled else None
         drafts = torch.zeros(b, t, dtype=torch.long, device=base_lp.device)  # [B, T]
         parts = []
         for g in rows.groups:
-            # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers is real;
-            # routed rows never draft either.
+            # A row with several memories never drafts (k = 0): only position 0 of its groups' buffers
+            # is real; routed rows never draft either.
             buf = logits.drafts[g.name]
             parts.append(group_part(g, base_lp, buf.logp, self.mixer.group_context(g)))
             drafts.index_copy_(0, g.rows_dev, buf.tokens)
             if q is not None and buf.probs is not None:
                 q.index_copy_(0, g.rows_dev, buf.probs)
-        log_base_weight = rows.log_base_weight.unsqueeze(-1) if rows.log_base_weight is not None else None  # [B, 1, 1]
+        # [B, 1, 1]
+        log_base_weight = rows.log_base_weight.unsqueeze(-1) if rows.log_base_weight is not None else None
         logp = apply(base_lp, parts, log_base_weight)  # [B, T, V]
         pos = torch.arange(t, device=logp.device)  # [T]
         drafted = None  # [B, T] a draft at every position of every row: the common round, no mask needed
@@ -243,9 +250,10 @@ class SpeculativeRound:
         tokens, ok = accept(
             logp.flatten(0, 1), Drafts(drafts.flatten(), q.flatten(0, 1) if q is not None else None),
             drafted, rows.sampling.repeat(t), u,
-        )  # fmt: skip
+        )
         tokens, ok = tokens.view(b, t), ok.view(b, t)
-        # A row keeps its drafts up to the first rejected one, and the token drawn there (or at its last draft).
+        # A row keeps its drafts up to the first rejected one, and the token drawn there
+        # (or at its last draft).
         stop = ~ok | (pos[None, :] >= plan.k_dev[:, None])  # [B, T]
         emitted = (~stop).long().cumprod(dim=1).sum(dim=1) + 1  # [B]
         last = (emitted - 1).unsqueeze(1)  # [B, 1]
@@ -256,13 +264,17 @@ class SpeculativeRound:
         out: Readback = {"tokens": tokens, "emitted": emitted, "last_accepted": ok.gather(1, last).squeeze(1)}
         if rows.logprob_rows:
             w = rows.logprob_rows_dev
-            out |= top_readback("", logp.index_select(0, w), tokens.index_select(0, w), rows.num_top)  # [W, T, ...]
+            # [W, T, ...]
+            out |= top_readback("", logp.index_select(0, w), tokens.index_select(0, w), rows.num_top)
         return out
 
     def result(self, host: Host) -> RoundResult:
         tok, emitted = host["tokens"], host["emitted"]
-        logprobs = {(i, j): token_logprob(host, "", (w, j), int(tok[i, j]), self.rows.seqs[i].params.logprobs or 0)
-                    for w, i in enumerate(self.rows.logprob_rows) for j in range(int(emitted[i]))}  # fmt: skip
+        logprobs = {
+            (i, j): token_logprob(host, "", (w, j), int(tok[i, j]), self.rows.seqs[i].params.logprobs or 0)
+            for w, i in enumerate(self.rows.logprob_rows)
+            for j in range(int(emitted[i]))
+        }
         return RoundResult(tok, emitted, host["last_accepted"], logprobs)
 
     def postprocess(self, logits: SpecLogits, host: Host) -> None:
@@ -276,7 +288,9 @@ class SpeculativeRound:
                 continue
             n = int(r.emitted[i])
             if seq.speculative and seq.memory_name is not None:
-                self.counts.setdefault(seq.memory_name, SpecCounts()).add(seq, self.plan.k_rows[i], n, bool(r.last_accepted[i]))
+                self.counts.setdefault(seq.memory_name, SpecCounts()).add(
+                    seq, self.plan.k_rows[i], n, bool(r.last_accepted[i])
+                )
             for j in range(n):
                 seq.append(int(r.tokens[i, j]), r.logprobs.get((i, j)), now)
                 if seq.is_finished:
