@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile demo/base.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) scripts/check_style.py
 	$(PY) -m mypy
 
 test: lint
