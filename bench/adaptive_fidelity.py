@@ -78,7 +78,7 @@ def choose(client: httpx.Client, ids: list[int]) -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--snippets", type=int, default=40,
                     help="256-token snippets per domain and of general text")
     ap.add_argument("--mixed-tokens", type=int, default=5000, help="tokens of each two-domain text")
