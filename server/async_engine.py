@@ -217,8 +217,7 @@ class AsyncEngine:
             log.exception("engine step failed")
             result = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
         finally:
-            if self.base.tensor_parallel is not None:  # for its watchdog: the step's base forwards are done
-                self.base.tensor_parallel.step_ended()
+            self.engine.runner.shards.step_ended()  # for its watchdog: the step's base forwards are done
         self._dispatch(result)
 
     def _drain_inbox(self, block: bool) -> None:

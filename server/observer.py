@@ -32,9 +32,9 @@ class MetricsObserver:
     def on_request_finished(self, seq: Sequence) -> None:
         t = seq.timings
         finished = t.finished if t.finished is not None else t.arrival
-        # Several memories: a name no memory can have ('+' is not allowed), so the label is `other` (bounded).
-        # A routed term is labelled as the base alone, as it always was (its α is per token).
-        names = [t.memory for t in seq.request.mixture.terms if t.alpha is not None and t.alpha > 0]
+        # The memories actually mixed (α > 0, or routed: `"alpha": "auto"` mixes its memory at every token).
+        # Several: a name no memory can have ('+' is not allowed), so the label is `other` (bounded).
+        names = [t.memory for t in seq.request.mixture.active]
         memory = "+".join(names) if names else None
         self.metrics.observe_request_finished(
             memory,

@@ -204,6 +204,9 @@ class Unsharded:
     def flush(self, kv: ModelKV) -> None:
         pass
 
+    def step_ended(self) -> None:
+        pass
+
     def prefill(self, inputs: Any) -> None:
         pass
 
