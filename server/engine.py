@@ -1,6 +1,7 @@
 """The synchronous engine: one `step()` = schedule → forward → mix → named readback → postprocess.
 
-It owns no thread; `AsyncEngine` drives it from one. Tests drive it directly, step by step. It works
+It owns no thread; `AsyncEngine` drives it from one. Requests come in through `server.admission` (checked,
+their memories bound) and wait in the scheduler. Tests drive it directly, step by step. It works
 on token ids only: text and stop strings are `server.output`'s business, off the engine thread.
 
 Every step that runs the models is one or two forwards, each through the same pipeline (`_run`): a
@@ -24,10 +25,9 @@ from typing import Any
 
 import torch
 
-from memories.mixing import no_router
+from server.admission import Admission
 from server.config import EngineConfig
-from server.errors import InvalidRequestError, NotFoundError, forward_failed
-from server.kv import KVGeometry
+from server.errors import forward_failed
 from server.loader import LoadedModel
 from server.mixer import Host, Mixer, Readback
 from server.perplexity import PerplexityJob
@@ -35,7 +35,7 @@ from server.registry import MemoryRegistry
 from server.request import EngineOutput, FinishReason, GenerationRequest, PerplexityRequest
 from server.runner import ModelRunner, RowBatch, SpecPlan
 from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler, StepKind
-from server.sequence import MemoryUse, Sequence
+from server.sequence import Sequence
 from server.speculative import SpeculationController
 from server.step import (
     CacheUsage,
@@ -50,7 +50,6 @@ from server.step import (
     StepStats,
 )
 from server.transfer import fetch
-from server.validation import mixture_errors, request_context, validate_generation, validate_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,7 @@ class Engine:
         self.observer = observer
         self.max_model_len = min(base.max_model_len, self.config.max_model_len or base.max_model_len)
         self.runner = ModelRunner(base, self.config)
+        self.admission = Admission(base, registry, self.runner, self.max_model_len, self.prepare_memory)
         self.scheduler = Scheduler(
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
@@ -106,95 +106,17 @@ class Engine:
             if key not in in_use and key not in self.registry:
                 self.runner.remove_model(key)
 
-    # -- admission -------------------------------------------------------------------------------
-    def _tokens_per_page(self, memories: list[LoadedModel]) -> list[int]:
-        """Tokens one KV page holds in each model a request uses."""
-        sizes = [self.runner.kv(None).block_size]
-        for memory in memories:
-            model = memory.model  # None once the registry freed it (this runs on the event loop thread)
-            if model is None:
-                raise NotFoundError("the memory is not loaded", param="memory", code="memory_not_found")
-            sizes.append(self.runner.pool.page_bytes // KVGeometry.of(model.config, memory.dtype).token_bytes)
-        return sizes
-
+    # -- admission (`server.admission`) ------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
-        """Raise the client's mistake as a 4xx error; nothing is queued or acquired. The mixture itself was
-        checked when it was built (`Mixture`): here only what it needs of the registry and the cache."""
-        memory_len, memories = None, []
-        for term in request.mixture.terms:
-            memory_len = min(
-                memory_len or self.max_model_len,
-                self.registry.get(term.memory).max_model_len,  # NotFoundError when unknown
-            )
-            if term in request.mixture.active:
-                memories.append(self.registry.loaded(term.memory))
-        validate_generation(request, self.base.vocab_size, request_context(self.max_model_len, memory_len))
-        total = len(request.prompt_token_ids) + request.params.max_tokens
-        pages = sum(-(-total // per_page) for per_page in self._tokens_per_page(memories))
-        if pages > self.runner.pool.num_usable:
-            what = (
-                ""
-                if not memories
-                else " and the memory"
-                if len(memories) == 1
-                else f" and {len(memories)} memories"
-            )
-            raise InvalidRequestError(
-                f"This request needs {pages} KV cache pages ({total} tokens in the base"
-                f"{what}) but the whole cache has "
-                f"{self.runner.pool.num_usable}. Reduce the prompt or max_tokens, or give the server more "
-                "KV memory (--gpu-memory-utilization, --num-gpu-blocks-override).",
-                param="max_tokens",
-                code="kv_cache_too_small",
-            )
+        self.admission.validate(request)
 
     def add_request(self, request: GenerationRequest) -> Sequence:
-        self.validate(request)
-        # the mixture's active terms, bound: each model held until the sequence retires
-        uses: list[MemoryUse] = []
-        try:
-            for term in request.mixture.active:
-                memory = self.registry.acquire(term.memory)  # NotFoundError when unknown or retiring
-                router = self.registry.router(term.memory) if term.routed else None
-                if term.routed and router is None:
-                    self.registry.release(term.memory)
-                    with mixture_errors():
-                        raise no_router(term.memory)
-                uses.append(MemoryUse(term.memory, memory, term.alpha or 0.0, term.temperature, router))
-                self.prepare_memory(term.memory, memory)  # normally done when it was loaded
-        except Exception:
-            for use in uses:
-                self.registry.release(use.name)
-            raise
-        max_len = self.max_model_len
-        for use in uses:
-            max_len = request_context(max_len, use.lm.max_model_len)
-        seq = Sequence(request, tuple(uses), self.base.eos_token_ids, max_len)
+        seq = self.admission.sequence(request)
         self.scheduler.add(seq)
         return seq
 
     def add_perplexity(self, request: PerplexityRequest) -> PerplexityJob:
-        held: list[str] = []
-        memories = []
-        try:
-            max_len = self.max_model_len
-            for name in request.memory_names:
-                memory = self.registry.acquire(name)
-                held.append(name)
-                memories.append(memory)
-                max_len = request_context(max_len, memory.max_model_len)
-            context, stride = validate_perplexity(request, self.base.vocab_size, max_len)
-            router = self.registry.router(held[0]) if request.routed else None
-            if request.routed and router is None:
-                with mixture_errors():
-                    raise no_router(held[0])
-            for name, memory in zip(held, memories, strict=True):
-                self.prepare_memory(name, memory)
-            job = PerplexityJob(request, self.base, memories, context, stride, router)
-        except Exception:
-            for name in held:
-                self.registry.release(name)
-            raise
+        job = self.admission.perplexity_job(request)
         self.scheduler.add_job(job)
         return job
 
@@ -371,19 +293,7 @@ class Engine:
         job = batch.job
         assert job is not None
         try:
-            assert job.current is not None
-            _, ids, windows = job.current
-            keys = list(zip(job.memory_names, job.request.temperatures, strict=True))
-            lps = self.runner.score(keys, ids, windows, job.wants_distributions)
-            mems = []
-            for name in job.memory_names:
-                mem = lps[name]
-                if isinstance(mem, Exception):
-                    raise mem
-                mems.append(mem)
-            base = lps[None]
-            assert isinstance(base, torch.Tensor)
-            job.add(base, mems if job.several else mems[0] if mems else None)
+            job.score_next(self.runner)
             if not job.done:
                 return StepResult(batch.kind)
             out = JobOutput(job.request_id, result=job.result())

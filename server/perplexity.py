@@ -14,6 +14,7 @@ memory bound.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from server.request import (
     TokenScores,
 )
 from server.transfer import fetch
+
+if TYPE_CHECKING:
+    from server.runner import ModelRunner
 
 
 def document_windows(
@@ -130,6 +134,21 @@ class PerplexityJob:
             self._offsets[d] = windows[0].score_from if windows else len(doc)
             for batch in window_batches(windows, BATCH_TOKENS, max_logits, vocab):
                 yield d, ids, batch
+
+    def score_next(self, runner: ModelRunner) -> None:
+        """Score the current batch of windows in the base and every memory (one SCORE step) and account it.
+        A memory's failure is the job's: raised here, after the others' forwards finished."""
+        assert self.current is not None
+        _, ids, windows = self.current
+        keys = list(zip(self.memory_names, self.request.temperatures, strict=True))
+        lps = runner.score(keys, ids, windows, self.wants_distributions)
+        mems = [lps[name] for name in self.memory_names]
+        failed = next((m for m in mems if isinstance(m, Exception)), None)
+        if failed is not None:
+            raise failed
+        base = lps[None]
+        assert isinstance(base, torch.Tensor)
+        self.add(base, mems if self.several else mems[0] if mems else None)  # type: ignore[arg-type]
 
     def add(self, base_lp: torch.Tensor, mem_lp: torch.Tensor | list[torch.Tensor] | None) -> None:
         """Account the current batch's target log-probs ([B, S] each; whole distributions [B, S, V] when
