@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import platform
@@ -34,6 +35,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a transformers model's forward takes its KV cache by (`past_key_values` was renamed
+    `cache` in 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def tiny_models(size: str = "tiny") -> dict[str, Path]:

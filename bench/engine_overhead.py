@@ -22,7 +22,6 @@ demo base's tokenizer (49,152 tokens).
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from bench.common import DEMO, demo_base_path, write_result
+from bench.common import DEMO, cache_kwarg, demo_base_path, write_result
 from memories.manifest import Manifest, tokenizer_fingerprint, write_manifest
 from memories.mixing import Mixture
 from server.config import EngineConfig, ModelConfig
@@ -102,8 +101,7 @@ class BareForward:
 
     def __init__(self, model, batch: int, context: int) -> None:
         self.model = model
-        self.kw = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                   else "past_key_values")  # renamed in 5.x
+        self.kw = cache_kwarg(model)
         self.ids = torch.arange(5, 5 + context).repeat(batch, 1)
         self.cache = DynamicCache()
         with torch.inference_mode():

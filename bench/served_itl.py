@@ -21,7 +21,6 @@ them alike; each server is idle while another setup runs. Every process runs on 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bench.common import DEMO, demo_base_path, write_result
+from bench.common import DEMO, cache_kwarg, demo_base_path, write_result
 from bench.speculative import domain_prompts
 from server.config import ModelConfig
 from server.loader import load_base
@@ -71,29 +70,26 @@ class BareLoop:
     engine."""
 
     def __init__(self, base, memory, alpha: float) -> None:
-        self.base, self.memory = base, memory
-        self.kw = ("cache" if "cache" in inspect.signature(base.forward).parameters
-                   else "past_key_values")  # renamed in transformers 5.x
+        self.models = (base, memory)
+        self.kws = tuple(cache_kwarg(m) for m in self.models)
         self.log_weights = (torch.tensor(alpha).log(), torch.tensor(1.0 - alpha).log())
 
-    def _next(self, base_logits: torch.Tensor, mem_logits: torch.Tensor) -> torch.Tensor:
-        mixed = torch.logaddexp(self.log_weights[0] + mem_logits.log_softmax(-1),  # [1, V]
+    def _next(self, ids: torch.Tensor, caches: tuple[DynamicCache, DynamicCache]) -> torch.Tensor:
+        """Both models on `ids` ([1, n]), each extending its cache; the argmax of their mixture, [1, 1]."""
+        base_logits, mem_logits = (m(input_ids=ids, use_cache=True, **{kw: c}).logits[:, -1]  # [1, V]
+                                   for m, kw, c in zip(self.models, self.kws, caches, strict=True))
+        mixed = torch.logaddexp(self.log_weights[0] + mem_logits.log_softmax(-1),
                                 self.log_weights[1] + base_logits.log_softmax(-1))
-        return mixed.argmax(-1, keepdim=True)  # [1, 1]
+        return mixed.argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def run(self, prompt: tuple[int, ...], tokens: int) -> dict:
-        ids = torch.tensor([prompt])  # [1, P]
         caches = (DynamicCache(), DynamicCache())
-        outs = [m(input_ids=ids, use_cache=True, **{self.kw: c}).logits[:, -1]
-                for m, c in zip((self.base, self.memory), caches, strict=True)]
-        token = self._next(*outs)
+        token = self._next(torch.tensor([prompt]), caches)  # the prefill: not timed
         drawn = [int(token.item())]
         t0 = time.perf_counter()
         for _ in range(tokens - 1):
-            outs = [m(input_ids=token, use_cache=True, **{self.kw: c}).logits[:, -1]
-                    for m, c in zip((self.base, self.memory), caches, strict=True)]
-            token = self._next(*outs)
+            token = self._next(token, caches)
             drawn.append(int(token.item()))  # the host needs each token, as a stream does
         return {"itl": (time.perf_counter() - t0) / (tokens - 1), "tokens": drawn}
 
